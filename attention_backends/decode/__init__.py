@@ -1,0 +1,4 @@
+"""Sparse decode methods: one module per method, each a readable PyTorch reference.
+
+Every method module exposes ``prepare(q, k, v, phase) -> DecodeState`` (see :mod:`.state`).
+"""

@@ -1,0 +1,4 @@
+"""Sparse prefill methods: one module per method, each a readable PyTorch reference.
+
+Every method module exposes ``prefill(q, k, v, phase) -> PrefillOutcome`` (see :mod:`.common`).
+"""

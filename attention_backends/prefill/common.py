@@ -1,0 +1,76 @@
+"""Shared pieces of the prefill references: the outcome type and causal attention restricted to a mask.
+
+Shapes: ``q [h, n, d]``, ``k``/``v`` ``[h_kv, n, d]``, GQA group ``g = h // h_kv`` (query head ``i`` uses KV
+head ``i // g``). Masks are built one query chunk at a time so memory stays ``O(h * chunk * n)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+# Rows of queries processed at once by the masked references (bounds the [h, chunk, n] score tensor).
+QUERY_CHUNK = 512
+
+
+@dataclass
+class PrefillOutcome:
+    out: Tensor  # [h, n, d], dtype of q
+    computed_cells: int  # causal query-key cells computed, summed over query heads
+    indexing_flops: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def causal_cells(n: int) -> int:
+    """Causal cells of one head: n (n + 1) / 2."""
+    return n * (n + 1) // 2
+
+
+def expand_kv(x: Tensor, num_heads: int) -> Tensor:
+    """Repeat KV heads to match query heads (reference only: fast paths never materialise this)."""
+    group = num_heads // x.shape[0]
+    return x if group == 1 else x.repeat_interleave(group, dim=0)
+
+
+def check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"expected q [h, n, d], k/v [h_kv, n, d]; got {tuple(q.shape)}, {tuple(k.shape)}")
+    if k.shape != v.shape or q.shape[1:] != k.shape[1:]:
+        raise ValueError(f"q/k/v shapes disagree: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[0] % k.shape[0] != 0:
+        raise ValueError(f"query heads ({q.shape[0]}) must be a multiple of KV heads ({k.shape[0]})")
+
+
+def masked_causal_attention(
+    q: Tensor, k: Tensor, v: Tensor, row_mask: Callable[[int, int], Tensor] | None = None
+) -> tuple[Tensor, int]:
+    """Causal attention computing only the cells allowed by ``row_mask``, in float32.
+
+    ``row_mask(start, stop)`` returns a bool tensor ``[h, stop - start, n]`` for query rows ``start:stop``
+    (True = compute); it is intersected with the causal mask. ``None`` means dense. Every query row always
+    attends to itself (the diagonal), so no row is empty. Returns the output and the computed cell count.
+    """
+    check_shapes(q, k, v)
+    h, n, d = q.shape
+    kf, vf = expand_kv(k.float(), h), expand_kv(v.float(), h)
+    out = torch.empty(h, n, d, dtype=q.dtype, device=q.device)
+    cols = torch.arange(n, device=q.device)
+    cells = 0
+    scale = 1.0 / math.sqrt(d)
+    for start in range(0, n, QUERY_CHUNK):
+        stop = min(n, start + QUERY_CHUNK)
+        rows = torch.arange(start, stop, device=q.device)
+        allowed = (cols[None, :] <= rows[:, None]).unsqueeze(0).expand(h, -1, -1)
+        if row_mask is not None:
+            diag = cols[None, :] == rows[:, None]
+            allowed = allowed & (row_mask(start, stop) | diag)
+        cells += int(allowed.sum())
+        scores = torch.einsum("hqd,hkd->hqk", q[:, start:stop].float(), kf) * scale
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        out[:, start:stop] = torch.einsum("hqk,hkd->hqd", torch.softmax(scores, dim=-1), vf).to(q.dtype)
+    return out, cells

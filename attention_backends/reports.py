@@ -1,0 +1,58 @@
+"""What one attention call cost: the per-call reports the engine sums into a request's ``sparse`` field.
+
+All counts are for one attention layer of one sequence. ``*_cells`` count query-key products summed over
+query heads; ``*_tokens_read`` count KV tokens summed over KV heads (a token read by a KV head serves all
+query heads of its GQA group). FLOPs use the convention of :mod:`attention_backends.cost`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+def ratio(dense: float, actual: float) -> float:
+    """dense / actual, with 1.0 for an empty call (nothing dense either) and inf guarded."""
+    if actual <= 0:
+        return 1.0 if dense <= 0 else float("inf")
+    return dense / actual
+
+
+@dataclass
+class PrefillReport:
+    method: str
+    target_compression_ratio: float
+    computed_cells: int  # causal cells the method really computed, summed over query heads
+    dense_cells: int  # causal cells of dense attention, summed over query heads
+    attention_flops: float
+    dense_attention_flops: float
+    indexing_flops: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)  # method parameters actually used (k, top_k, ...)
+
+    @property
+    def achieved_compression_ratio(self) -> float:
+        return ratio(self.dense_cells, self.computed_cells)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "achieved_compression_ratio": self.achieved_compression_ratio}
+
+
+@dataclass
+class DecodeReport:
+    method: str
+    target_compression_ratio: float
+    kv_tokens_read: int  # prompt KV tokens read this step, summed over KV heads
+    dense_kv_tokens_read: int  # prompt KV tokens a dense step reads, summed over KV heads
+    generated_tokens_read: int  # generated tokens read (never evicted; not part of the ratio)
+    kv_bytes_read: float  # K and V bytes really read (prompt part + generated part)
+    dense_kv_bytes_read: float  # K and V bytes a dense step reads
+    metadata_bytes_read: float = 0.0  # method metadata (Quest page min/max)
+    kv_cache_tokens: int = 0  # tokens resident in the cache, summed over KV heads
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def achieved_compression_ratio(self) -> float:
+        return ratio(self.dense_kv_tokens_read, self.kv_tokens_read)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "achieved_compression_ratio": self.achieved_compression_ratio}
