@@ -1,0 +1,1 @@
+"""Client library, evaluation tasks, evaluation runner and load tester for sparse-serve."""

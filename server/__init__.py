@@ -1,0 +1,1 @@
+"""sparse-serve: the HTTP server and its engines."""

@@ -1,0 +1,1 @@
+"""The native engine: model runner, per-head paged KV cache, scheduler, sampler."""

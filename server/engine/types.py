@@ -1,0 +1,169 @@
+"""The engine interface shared by the native engine, the vLLM adapter and the HTTP layer.
+
+An engine takes a :class:`GenerationRequest` (token ids, sampling parameters, a validated ``SparseSpec``)
+and yields :class:`GenerationOutput` deltas until one has ``finished=True``; the final delta carries the
+request's :class:`RequestCost`, the source of the response's ``sparse`` field and of the cost metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from attention_backends import DENSE, SparseSpec
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class EngineOverloaded(Exception):
+    """The waiting queue is full; the server answers 429/503 with ``Retry-After``."""
+
+    def __init__(self, message: str = "the server is overloaded; retry later", retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RequestRejected(ValueError):
+    """A request the engine cannot serve at all (e.g. prompt + max_tokens over the context length)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = off
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)  # stop strings; the matched string is not returned
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # number of top alternatives per token (0..5); None = no logprobs
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    spec: SparseSpec = DENSE
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
+
+
+@dataclass
+class PhaseCost:
+    """A phase's cost summed over layers (and, for decode, over steps)."""
+
+    method: str = "dense"
+    target_compression_ratio: float = 1.0
+    achieved_compression_ratio: float = 1.0
+    # prefill
+    attention_flops: float = 0.0
+    dense_attention_flops: float = 0.0
+    indexing_flops: float = 0.0
+    # decode
+    kv_bytes_read: float = 0.0
+    dense_kv_bytes_read: float = 0.0
+    metadata_bytes_read: float = 0.0
+    kv_cache_tokens: int = 0
+
+
+@dataclass
+class RequestCost:
+    prefill: PhaseCost = field(default_factory=PhaseCost)
+    decode: PhaseCost = field(default_factory=PhaseCost)
+    model_flops: float = 0.0
+    dense_model_flops: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The response's ``sparse`` object, exactly as ``shared/spec/api.md`` names its fields."""
+        p, d = self.prefill, self.decode
+        return {
+            "prefill": {
+                "method": p.method,
+                "target_compression_ratio": p.target_compression_ratio,
+                "achieved_compression_ratio": p.achieved_compression_ratio,
+                "attention_flops": p.attention_flops,
+                "dense_attention_flops": p.dense_attention_flops,
+                "indexing_flops": p.indexing_flops,
+            },
+            "decode": {
+                "method": d.method,
+                "target_compression_ratio": d.target_compression_ratio,
+                "achieved_compression_ratio": d.achieved_compression_ratio,
+                "kv_bytes_read": d.kv_bytes_read,
+                "dense_kv_bytes_read": d.dense_kv_bytes_read,
+                "metadata_bytes_read": d.metadata_bytes_read,
+                "kv_cache_tokens": d.kv_cache_tokens,
+            },
+            "model_flops": self.model_flops,
+            "dense_model_flops": self.dense_model_flops,
+        }
+
+
+@dataclass
+class RequestTimings:
+    arrival: float = 0.0  # time.monotonic() when the engine received it
+    scheduled: float | None = None  # admitted (left the waiting queue)
+    first_token: float | None = None
+    finished: float | None = None
+
+
+@dataclass
+class GenerationOutput:
+    """One delta of a request's generation. ``text`` is the new text only (stop strings removed)."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # total so far
+    cost: RequestCost | None = None  # set on the final delta
+    timings: RequestTimings | None = None  # set on the final delta
+    error: str | None = None  # set when finish_reason == "error"
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of KV pages in use, 0..1
+    free_pages: int
+    total_pages: int
+
+
+class Tokenizer(Protocol):
+    eos_token_id: int | None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str: ...
+
+
+class Engine(Protocol):
+    """What the HTTP layer needs from an engine (native or vLLM)."""
+
+    model_name: str
+    max_model_len: int
+    tokenizer: Tokenizer
+
+    async def start(self) -> None: ...
+    async def shutdown(self, timeout: float = 30.0) -> None: ...
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]: ...
+    async def abort(self, request_id: str) -> None: ...
+    def stats(self) -> EngineStats: ...
+    def ready(self) -> bool: ...
