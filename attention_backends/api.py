@@ -11,14 +11,11 @@ from types import ModuleType
 
 from torch import Tensor
 
+from .cost import flops_per_cell
 from .prefill.common import causal_cells, check_shapes
 from .reports import DecodeReport, PrefillReport
 from .spec import SparseSpec
 from .decode.state import DecodeState
-
-# FLOPs per computed query-key cell: QK^T and AV are 2d each, plus about 3 for the softmax.
-def flops_per_cell(head_dim: int) -> int:
-    return 4 * head_dim + 3
 
 
 def _method_module(phase: str, name: str) -> ModuleType:

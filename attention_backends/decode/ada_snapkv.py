@@ -1,0 +1,62 @@
+"""Ada-SnapKV (AdaKV): SnapKV scores with the layer's budget shared adaptively across KV heads.
+
+1. Observation-window attention as in SnapKV, but reduced with **max** over the window queries and over
+   the KV head's GQA group of query heads (:func:`.window_scores.token_importance`).
+2. Pooled with a 1-D **max** pool of ``kernel_size`` (stride 1, same length). The spec says only "then
+   pooled"; max pooling keeps the scores as attention probabilities, which is what makes them comparable
+   across heads in step 4, and keeps a sharp peak from being averaged away next to its neighbours.
+3. Layer budget ``T = C * h_kv`` with ``C = capacity`` (default ``ceil(n / r)``, at most ``n``). Every head
+   first keeps a floor of ``F = max(ceil(floor_fraction * C), P)`` tokens, its own protected ``P`` tokens
+   (first ``sink_tokens`` and last ``local_window``) and then its own top entries. ``F`` is capped at
+   ``C``, so the floors never exceed the budget: when the protected set alone exceeds ``C`` every head keeps
+   exactly ``C`` (protected tokens by priority, sinks then most recent, as in SnapKV).
+4. The remaining ``T - F * h_kv`` slots go to the globally highest remaining scores over all heads.
+
+Heads therefore keep different lengths that sum to ``T`` exactly; achieved compression is ``n / C``.
+Generated tokens are appended after prefill and never evicted.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..spec import DECODE_METHODS, PhaseSpec
+from .keep_sets import keep_top, protected_in_priority
+from .state import DecodeState, capacity_for
+from .window_scores import max_pool_same, token_importance
+
+
+def per_head_floor(capacity: int, floor_fraction: float, protected: int) -> int:
+    """Tokens every head keeps before the global allocation: ``min(C, max(ceil(f * C), protected))``."""
+    return min(capacity, max(math.ceil(floor_fraction * capacity), protected))
+
+
+def prepare(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec) -> DecodeState:
+    params = {**DECODE_METHODS["ada_snapkv"].defaults(), **phase.params}
+    h_kv, n, _ = k.shape
+    capacity = params["capacity"]
+    capacity = capacity_for(n, phase.compression_ratio) if capacity is None else min(int(capacity), n)
+    layer_budget = capacity * h_kv
+
+    scores = token_importance(q, k, params["window"], "max")
+    scores = max_pool_same(scores, params["kernel_size"])
+    protected = protected_in_priority(n, params["sink_tokens"], params["local_window"], device=k.device)
+    floor = per_head_floor(capacity, params["floor_fraction"], protected.numel())
+
+    # Each head's floor: its protected tokens, then its own top entries.
+    keep = [keep_top(scores[j], protected, floor) for j in range(h_kv)]
+
+    # The rest of the layer budget: the globally best (head, token) pairs not kept yet.
+    remaining = scores.clone()
+    for j in range(h_kv):
+        remaining[j, keep[j]] = float("-inf")
+    extra = remaining.flatten().topk(layer_budget - floor * h_kv).indices
+    for j in range(h_kv):
+        keep[j] = torch.cat([keep[j], extra[extra // n == j] % n]).sort().values
+
+    per_head = [int(idx.numel()) for idx in keep]
+    details = {"capacity": capacity, "floor": floor, "per_head": per_head}
+    return DecodeState(phase, k, v, keep=keep, num_heads=q.shape[0], details=details)
