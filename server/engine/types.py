@@ -85,6 +85,12 @@ class RequestCost:
     decode: PhaseCost = field(default_factory=PhaseCost)
     model_flops: float = 0.0
     dense_model_flops: float = 0.0
+    # The same model FLOPs split by phase (prefill + decode == the totals above); the Prometheus
+    # ``model_flops_total{phase}`` counter reads these. The response's ``sparse`` object keeps only the totals.
+    prefill_model_flops: float = 0.0
+    dense_prefill_model_flops: float = 0.0
+    decode_model_flops: float = 0.0
+    dense_decode_model_flops: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """The response's ``sparse`` object, exactly as ``shared/spec/api.md`` names its fields."""
