@@ -302,6 +302,10 @@ def _phase(info: MethodInfo, ratio: float | None, params: Any, param: str) -> Ph
     resolved = _resolve_params(info, params, f"{param}.params")
     if info.name == "dense":
         return PhaseSpec("dense", 1.0, resolved)
+    if info.name == "flexprefill" and ratio is None and resolved.get("alpha") is None:
+        # FlexPrefill is defined by its coverage alpha, not a ratio: named alone it runs its own default
+        # (alpha 0.9), while an explicit ratio (1 included) sets the target as for every other method.
+        resolved["alpha"] = 0.9
     return PhaseSpec(info.name, 1.0 if ratio is None else ratio, resolved)
 
 

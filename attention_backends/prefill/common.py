@@ -65,12 +65,13 @@ def masked_causal_attention(
     for start in range(0, n, QUERY_CHUNK):
         stop = min(n, start + QUERY_CHUNK)
         rows = torch.arange(start, stop, device=q.device)
-        allowed = (cols[None, :] <= rows[:, None]).unsqueeze(0).expand(h, -1, -1)
+        # Keys after the chunk's last row are never causal: only the prefix [0, stop) is scored.
+        allowed = (cols[None, :stop] <= rows[:, None]).unsqueeze(0).expand(h, -1, -1)
         if row_mask is not None:
-            diag = cols[None, :] == rows[:, None]
-            allowed = allowed & (row_mask(start, stop) | diag)
+            diag = cols[None, :stop] == rows[:, None]
+            allowed = allowed & (row_mask(start, stop)[..., :stop] | diag)
         cells += int(allowed.sum())
-        scores = torch.einsum("hqd,hkd->hqk", q[:, start:stop].float(), kf) * scale
+        scores = torch.einsum("hqd,hkd->hqk", q[:, start:stop].float(), kf[:, :stop]) * scale
         scores = scores.masked_fill(~allowed, float("-inf"))
-        out[:, start:stop] = torch.einsum("hqk,hkd->hqd", torch.softmax(scores, dim=-1), vf).to(q.dtype)
+        out[:, start:stop] = torch.einsum("hqk,hkd->hqd", torch.softmax(scores, dim=-1), vf[:, :stop]).to(q.dtype)
     return out, cells
