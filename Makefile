@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint clean
+.PHONY: install serve test lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml | $(PY)
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Starts the server on the embedded SmolLM2 (127.0.0.1:8000); pass flags with ARGS="--port 9000 ...".
+serve: $(STAMP)
+	$(VENV)/bin/sparse-serve $(ARGS)
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q $(PYTEST_ARGS)

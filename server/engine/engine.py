@@ -1,0 +1,317 @@
+"""NativeEngine: the PyTorch engine behind the HTTP API.
+
+The engine loop runs on its own thread (model work never blocks the event loop); ``generate`` hands a
+request to it and relays its outputs to the caller's event loop. See :mod:`.scheduler` for the admission
+and interleaving policy, :mod:`.runner` for how each step runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import torch
+
+from attention_backends.cost import ModelShape
+
+from .detokenizer import IncrementalDetokenizer
+from .page_pool import PagePool, pages_for_memory
+from .request_state import EngineRequest
+from .runner import EVICTING_METHODS, ModelRunner
+from .sampler import SamplerState, sample
+from .scheduler import Scheduler
+from .types import (
+    EngineOverloaded,
+    EngineStats,
+    FinishReason,
+    GenerationOutput,
+    GenerationRequest,
+    RequestRejected,
+    Tokenizer,
+)
+
+log = logging.getLogger("sparse_serve.engine")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineOptions:
+    model: str | None = None  # HF directory or GGUF file; None = the embedded SmolLM2
+    device: str = "auto"  # auto = cuda if available, else cpu
+    dtype: str = "auto"  # auto = bfloat16 on cuda, float32 on cpu
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    kv_cache_memory: int | None = None  # bytes; default 1 GiB on CPU, half the free GPU memory on CUDA
+    max_num_seqs: int = 64
+    max_queue: int = 256
+    page_size: int = 16
+    served_model_name: str | None = None
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def resolved_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.resolved_device().startswith("cuda") else torch.float32
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unsupported dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        return DTYPES[self.dtype]
+
+
+class NativeEngine:
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, options: EngineOptions, model_name: str):
+        cfg = model.config
+        self.model_name = model_name
+        self.tokenizer = tokenizer
+        self.options = options
+        self.shape = ModelShape(
+            num_layers=cfg.num_layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+            vocab_size=cfg.vocab_size, tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+        )
+        self.max_model_len = options.max_model_len or int(cfg.max_position_embeddings)
+        device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        memory = options.kv_cache_memory or self._default_kv_memory(device)
+        pages = pages_for_memory(memory, options.page_size, cfg.head_dim, dtype)
+        self.pool = PagePool(pages, options.page_size, cfg.head_dim, dtype, device)
+        self.runner = ModelRunner(model, self.pool, self.shape)
+        self.scheduler = Scheduler(self.pool, cfg.num_layers, cfg.num_kv_heads, options.max_num_seqs,
+                                   options.max_queue)
+        self.stop_token_ids = set(getattr(tokenizer, "stop_token_ids", None) or [])
+        if tokenizer.eos_token_id is not None:
+            self.stop_token_ids.add(int(tokenizer.eos_token_id))
+        self._lock = threading.Condition()
+        self._requests: dict[str, EngineRequest] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._accepting = True
+
+    @classmethod
+    def from_options(cls, options: EngineOptions) -> NativeEngine:
+        from .model_loader import load_model
+
+        model, tokenizer = load_model(options.model, options.resolved_device(), options.resolved_dtype())
+        name = options.served_model_name or model.config.name or "model"
+        return cls(model, tokenizer, options, name)
+
+    @staticmethod
+    def _default_kv_memory(device: torch.device) -> int:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return free // 2
+        return 1 << 30
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="sparse-serve-engine", daemon=True)
+            self._thread.start()
+
+    def ready(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._accepting
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop admitting; let in-flight requests finish for up to ``timeout`` s, abort the rest, stop."""
+        self._accepting = False
+        deadline = time.monotonic() + timeout
+        while self._requests and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for rid in list(self._requests):
+            self._abort(rid)
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10.0)
+            self._thread = None
+
+    def stats(self) -> EngineStats:
+        c = self.pool.counters()
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), c.usage, c.free_pages,
+                           c.total_pages)
+
+    # -- requests ---------------------------------------------------------------------------------------
+    def validate(self, request: GenerationRequest) -> None:
+        """Raise RequestRejected for a request this engine can never serve."""
+        n, sp = len(request.prompt_token_ids), request.sampling
+        if n == 0:
+            raise RequestRejected("the prompt must contain at least one token", param="prompt")
+        vocab = self.shape.vocab_size
+        if any(t < 0 or t >= vocab for t in request.prompt_token_ids):
+            raise RequestRejected(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        if n + sp.max_tokens > self.max_model_len:
+            raise RequestRejected(
+                f"this model's maximum context length is {self.max_model_len} tokens; the prompt has {n} "
+                f"tokens and max_tokens is {sp.max_tokens}", param="max_tokens", code="context_length_exceeded")
+        decode = request.spec.decode
+        if decode.method == "quest" and decode.params.get("page_size", self.pool.page_size) != self.pool.page_size:
+            raise RequestRejected(f"the native engine runs Quest on its KV page size ({self.pool.page_size})",
+                                  param="sparse_pattern.decode.params.page_size")
+        need = self.scheduler.pages_for_tokens(n + sp.max_tokens)
+        if need > self.pool.num_pages:
+            raise RequestRejected(
+                f"the request needs {need} KV pages but the pool has {self.pool.num_pages}; lower max_tokens "
+                "or raise --kv-cache-memory", param="max_tokens", code="kv_cache_too_small")
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        self.validate(request)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[GenerationOutput] = asyncio.Queue()
+
+        def emit(out: GenerationOutput) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, out)
+
+        req = EngineRequest(request, emit, SamplerState.for_params(request.sampling),
+                            IncrementalDetokenizer(self.tokenizer, request.sampling.stop))
+        with self._lock:
+            if not self._accepting:
+                raise EngineOverloaded("the server is shutting down", retry_after=5.0)
+            if request.request_id in self._requests:
+                raise RequestRejected(f"duplicate request id {request.request_id!r}", param="request_id")
+            self.scheduler.add(req)
+            self._requests[request.request_id] = req
+            self._lock.notify_all()
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:  # the consumer went away (client disconnect): free the request's pages
+                self._abort(request.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self._abort(request_id)
+
+    def _abort(self, request_id: str) -> None:
+        with self._lock:
+            req = self._requests.get(request_id)
+            if req is None:
+                return
+            req.aborted = True
+            if req in self.scheduler.waiting:  # never started: finish it here
+                self._finish(req, "abort")
+            self._lock.notify_all()
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        with torch.inference_mode():  # every tensor the loop makes or updates (pages, tables) is inference-only
+            self._run_loop()
+
+    def _run_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self.scheduler.waiting and not self.scheduler.running:
+                    self._lock.wait(0.5)
+                if self._stopping and not self.scheduler.running:
+                    return
+            try:
+                self._step()
+            except Exception:  # a bug outside per-request isolation: fail what is running, keep the loop
+                log.exception("engine step failed")
+                with self._lock:
+                    for req in list(self.scheduler.running):
+                        self._finish(req, "error", error="internal engine error")
+
+    def _step(self) -> None:
+        with self._lock:
+            for req in [r for r in self.scheduler.running if r.aborted]:
+                self._finish(req, "abort")
+            admitted = self.scheduler.admit_next()
+        if admitted is not None:
+            self._prefill(admitted)
+        with self._lock:
+            batch = [r for r in self.scheduler.running if r.output_ids and not r.aborted]
+        if batch:
+            self._decode(batch)
+
+    def _prefill(self, req: EngineRequest) -> None:
+        req.timings.scheduled = time.monotonic()
+        try:
+            req.kv = self.runner.new_sequence()
+            logits = self.runner.prefill(req)
+            if req.request.spec.decode.method in EVICTING_METHODS:
+                with self._lock:
+                    self.scheduler.shrink_reservation(req)
+            sampled = sample(logits, [req.request.sampling], [req.sampler])[0]
+        except Exception as exc:
+            log.exception("prefill failed for request %s", req.request_id)
+            with self._lock:
+                self._finish(req, "error", error=f"prefill failed: {exc}")
+            return
+        req.timings.first_token = time.monotonic()
+        with self._lock:
+            self._on_token(req, sampled.token_id, sampled.logprob)
+
+    def _decode(self, batch: list[EngineRequest]) -> None:
+        try:
+            logits = self.runner.decode(batch)
+        except Exception:
+            if len(batch) == 1:
+                log.exception("decode failed for request %s", batch[0].request_id)
+                with self._lock:
+                    self._finish(batch[0], "error", error="decode step failed")
+                return
+            for req in batch:  # isolate the failing request(s); the others go on
+                self._decode([req])
+            return
+        tokens = sample(logits, [r.request.sampling for r in batch], [r.sampler for r in batch])
+        with self._lock:
+            for req, sampled in zip(batch, tokens, strict=True):
+                if not req.aborted:
+                    self._on_token(req, sampled.token_id, sampled.logprob)
+
+    # -- outputs (called with the lock held) ------------------------------------------------------------
+    def _on_token(self, req: EngineRequest, token: int, logprob) -> None:
+        sp = req.request.sampling
+        req.output_ids.append(token)
+        reason: FinishReason | None = None
+        if token in self.stop_token_ids and not sp.ignore_eos or token in sp.stop_token_ids:
+            text = req.detok.flush()
+            reason = "stop"
+        else:
+            text, stopped = req.detok.add(token)
+            if stopped:
+                reason = "stop"
+            elif len(req.output_ids) >= sp.max_tokens:
+                text += req.detok.flush()
+                reason = "length"
+        out = GenerationOutput(req.request_id, [token], text, logprobs=[logprob] if logprob is not None else None,
+                               prompt_tokens=req.prompt_len, completion_tokens=len(req.output_ids))
+        if reason is None:
+            req.emit(out)
+        else:
+            self._finish(req, reason, last=out)
+
+    def _finish(self, req: EngineRequest, reason: FinishReason, error: str | None = None,
+                last: GenerationOutput | None = None) -> None:
+        if self._requests.pop(req.request_id, None) is None:
+            return
+        self.scheduler.remove(req)  # first: whatever fails below, the request never runs again
+        req.timings.finished = time.monotonic()
+        cost = req.cost
+        try:
+            cost.prefill, cost.decode = req.phase_costs(self.pool.keys.element_size(), self.shape.head_dim)
+            if req.totals.dense_cells:
+                actual, dense = self.runner.prefill_model_flops(req)
+                cost.prefill_model_flops, cost.dense_prefill_model_flops = actual, dense
+                cost.model_flops += actual
+                cost.dense_model_flops += dense
+        except Exception:
+            log.exception("cost accounting failed for request %s", req.request_id)
+        finally:
+            if req.kv is not None:
+                req.kv.release()
+        out = last or GenerationOutput(req.request_id, [], "", prompt_tokens=req.prompt_len,
+                                       completion_tokens=len(req.output_ids))
+        out.finished, out.finish_reason, out.error = True, reason, error
+        out.cost, out.timings = cost, req.timings
+        req.emit(out)

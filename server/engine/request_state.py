@@ -1,0 +1,96 @@
+"""A request inside the native engine: its cache, sampler, detokenizer, cost totals and timings."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from attention_backends import DecodeReport, PrefillReport
+
+from .detokenizer import IncrementalDetokenizer
+from .sampler import SamplerState
+from .sequence_kv import SequenceKV
+from .types import GenerationOutput, GenerationRequest, PhaseCost, RequestCost, RequestTimings
+
+
+@dataclass
+class CostTotals:
+    """Running sums of a request's per-layer, per-step reports (turned into a RequestCost at the end)."""
+
+    computed_cells: int = 0
+    dense_cells: int = 0
+    prefill_attention_flops: float = 0.0
+    prefill_dense_attention_flops: float = 0.0
+    prefill_indexing_flops: float = 0.0
+    prompt_tokens_read: int = 0
+    dense_prompt_tokens_read: int = 0
+    generated_tokens_read: int = 0
+    dense_generated_tokens_read: int = 0
+    metadata_elements: int = 0
+    decode_indexing_flops: float = 0.0
+    decode_steps: int = 0
+
+    def add_prefill(self, r: PrefillReport) -> None:
+        self.computed_cells += r.computed_cells
+        self.dense_cells += r.dense_cells
+        self.prefill_attention_flops += r.attention_flops
+        self.prefill_dense_attention_flops += r.dense_attention_flops
+        self.prefill_indexing_flops += r.indexing_flops
+
+    def add_decode(self, r: DecodeReport) -> None:
+        self.prompt_tokens_read += r.kv_tokens_read
+        self.dense_prompt_tokens_read += r.dense_kv_tokens_read
+        self.generated_tokens_read += r.generated_tokens_read
+
+
+@dataclass
+class EngineRequest:
+    request: GenerationRequest
+    emit: Callable[[GenerationOutput], None]
+    sampler: SamplerState
+    detok: IncrementalDetokenizer
+    kv: SequenceKV | None = None
+    output_ids: list[int] = field(default_factory=list)
+    totals: CostTotals = field(default_factory=CostTotals)
+    timings: RequestTimings = field(default_factory=lambda: RequestTimings(arrival=time.monotonic()))
+    reserved_pages: int = 0
+    cost: RequestCost = field(default_factory=RequestCost)
+    aborted: bool = False
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def next_position(self) -> int:
+        """Position of the last sampled token, the one the next decode step feeds."""
+        return self.prompt_len + len(self.output_ids) - 1
+
+    def phase_costs(self, element_bytes: int, head_dim: int) -> tuple[PhaseCost, PhaseCost]:
+        t, spec = self.totals, self.request.spec
+        prefill = PhaseCost(
+            method=spec.prefill.method,
+            target_compression_ratio=spec.prefill.compression_ratio,
+            achieved_compression_ratio=t.dense_cells / t.computed_cells if t.computed_cells else 1.0,
+            attention_flops=t.prefill_attention_flops,
+            dense_attention_flops=t.prefill_dense_attention_flops,
+            indexing_flops=t.prefill_indexing_flops,
+        )
+        token_bytes = 2 * head_dim * element_bytes
+        decode = PhaseCost(
+            method=spec.decode.method,
+            target_compression_ratio=spec.decode.compression_ratio,
+            achieved_compression_ratio=(
+                t.dense_prompt_tokens_read / t.prompt_tokens_read if t.prompt_tokens_read else 1.0
+            ),
+            kv_bytes_read=float((t.prompt_tokens_read + t.generated_tokens_read) * token_bytes),
+            dense_kv_bytes_read=float((t.dense_prompt_tokens_read + t.dense_generated_tokens_read) * token_bytes),
+            metadata_bytes_read=float(t.metadata_elements * element_bytes),
+            kv_cache_tokens=int(self.kv.lengths.sum()) if self.kv is not None else 0,
+        )
+        return prefill, decode

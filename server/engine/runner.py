@@ -1,0 +1,184 @@
+"""Runs the model for the scheduler: one request's prefill, or one decode step for a batch.
+
+The model delegates attention to a callback (``AttentionFn``); the callbacks here are where the paged KV
+cache and each request's sparse methods meet:
+
+* prefill (one request, ``T = n``): the request's prefill method computes attention and reports its cost;
+  the layer's keys/values go into fresh pages; SnapKV/Ada-SnapKV then keep only their chosen tokens and
+  the evicted pages go straight back to the pool.
+* decode (``T = B``, one token per request): the new key/value is written into each (layer, KV head)'s
+  last page, then one batched paged attention reads, per row, either the whole per-head page table (dense,
+  SnapKV, Ada-SnapKV) or the pages Quest selects from the page key min/max.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attention_backends import PrefillReport, prepare_decode, sparse_prefill
+from attention_backends.cost import ModelShape, decode_token_flops, flops_per_cell, prefill_flops
+from attention_backends.prefill.common import causal_cells
+from attention_backends.spec import SparseSpec
+
+from .page_pool import PagePool
+from .paged_attention import page_fill, paged_decode_attention, quest_select, token_mask
+from .request_state import EngineRequest
+from .sequence_kv import SequenceKV
+
+EVICTING_METHODS = ("snapkv", "ada_snapkv")
+
+
+def dense_prefill_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, PrefillReport]:
+    """Dense causal attention through SDPA (the fast path; same result as the dense reference)."""
+    h, n, d = q.shape
+    out = F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), is_causal=True,
+                                         enable_gqa=True)[0]
+    cells = causal_cells(n) * h
+    flops = float(cells * flops_per_cell(d))
+    return out, PrefillReport("dense", 1.0, cells, cells, flops, flops)
+
+
+def quest_budget_pages(spec: SparseSpec, prompt_len: int, page_size: int, max_pages: int) -> int:
+    """Pages Quest reads per step: budget (param, else ceil(n / r)) rounded up to whole pages; at r = 1
+    with no explicit budget, every page (so ratio 1 stays dense as generation grows)."""
+    budget = spec.decode.params.get("budget")
+    if budget is None:
+        if spec.decode.compression_ratio == 1.0:
+            return max_pages
+        budget = math.ceil(prompt_len / spec.decode.compression_ratio)
+    return max(1, -(-int(budget) // page_size))
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, pool: PagePool, shape: ModelShape):
+        self.model = model
+        self.pool = pool
+        self.shape = shape
+        self.device = pool.device
+
+    def new_sequence(self) -> SequenceKV:
+        return SequenceKV(self.pool, self.shape.num_layers, self.shape.num_kv_heads)
+
+    # -- prefill ----------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, req: EngineRequest) -> Tensor:
+        """Prefill one request; returns the logits of its last prompt position ``[1, V]``."""
+        spec = req.request.spec
+        kv = req.kv
+        assert kv is not None
+        totals = req.totals
+
+        def attention(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+            if spec.prefill.is_dense:
+                out, report = dense_prefill_attention(qh, kh, vh)
+            else:
+                out, report = sparse_prefill(qh, kh, vh, spec)
+            totals.add_prefill(report)
+            kv.write_prompt(layer, kh, vh)
+            if spec.decode.method in EVICTING_METHODS:
+                keep = prepare_decode(qh, kh, vh, spec).kept_positions
+                kv.keep_only(layer, keep)
+            return out.transpose(0, 1)
+
+        ids = torch.tensor(req.request.prompt_token_ids, dtype=torch.long, device=self.device)
+        positions = torch.arange(ids.numel(), device=self.device)
+        last = torch.tensor([ids.numel() - 1], device=self.device)
+        return self.model(ids, positions, attention, logits_indices=last).float().cpu()
+
+    # -- decode -----------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode(self, batch: list[EngineRequest]) -> Tensor:
+        """One decode step for every request of ``batch``; returns logits ``[B, V]``."""
+        ps = self.pool.page_size
+        seqs = [r.kv for r in batch]
+        appends = [s.prepare_append() for s in seqs]  # type: ignore[union-attr]
+        pids = torch.stack([a[0] for a in appends])  # [B, layers, h_kv]
+        slots = torch.stack([a[1] for a in appends])
+        lengths = torch.stack([s.lengths for s in seqs]).to(self.device) + 1  # after this step's append
+        prompt_kept = torch.stack([s.prompt_kept for s in seqs]).to(self.device)
+        n_pages = int(-(-int(lengths.max()) // ps))
+        tables = torch.stack([s.tables[:, :, :n_pages] for s in seqs])  # [B, layers, h_kv, P]
+        quest_rows = [i for i, r in enumerate(batch) if r.request.spec.decode.method == "quest"]
+        full_rows = [i for i in range(len(batch)) if i not in set(quest_rows)]
+        q_idx = torch.tensor(quest_rows, dtype=torch.long, device=self.device)
+        f_idx = torch.tensor(full_rows, dtype=torch.long, device=self.device)
+        budgets = torch.tensor(
+            [quest_budget_pages(batch[i].request.spec, batch[i].prompt_len, ps, n_pages) for i in quest_rows],
+            dtype=torch.long, device=self.device)
+        quest_prompt_read = torch.zeros(len(quest_rows), dtype=torch.long, device=self.device)
+        quest_total_read = torch.zeros(len(quest_rows), dtype=torch.long, device=self.device)
+        pool = self.pool
+
+        fill_all = page_fill(lengths, n_pages, ps)  # [B, layers, h_kv, P]
+        valid_all = token_mask(fill_all, ps)  # [B, layers, h_kv, P * ps]
+
+        def attention(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            p, s = pids[:, layer], slots[:, layer]
+            pool.keys[p, s] = k.to(pool.dtype)
+            pool.values[p, s] = v.to(pool.dtype)
+            tbl, fill = tables[:, layer], fill_all[:, layer]
+            if not quest_rows:
+                return paged_decode_attention(q, pool.keys, pool.values, tbl, fill, valid_all[:, layer])
+            # Only Quest reads page summaries: keep them current for its rows' pages.
+            pq, kq = p[q_idx], k[q_idx].to(pool.dtype)
+            pool.key_min[pq] = torch.minimum(pool.key_min[pq], kq)
+            pool.key_max[pq] = torch.maximum(pool.key_max[pq], kq)
+            out = torch.empty_like(q)
+            if full_rows:
+                out[f_idx] = paged_decode_attention(q[f_idx], pool.keys, pool.values, tbl[f_idx], fill[f_idx],
+                                                    valid_all[f_idx, layer])
+            qt, ql = tbl[q_idx], lengths[q_idx, layer]
+            chosen, real = quest_select(q[q_idx], pool.key_min, pool.key_max, qt, ql, budgets, ps)
+            sel_fill = fill[q_idx].gather(2, chosen) * real
+            out[q_idx] = paged_decode_attention(q[q_idx], pool.keys, pool.values, qt.gather(2, chosen), sel_fill)
+            prompt_fill = page_fill(prompt_kept[q_idx, layer], n_pages, ps).gather(2, chosen) * real
+            quest_prompt_read.add_(prompt_fill.sum(dim=(1, 2)))
+            quest_total_read.add_(sel_fill.sum(dim=(1, 2)))
+            return out
+
+        ids = torch.tensor([r.output_ids[-1] for r in batch], dtype=torch.long, device=self.device)
+        positions = torch.tensor([r.next_position for r in batch], dtype=torch.long, device=self.device)
+        logits = self.model(ids, positions, attention).float().cpu()
+        for s in seqs:
+            s.commit_append()  # type: ignore[union-attr]
+        self._account_decode(batch, lengths, prompt_kept, quest_rows, quest_prompt_read, quest_total_read)
+        return logits
+
+    def _account_decode(self, batch: list[EngineRequest], lengths: Tensor, prompt_kept: Tensor,
+                        quest_rows: list[int], quest_prompt: Tensor, quest_total: Tensor) -> None:
+        shape = self.shape
+        per_step_dense = shape.num_layers * shape.num_kv_heads
+        quest_pos = {row: i for i, row in enumerate(quest_rows)}
+        lengths_sum = lengths.sum(dim=(1, 2)).tolist()
+        kept_sum = prompt_kept.sum(dim=(1, 2)).tolist()
+        for row, req in enumerate(batch):
+            t = req.totals
+            if row in quest_pos:
+                prompt_read = int(quest_prompt[quest_pos[row]])
+                total_read = int(quest_total[quest_pos[row]])
+                pages = -(-lengths[row] // self.pool.page_size)
+                t.metadata_elements += int(2 * shape.head_dim * pages.sum())
+            else:
+                prompt_read, total_read = int(kept_sum[row]), int(lengths_sum[row])
+            generated = len(req.output_ids)  # tokens generated so far, this step's input included
+            t.prompt_tokens_read += prompt_read
+            t.generated_tokens_read += total_read - prompt_read
+            t.dense_prompt_tokens_read += req.prompt_len * per_step_dense
+            t.dense_generated_tokens_read += generated * per_step_dense
+            t.decode_steps += 1
+            flops = decode_token_flops(shape, total_read, (req.prompt_len + generated) * per_step_dense)
+            req.cost.decode_model_flops += flops.total_actual
+            req.cost.dense_decode_model_flops += flops.total_dense
+            req.cost.model_flops += flops.total_actual
+            req.cost.dense_model_flops += flops.total_dense
+
+    def prefill_model_flops(self, req: EngineRequest) -> tuple[float, float]:
+        t = req.totals
+        flops = prefill_flops(self.shape, req.prompt_len, computed_cells=t.computed_cells,
+                              indexing_flops=t.prefill_indexing_flops)
+        return flops.total_actual, flops.total_dense

@@ -1,0 +1,73 @@
+"""Token sampling: greedy, temperature, top-k, top-p, per-request seeded generators, logprobs.
+
+Each request brings its own parameters, so rows are sampled one by one after one batched log-softmax;
+greedy rows (temperature 0) take the argmax. Logprobs are those of the model's raw distribution (before
+temperature and truncation), as OpenAI-compatible servers report them.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .types import SamplingParams, TokenLogprob
+
+
+@dataclass
+class SamplerState:
+    """Per-request sampling state: the seeded generator (``None`` for greedy)."""
+
+    generator: torch.Generator | None = None
+
+    @classmethod
+    def for_params(cls, params: SamplingParams) -> SamplerState:
+        if params.temperature == 0:
+            return cls(None)
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+        return cls(gen)
+
+
+@dataclass
+class Sampled:
+    token_id: int
+    logprob: TokenLogprob | None = field(default=None)
+
+
+def _filtered_probs(logits: Tensor, params: SamplingParams) -> Tensor:
+    scaled = logits / params.temperature
+    if params.top_k and params.top_k > 0 and params.top_k < scaled.numel():
+        kth = torch.topk(scaled, params.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
+        outside = sorted_probs.cumsum(0) - sorted_probs >= params.top_p
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return probs
+
+
+def sample(logits: Tensor, params: list[SamplingParams], states: list[SamplerState]) -> list[Sampled]:
+    """``logits [B, V]`` (float32, on CPU) -> one token per row."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    out: list[Sampled] = []
+    for row, (p, st) in enumerate(zip(params, states, strict=True)):
+        if st.generator is None:
+            token = int(torch.argmax(logits[row]))
+        else:
+            probs = _filtered_probs(logits[row], p)
+            token = int(torch.multinomial(probs, 1, generator=st.generator))
+        lp = None
+        if p.logprobs is not None:
+            top: list[tuple[int, float]] = []
+            if p.logprobs > 0:
+                values, ids = logprobs[row].topk(p.logprobs)
+                top = [(int(i), float(v)) for i, v in zip(ids, values, strict=True)]
+            lp = TokenLogprob(token, float(logprobs[row, token]), top)
+        out.append(Sampled(token, lp))
+    return out

@@ -1,0 +1,137 @@
+"""One request's KV cache: a page table per (layer, KV head) over the shared :class:`PagePool`.
+
+``tables[l, j, i]`` is the pool page holding tokens ``i*page_size .. (i+1)*page_size-1`` of layer ``l``, KV
+head ``j`` (``-1`` past the end); ``lengths[l, j]`` the tokens that head holds. Each head's tokens are its
+kept prompt tokens (``prompt_kept[l, j]`` of them, in prompt order) followed by every generated token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .page_pool import PagePool
+
+
+def _pages(tokens: int, page_size: int) -> int:
+    return -(-tokens // page_size)
+
+
+class SequenceKV:
+    def __init__(self, pool: PagePool, num_layers: int, num_kv_heads: int):
+        self.pool = pool
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.tables = torch.full((num_layers, num_kv_heads, 4), -1, dtype=torch.long, device=pool.device)
+        self.lengths = torch.zeros(num_layers, num_kv_heads, dtype=torch.long)
+        self.prompt_kept = torch.zeros(num_layers, num_kv_heads, dtype=torch.long)
+        self.prompt_len = 0
+
+    # -- bookkeeping ------------------------------------------------------------------------------------
+    @property
+    def num_pages(self) -> int:
+        return int((self.tables >= 0).sum())
+
+    def max_pages(self) -> int:
+        return _pages(int(self.lengths.max()), self.pool.page_size) if self.lengths.numel() else 0
+
+    def _grow(self, pages: int) -> None:
+        if pages > self.tables.shape[2]:
+            extra = max(pages, 2 * self.tables.shape[2]) - self.tables.shape[2]
+            pad = torch.full((self.num_layers, self.num_kv_heads, extra), -1, dtype=torch.long,
+                             device=self.tables.device)
+            self.tables = torch.cat([self.tables, pad], dim=2)
+
+    def release(self) -> int:
+        """Return every page to the pool; returns how many."""
+        ids = self.tables[self.tables >= 0]
+        self.pool.release(ids)
+        self.tables.fill_(-1)
+        self.lengths.zero_()
+        self.prompt_kept.zero_()
+        return int(ids.numel())
+
+    # -- prefill ----------------------------------------------------------------------------------------
+    def write_prompt(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store a layer's prompt keys/values ``[h_kv, n, d]`` in fresh pages (all heads the same length)."""
+        h_kv, n, d = k.shape
+        ps = self.pool.page_size
+        pages = _pages(n, ps)
+        ids = self.pool.allocate(h_kv * pages).view(h_kv, pages)
+        self._grow(pages)
+        self.tables[layer, :, :pages] = ids  # recorded first, so a failure below still frees them
+        self._write_tokens(ids, k, v, n)
+        self.lengths[layer] = n
+        self.prompt_kept[layer] = n
+        self.prompt_len = n
+
+    def _write_tokens(self, ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int) -> None:
+        """Write ``n`` tokens of each head (``k`` ``[h, n, d]``) into page ids ``[h, pages]``, with min/max."""
+        h, _, d = k.shape
+        ps = self.pool.page_size
+        pages = ids.shape[1]
+        padded = pages * ps
+        kp = torch.zeros(h, padded, d, dtype=self.pool.dtype, device=k.device)
+        vp = torch.zeros_like(kp)
+        kp[:, :n] = k
+        vp[:, :n] = v
+        flat = ids.reshape(-1)
+        self.pool.keys[flat] = kp.view(h * pages, ps, d)
+        self.pool.values[flat] = vp.view(h * pages, ps, d)
+        big = torch.finfo(self.pool.dtype).max
+        valid = (torch.arange(padded, device=k.device) < n).view(1, pages, ps, 1)
+        kp4 = kp.view(h, pages, ps, d)
+        self.pool.key_min[flat] = torch.where(valid, kp4, big).amin(dim=2).reshape(-1, d)
+        self.pool.key_max[flat] = torch.where(valid, kp4, -big).amax(dim=2).reshape(-1, d)
+
+    def keep_only(self, layer: int, keep: list[torch.Tensor]) -> int:
+        """Evict: keep only prompt positions ``keep[j]`` (sorted) of each head of ``layer``; the kept tokens
+        are compacted into fresh pages and the old pages go back to the pool. Returns pages freed (net)."""
+        ps = self.pool.page_size
+        old = self.tables[layer].clone()
+        old_pages = int((old >= 0).sum())
+        new_tables: list[torch.Tensor] = []
+        try:
+            for j, idx in enumerate(keep):
+                n_j = int(idx.numel())
+                src_pages = old[j][idx // ps]
+                src_slots = idx % ps
+                k = self.pool.keys[src_pages, src_slots].unsqueeze(0)
+                v = self.pool.values[src_pages, src_slots].unsqueeze(0)
+                ids = self.pool.allocate(_pages(n_j, ps)).view(1, -1)
+                new_tables.append(ids[0])
+                self._write_tokens(ids, k, v, n_j)
+        except BaseException:
+            for ids in new_tables:
+                self.pool.release(ids)
+            raise
+        for j, idx in enumerate(keep):
+            self.lengths[layer, j] = int(idx.numel())
+            self.prompt_kept[layer, j] = int(idx.numel())
+        self.pool.release(old[old >= 0])
+        self.tables[layer].fill_(-1)
+        for j, ids in enumerate(new_tables):
+            self.tables[layer, j, : ids.numel()] = ids
+        return old_pages - sum(int(t.numel()) for t in new_tables)
+
+    # -- decode -----------------------------------------------------------------------------------------
+    def pages_needed_for_append(self) -> int:
+        """New pages one more token needs (heads whose last page is full)."""
+        return int((self.lengths % self.pool.page_size == 0).sum())
+
+    def prepare_append(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Make room for one token in every (layer, head); returns its page ids and slots ``[layers, h_kv]``."""
+        ps = self.pool.page_size
+        page_index = self.lengths // ps
+        need = self.lengths % ps == 0
+        count = int(need.sum())
+        self._grow(int(page_index.max()) + 1)
+        if count:
+            ids = self.pool.allocate(count)
+            rows = need.nonzero(as_tuple=True)
+            self.tables[rows[0], rows[1], page_index[need].to(self.tables.device)] = ids
+        dev = self.tables.device
+        pages = self.tables.gather(2, page_index.to(dev).unsqueeze(-1)).squeeze(-1)
+        return pages, (self.lengths % ps).to(dev)
+
+    def commit_append(self) -> None:
+        self.lengths += 1

@@ -1,0 +1,242 @@
+"""The native engine on the embedded SmolLM2 (CPU, float32): per-request sparsity, batching, paging.
+
+Every test talks to the engine through its public async interface (``generate``/``abort``/``stats``), the
+same one the HTTP server uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from attention_backends import parse_pattern
+from server.engine.engine import EngineOptions, NativeEngine
+from server.engine.types import EngineOverloaded, GenerationRequest, RequestRejected, SamplingParams
+from tests.engine_helpers import collect, make_request
+
+PATTERNS = ["dense", "vertical_slash:4", "block_sparse:4", "flexprefill", "snapkv:4", "ada_snapkv:4", "quest:4",
+            "vertical_slash:4+quest:4"]
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    """Model and tokenizer, loaded once; each test builds its own engine around them (own pool)."""
+    from server.engine.model_loader import load_model
+
+    return load_model(None, "cpu", __import__("torch").float32)
+
+
+def new_engine(loaded, **options) -> NativeEngine:
+    model, tokenizer = loaded
+    return NativeEngine(model, tokenizer, EngineOptions(device="cpu", dtype="float32", **options), "smollm2")
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}]),
+                            add_special_tokens=False)
+
+
+def long_prompt_ids(tokenizer, tokens: int) -> list[int]:
+    facts = " ".join(f"Item {i} is stored in box {(i * 7919) % 1000}." for i in range(tokens // 8))
+    ids = chat_ids(tokenizer, f"{facts}\nWhere is item 42 stored?")
+    return ids[-tokens:] if len(ids) > tokens else ids
+
+
+async def _with_engine(engine, body):
+    await engine.start()
+    try:
+        return await body(engine)
+    finally:
+        await engine.shutdown(timeout=5)
+
+
+def test_every_method_at_ratio_one_matches_dense(loaded):
+    _, tok = loaded
+    ids = long_prompt_ids(tok, 400)
+    patterns = ["dense", "vertical_slash:1", "flexprefill:1", "block_sparse:1", "snapkv:1", "ada_snapkv:1",
+                "quest:1", "block_sparse:1+ada_snapkv:1"]
+
+    async def body(engine):
+        return [await collect(engine, make_request(f"r{i}", ids, p, max_tokens=24)) for i, p in enumerate(patterns)]
+
+    results = asyncio.run(_with_engine(new_engine(loaded), body))
+    for pattern, res in zip(patterns, results, strict=True):
+        assert res.token_ids == results[0].token_ids, pattern
+        assert res.final.cost.decode.achieved_compression_ratio == pytest.approx(1.0)
+        assert res.final.cost.prefill.achieved_compression_ratio == pytest.approx(1.0)
+
+
+def test_concurrent_mixed_patterns_equal_their_solo_runs(loaded):
+    """8 concurrent requests with different patterns give each the tokens it gives alone."""
+    _, tok = loaded
+    prompts = [long_prompt_ids(tok, 300 + 40 * i) for i in range(len(PATTERNS))]
+
+    def requests(tag):
+        return [make_request(f"{tag}{i}", prompts[i], p, max_tokens=16, logprobs=2)
+                for i, p in enumerate(PATTERNS)]
+
+    async def body(engine):
+        solo = [await collect(engine, r) for r in requests("solo")]
+        together = await asyncio.gather(*(collect(engine, r) for r in requests("batch")))
+        return solo, together
+
+    solo, together = asyncio.run(_with_engine(new_engine(loaded), body))
+    for i, pattern in enumerate(PATTERNS):
+        a, b = solo[i], together[i]
+        assert len(a.token_ids) == len(b.token_ids), pattern
+        for step, (ta, tb) in enumerate(zip(a.token_ids, b.token_ids, strict=True)):
+            la, lb = a.logprobs[step], b.logprobs[step]
+            if ta != tb:  # only a floating-point near-tie may flip a token, and then the logits agree
+                top = dict(la.top)
+                assert abs(top.get(ta, -99) - top.get(tb, -99)) < 1e-3, f"{pattern}: step {step} flipped"
+                assert abs(la.logprob - dict(lb.top).get(ta, -99)) < 1e-3, f"{pattern}: step {step}"
+                break  # after a flip the continuations legitimately differ
+            assert la.logprob == pytest.approx(lb.logprob, abs=1e-3), f"{pattern}: step {step} logits differ"
+        cost = a.final.cost
+        if pattern not in ("dense", "flexprefill"):
+            decode_sparse = pattern.split("+")[-1].startswith(("snapkv", "ada", "quest"))
+            sparse_phase = cost.decode if decode_sparse else cost.prefill
+            assert sparse_phase.achieved_compression_ratio > 1.5, (pattern, sparse_phase)
+
+
+def test_snapkv_frees_evicted_pages_and_everything_returns(loaded):
+    _, tok = loaded
+    ids = long_prompt_ids(tok, 2048)
+    assert len(ids) >= 2000
+    engine = new_engine(loaded)
+    start_free = engine.pool.counters().free_pages
+    seen = {}
+
+    async def body(engine):
+        for pattern in ("dense", "snapkv:4"):
+            gen = engine.generate(make_request(pattern, ids, pattern, max_tokens=8))
+            first = await gen.__anext__()  # after prefill (and eviction) of this request
+            seen[pattern] = start_free - engine.pool.counters().free_pages
+            assert not first.finished
+            async for _out in gen:
+                pass
+            assert engine.pool.counters().free_pages == start_free, pattern
+        # an aborted request returns its pages too
+        gen = engine.generate(make_request("to-abort", ids, "quest:4", max_tokens=64))
+        await gen.__anext__()
+        await gen.aclose()  # the consumer goes away, as a disconnecting client does
+        for _ in range(100):
+            if engine.stats().num_running == 0:
+                break
+            await asyncio.sleep(0.02)
+
+    asyncio.run(_with_engine(engine, body))
+    freed = 1 - seen["snapkv:4"] / seen["dense"]
+    assert freed >= 0.70, f"SnapKV at r=4 freed only {freed:.0%} of the prompt's pages"
+    assert engine.pool.counters().free_pages == start_free
+    assert engine.stats().num_running == 0
+
+
+def test_small_pool_queues_instead_of_failing(loaded):
+    _, tok = loaded
+    ids = chat_ids(tok, "Count from one to ten.")
+    probe = new_engine(loaded, kv_cache_memory=1 << 20)
+    per_request = probe.scheduler.pages_for_tokens(len(ids) + 12)
+    page_bytes = (2 * probe.pool.page_size + 2) * probe.shape.head_dim * 4
+    engine = new_engine(loaded, kv_cache_memory=3 * per_request * page_bytes)  # room for 3 at a time
+    assert 3 * per_request <= engine.pool.num_pages < 4 * per_request
+
+    async def body(engine):
+        return await asyncio.gather(*(collect(engine, make_request(f"q{i}", ids, "quest:2", max_tokens=12))
+                                      for i in range(16)))
+
+    results = asyncio.run(_with_engine(engine, body))
+    assert all(r.final.finish_reason in ("stop", "length") for r in results)
+    assert len({tuple(r.token_ids) for r in results}) == 1
+    assert engine.pool.counters().free_pages == engine.pool.num_pages
+
+
+def test_seeded_sampling_and_stop_strings(loaded):
+    _, tok = loaded
+    ids = chat_ids(tok, "Write a short poem about the sea.")
+
+    async def body(engine):
+        a = await collect(engine, make_request("a", ids, max_tokens=24, temperature=1.0, seed=7))
+        b = await collect(engine, make_request("b", ids, max_tokens=24, temperature=1.0, seed=7, top_p=0.9))
+        c = await collect(engine, make_request("c", ids, max_tokens=24, temperature=1.0, seed=7, top_p=0.9))
+        greedy = await collect(engine, make_request("g", ids, max_tokens=24))
+        stop_word = greedy.text.split()[3]
+        stopped = await collect(engine, make_request("s", ids, max_tokens=24, stop=[stop_word]))
+        return a, b, c, greedy, stop_word, stopped
+
+    a, b, c, greedy, stop_word, stopped = asyncio.run(_with_engine(new_engine(loaded), body))
+    assert b.token_ids == c.token_ids and b.text == c.text
+    assert a.final.finish_reason in ("stop", "length")
+    assert stopped.final.finish_reason == "stop"
+    assert stop_word not in stopped.text
+    assert greedy.text.startswith(stopped.text) and len(stopped.text) < len(greedy.text)
+
+
+def test_fault_in_one_request_fails_only_that_request(loaded, monkeypatch):
+    _, tok = loaded
+    ids = chat_ids(tok, "Name three colours.")
+    engine = new_engine(loaded)
+    real_prefill, real_decode = engine.runner.prefill, engine.runner.decode
+
+    def bad_prefill(req):
+        if req.request_id == "bad-prefill":
+            raise RuntimeError("injected prefill fault")
+        return real_prefill(req)
+
+    def bad_decode(batch):
+        if any(r.request_id == "bad-decode" for r in batch):
+            raise RuntimeError("injected decode fault")
+        return real_decode(batch)
+
+    monkeypatch.setattr(engine.runner, "prefill", bad_prefill)
+    monkeypatch.setattr(engine.runner, "decode", bad_decode)
+
+    async def body(engine):
+        names = ["ok-1", "bad-prefill", "ok-2", "bad-decode", "ok-3"]
+        return names, await asyncio.gather(*(collect(engine, make_request(n, ids, max_tokens=10)) for n in names))
+
+    names, results = asyncio.run(_with_engine(engine, body))
+    by_name = dict(zip(names, results, strict=True))
+    assert by_name["bad-prefill"].final.finish_reason == "error"
+    assert by_name["bad-decode"].final.finish_reason == "error"
+    good = [by_name[n] for n in ("ok-1", "ok-2", "ok-3")]
+    assert all(r.final.finish_reason in ("stop", "length") for r in good)
+    assert len({tuple(r.token_ids) for r in good}) == 1
+    assert engine.pool.counters().free_pages == engine.pool.num_pages
+
+
+def test_rejections_and_overload(loaded):
+    _, tok = loaded
+    ids = chat_ids(tok, "Hello")
+    engine = new_engine(loaded, max_model_len=128, max_queue=2, max_num_seqs=1)
+
+    async def body(engine):
+        with pytest.raises(RequestRejected) as err:
+            await collect(engine, make_request("long", ids * 4, max_tokens=8))
+        assert err.value.code == "context_length_exceeded"
+        with pytest.raises(RequestRejected) as err:  # Quest's page must be the engine's KV page
+            await collect(engine, quest_request_with_page_size(ids, 32))
+        assert err.value.param == "sparse_pattern.decode.params.page_size"
+        # one running (max_num_seqs=1) and two waiting (max_queue=2): the next one is refused
+        running = engine.generate(make_request("run", ids, max_tokens=40, ignore_eos=True))
+        await running.__anext__()
+        waiting = [engine.generate(make_request(f"wait{i}", ids, max_tokens=4)) for i in range(2)]
+        pending = [asyncio.ensure_future(g.__anext__()) for g in waiting]
+        await asyncio.sleep(0.05)
+        assert engine.stats().num_waiting == 2
+        with pytest.raises(EngineOverloaded) as err:
+            await collect(engine, make_request("refused", ids, max_tokens=4))
+        assert err.value.retry_after > 0
+        await asyncio.gather(*pending)
+        for g in [running, *waiting]:
+            async for _ in g:
+                pass
+        assert (await collect(engine, make_request("after", ids, max_tokens=4))).final.finish_reason == "length"
+
+    asyncio.run(_with_engine(engine, body))
+
+
+def quest_request_with_page_size(ids, page_size):
+    spec = parse_pattern({"decode": {"method": "quest", "compression_ratio": 2, "params": {"page_size": page_size}}})
+    return GenerationRequest("quest-page", ids, SamplingParams(max_tokens=4, temperature=0), spec)
