@@ -106,6 +106,26 @@ def greedy_generate(model: LlamaModel, prompt: list[int], max_new_tokens: int) -
     return out
 
 
+def engine_greedy(model: LlamaModel, tokenizer, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy tokens through the NativeEngine: the paged KV cache, scheduler and sampler of the server."""
+    import asyncio
+
+    from server.engine.engine import EngineOptions, NativeEngine
+    from tests.engine_helpers import collect, make_request
+
+    options = EngineOptions(device=str(model.device), dtype="float32", kv_cache_memory=64 << 20)
+    engine = NativeEngine(model, tokenizer, options, "test")
+
+    async def run():
+        await engine.start()
+        try:
+            return await collect(engine, make_request("greedy", prompt, max_tokens=max_new_tokens, ignore_eos=True))
+        finally:
+            await engine.shutdown(timeout=5)
+
+    return asyncio.run(run()).token_ids
+
+
 def forward_logits(model: LlamaModel, prompt: list[int]) -> torch.Tensor:
     dev = model.device
     cache = DenseCache(model.config, len(prompt), model.dtype, dev)
@@ -261,6 +281,8 @@ def test_smollm2_greedy_matches_transformers_generate(smollm, idx):
     ours = greedy_generate(model, prompt, 32)
     assert len(theirs) >= 8
     assert ours[: len(theirs)] == theirs, (tok.decode(ours), tok.decode(theirs))
+    served = engine_greedy(model, tok, prompt, 32)
+    assert served[: len(theirs)] == theirs, (tok.decode(served), tok.decode(theirs))
 
 
 def test_logits_indices_and_packed_sequences(smollm):
@@ -294,6 +316,7 @@ def test_tiny_qwen2_hf_dir_greedy_matches_transformers(tmp_path):
     theirs = hf_greedy(ref, prompt, 32)
     ours = greedy_generate(model, prompt, 32)
     assert ours[: len(theirs)] == theirs
+    assert engine_greedy(model, tok, prompt, 32)[: len(theirs)] == theirs
 
 
 @pytest.mark.parametrize(

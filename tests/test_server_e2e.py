@@ -1,0 +1,247 @@
+"""End to end on the embedded SmolLM2 (float32, CPU): the official openai SDK, greedy equality with the
+engine, concurrency with mixed patterns, disconnect -> KV pages freed, metrics, and a fuzz run on the real
+engine. One server (uvicorn in a thread, real NativeEngine) for the whole module."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import openai
+import pytest
+from engine_helpers import collect
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from openapi_fuzz import pattern_objects, pattern_strings
+from server_harness import ThreadedServer, metric_samples, parse_sse, wait_until
+
+from server.api import create_app
+from server.cli import build_engine
+from server.engine.types import GenerationRequest, SamplingParams
+from server.metrics import METRIC_DEFS
+from server.settings import ServerSettings
+
+pytestmark = pytest.mark.slow
+
+PATTERNS = ["dense", "quest:4", "snapkv:2", "ada_snapkv:2", "vertical_slash:2", "block_sparse:2", "flexprefill",
+            "vertical_slash:4+quest:4"]
+LONG_PROMPT = ("The history of the city is long and full of small events that nobody wrote down. " * 12
+               + "\nQuestion: what is the capital of France?\nAnswer:")
+
+
+@pytest.fixture(scope="module")
+def srv():
+    settings_ = ServerSettings(device="cpu", dtype="float32", max_model_len=640, kv_cache_memory=192 << 20,
+                               max_num_seqs=16, max_queue=64)
+    engine = build_engine(settings_)
+    with ThreadedServer(create_app(engine, settings_)) as s:
+        s.engine = engine
+        yield s
+
+
+@pytest.fixture(scope="module")
+def http(srv):
+    with httpx.Client(base_url=srv.url, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def sdk(srv):
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+IDLE = {"sparse_serve_num_requests_running": 0.0, "sparse_serve_num_requests_waiting": 0.0,
+        "sparse_serve_kv_cache_usage_ratio": 0.0}
+
+
+def gauges(http) -> dict[str, float]:
+    m = metric_samples(http.get("/metrics").text)
+    return {name: v for (name, _), v in m.items()
+            if name in ("sparse_serve_num_requests_running", "sparse_serve_num_requests_waiting",
+                        "sparse_serve_kv_cache_usage_ratio")}
+
+
+def check_sparse(sparse: dict, prefill: str, decode: str) -> None:
+    p, d = sparse["prefill"], sparse["decode"]
+    assert (p["method"], d["method"]) == (prefill, decode)
+    assert p["achieved_compression_ratio"] >= 1 and d["achieved_compression_ratio"] >= 1
+    assert 0 < p["attention_flops"] <= p["dense_attention_flops"]
+    assert 0 < d["kv_bytes_read"] <= d["dense_kv_bytes_read"]  # callers ask for >= 2 tokens (ignore_eos)
+    assert sparse["model_flops"] > 0 and sparse["dense_model_flops"] > 0
+
+
+def test_openai_sdk_completions(sdk, srv):
+    model = sdk.models.list().data[0].id
+    r = sdk.completions.create(model=model, prompt=LONG_PROMPT, max_tokens=6, temperature=0,
+                               extra_body={"sparse_pattern": "vertical_slash:4+quest:4", "ignore_eos": True})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 6
+    sparse = r.model_extra["sparse"]
+    check_sparse(sparse, "vertical_slash", "quest")
+    assert sparse["prefill"]["achieved_compression_ratio"] > 1.2
+    assert sparse["prefill"]["target_compression_ratio"] == 4 and sparse["decode"]["target_compression_ratio"] == 4
+
+    chunks = list(sdk.completions.create(model=model, prompt=LONG_PROMPT, max_tokens=6, temperature=0, stream=True,
+                                         stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+                                         extra_headers={"X-Sparse-Pattern": "quest:4"}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    check_sparse(chunks[-1].model_extra["sparse"], "dense", "quest")
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text  # same greedy tokens
+
+
+def test_openai_sdk_chat(sdk):
+    messages = [{"role": "user", "content": "Name one colour."}]
+    r = sdk.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages, max_tokens=5, temperature=0,
+                                    extra_headers={"X-Sparse-Pattern": "snapkv:2"}, extra_body={"ignore_eos": True})
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content
+    check_sparse(r.model_extra["sparse"], "dense", "snapkv")
+    stream = sdk.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages, max_tokens=5,
+                                         temperature=0, stream=True, stream_options={"include_usage": True},
+                                         extra_body={"sparse_pattern": "snapkv:2", "ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == r.choices[0].message.content
+    assert chunks[-1].usage.total_tokens == r.usage.total_tokens
+    check_sparse(chunks[-1].model_extra["sparse"], "dense", "snapkv")
+
+
+@pytest.mark.parametrize("pattern", ["dense", "vertical_slash:3+snapkv:2"])
+def test_greedy_http_equals_engine(srv, http, pattern):
+    prompt = LONG_PROMPT if pattern != "dense" else "Once upon a time"
+    r = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 10, "temperature": 0,
+                                           "sparse_pattern": pattern, "logprobs": 0}).json()
+    ids = http.post("/tokenize", json={"prompt": prompt}).json()["tokens"]
+    from attention_backends import parse_pattern
+
+    req = GenerationRequest("direct-" + pattern, ids, SamplingParams(max_tokens=10, temperature=0),
+                            parse_pattern(pattern))
+    direct = srv.call(collect(srv.engine, req))
+    assert r["choices"][0]["text"] == direct.text
+    assert r["usage"]["completion_tokens"] == len(direct.token_ids)
+    http_tokens = r["choices"][0]["logprobs"]["tokens"]
+    assert http_tokens == [srv.engine.tokenizer.decode([t], skip_special_tokens=False) for t in direct.token_ids]
+
+
+def test_invalid_inputs_on_real_engine(http):
+    def err(body, status=400):
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == status, r.text
+        return r.json()["error"]
+
+    e = err({"prompt": LONG_PROMPT, "max_tokens": 600})
+    assert (e["param"], e["code"]) == ("max_tokens", "context_length_exceeded")
+    assert err({"prompt": "x", "sparse_pattern": "quest:0"})["param"] == "sparse_pattern"
+    assert err({"prompt": "x", "model": "nope"}, 404)["param"] == "model"
+    e = err({"prompt": "x", "sparse_pattern": {"decode": {"method": "quest", "params": {"page_size": 32}}}})
+    assert e["param"].startswith("sparse_pattern.decode.params")
+
+
+def test_disconnect_frees_kv_pages(srv, http):
+    with httpx.Client(base_url=srv.url, timeout=120) as c:
+        with c.stream("POST", "/v1/completions", json={"prompt": LONG_PROMPT, "max_tokens": 400, "stream": True,
+                                                       "ignore_eos": True, "sparse_pattern": "quest:4"}) as r:
+            it = r.iter_lines()
+            assert next(it).startswith("data: ")
+            assert gauges(http)["sparse_serve_kv_cache_usage_ratio"] > 0
+    assert wait_until(lambda: gauges(http) == IDLE, 15), gauges(http)
+    stats = srv.engine.stats()
+    assert stats.free_pages == stats.total_pages
+
+
+def test_32_concurrent_streams_mixed_patterns(srv, http):
+    prompts = [f"Story {i}: " + "the quick brown fox jumps over the lazy dog. " * (4 + i % 5) for i in range(32)]
+    counts = [http.post("/tokenize", json={"prompt": p}).json()["count"] for p in prompts]
+
+    async def one(c: httpx.AsyncClient, i: int):
+        body = {"prompt": prompts[i], "max_tokens": 5, "temperature": 0, "stream": True, "ignore_eos": True,
+                "stream_options": {"include_usage": True}, "sparse_pattern": PATTERNS[i % len(PATTERNS)]}
+        r = await c.post("/v1/completions", json=body)
+        return r.status_code, parse_sse(r.text)
+
+    async def main():
+        async with httpx.AsyncClient(base_url=srv.url, timeout=300) as c:
+            return await asyncio.gather(*(one(c, i) for i in range(32)))
+
+    results = asyncio.run(main())
+    for i, (status, events) in enumerate(results):
+        assert status == 200 and events[-1] == "[DONE]"
+        assert not any("error" in e for e in events[:-1] if isinstance(e, dict)), events
+        last = events[-2]
+        assert last["usage"] == {"prompt_tokens": counts[i], "completion_tokens": 5, "total_tokens": counts[i] + 5}
+        pattern = PATTERNS[i % len(PATTERNS)]
+        methods = {last["sparse"]["prefill"]["method"], last["sparse"]["decode"]["method"]}
+        assert all(part.split(":")[0] in methods for part in pattern.split("+"))
+    # every request finished normally: nothing runs and every KV page is back in the pool
+    assert wait_until(lambda: gauges(http) == IDLE, 10), gauges(http)
+
+
+def _flops(samples, name, **labels):
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
+
+
+def test_metrics_after_traffic(http):
+    before = metric_samples(http.get("/metrics").text)
+    r = http.post("/v1/completions", json={"prompt": LONG_PROMPT, "max_tokens": 4, "ignore_eos": True,
+                                           "sparse_pattern": "vertical_slash:2+quest:2"}).json()
+    after = metric_samples(http.get("/metrics").text)
+    s = r["sparse"]
+
+    def grew(name, **labels):
+        return _flops(after, name, **labels) - _flops(before, name, **labels)
+
+    m = "sparse_serve_attention_flops_total"
+    assert grew(m, phase="prefill", method="vertical_slash", kind="actual") == pytest.approx(
+        s["prefill"]["attention_flops"])
+    assert grew(m, phase="prefill", method="vertical_slash", kind="dense_equivalent") == pytest.approx(
+        s["prefill"]["dense_attention_flops"])
+    assert grew(m, phase="prefill", method="vertical_slash", kind="indexing") == pytest.approx(
+        s["prefill"]["indexing_flops"])
+    k = "sparse_serve_kv_bytes_read_total"
+    assert grew(k, method="quest", kind="actual") == pytest.approx(s["decode"]["kv_bytes_read"])
+    assert grew(k, method="quest", kind="dense_equivalent") == pytest.approx(s["decode"]["dense_kv_bytes_read"])
+    assert grew(k, method="quest", kind="metadata") == pytest.approx(s["decode"]["metadata_bytes_read"])
+    assert grew("sparse_serve_model_flops_total", kind="actual") == pytest.approx(s["model_flops"])
+    assert grew("sparse_serve_model_flops_total", kind="dense_equivalent") == pytest.approx(s["dense_model_flops"])
+    assert grew("sparse_serve_prompt_tokens_total", prefill_method="vertical_slash") == r["usage"]["prompt_tokens"]
+    assert grew("sparse_serve_generation_tokens_total", decode_method="quest") == 4
+    assert grew("sparse_serve_requests_total", status="ok", prefill_method="vertical_slash",
+                decode_method="quest") == 1
+    for d in METRIC_DEFS:
+        name = "sparse_serve_" + d.name + ("_count" if d.kind == "histogram" else "")
+        labelsets = [dict(ls) for (n, ls) in after if n == name]
+        assert labelsets, name
+        assert all(set(ls) == {"model", *d.labels} for ls in labelsets), (name, labelsets)
+
+
+def test_fuzz_real_engine_no_500(srv):
+    bodies = st.fixed_dictionaries(
+        {"max_tokens": st.integers(1, 3)},
+        optional={
+            "sparse_pattern": st.one_of(pattern_strings, pattern_objects),
+            "compression_ratio": st.one_of(st.floats(0.5, 40, allow_nan=False), st.sampled_from(["7", "x"])),
+            "temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1), "top_k": st.integers(-1, 60000),
+            "seed": st.integers(-(2**63), 2**64 - 1), "n": st.integers(1, 2), "stop": st.text(max_size=3),
+            "stream": st.booleans(),
+        },
+    )
+    prompts = st.one_of(st.text(min_size=1, max_size=60), st.lists(st.integers(0, 49151), min_size=1, max_size=40))
+    started = time.monotonic()
+    with httpx.Client(base_url=srv.url, timeout=120) as c:
+
+        @settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @given(body=bodies, prompt=prompts, chat=st.booleans())
+        def run(body, prompt, chat):
+            if chat:
+                text = prompt if isinstance(prompt, str) else "hi"
+                r = c.post("/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": text}]})
+            else:
+                r = c.post("/v1/completions", json={**body, "prompt": prompt})
+            assert r.status_code < 500, (body, prompt, r.text)
+            if r.status_code == 200 and body.get("stream"):
+                events = parse_sse(r.text)
+                assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1]), events
+
+        run()
+    assert time.monotonic() - started < 120
