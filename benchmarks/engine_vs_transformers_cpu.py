@@ -23,7 +23,7 @@ import torch
 from server.engine.default_model import default_model_path
 from server.engine.engine import EngineOptions, NativeEngine
 from server.engine.model_loader import load_model
-from tests.engine_helpers import collect, make_request
+from server.engine.types import GenerationRequest, SamplingParams
 
 
 def hf_model(path: Path):
@@ -45,11 +45,14 @@ def time_hf(model, ids: list[int], tokens: int) -> tuple[float, float, list[int]
 
 
 async def time_native(engine: NativeEngine, ids: list[int], tokens: int, tag: str) -> tuple[float, float, list[int]]:
+    request = GenerationRequest(tag, ids, SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
     t0 = time.monotonic()
-    res = await collect(engine, make_request(tag, ids, max_tokens=tokens, ignore_eos=True))
-    tm = res.final.timings
+    out_ids: list[int] = []
+    async for out in engine.generate(request):
+        out_ids += out.token_ids
+        tm = out.timings
     ttft = tm.first_token - t0
-    return ttft, (len(res.token_ids) - 1) / (tm.finished - tm.first_token), res.token_ids
+    return ttft, (len(out_ids) - 1) / (tm.finished - tm.first_token), out_ids
 
 
 def main() -> None:

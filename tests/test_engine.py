@@ -9,11 +9,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from engine_helpers import collect, make_request
 
 from attention_backends import parse_pattern
 from server.engine.engine import EngineOptions, NativeEngine
 from server.engine.types import EngineOverloaded, GenerationRequest, RequestRejected, SamplingParams
-from tests.engine_helpers import collect, make_request
 
 PATTERNS = ["dense", "vertical_slash:4", "block_sparse:4", "flexprefill", "snapkv:4", "ada_snapkv:4", "quest:4",
             "vertical_slash:4+quest:4"]
@@ -81,7 +81,10 @@ def test_concurrent_mixed_patterns_equal_their_solo_runs(loaded):
         together = await asyncio.gather(*(collect(engine, r) for r in requests("batch")))
         return solo, together
 
-    solo, together = asyncio.run(_with_engine(new_engine(loaded), body))
+    engine = new_engine(loaded)
+    solo, together = asyncio.run(_with_engine(engine, body))
+    assert engine.decode_retries == 0  # the mixed batch really ran as one batch
+    assert engine.pool.counters().free_pages == engine.pool.num_pages
     for i, pattern in enumerate(PATTERNS):
         a, b = solo[i], together[i]
         assert len(a.token_ids) == len(b.token_ids), pattern

@@ -110,8 +110,9 @@ def engine_greedy(model: LlamaModel, tokenizer, prompt: list[int], max_new_token
     """Greedy tokens through the NativeEngine: the paged KV cache, scheduler and sampler of the server."""
     import asyncio
 
+    from engine_helpers import collect, make_request
+
     from server.engine.engine import EngineOptions, NativeEngine
-    from tests.engine_helpers import collect, make_request
 
     options = EngineOptions(device=str(model.device), dtype="float32", kv_cache_memory=64 << 20)
     engine = NativeEngine(model, tokenizer, options, "test")

@@ -15,11 +15,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from openapi_fuzz import pattern_objects, pattern_strings
 from server_harness import ThreadedServer, metric_samples, parse_sse, wait_until
+from test_deploy import used_metric_names
 
 from server.api import create_app
 from server.cli import build_engine
 from server.engine.types import GenerationRequest, SamplingParams
-from server.metrics import METRIC_DEFS
+from server.metrics import METRIC_DEFS, base_metric_name
 from server.settings import ServerSettings
 
 pytestmark = pytest.mark.slow
@@ -213,6 +214,10 @@ def test_metrics_after_traffic(http):
         labelsets = [dict(ls) for (n, ls) in after if n == name]
         assert labelsets, name
         assert all(set(ls) == {"model", *d.labels} for ls in labelsets), (name, labelsets)
+    # Every series the Grafana dashboards and the alert rules query is exported by this live server.
+    scraped = {base_metric_name(n) for (n, _) in after}
+    for metric, places in used_metric_names().items():
+        assert metric in scraped, f"{metric} is used by {sorted(places)} but the live server does not export it"
 
 
 def test_fuzz_real_engine_no_500(srv):

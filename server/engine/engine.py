@@ -92,6 +92,7 @@ class NativeEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._accepting = True
+        self.decode_retries = 0  # batched decode steps that failed and were retried one request at a time
 
     @classmethod
     def from_options(cls, options: EngineOptions) -> NativeEngine:
@@ -260,6 +261,8 @@ class NativeEngine:
                 with self._lock:
                     self._finish(batch[0], "error", error="decode step failed")
                 return
+            log.warning("batched decode of %d requests failed; retrying one by one", len(batch), exc_info=True)
+            self.decode_retries += 1
             for req in batch:  # isolate the failing request(s); the others go on
                 self._decode([req])
             return

@@ -50,8 +50,10 @@ def quest_select(q: Tensor, key_min: Tensor, key_max: Tensor, tables: Tensor, le
     ``q [B, h, d]``; pool ``key_min``/``key_max`` ``[num_pages, d]``; ``tables [B, h_kv, P]``; ``lengths
     [B, h_kv]`` tokens held (the current token included); ``budget_pages [B]`` pages to read per head.
     Upper bound of q.k over a page: sum_d max(q_d min_d, q_d max_d), summed over the group's query heads.
-    The last (current) page is always chosen. Returns the chosen logical page indices ``[B, h_kv, S]`` and
-    a bool mask of which of them are real choices (rows with a smaller budget, or fewer pages, pad)."""
+    The last (current) page is always chosen. Returns the chosen logical page indices ``[B, h_kv, S]`` in
+    ascending order, real choices first, and the number of real choices ``[B, h_kv]`` (rows with a smaller
+    budget, or fewer pages, pad). Because the only partial page is the last one, the chosen pages hold
+    their tokens as one contiguous prefix: a paged kernel reads them with a plain length."""
     b, h, d = q.shape
     h_kv, p = tables.shape[1], tables.shape[2]
     ids = tables.clamp(min=0)
@@ -64,6 +66,15 @@ def quest_select(q: Tensor, key_min: Tensor, key_max: Tensor, tables: Tensor, le
     ub = ub.masked_fill(logical == (n_pages - 1).unsqueeze(-1), float("inf"))
     s = int(min(p, int(budget_pages.max())))
     chosen = ub.topk(s, dim=-1).indices  # [B, h_kv, S]
+    count = torch.minimum(budget_pages.view(b, 1).clamp(max=s), n_pages)
     rank = torch.arange(s, device=q.device).view(1, 1, s)
-    real = (rank < budget_pages.view(b, 1, 1)) & (rank < n_pages.unsqueeze(-1))
-    return chosen, real
+    chosen = torch.where(rank < count.unsqueeze(-1), chosen, p).sort(dim=-1).values  # pads sort last
+    return chosen.clamp(max=p - 1), count
+
+
+def selected_pages(tables: Tensor, lengths: Tensor, chosen: Tensor, count: Tensor, page_size: int
+                   ) -> tuple[Tensor, Tensor]:
+    """Page ids ``[B, h_kv, S]`` and token lengths ``[B, h_kv]`` of Quest's chosen pages."""
+    fill = page_fill(lengths, tables.shape[2], page_size).gather(2, chosen)
+    real = torch.arange(chosen.shape[2], device=chosen.device).view(1, 1, -1) < count.unsqueeze(-1)
+    return tables.gather(2, chosen), (fill * real).sum(-1)

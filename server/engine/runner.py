@@ -25,8 +25,13 @@ from attention_backends.prefill.common import causal_cells
 from attention_backends.spec import SparseSpec
 
 from .page_pool import PagePool
-from .paged_attention import page_fill, paged_decode_attention, quest_select, token_mask
+from .paged_attention import page_fill, paged_decode_attention, quest_select, selected_pages, token_mask
 from .request_state import EngineRequest
+
+try:  # Triton is a dependency, but a broken install must not take the CPU path down with it
+    from attention_backends.kernels.paged_decode import paged_decode as triton_paged_decode
+except Exception:  # pragma: no cover
+    triton_paged_decode = None
 from .sequence_kv import SequenceKV
 
 EVICTING_METHODS = ("snapkv", "ada_snapkv")
@@ -59,6 +64,16 @@ class ModelRunner:
         self.pool = pool
         self.shape = shape
         self.device = pool.device
+        # On CUDA the Triton kernels run prefill methods and paged decode; elsewhere the PyTorch paths do.
+        self.use_triton = pool.device.type == "cuda" and triton_paged_decode is not None
+
+    def _attend_paged(self, q: Tensor, tables: Tensor, lengths: Tensor, valid: Tensor | None) -> Tensor:
+        """Decode attention over each (row, KV head)'s first ``lengths`` tokens of the pages in ``tables``."""
+        if self.use_triton:
+            return triton_paged_decode(q, self.pool.keys, self.pool.values, tables.int(), lengths.int(),
+                                       max_len=tables.shape[-1] * self.pool.page_size)
+        fill = page_fill(lengths, tables.shape[-1], self.pool.page_size)
+        return paged_decode_attention(q, self.pool.keys, self.pool.values, tables, fill, valid)
 
     def new_sequence(self) -> SequenceKV:
         return SequenceKV(self.pool, self.shape.num_layers, self.shape.num_kv_heads)
@@ -76,6 +91,9 @@ class ModelRunner:
             qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
             if spec.prefill.is_dense:
                 out, report = dense_prefill_attention(qh, kh, vh)
+            elif self.use_triton:  # the kernels read rows of [h, n, d] contiguously
+                out, report = sparse_prefill(qh.contiguous(), kh.contiguous(), vh.contiguous(), spec,
+                                             impl="triton")
             else:
                 out, report = sparse_prefill(qh, kh, vh, spec)
             totals.add_prefill(report)
@@ -102,7 +120,7 @@ class ModelRunner:
         lengths = torch.stack([s.lengths for s in seqs]).to(self.device) + 1  # after this step's append
         prompt_kept = torch.stack([s.prompt_kept for s in seqs]).to(self.device)
         n_pages = int(-(-int(lengths.max()) // ps))
-        tables = torch.stack([s.tables[:, :, :n_pages] for s in seqs])  # [B, layers, h_kv, P]
+        tables = torch.stack([s.table_view(n_pages) for s in seqs])  # [B, layers, h_kv, P]
         quest_rows = [i for i, r in enumerate(batch) if r.request.spec.decode.method == "quest"]
         full_rows = [i for i in range(len(batch)) if i not in set(quest_rows)]
         q_idx = torch.tensor(quest_rows, dtype=torch.long, device=self.device)
@@ -113,32 +131,31 @@ class ModelRunner:
         quest_prompt_read = torch.zeros(len(quest_rows), dtype=torch.long, device=self.device)
         quest_total_read = torch.zeros(len(quest_rows), dtype=torch.long, device=self.device)
         pool = self.pool
-
-        fill_all = page_fill(lengths, n_pages, ps)  # [B, layers, h_kv, P]
-        valid_all = token_mask(fill_all, ps)  # [B, layers, h_kv, P * ps]
+        attend = self._attend_paged
+        valid_all = None if self.use_triton else token_mask(page_fill(lengths, n_pages, ps), ps)
 
         def attention(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             p, s = pids[:, layer], slots[:, layer]
             pool.keys[p, s] = k.to(pool.dtype)
             pool.values[p, s] = v.to(pool.dtype)
-            tbl, fill = tables[:, layer], fill_all[:, layer]
+            tbl, lens = tables[:, layer], lengths[:, layer]
             if not quest_rows:
-                return paged_decode_attention(q, pool.keys, pool.values, tbl, fill, valid_all[:, layer])
+                return attend(q, tbl, lens, None if valid_all is None else valid_all[:, layer])
             # Only Quest reads page summaries: keep them current for its rows' pages.
             pq, kq = p[q_idx], k[q_idx].to(pool.dtype)
             pool.key_min[pq] = torch.minimum(pool.key_min[pq], kq)
             pool.key_max[pq] = torch.maximum(pool.key_max[pq], kq)
             out = torch.empty_like(q)
             if full_rows:
-                out[f_idx] = paged_decode_attention(q[f_idx], pool.keys, pool.values, tbl[f_idx], fill[f_idx],
-                                                    valid_all[f_idx, layer])
-            qt, ql = tbl[q_idx], lengths[q_idx, layer]
-            chosen, real = quest_select(q[q_idx], pool.key_min, pool.key_max, qt, ql, budgets, ps)
-            sel_fill = fill[q_idx].gather(2, chosen) * real
-            out[q_idx] = paged_decode_attention(q[q_idx], pool.keys, pool.values, qt.gather(2, chosen), sel_fill)
-            prompt_fill = page_fill(prompt_kept[q_idx, layer], n_pages, ps).gather(2, chosen) * real
-            quest_prompt_read.add_(prompt_fill.sum(dim=(1, 2)))
-            quest_total_read.add_(sel_fill.sum(dim=(1, 2)))
+                out[f_idx] = attend(q[f_idx], tbl[f_idx], lens[f_idx],
+                                    None if valid_all is None else valid_all[f_idx, layer])
+            qt, ql = tbl[q_idx], lens[q_idx]
+            chosen, count = quest_select(q[q_idx], pool.key_min, pool.key_max, qt, ql, budgets, ps)
+            sel_tables, sel_lengths = selected_pages(qt, ql, chosen, count, ps)
+            out[q_idx] = attend(q[q_idx], sel_tables, sel_lengths, None)
+            _, prompt_lengths = selected_pages(qt, prompt_kept[q_idx, layer], chosen, count, ps)
+            quest_prompt_read.add_(prompt_lengths.sum(-1))
+            quest_total_read.add_(sel_lengths.sum(-1))
             return out
 
         ids = torch.tensor([r.output_ids[-1] for r in batch], dtype=torch.long, device=self.device)

@@ -119,19 +119,25 @@ class SequenceKV:
         return int((self.lengths % self.pool.page_size == 0).sum())
 
     def prepare_append(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Make room for one token in every (layer, head); returns its page ids and slots ``[layers, h_kv]``."""
+        """Make room for one token in every (layer, head); returns its page ids and slots ``[layers, h_kv]``.
+        Idempotent until :meth:`commit_append`: a retried step reuses the pages a failed one allocated."""
         ps = self.pool.page_size
         page_index = self.lengths // ps
-        need = self.lengths % ps == 0
-        count = int(need.sum())
         self._grow(int(page_index.max()) + 1)
-        if count:
-            ids = self.pool.allocate(count)
-            rows = need.nonzero(as_tuple=True)
-            self.tables[rows[0], rows[1], page_index[need].to(self.tables.device)] = ids
         dev = self.tables.device
         pages = self.tables.gather(2, page_index.to(dev).unsqueeze(-1)).squeeze(-1)
+        need = pages < 0
+        count = int(need.sum())
+        if count:
+            pages[need] = self.pool.allocate(count)
+            rows = need.nonzero(as_tuple=True)
+            self.tables[rows[0], rows[1], page_index.to(dev)[need]] = pages[need]
         return pages, (self.lengths % ps).to(dev)
+
+    def table_view(self, num_pages: int) -> torch.Tensor:
+        """The page tables ``[layers, h_kv, num_pages]``, cut or padded with -1 to ``num_pages``."""
+        self._grow(num_pages)
+        return self.tables[:, :, :num_pages]
 
     def commit_append(self) -> None:
         self.lengths += 1

@@ -1,0 +1,72 @@
+"""The engine's CUDA code path (Triton paged decode, Triton prefill methods), run on the CPU through the
+Triton interpreter (``TRITON_INTERPRET=1``, set by ``make test``) on a tiny random model: it must give the
+tokens the PyTorch path gives, for every decode method and a sparse prefill method."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+import torch
+from engine_helpers import collect, make_request
+
+from server.engine.engine import EngineOptions, NativeEngine
+from server.engine.llama import LlamaModel
+from server.engine.model_config import ModelConfig
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                                reason="Triton kernels need a GPU or TRITON_INTERPRET=1 (make test sets it)")
+
+
+class ByteTokenizer:
+    """Token i is the character chr(32 + i % 90): enough for the engine's detokenizer and stop checks."""
+
+    eos_token_id = None
+    stop_token_ids: list[int] = []
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [ord(c) - 32 for c in text]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(32 + i % 90) for i in ids)
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
+        return "".join(m["content"] for m in messages)
+
+
+def tiny_model() -> LlamaModel:
+    cfg = ModelConfig(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, hidden_size=64,
+                      intermediate_size=128, vocab_size=96, max_position_embeddings=512, name="tiny")
+    model = LlamaModel(cfg, device="cpu", dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g) if "norm" in name
+                    else 0.2 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("pattern", ["dense", "quest:3", "snapkv:2", "ada_snapkv:2", "block_sparse:2+quest:2",
+                                     "vertical_slash:2+snapkv:2"])
+def test_triton_path_matches_pytorch_path(pattern):
+    model, tok = tiny_model(), ByteTokenizer()
+    prompt = [(7 * i + 3) % 96 for i in range(150)]
+
+    async def generate(use_triton: bool):
+        engine = NativeEngine(model, tok, EngineOptions(device="cpu", dtype="float32", kv_cache_memory=8 << 20),
+                              "tiny")
+        engine.runner.use_triton = use_triton
+        await engine.start()
+        try:
+            return await collect(engine, make_request(pattern, prompt, pattern, max_tokens=6, logprobs=1,
+                                                      ignore_eos=True))
+        finally:
+            await engine.shutdown(timeout=5)
+
+    torch_path, triton_path = asyncio.run(generate(False)), asyncio.run(generate(True))
+    assert triton_path.token_ids == torch_path.token_ids
+    for a, b in zip(torch_path.logprobs, triton_path.logprobs, strict=True):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-3)
+    assert (triton_path.final.cost.decode.achieved_compression_ratio
+            == pytest.approx(torch_path.final.cost.decode.achieved_compression_ratio))
