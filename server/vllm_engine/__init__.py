@@ -1,0 +1,34 @@
+"""The vLLM engine path: :class:`VllmEngine` over ``AsyncLLM`` plus this project's vLLM plugin.
+
+Only this package imports vLLM (lazily: importing it does not import vLLM). ``create_engine(settings)`` is
+what ``sparse-serve --engine vllm`` calls.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .engine import VllmEngine
+
+
+def create_engine(settings) -> VllmEngine:
+    """A :class:`VllmEngine` for the CLI's :class:`~server.settings.ServerSettings` (not started yet)."""
+    from .engine import VllmEngine, VllmOptions
+
+    options = VllmOptions(
+        model=settings.model,
+        device=settings.device,
+        dtype=settings.dtype,
+        max_model_len=settings.max_model_len,
+        kv_cache_memory=settings.kv_cache_memory,
+        max_num_seqs=settings.max_num_seqs,
+        max_queue=settings.max_queue,
+        served_model_name=settings.served_model_name,
+    )
+    return VllmEngine(options)
+
+
+build_engine = create_engine
+
+__all__ = ["build_engine", "create_engine"]

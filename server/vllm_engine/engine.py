@@ -1,0 +1,317 @@
+"""VllmEngine: the :class:`~server.engine.types.Engine` protocol over vLLM's ``AsyncLLM``.
+
+Requests go to ``AsyncLLM.generate`` with ``RequestOutputKind.DELTA``; a sparse request's spec travels in
+``SamplingParams.extra_args["sparse_pattern"]`` (object form) together with a key naming its cost side file
+(see :mod:`.accounting`). The final delta carries the request's :class:`RequestCost`: read from the side
+file the worker wrote for sparse requests, computed analytically for dense ones.
+
+At :meth:`VllmEngine.start` a self-test checks that the sparse backend is really in place (a sparse request
+must leave a cost file, which only the plugin writes) and that a sparse path at ratio 1 gives the dense
+tokens; it raises instead of silently serving dense.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from attention_backends.cost import ModelShape
+from server.engine.types import (
+    EngineOverloaded,
+    EngineStats,
+    GenerationOutput,
+    GenerationRequest,
+    RequestRejected,
+    RequestTimings,
+    TokenLogprob,
+)
+
+from .accounting import COST_DIR_ENV, CostAccount
+from .worker_state import PATTERN_KEY, REQUEST_KEY, encode_spec
+
+log = logging.getLogger("sparse_serve.vllm_engine")
+
+
+@dataclass
+class VllmOptions:
+    model: str  # a Hugging Face model directory (or hub name already in the local cache)
+    device: str = "auto"
+    dtype: str = "auto"  # auto = bfloat16 on cuda, float32 on cpu
+    max_model_len: int | None = None
+    kv_cache_memory: int | None = None  # bytes (vLLM's kv_cache_memory_bytes)
+    max_num_seqs: int = 64
+    max_queue: int = 256
+    served_model_name: str | None = None
+    tensor_parallel_size: int = 1
+    enable_prefix_caching: bool = False  # a prefix-cache hit makes a sparse request run dense (docs/vllm.md)
+    max_num_batched_tokens: int | None = None  # default: max_model_len, so prompts prefill in one chunk
+    enforce_eager: bool = True
+    block_size: int | None = None
+    seed: int = 0
+    gpu_memory_utilization: float | None = None
+    self_test: bool = True
+
+
+async def _chain(first, rest):
+    yield first
+    async for item in rest:
+        yield item
+
+
+class VllmEngine:
+    def __init__(self, options: VllmOptions):
+        if not options.model or not Path(options.model).is_dir():
+            raise RequestRejected(
+                f"--engine vllm needs a Hugging Face model directory (got {options.model!r}); the embedded GGUF "
+                "default is served by the native engine", param="model")
+        import json
+
+        from server.engine.tokenizer import load_hf_tokenizer
+
+        self.options = options
+        config = json.loads((Path(options.model) / "config.json").read_text())
+        self.shape = ModelShape.from_hf_config(config)
+        self.tokenizer = load_hf_tokenizer(options.model)
+        self.model_name = options.served_model_name or Path(options.model).name
+        self.max_model_len = options.max_model_len or int(config.get("max_position_embeddings", 2048))
+        self._cost_dir = Path(tempfile.mkdtemp(prefix="sparse-serve-vllm-cost-"))
+        self._element_bytes = 4 if self._dtype() == "float32" else 2
+        self._llm = None
+        self._requests: dict[str, GenerationRequest] = {}
+        self._accepting = False
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+    def _device(self) -> str:
+        if self.options.device != "auto":
+            return self.options.device
+        try:
+            from vllm.platforms import current_platform
+
+            return "cpu" if current_platform.is_cpu() else "cuda"
+        except Exception:
+            return "cpu"
+
+    def _dtype(self) -> str:
+        if self.options.dtype != "auto":
+            return self.options.dtype
+        return "float32" if self._device() == "cpu" else "bfloat16"
+
+    def engine_args(self, logits_processors: list[str] | None = None):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        from .plugin import CUDA_BACKEND_NAME, V1_PROCESSOR
+
+        o = self.options
+        kwargs = dict(
+            model=o.model,
+            tokenizer=o.model,
+            dtype=self._dtype(),
+            max_model_len=self.max_model_len,
+            max_num_seqs=o.max_num_seqs,
+            max_num_batched_tokens=o.max_num_batched_tokens or max(self.max_model_len, 2048),
+            enable_prefix_caching=o.enable_prefix_caching,
+            enforce_eager=o.enforce_eager,
+            tensor_parallel_size=o.tensor_parallel_size,
+            seed=o.seed,
+            disable_log_stats=True,
+            logits_processors=logits_processors or [V1_PROCESSOR],
+        )
+        if o.kv_cache_memory:
+            kwargs["kv_cache_memory_bytes"] = o.kv_cache_memory
+        if self._device() == "cpu":
+            # vLLM's CPU worker refuses to start unless gpu_memory_utilization x RAM is free; the KV cache is
+            # sized by kv_cache_memory_bytes instead (default 1 GiB, like the native engine).
+            kwargs["gpu_memory_utilization"] = o.gpu_memory_utilization or 0.05
+            kwargs.setdefault("kv_cache_memory_bytes", 1 << 30)
+            if o.tensor_parallel_size == 1:
+                kwargs["distributed_executor_backend"] = "uni"  # the worker runs inside the engine-core process
+        elif o.gpu_memory_utilization:
+            kwargs["gpu_memory_utilization"] = o.gpu_memory_utilization
+        if o.block_size:
+            kwargs["block_size"] = o.block_size
+        if self._device() != "cpu":
+            kwargs["attention_config"] = {"backend": CUDA_BACKEND_NAME}
+        return AsyncEngineArgs(**kwargs)
+
+    async def start(self) -> None:
+        if self._llm is not None:
+            return
+        os.environ[COST_DIR_ENV] = str(self._cost_dir)  # inherited by the engine-core process
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from .plugin import V2_PROCESSOR, register
+
+        register()  # the entry point does this too; harmless twice, and makes a non-installed checkout work
+        args = self.engine_args()
+        if args.create_engine_config(UsageContext.ENGINE_CONTEXT).use_v2_model_runner:
+            args = self.engine_args([V2_PROCESSOR])
+        self._llm = AsyncLLM.from_engine_args(args)
+        self._accepting = True
+        if self.options.self_test:
+            await self.self_test()
+
+    async def self_test(self) -> None:
+        """Fail loudly unless the sparse backend is in place and a sparse path reproduces dense."""
+        from attention_backends import parse_pattern
+        from server.engine.types import SamplingParams
+
+        vocab = self.shape.vocab_size
+        prompt = [(7 * i + 3) % vocab for i in range(24)]
+        outs = {}
+        for pattern in ("dense", "quest:1"):
+            req = GenerationRequest(f"sparse-serve-selftest-{pattern}-{uuid.uuid4().hex[:8]}", prompt,
+                                    SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
+                                    parse_pattern(pattern))
+            final = None
+            tokens: list[int] = []
+            async for out in self.generate(req):
+                tokens += out.token_ids
+                final = out
+            outs[pattern] = (tokens, final)
+        dense_tokens, _ = outs["dense"]
+        sparse_tokens, final = outs["quest:1"]
+        if final is None or not getattr(final, "_sparse_measured", False):
+            raise RuntimeError(
+                "sparse-serve vLLM self-test: the sparse attention backend did not run (no cost report from the "
+                "worker); is the plugin registered (vllm.general_plugins entry point) and VLLM_PLUGINS unset?")
+        if sparse_tokens != dense_tokens:
+            raise RuntimeError(f"sparse-serve vLLM self-test: quest:1 gave {sparse_tokens}, dense gave "
+                               f"{dense_tokens}; the sparse path does not reproduce dense attention")
+        log.info("vLLM sparse backend self-test passed")
+
+    def ready(self) -> bool:
+        return self._llm is not None and self._accepting
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        self._accepting = False
+        deadline = time.monotonic() + timeout
+        while self._requests and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for rid in list(self._requests):
+            await self.abort(rid)
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+        shutil.rmtree(self._cost_dir, ignore_errors=True)
+
+    def stats(self) -> EngineStats:
+        # AsyncLLM does not expose its scheduler's queues to the caller; in-flight requests count as running.
+        return EngineStats(len(self._requests), 0, 0.0, 0, 0)
+
+    # -- requests ---------------------------------------------------------------------------------------
+    def validate(self, request: GenerationRequest) -> None:
+        n, sp = len(request.prompt_token_ids), request.sampling
+        if n == 0:
+            raise RequestRejected("the prompt must contain at least one token", param="prompt")
+        if any(t < 0 or t >= self.shape.vocab_size for t in request.prompt_token_ids):
+            raise RequestRejected(f"prompt token ids must be in [0, {self.shape.vocab_size})", param="prompt")
+        if n + sp.max_tokens > self.max_model_len:
+            raise RequestRejected(
+                f"this model's maximum context length is {self.max_model_len} tokens; the prompt has {n} "
+                f"tokens and max_tokens is {sp.max_tokens}", param="max_tokens", code="context_length_exceeded")
+
+    def sampling_params(self, request: GenerationRequest, key: str):
+        from vllm import SamplingParams as VllmSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        sp = request.sampling
+        extra = None
+        if not request.spec.is_dense:
+            extra = {PATTERN_KEY: encode_spec(request.spec), REQUEST_KEY: key}
+        return VllmSamplingParams(
+            max_tokens=sp.max_tokens,
+            temperature=sp.temperature,
+            top_p=sp.top_p,
+            top_k=sp.top_k if sp.top_k and sp.top_k > 0 else 0,
+            seed=sp.seed,
+            stop=list(sp.stop) or None,
+            stop_token_ids=list(sp.stop_token_ids) or None,
+            ignore_eos=sp.ignore_eos,
+            logprobs=sp.logprobs,
+            output_kind=RequestOutputKind.DELTA,
+            extra_args=extra,
+        )
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        self.validate(request)
+        if self._llm is None or not self._accepting:
+            raise EngineOverloaded("the engine is not running", retry_after=5.0)
+        if request.request_id in self._requests:
+            raise RequestRejected(f"duplicate request id {request.request_id!r}", param="request_id")
+        if len(self._requests) >= self.options.max_num_seqs + self.options.max_queue:
+            raise EngineOverloaded()
+        key = uuid.uuid4().hex
+        params = self.sampling_params(request, key)
+        timings = RequestTimings(arrival=time.monotonic())
+        prompt = {"prompt_token_ids": list(request.prompt_token_ids)}
+        self._requests[request.request_id] = request
+        completion = 0
+        finished = False
+        try:
+            from vllm.exceptions import VLLMValidationError
+
+            stream = self._llm.generate(prompt, params, request.request_id)
+            try:
+                first = await anext(stream)
+            except (ValueError, VLLMValidationError) as e:  # admission-time validation (validate_params, ...)
+                raise RequestRejected(str(e), param=getattr(e, "parameter", None) or "sparse_pattern") from None
+            async for ro in _chain(first, stream):
+                c = ro.outputs[0]
+                if timings.first_token is None and c.token_ids:
+                    timings.scheduled = timings.scheduled or time.monotonic()
+                    timings.first_token = time.monotonic()
+                completion += len(c.token_ids)
+                out = GenerationOutput(request.request_id, list(c.token_ids), c.text,
+                                       logprobs=self._logprobs(c), prompt_tokens=len(request.prompt_token_ids),
+                                       completion_tokens=completion)
+                if ro.finished:
+                    finished = True
+                    timings.finished = time.monotonic()
+                    out.finished = True
+                    out.finish_reason = "stop" if c.finish_reason == "stop" else (
+                        "length" if c.finish_reason == "length" else "abort")
+                    out.cost, measured = self._cost(request, key, completion)
+                    out._sparse_measured = measured  # type: ignore[attr-defined]
+                    out.timings = timings
+                yield out
+                if finished:
+                    break
+        finally:
+            self._requests.pop(request.request_id, None)
+            if not finished and self._llm is not None:
+                await self._llm.abort(request.request_id)
+            (self._cost_dir / f"{key}.json").unlink(missing_ok=True)
+
+    def _logprobs(self, c) -> list[TokenLogprob] | None:
+        if c.logprobs is None:
+            return None
+        result = []
+        for tok, entry in zip(c.token_ids, c.logprobs, strict=False):
+            top = sorted(((int(t), float(lp.logprob)) for t, lp in entry.items()), key=lambda x: -x[1])
+            chosen = entry.get(tok)
+            result.append(TokenLogprob(int(tok), float(chosen.logprob) if chosen else top[0][1], top))
+        return result
+
+    def _cost(self, request: GenerationRequest, key: str, completion: int):
+        account = None
+        if not request.spec.is_dense:
+            account = CostAccount.read(self._cost_dir, key)
+            if account is None:
+                log.warning("no sparse cost report for %s; reporting dense cost", request.request_id)
+        measured = account is not None
+        if account is None:
+            account = CostAccount.dense(self.shape, len(request.prompt_token_ids), completion, self._element_bytes)
+        return account.to_request_cost(request.spec, self.shape, self._element_bytes), measured
+
+    async def abort(self, request_id: str) -> None:
+        if self._llm is not None:
+            await self._llm.abort(request_id)

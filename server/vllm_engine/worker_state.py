@@ -1,0 +1,153 @@
+"""Worker-side state of the sparse path: which persistent-batch slot holds which sparse request, and each
+sparse request's per-layer read-side state. Lives in the process that runs the model (vLLM's worker);
+written by the logits processors (side channel), read by the attention metadata builder and impl.
+
+No vLLM import here.
+
+A slot is the V1 runner's persistent-batch row (attention row ``r`` is slot ``r``) or the V2 runner's
+request-table index (``CommonAttentionMetadata.req_idx[r]``). Only sparse requests get an entry; dense
+requests never touch this module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attention_backends import DecodeState, InvalidSparsePattern, SparseSpec, parse_pattern
+from attention_backends.cost import ModelShape
+
+from .accounting import COST_DIR_ENV, CostAccount
+
+log = logging.getLogger("sparse_serve.vllm_engine")
+
+PATTERN_KEY = "sparse_pattern"  # SamplingParams.extra_args key: the spec (string grammar or object form)
+REQUEST_KEY = "sparse_serve_key"  # SamplingParams.extra_args key: the cost side-file name
+
+
+def encode_spec(spec: SparseSpec) -> dict[str, Any]:
+    """A SparseSpec as the object form ``parse_pattern`` reads back (flat JSON; unset params left out)."""
+
+    def phase(p) -> dict[str, Any]:
+        params = {k: v for k, v in p.params.items() if v is not None}
+        return {"method": p.method, "compression_ratio": p.compression_ratio, "params": params}
+
+    return {"prefill": phase(spec.prefill), "decode": phase(spec.decode)}
+
+
+def spec_from_extra_args(extra_args: dict[str, Any] | None) -> SparseSpec | None:
+    """The request's spec, or None for dense. Raises InvalidSparsePattern for a bad one."""
+    if not extra_args or extra_args.get(PATTERN_KEY) is None:
+        return None
+    raw = extra_args[PATTERN_KEY]
+    if isinstance(raw, str) and raw.strip().startswith("{"):
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            raise InvalidSparsePattern(PATTERN_KEY, "sparse_pattern is not valid JSON") from None
+    spec = parse_pattern(raw, extra_args.get("compression_ratio"))
+    return None if spec.is_dense else spec
+
+
+def validate_sampling_params(params: Any) -> None:
+    """Admission check shared by the V1 and V2 processors: a bad spec raises ValueError (HTTP 400)."""
+    try:
+        spec_from_extra_args(getattr(params, "extra_args", None))
+    except InvalidSparsePattern as e:
+        raise ValueError(f"invalid sparse_pattern ({e.param}): {e.message}") from None
+
+
+@dataclass
+class LayerState:
+    """One layer of one request: the prompt's fresh q/k/v until prefill ends, then the decode state."""
+
+    q: list[Tensor] = field(default_factory=list)
+    k: list[Tensor] = field(default_factory=list)
+    v: list[Tensor] = field(default_factory=list)
+    decode: DecodeState | None = None
+
+
+@dataclass
+class RequestState:
+    key: str | None
+    spec: SparseSpec
+    prompt_len: int
+    account: CostAccount
+    layers: dict[str, LayerState] = field(default_factory=dict)
+    seen: int = 0  # prompt tokens this state has seen fresh (per layer)
+    fallback: str | None = None  # why the request runs dense after all (then nothing sparse happens)
+    dirty: bool = False
+    decoded_this_step: bool = False
+
+    def disable(self, reason: str) -> None:
+        if self.fallback is None:
+            log.warning("sparse request %s runs dense: %s", self.key, reason)
+            self.fallback = reason
+            self.layers.clear()
+
+
+SLOTS: dict[int, RequestState] = {}
+_SHAPE: ModelShape | None = None
+_COST_DIR: str | None = os.environ.get(COST_DIR_ENV)
+WRITES_COST = True  # False on tensor-parallel ranks other than 0
+
+
+def set_model_shape(shape: ModelShape) -> None:
+    global _SHAPE
+    _SHAPE = shape
+
+
+def add(slot: int, params: Any, prompt_len: int, resumed: bool) -> None:
+    try:
+        spec = spec_from_extra_args(getattr(params, "extra_args", None))
+    except InvalidSparsePattern:  # validated at admission; never fail a running batch here
+        spec = None
+    if spec is None:
+        SLOTS.pop(slot, None)
+        return
+    key = (params.extra_args or {}).get(REQUEST_KEY)
+    state = RequestState(key=key, spec=spec, prompt_len=prompt_len, account=CostAccount(prompt_len=prompt_len))
+    if resumed:
+        state.disable("resumed after preemption (its prompt state is gone)")
+    SLOTS[slot] = state
+
+
+def remove(slot: int) -> None:
+    SLOTS.pop(slot, None)
+
+
+def move(src: int, dst: int, swap: bool) -> None:
+    a, b = SLOTS.pop(src, None), SLOTS.pop(dst, None)
+    if a is not None:
+        SLOTS[dst] = a
+    if swap and b is not None:
+        SLOTS[src] = b
+
+
+def end_step(slots: list[int] | None = None) -> None:
+    """After a step's forward: fold decode steps into the accounts and write the dirty side files."""
+    for slot, state in list(SLOTS.items()):
+        if slots is not None and slot not in slots:
+            continue
+        if not state.dirty:
+            continue
+        state.dirty = False
+        if state.decoded_this_step and _SHAPE is not None:
+            cache = sum(ls.decode.cache_tokens for ls in state.layers.values() if ls.decode is not None)
+            state.account.end_decode_step(_SHAPE, cache)
+        state.decoded_this_step = False
+        if _COST_DIR and WRITES_COST and state.key and state.fallback is None:
+            try:
+                state.account.write(_COST_DIR, state.key)
+            except OSError:
+                log.exception("could not write the cost of %s", state.key)
+
+
+def cat(parts: list[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)

@@ -1,0 +1,214 @@
+"""The vLLM engine path (``--engine vllm``): VllmEngine over AsyncLLM with the sparse plugin.
+
+Runs only where vLLM is importable (``.venv-vllm``: ``make test-vllm``). A tiny random Llama (2 layers, hidden
+128, 4 heads, 2 KV heads, head dim 32: the smallest head size vLLM's CPU kernel takes) and a word-level
+tokenizer are written to a temporary directory, offline; float32 throughout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed (run under .venv-vllm)")
+
+import torch  # noqa: E402
+
+from attention_backends import parse_pattern  # noqa: E402
+from server.engine.types import GenerationRequest, SamplingParams  # noqa: E402
+
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
+
+VOCAB = 96
+MAX_LEN = 256
+NEW_TOKENS = 16
+RATIO_ONE = ["vertical_slash:1", "flexprefill:1", "block_sparse:1", "snapkv:1", "ada_snapkv:1", "quest:1",
+             "vertical_slash:1+quest:1"]
+MIXED = ["dense", "quest:4", "snapkv:2", "ada_snapkv:2", "vertical_slash:2", "block_sparse:2", "flexprefill",
+         "block_sparse:2+quest:4"]
+
+
+def write_tiny_llama(path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(VOCAB - len(specials))])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>",
+                            additional_special_tokens=specials[1:]).save_pretrained(str(path))
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=224, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_LEN * 2,
+                         rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, rope_theta=10000.0,
+                         torch_dtype="float32")
+    model = LlamaForCausalLM(config).float().eval()
+    g = torch.Generator().manual_seed(1234)
+    with torch.no_grad():  # weights large enough that greedy tokens are not decided by float noise
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1.0 + 0.1 * noise if "norm" in name else 0.15 * noise)
+    model.save_pretrained(str(path), safe_serialization=True)
+
+
+def prompt(seed: int, n: int = 72) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (n,), generator=g).tolist()
+
+
+PROMPTS = [prompt(1), prompt(2, 40), prompt(3, 100)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    write_tiny_llama(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def loop():
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir, loop):
+    from server.vllm_engine.engine import VllmEngine, VllmOptions
+
+    eng = VllmEngine(VllmOptions(model=str(model_dir), max_model_len=MAX_LEN, max_num_seqs=16))
+    loop.run_until_complete(eng.start())  # includes the start-up self-test
+    yield eng
+    loop.run_until_complete(eng.shutdown(timeout=5))
+
+
+async def collect(engine, rid: str, ids: list[int], pattern: str, max_tokens: int = NEW_TOKENS):
+    req = GenerationRequest(rid, list(ids), SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+                            parse_pattern(pattern))
+    tokens, final = [], None
+    async for out in engine.generate(req):
+        tokens += out.token_ids
+        final = out
+    return tokens, final
+
+
+def run_one(engine, loop, rid, ids, pattern):
+    return loop.run_until_complete(collect(engine, rid, ids, pattern))
+
+
+# ------------------------------------------------------------------------------------------------- tests
+NO_PLUGIN_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from vllm import LLM, SamplingParams
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+    if __name__ == "__main__":
+        model, prompts = sys.argv[1], json.loads(sys.argv[2])
+        llm = LLM(model=model, dtype="float32", max_model_len=%d, enforce_eager=True, gpu_memory_utilization=0.05,
+                  kv_cache_memory_bytes=1 << 30, distributed_executor_backend="uni", enable_prefix_caching=False,
+                  max_num_batched_tokens=2048, seed=0)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            SamplingParams(max_tokens=%d, temperature=0.0, ignore_eos=True), use_tqdm=False)
+        print("RESULT " + json.dumps({"overridden": AttentionBackendEnum.CPU_ATTN.is_overridden(),
+                                      "tokens": [list(o.outputs[0].token_ids) for o in outs]}))
+""") % (MAX_LEN, NEW_TOKENS)
+
+
+def test_dense_equals_vllm_without_plugin(engine, loop, model_dir, tmp_path):
+    ours = [run_one(engine, loop, f"dense-{i}", p, "dense") for i, p in enumerate(PROMPTS)]
+    for tokens, final in ours:
+        assert len(tokens) == NEW_TOKENS and final.finish_reason == "length"
+        assert final.cost is not None and final.cost.prefill.achieved_compression_ratio == 1.0
+    script = tmp_path / "no_plugin.py"
+    script.write_text(NO_PLUGIN_SCRIPT)
+    env = {**os.environ, "VLLM_PLUGINS": ""}
+    proc = subprocess.run([sys.executable, str(script), str(model_dir), json.dumps(PROMPTS)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    assert result["overridden"] is False  # the plugin really was off there
+    assert [t for t, _ in ours] == result["tokens"]
+
+
+@pytest.mark.parametrize("pattern", RATIO_ONE)
+def test_every_method_at_ratio_one_equals_dense(engine, loop, pattern):
+    dense, _ = run_one(engine, loop, f"r1-dense-{pattern}", PROMPTS[0], "dense")
+    tokens, final = run_one(engine, loop, f"r1-{pattern}", PROMPTS[0], pattern)
+    assert getattr(final, "_sparse_measured", False), "the sparse path did not run"
+    assert tokens == dense
+
+
+def test_sparse_cost_report(engine, loop):
+    _, final = run_one(engine, loop, "cost-quest", PROMPTS[2], "quest:4")
+    d = final.cost.decode
+    assert d.method == "quest" and d.target_compression_ratio == 4.0
+    assert d.achieved_compression_ratio > 1.5 and d.kv_bytes_read < d.dense_kv_bytes_read
+    assert d.metadata_bytes_read > 0 and final.cost.model_flops < final.cost.dense_model_flops
+    _, final = run_one(engine, loop, "cost-snapkv", PROMPTS[2], "snapkv:2")
+    assert final.cost.decode.achieved_compression_ratio == pytest.approx(2.0)
+    assert final.cost.decode.kv_cache_tokens > 0
+
+
+def test_mixed_batch_matches_each_request_alone(engine, loop):
+    ids = [prompt(10 + i, 40 + 9 * i) for i in range(len(MIXED))]
+    alone = [run_one(engine, loop, f"alone-{i}", p, pat)[0] for i, (p, pat) in enumerate(zip(ids, MIXED, strict=True))]
+
+    async def together():
+        return await asyncio.gather(*(collect(engine, f"mixed-{i}", p, pat)
+                                      for i, (p, pat) in enumerate(zip(ids, MIXED, strict=True))))
+
+    batched = loop.run_until_complete(together())
+    for pat, a, (b, final) in zip(MIXED, alone, batched, strict=True):
+        assert a == b, pat
+        assert final.cost.prefill.method == parse_pattern(pat).prefill.method
+
+
+def test_invalid_spec_rejected_at_admission(engine, loop):
+    from vllm import SamplingParams as VllmSamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    from server.vllm_engine.worker_state import validate_sampling_params
+
+    for bad in ("nope:3", "quest:0.5", {"decode": {"method": "quest", "params": {"page_size": -1}}}):
+        params = VllmSamplingParams(max_tokens=2, extra_args={"sparse_pattern": bad})
+        with pytest.raises(ValueError, match="sparse_pattern"):
+            validate_sampling_params(params)
+
+        async def submit(params=params, rid=f"bad-{bad!s:.8}"):
+            async for _ in engine._llm.generate({"prompt_token_ids": PROMPTS[1]}, params, rid):
+                pass
+
+        with pytest.raises(VLLMValidationError, match="sparse_pattern"):  # vLLM's HTTP server answers 400
+            loop.run_until_complete(submit())
+    # the engine keeps serving
+    tokens, _ = run_one(engine, loop, "after-bad", PROMPTS[1], "quest:4")
+    assert len(tokens) == NEW_TOKENS
+
+
+@pytest.mark.parametrize("pattern", ["dense", "quest:4"])
+def test_native_and_vllm_agree(engine, loop, model_dir, pattern):
+    from server.engine.engine import EngineOptions, NativeEngine
+
+    native = NativeEngine.from_options(EngineOptions(model=str(model_dir), device="cpu", dtype="float32",
+                                                     max_model_len=MAX_LEN, kv_cache_memory=64 << 20))
+
+    async def run_native():
+        await native.start()
+        try:
+            return [await collect(native, f"native-{i}", p, pattern) for i, p in enumerate(PROMPTS)]
+        finally:
+            await native.shutdown(timeout=5)
+
+    expected = loop.run_until_complete(run_native())
+    for i, p in enumerate(PROMPTS):
+        tokens, final = run_one(engine, loop, f"vs-native-{pattern}-{i}", p, pattern)
+        assert tokens == expected[i][0], (pattern, i)
+        assert final.cost.decode.method == expected[i][1].cost.decode.method
