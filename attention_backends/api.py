@@ -12,22 +12,33 @@ from types import ModuleType
 from torch import Tensor
 
 from .cost import flops_per_cell
+from .decode.state import DecodeState
 from .prefill.common import causal_cells, check_shapes
 from .reports import DecodeReport, PrefillReport
 from .spec import SparseSpec
-from .decode.state import DecodeState
 
 
 def _method_module(phase: str, name: str) -> ModuleType:
     return importlib.import_module(f"{__package__}.{phase}.{name}")
 
 
-def sparse_prefill(q: Tensor, k: Tensor, v: Tensor, spec: SparseSpec) -> tuple[Tensor, PrefillReport]:
+def _impl_module(phase: str, name: str, impl: str):
+    """``impl="reference"``: the plain PyTorch method module; ``impl="triton"``: the fast path
+    (:mod:`.kernels.methods`, same contract; CUDA, or the CPU under ``TRITON_INTERPRET=1``)."""
+    if impl == "reference":
+        return _method_module(phase, name)
+    if impl == "triton":
+        return importlib.import_module(f"{__package__}.kernels.methods")
+    raise ValueError(f"unknown impl {impl!r}; expected 'reference' or 'triton'")
+
+
+def sparse_prefill(q: Tensor, k: Tensor, v: Tensor, spec: SparseSpec, *, impl: str = "reference"
+                   ) -> tuple[Tensor, PrefillReport]:
     """Causal attention over the prompt with ``spec.prefill``; returns ``out [h, n, d]`` and its report."""
     check_shapes(q, k, v)
     h, n, d = q.shape
     phase = spec.prefill
-    outcome = _method_module("prefill", phase.method).prefill(q, k, v, phase)
+    outcome = _impl_module("prefill", phase.method, impl).prefill(q, k, v, phase)
     dense = causal_cells(n) * h
     report = PrefillReport(
         method=phase.method,
@@ -42,11 +53,12 @@ def sparse_prefill(q: Tensor, k: Tensor, v: Tensor, spec: SparseSpec) -> tuple[T
     return outcome.out, report
 
 
-def prepare_decode(q: Tensor, k: Tensor, v: Tensor, spec: SparseSpec) -> DecodeState:
+def prepare_decode(q: Tensor, k: Tensor, v: Tensor, spec: SparseSpec, *, impl: str = "reference") -> DecodeState:
     """Build the decode cache from the prompt's q/k/v (after prefill) for ``spec.decode``: SnapKV and
-    Ada-SnapKV keep-sets, Quest page summaries, or keep-all for dense."""
+    Ada-SnapKV keep-sets, Quest page summaries, or keep-all for dense. With ``impl="triton"`` the state
+    keeps its tokens in pages and every :func:`sparse_decode` step runs the paged Triton kernel."""
     check_shapes(q, k, v)
-    return _method_module("decode", spec.decode.method).prepare(q, k, v, spec.decode)
+    return _impl_module("decode", spec.decode.method, impl).prepare(q, k, v, spec.decode)
 
 
 def sparse_decode(q_t: Tensor, k_t: Tensor, v_t: Tensor, state: DecodeState) -> tuple[Tensor, DecodeReport]:

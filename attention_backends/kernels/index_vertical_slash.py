@@ -1,0 +1,372 @@
+"""GPU index builders for the last-window methods (vertical_slash, flexprefill; the SnapKV family reuses
+the window estimate) and for block_sparse.
+
+Last-window estimate, without materialising the ``[h, W, n]`` probabilities (the references do):
+
+1. :func:`_window_stats_kernel` -- per query head and window row, the softmax max and normaliser over all
+   causal keys (split over the keys, merged in float32).
+2. :func:`_window_colsum_kernel` -- one program per (key block, head) recomputes the scores of all W rows
+   for its keys, normalises them, and reduces them per column (sum: vertical score; or max) and per diagonal:
+   the ``[W_blk, BN]`` tile is skewed with ``tl.gather`` so that each diagonal becomes a column, summed, and
+   added to the slash score of its offset with one vector atomic per row block.
+
+Vertical-slash index (same keep order as the reference: forced entries first, then by descending score,
+stable): a head keeps the first ``k_v`` columns and ``k_s`` offsets of its orders. The attention kernel
+computes slashes as merged bands (:func:`.sparse_prefill.slash_chunks`) with an exact per-cell mask, so its
+output is the reference's; its *computed* cells (the bands and uncovered verticals) are what it reports,
+and the ratio search picks ``k`` on those cells (:func:`computed_cells`, closed form, vectorised).
+
+Block-sparse: mean pooling in float32, the block score matrix (float32 ``[h, nb, nb]``) and the causal
+per-row top-k (:func:`.topk.causal_block_topk`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .sparse_prefill import _NEG, LOG2E
+
+
+@triton.jit
+def _window_stats_kernel(
+    Q, K, MP, LP, sqh, sqn, skh, skn,
+    n, W, group, qk_scale, keys_per_split, num_splits,
+    HEAD_DIM: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr,
+):
+    head = tl.program_id(0)
+    wb = tl.program_id(1)
+    s = tl.program_id(2)
+    kvh = head // group
+    w = wb * BW + tl.arange(0, BW)
+    w_ok = w < W
+    pos = n - W + w  # absolute query positions
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + head * sqh + pos[:, None] * sqn + offs_d[None, :], mask=w_ok[:, None], other=0.0)
+    m_i = tl.full([BW], _NEG, tl.float32)
+    l_i = tl.zeros([BW], tl.float32)
+    start = s * keys_per_split
+    end = tl.minimum(start + keys_per_split, n - W + wb * BW + BW)  # no key beyond the block's last row
+    lane = tl.arange(0, BN)
+    for j0 in range(start, end, BN):
+        key = j0 + lane
+        k = tl.load(K + kvh * skh + key[:, None] * skn + offs_d[None, :], mask=(key < n)[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        qk = tl.where((key[None, :] <= pos[:, None]) & (key[None, :] < end), qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(qk - m_new[:, None]), 1)
+        m_i = m_new
+    row = (head * W + w) * num_splits + s
+    tl.store(MP + row, m_i, mask=w_ok)
+    tl.store(LP + row, l_i, mask=w_ok)
+
+
+@triton.jit
+def _window_colsum_kernel(
+    Q, K, M, L, COLS, SLASH, sqh, sqn, skh, skn,
+    n, W, group, qk_scale,
+    HEAD_DIM: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr,
+    COL_MAX: tl.constexpr, DIAG: tl.constexpr,
+):
+    kb = tl.program_id(0)
+    head = tl.program_id(1)
+    kvh = head // group
+    j0 = kb * BN
+    lane = tl.arange(0, BN)
+    key = j0 + lane
+    offs_d = tl.arange(0, HEAD_DIM)
+    k = tl.load(K + kvh * skh + key[:, None] * skn + offs_d[None, :], mask=(key < n)[:, None], other=0.0)
+    col = tl.zeros([BN], tl.float32)
+    # first window row block that can see this key block: row pos n - W + w >= j0
+    w_first = tl.maximum(j0 - (n - W), 0) // BW
+    t = tl.arange(0, BW + BN)
+    for wb in range(w_first, tl.cdiv(W, BW)):
+        wl = tl.arange(0, BW)
+        w = wb * BW + wl
+        w_ok = w < W
+        pos = n - W + w
+        q = tl.load(Q + head * sqh + pos[:, None] * sqn + offs_d[None, :], mask=w_ok[:, None], other=0.0)
+        m = tl.load(M + head * W + w, mask=w_ok, other=0.0)
+        inv_l = 1.0 / tl.load(L + head * W + w, mask=w_ok, other=1.0)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        ok = w_ok[:, None] & (key[None, :] <= pos[:, None]) & (key[None, :] < n)
+        p = tl.where(ok, tl.math.exp2(qk - m[:, None]) * inv_l[:, None], 0.0)
+        if COL_MAX:
+            col = tl.maximum(col, tl.max(p, 0))
+        else:
+            col += tl.sum(p, 0)
+        if DIAG:
+            # G[w, t] = P[w, jl] with jl = wl + BN - 1 - t: each column t of G is one diagonal o = pos - key
+            jl = wl[:, None] + (BN - 1) - t[None, :]
+            inside = (jl >= 0) & (jl < BN)
+            g = tl.gather(p, tl.where(inside, jl, 0), axis=1)
+            dsum = tl.sum(tl.where(inside, g, 0.0), 0)
+            o = (n - W + wb * BW - j0) + t - (BN - 1)
+            tl.atomic_add(SLASH + head * n + o, dsum, mask=(o >= 0) & (o < n) & (t < BW + BN - 1), sem="relaxed")
+    tl.store(COLS + head * n + key, col, mask=key < n)
+
+
+def window_scores(q: Tensor, k: Tensor, window: int, *, col_reduce: str = "sum", diagonal: bool = True,
+                  block: int = 64) -> tuple[Tensor, Tensor | None, int]:
+    """Per query head, over the last ``W = min(window, n)`` queries' causal softmax (float32):
+    ``(columns [h, n], slash [h, n] or None, W)`` where ``columns`` is the sum (or max, ``col_reduce="max"``)
+    over the window rows of each key column and ``slash[o]`` the sum over the rows of the cells at offset
+    ``o = i - j``."""
+    h, n, d = q.shape
+    h_kv = k.shape[0]
+    group = h // h_kv
+    W = min(window, n)
+    dev = q.device
+    scale = LOG2E / math.sqrt(d)
+    BW = BN = block
+    n_wb = triton.cdiv(W, BW)
+    target = 4 * (torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 2)
+    splits = max(1, min(triton.cdiv(n, 16 * BN), triton.cdiv(target, h * n_wb)))
+    kps = triton.cdiv(triton.cdiv(n, splits), BN) * BN
+    splits = triton.cdiv(n, kps)
+    mp = torch.empty(h * W * splits, dtype=torch.float32, device=dev)
+    lp = torch.empty_like(mp)
+    stages = 3 if dev.type == "cuda" else 1
+    _window_stats_kernel[(h, n_wb, splits)](
+        q, k, mp, lp, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        n, W, group, scale, kps, splits, HEAD_DIM=d, BW=BW, BN=BN, num_warps=4, num_stages=stages)
+    mp = mp.view(h, W, splits)
+    lp = lp.view(h, W, splits)
+    m = mp.amax(-1)
+    l_ = (lp * torch.exp2(mp - m[..., None])).sum(-1)
+    cols = torch.empty(h, n, dtype=torch.float32, device=dev)
+    slash = torch.zeros(h, n, dtype=torch.float32, device=dev) if diagonal else cols
+    _window_colsum_kernel[(triton.cdiv(n, BN), h)](
+        q, k, m.contiguous(), l_.contiguous(), cols, slash, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        n, W, group, scale, HEAD_DIM=d, BW=BW, BN=BN, COL_MAX=col_reduce == "max", DIAG=diagonal,
+        num_warps=8 if dev.type == "cuda" else 4, num_stages=stages)
+    return cols, (slash if diagonal else None), W
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Vertical-slash keep orders, the computed-cell count of a prefix budget, and the budget search
+# ---------------------------------------------------------------------------------------------------------
+def keep_ranks(scores: Tensor, forced: int) -> tuple[Tensor, Tensor]:
+    """``(order, rank)`` ``[h, n]``: positions in keep order (the first ``forced`` first, then by descending
+    score, stable) and its inverse -- the reference's order."""
+    ranked = scores.clone()
+    ranked[:, :forced] = float("inf")
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return order, rank
+
+
+def computed_cells(sel_slash: Tensor, sel_vert: Tensor | None, block_m: int = 64,
+                   vert_pos: Tensor | None = None, vert_live: Tensor | None = None) -> Tensor:
+    """Cells :func:`~.sparse_prefill.sparse_prefill_attention` computes for a vertical/slash index with
+    ``block_m``-row query blocks: the merged slash bands plus the verticals outside them. ``sel_*`` are
+    ``[h, n]`` bool (or give the verticals as positions ``vert_pos [h, k]`` with ``vert_live [h, k]`` bool,
+    cheaper for small k); returns ``[h]`` int64 (closed form, no kernel launch per query block).
+
+    With ``x = qs - key``, the bands of a head cover ``X = U_o [o - block_m + 1, o]``; row ``i`` (block start
+    ``qs``, ``r = i - qs``) computes the band keys with ``x in [-r, qs]``, and a vertical ``v`` is computed as
+    a column in query block ``qb`` iff ``qs - v`` is not in ``X``.
+    """
+    h, n = sel_slash.shape
+    BM = block_m
+    dev = sel_slash.device
+    nqb = triton.cdiv(n, BM)
+    last_rows = n - (nqb - 1) * BM
+    # Xa[y] = X(y - BM), y in [0, n + BM): X(x) = any selected offset in [x, x + BM - 1]
+    s = sel_slash.to(torch.int32)
+    cs = torch.nn.functional.pad(torch.cumsum(s, -1), (1, 0))  # cs[t] = #selected offsets < t
+    y = torch.arange(n + BM, device=dev)
+    x = y - BM
+    lo = x.clamp(0, n)
+    hi = (x + BM).clamp(0, n)
+    Xa = (cs[:, hi] - cs[:, lo]) > 0  # [h, n + BM]
+    CX = torch.cumsum(Xa.to(torch.int64), -1)  # CX[y] = #X <= y - BM
+    # band: sum_qb rows(qb) CX(qs) - sum_qb sum_{r < rows} CX(-r - 1)
+    qs = torch.arange(nqb, device=dev) * BM
+    rows = torch.full((nqb,), BM, dtype=torch.int64, device=dev)
+    rows[-1] = last_rows
+    band = (CX[:, qs + BM] * rows).sum(-1)
+    r = torch.arange(BM, device=dev)
+    neg = CX[:, BM - r - 1]  # CX(-r - 1)
+    band -= (nqb - 1) * neg.sum(-1) + neg[:, :last_rows].sum(-1)
+    # verticals
+    if vert_pos is None:
+        v = torch.arange(n, device=dev).expand(h, n)
+        weight = sel_vert.to(torch.int64)
+    else:
+        v = vert_pos.long()
+        weight = vert_live.to(torch.int64)
+    rows_h = torch.arange(h, device=dev)[:, None]
+    qb0 = v // BM
+    qs0 = qb0 * BM
+    diag_rows = torch.minimum(qs0 + BM, torch.full_like(qs0, n)) - v
+    uncovered_diag = ~Xa[rows_h, qs0 - v + BM]
+    after_rows = n - torch.minimum(qs0 + BM, torch.full_like(qs0, n))  # rows of the blocks after v's block
+    # S(v) = sum_{qb = qb0+1}^{nqb-1} X(BM qb - v): stride-BM prefix sums of Xa by phase
+    T = triton.cdiv(n + BM, BM) + 1
+    Xp = torch.zeros(h, T * BM, dtype=torch.int64, device=dev)
+    Xp[:, : n + BM] = Xa
+    PR = torch.nn.functional.pad(torch.cumsum(Xp.view(h, T, BM), 1), (0, 0, 1, 0))  # PR[t, p] = sum_{t'<t}
+    y_lo = BM * (qb0 + 2) - v  # y of qb = qb0 + 1
+    y_hi = BM * nqb - v  # y of qb = nqb - 1
+    p = y_lo % BM
+    has_after = qb0 < nqb - 1
+    t_lo = y_lo // BM
+    t_hi = torch.where(has_after, y_hi // BM, t_lo - 1)
+    flat = PR.reshape(h, -1)
+    S = flat[rows_h, (t_hi + 1) * BM + p] - flat[rows_h, t_lo * BM + p]
+    x_last = Xa[rows_h, (y_hi).clamp(0, n + BM - 1)] & has_after
+    covered_after = BM * S - (BM - last_rows) * x_last.to(torch.int64)
+    vert_cells = diag_rows * uncovered_diag + after_rows - covered_after
+    vert = (vert_cells * weight).sum(-1)
+    return band + vert
+
+
+def exact_cells(sel_slash: Tensor, sel_vert: Tensor) -> Tensor:
+    """Causal cells of the exact union of the selected columns and diagonals (the reference's count), [h]."""
+    n = sel_slash.shape[-1]
+    length = torch.arange(n, 0, -1, device=sel_slash.device)
+    v, s = sel_vert.long(), sel_slash.long()
+    offsets_up_to = s.cumsum(-1).flip(-1)
+    return (v * length).sum(-1) + (s * length).sum(-1) - (v * offsets_up_to).sum(-1)
+
+
+class VSCandidates:
+    """Ranked vertical/slash candidates of one call (GPU twin of the reference's ``Candidates``)."""
+
+    def __init__(self, vertical: Tensor, slash: Tensor, window: int, sink_tokens: int, local_window: int,
+                 block_m: int = 64):
+        self.vertical_scores, self.slash_scores, self.window = vertical, slash, window
+        self.h, self.n = vertical.shape
+        self.forced_vertical = min(sink_tokens, self.n)
+        self.forced_slash = min(local_window, self.n)
+        self.vertical_order, self.vertical_rank = keep_ranks(vertical, self.forced_vertical)
+        self.slash_order, self.slash_rank = keep_ranks(slash, self.forced_slash)
+        self.block_m = block_m
+        self.dense = self.h * self.n * (self.n + 1) // 2
+
+    def counts(self, count: Tensor | int, forced: int) -> Tensor:
+        count = torch.as_tensor(count, device=self.vertical_rank.device).expand(self.h)
+        return count.clamp(min=forced, max=self.n)
+
+    def select(self, num_vertical: Tensor | int, num_slash: Tensor | int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        kv = self.counts(num_vertical, self.forced_vertical)
+        ks = self.counts(num_slash, self.forced_slash)
+        return self.slash_rank < ks[:, None], self.vertical_rank < kv[:, None], kv, ks
+
+    def computed(self, num_vertical: Tensor | int, num_slash: Tensor | int) -> Tensor:
+        """Computed cells (device scalar) of the index with these budgets."""
+        kv = self.counts(num_vertical, self.forced_vertical)
+        ks = self.counts(num_slash, self.forced_slash)
+        sel_s = self.slash_rank < ks[:, None]
+        kv_max = int(num_vertical) if isinstance(num_vertical, int) else None
+        if kv_max is not None and kv_max < self.n // 4:  # only the selected columns, not all n positions
+            kv_max = max(kv_max, self.forced_vertical)
+            pos = self.vertical_order[:, :kv_max]
+            live = torch.arange(kv_max, device=pos.device)[None, :] < kv[:, None]
+            return computed_cells(sel_s, None, self.block_m, pos, live).sum()
+        return computed_cells(sel_s, self.vertical_rank < kv[:, None], self.block_m).sum()
+
+    def fraction(self, num_vertical: Tensor | int, num_slash: Tensor | int) -> float:
+        return float(self.computed(num_vertical, num_slash)) / self.dense
+
+
+def search_budget(fraction, target: float, lo: int, hi: int, rel_tol: float = 0.01, guess: int | None = None,
+                  max_evals: int = 14) -> int:
+    """An integer ``k`` in ``[lo, hi]`` whose monotone ``fraction(k)`` is within ``rel_tol`` of ``target`` (else
+    the closest one seen). Secant steps on ``log f`` vs ``log k`` from ``guess`` (the fraction is close to a
+    power of ``k``), kept inside the known bracket and falling back to geometric bisection; each evaluation is
+    one host sync, typically 3-6 of them."""
+    seen: dict[int, float] = {}
+
+    def f(k: int) -> float:
+        if k not in seen:
+            seen[k] = fraction(k)
+        return seen[k]
+
+    b_lo, b_hi = lo, hi  # f(b_lo) < target <= f(b_hi) once known
+    k = min(max(guess if guess is not None else (lo + hi) // 2, lo), hi)
+    prev = None
+    for _ in range(max_evals):
+        fk = f(k)
+        if abs(fk - target) <= rel_tol * target:
+            break
+        if fk < target:
+            b_lo = max(b_lo, k)
+        else:
+            b_hi = min(b_hi, k)
+        if b_hi - b_lo <= max(1, b_lo // 100) and (b_lo in seen or b_lo == lo) and (b_hi in seen or b_hi == hi):
+            break  # bracket within 1%
+        if fk >= target and k == lo:
+            break
+        if fk < target and k == hi:
+            break
+        cand = None
+        if prev is not None and prev[0] != k and prev[1] > 0 and fk > 0 and prev[1] != fk:
+            lk, lp = math.log(k), math.log(prev[0])
+            slope = (math.log(fk) - math.log(prev[1])) / (lk - lp)
+            if slope > 1e-6:
+                cand = int(round(math.exp(lk + (math.log(target) - math.log(fk)) / slope)))
+        elif fk > 0:
+            cand = int(round(k * math.sqrt(target / fk)))  # first step: assume f ~ k^2 (it is convex in k)
+        lo_open, hi_open = b_lo + 1, b_hi - (1 if b_hi in seen else 0)
+        if cand is None or not (lo_open <= cand <= hi_open) or cand == k:
+            cand = int(round(math.sqrt(max(b_lo, 1) * max(b_hi, 1))))
+            cand = min(max(cand, lo_open), max(hi_open, lo_open))
+        prev = (k, fk)
+        if cand in seen:
+            break
+        k = min(max(cand, lo), hi)
+    return min(seen, key=lambda kk: (abs(seen[kk] - target), kk))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Block-sparse: pooled block scores and the causal top-k
+# ---------------------------------------------------------------------------------------------------------
+def mean_pool(x: Tensor, block: int) -> Tensor:
+    """``[heads, n, d] -> [heads, ceil(n / block), d]`` float32 means over each block's real tokens."""
+    heads, n, d = x.shape
+    nb = triton.cdiv(n, block)
+    pad = nb * block - n
+    xs = torch.nn.functional.pad(x, (0, 0, 0, pad)).view(heads, nb, block, d).float().sum(2)
+    counts = torch.full((nb,), float(block), device=x.device)
+    counts[-1] = n - (nb - 1) * block
+    return xs / counts[None, :, None]
+
+
+@triton.jit
+def _block_scores_kernel(PQ, PK, S, nb, group, s_qh, s_kh, s_sh, s_sr,
+                         D: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr, PREC: tl.constexpr):
+    """S[h, r, c] = pooled_q[h, r] . pooled_k[h // g, c] (float32) for the causal tiles only."""
+    tm = tl.program_id(0)
+    tn = tl.program_id(1)
+    head = tl.program_id(2)
+    if tn > (tm * TM + TM - 1) // TN:
+        return
+    r = tm * TM + tl.arange(0, TM)
+    c = tn * TN + tl.arange(0, TN)
+    dd = tl.arange(0, D)
+    a = tl.load(PQ + head * s_qh + r[:, None] * D + dd[None, :], mask=(r < nb)[:, None], other=0.0)
+    b = tl.load(PK + (head // group) * s_kh + c[:, None] * D + dd[None, :], mask=(c < nb)[:, None], other=0.0)
+    s = tl.dot(a, tl.trans(b), input_precision=PREC)
+    tl.store(S + head * s_sh + r[:, None] * s_sr + c[None, :], s, mask=(r < nb)[:, None] & (c < nb)[None, :])
+
+
+def block_scores(q: Tensor, k: Tensor, block: int) -> Tensor:
+    """Pooled block scores ``[h, nb, nb]`` float32 (only the causal half, ``col <= row``, is written)."""
+    h, n, d = q.shape
+    pq = mean_pool(q, block).contiguous()
+    pk = mean_pool(k, block).contiguous()
+    nb = pq.shape[1]
+    s = torch.empty(h, nb, nb, dtype=torch.float32, device=q.device)
+    TM = TN = 64 if nb >= 64 else 16
+    prec = "ieee" if q.device.type != "cuda" else "tf32x3"
+    _block_scores_kernel[(triton.cdiv(nb, TM), triton.cdiv(nb, TN), h)](
+        pq, pk, s, nb, h // k.shape[0], pq.stride(0), pk.stride(0), s.stride(0), s.stride(1),
+        D=d, TM=TM, TN=TN, PREC=prec, num_warps=4)
+    return s

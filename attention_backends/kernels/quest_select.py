@@ -1,0 +1,142 @@
+"""Quest page selection in Triton, over the paged cache of :mod:`.paged_decode`.
+
+Metadata layout: ``page_min``/``page_max [num_pages, d]`` (the cache dtype), indexed by the same page ids
+as ``k_pages``: the element-wise min/max of the keys a page holds (a page belongs to one KV head).
+
+Step (no host sync, three launches before the attention):
+
+1. :func:`_quest_scores_kernel` -- ``score(b, j, p) = sum_g sum_d max(q_gd min_pd, q_gd max_pd)``. Because
+   ``max(q lo, q hi) = relu(q) hi + min(q, 0) lo``, the sum over the group collapses to two ``d``-vectors
+   per (b, j): ``(sum_g relu(q_g)) . max_p + (sum_g min(q_g, 0)) . min_p`` -- the bound reads ``2 d``
+   elements per page, once per KV head, whatever ``g``.
+2. :func:`_quest_select_kernel` -- exact top-``budget_pages`` per (b, j) with the current (last) page
+   forced (:mod:`.topk`'s bisection), written straight as a page table of the selected pages (ascending,
+   so the partial last page stays last) plus the token count ``(count - 1) * page + last_page_len``.
+3. :func:`.paged_decode.paged_decode` over that table.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .paged_decode import paged_decode
+from .topk import _kth_largest_key, _order_key
+
+
+@triton.jit
+def _quest_scores_kernel(
+    Q, PMIN, PMAX, PT, LEN, S,
+    sqb, sqh, smin_p, smax_p, spt_b, spt_h, slen_b, s_r,
+    h_kv, group, max_pages,
+    HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, PB: tl.constexpr, G: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    pb = tl.program_id(1)
+    b = bh // h_kv
+    kvh = bh % h_kv
+    length = tl.load(LEN + b * slen_b + kvh)
+    npages = tl.cdiv(length, PAGE)
+    offs_d = tl.arange(0, HEAD_DIM)
+    qpos = tl.zeros([HEAD_DIM], tl.float32)
+    qneg = tl.zeros([HEAD_DIM], tl.float32)
+    for gi in tl.static_range(G):
+        gsafe = tl.minimum(gi, group - 1)
+        qg = tl.load(Q + b * sqb + (kvh * group + gsafe) * sqh + offs_d).to(tl.float32)
+        qg = qg * (gi < group).to(tl.float32)
+        qpos += tl.maximum(qg, 0.0)
+        qneg += tl.minimum(qg, 0.0)
+    p = pb * PB + tl.arange(0, PB)
+    live = p < npages
+    pid = tl.load(PT + b * spt_b + kvh * spt_h + p, mask=live, other=0).to(tl.int64)
+    mn = tl.load(PMIN + pid[:, None] * smin_p + offs_d[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+    mx = tl.load(PMAX + pid[:, None] * smax_p + offs_d[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+    score = tl.sum(mx * qpos[None, :] + mn * qneg[None, :], 1)
+    tl.store(S + bh * s_r + p, score, mask=p < max_pages)
+
+
+@triton.jit
+def _quest_select_kernel(
+    S, PT, LEN, OPT, OLEN, s_r, spt_b, spt_h, slen_b, so_r, h_kv, k_req,
+    PAGE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = bh // h_kv
+    kvh = bh % h_kv
+    length = tl.load(LEN + b * slen_b + kvh)
+    npages = tl.cdiv(length, PAGE)
+    j = tl.arange(0, BLOCK)
+    valid = j < npages
+    x = tl.load(S + bh * s_r + j, mask=valid, other=0.0)
+    x = tl.where(j == npages - 1, float("inf"), x)
+    key = _order_key(x)
+    kk = tl.minimum(k_req, npages)
+    thr = _kth_largest_key(key, tl.maximum(kk, 1), valid)
+    above = valid & (key.to(tl.int64) > thr)
+    n_above = tl.sum(above.to(tl.int32), 0)
+    tie = valid & (key.to(tl.int64) == thr)
+    tie_rank = tl.cumsum(tie.to(tl.int32), 0)
+    sel = above | (tie & (tie_rank <= kk - n_above))
+    pos = tl.cumsum(sel.to(tl.int32), 0) - 1
+    page_id = tl.load(PT + b * spt_b + kvh * spt_h + j, mask=sel, other=0)
+    tl.store(OPT + bh * so_r + pos, page_id, mask=sel)
+    last_len = length - (npages - 1) * PAGE
+    tl.store(OLEN + bh, tl.where(kk > 0, (kk - 1) * PAGE + last_len, 0))
+
+
+def quest_page_scores(q: Tensor, page_min: Tensor, page_max: Tensor, page_table: Tensor, lengths: Tensor,
+                      page_size: int) -> Tensor:
+    """``[B * h_kv, max_pages]`` float32 Quest scores (entries past a head's page count are unspecified)."""
+    B, h, d = q.shape
+    h_kv, max_pages = page_table.shape[1], page_table.shape[2]
+    group = h // h_kv
+    scores = torch.empty(B * h_kv, max_pages, dtype=torch.float32, device=q.device)
+    PB = 64
+    _quest_scores_kernel[(B * h_kv, triton.cdiv(max_pages, PB))](
+        q, page_min, page_max, page_table, lengths, scores,
+        q.stride(0), q.stride(1), page_min.stride(0), page_max.stride(0),
+        page_table.stride(0), page_table.stride(1), lengths.stride(0), scores.stride(0),
+        h_kv, group, max_pages, HEAD_DIM=d, PAGE=page_size, PB=PB, G=triton.next_power_of_2(group),
+        num_warps=4)
+    return scores
+
+
+def quest_select(q: Tensor, page_min: Tensor, page_max: Tensor, page_table: Tensor, lengths: Tensor,
+                 budget_pages: int, page_size: int) -> tuple[Tensor, Tensor]:
+    """Top ``budget_pages`` pages per (sequence, KV head), the last page forced -> ``(table [B, h_kv,
+    budget_pages] int32 page ids ascending in position, lengths [B, h_kv] int32 tokens to read)``."""
+    B, h, d = q.shape
+    h_kv, max_pages = page_table.shape[1], page_table.shape[2]
+    scores = quest_page_scores(q, page_min, page_max, page_table, lengths, page_size)
+    k = int(min(budget_pages, max_pages))
+    sel = torch.zeros(B, h_kv, k, dtype=torch.int32, device=q.device)
+    sel_len = torch.empty(B, h_kv, dtype=torch.int32, device=q.device)
+    block = max(16, triton.next_power_of_2(max_pages))
+    warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
+    _quest_select_kernel[(B * h_kv,)](
+        scores, page_table, lengths, sel, sel_len, scores.stride(0), page_table.stride(0), page_table.stride(1),
+        lengths.stride(0), sel.stride(1), h_kv, k, PAGE=page_size, BLOCK=block, num_warps=warps)
+    return sel, sel_len
+
+
+def quest_decode(q: Tensor, k_pages: Tensor, v_pages: Tensor, page_min: Tensor, page_max: Tensor,
+                 page_table: Tensor, lengths: Tensor, budget_pages: int, *, out: Tensor | None = None,
+                 num_splits: int | None = None) -> Tensor:
+    """One Quest decode step over the paged cache: select, then :func:`paged_decode` -> ``[B, h, d]``."""
+    page = k_pages.shape[1]
+    sel, sel_len = quest_select(q, page_min, page_max, page_table, lengths, budget_pages, page)
+    return paged_decode(q, k_pages, v_pages, sel, sel_len, max_len=sel.shape[2] * page, out=out,
+                        num_splits=num_splits)
+
+
+def page_bounds(k_pages: Tensor, page_ids: Tensor, fill: Tensor) -> tuple[Tensor, Tensor]:
+    """Min/max of the first ``fill[i]`` tokens of pages ``page_ids[i]`` -> two ``[len(page_ids), d]`` tensors
+    (vectorised; for building ``page_min``/``page_max`` when pages fill)."""
+    page = k_pages.shape[1]
+    keys = k_pages[page_ids.long()]  # [P, page, d]
+    live = (torch.arange(page, device=keys.device)[None, :] < fill[:, None])[..., None]
+    big = torch.finfo(keys.dtype).max
+    return (torch.where(live, keys, keys.new_full((), big)).amin(1),
+            torch.where(live, keys, keys.new_full((), -big)).amax(1))
