@@ -110,16 +110,7 @@ def build_engine(settings: ServerSettings):
         return create_engine(settings)
     from server.engine.engine import EngineOptions, NativeEngine
 
-    options = EngineOptions(
-        model=settings.model,
-        device=settings.device,
-        dtype=settings.dtype,
-        max_model_len=settings.max_model_len,
-        kv_cache_memory=settings.kv_cache_memory,
-        max_num_seqs=settings.max_num_seqs,
-        max_queue=settings.max_queue,
-        served_model_name=settings.served_model_name,
-    )
+    options = EngineOptions(**settings.engine_options())
     return NativeEngine.from_options(options)
 
 

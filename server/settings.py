@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -84,3 +84,9 @@ class ServerSettings(BaseModel):
 
     def default_spec(self) -> SparseSpec:
         return parse_pattern(self.default_sparse_pattern, param="--default-sparse-pattern")
+
+    def engine_options(self) -> dict[str, Any]:
+        """The settings every engine takes (native and vLLM options share these names)."""
+        return {name: getattr(self, name) for name in (
+            "model", "device", "dtype", "max_model_len", "kv_cache_memory", "max_num_seqs", "max_queue",
+            "served_model_name")}

@@ -70,10 +70,13 @@ def test_ratio_one_is_dense(method, h, h_kv):
     assert report.achieved_compression_ratio == 1.0
 
 
-def test_plain_flexprefill_parses_to_ratio_one_and_runs_dense():
-    q, k, v = structured_qkv(4, 2, 200, 16)
-    _, report = sparse_prefill(q, k, v, parse_pattern("flexprefill"))
-    assert report.achieved_compression_ratio == 1.0 and report.details["alpha"] is None
+def test_plain_flexprefill_runs_its_default_alpha_and_ratio_one_runs_dense():
+    q, k, v = structured_qkv(4, 2, 1024, 32)
+    _, native = sparse_prefill(q, k, v, parse_pattern("flexprefill"))  # named alone: alpha 0.9, floor 512
+    assert native.details["alpha"] == 0.9 and native.details["min_budget"] == 512
+    assert native.achieved_compression_ratio > 1.0
+    _, dense = sparse_prefill(q, k, v, parse_pattern("flexprefill:1"))  # an explicit ratio 1 is dense
+    assert dense.achieved_compression_ratio == 1.0 and dense.details["alpha"] is None
 
 
 def test_flexprefill_explicit_alpha_runs_natively_at_ratio_one():

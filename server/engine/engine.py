@@ -16,8 +16,6 @@ from dataclasses import dataclass
 
 import torch
 
-from attention_backends.cost import ModelShape
-
 from .detokenizer import IncrementalDetokenizer
 from .page_pool import PagePool, pages_for_memory
 from .request_state import EngineRequest
@@ -70,11 +68,7 @@ class NativeEngine:
         self.model_name = model_name
         self.tokenizer = tokenizer
         self.options = options
-        self.shape = ModelShape(
-            num_layers=cfg.num_layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
-            head_dim=cfg.head_dim, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-            vocab_size=cfg.vocab_size, tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
-        )
+        self.shape = cfg.to_model_shape()
         self.max_model_len = options.max_model_len or int(cfg.max_position_embeddings)
         device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from attention_backends.cost import ModelShape
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -67,22 +69,14 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
-    def to_model_shape(self) -> Any:
-        """``attention_backends.cost.ModelShape`` when that module exists, else a plain dict of the fields."""
-        fields = dict(
-            num_layers=self.num_layers,
-            num_heads=self.num_heads,
-            num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim,
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            vocab_size=self.vocab_size,
+    def to_model_shape(self) -> ModelShape:
+        """The dimensions cost accounting needs (:class:`attention_backends.cost.ModelShape`)."""
+        return ModelShape(
+            num_layers=self.num_layers, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            vocab_size=self.vocab_size, tie_word_embeddings=self.tie_word_embeddings,
+            attention_bias=self.attention_bias,
         )
-        try:
-            from attention_backends.cost import ModelShape  # type: ignore[attr-defined]
-        except ImportError:
-            return fields
-        return ModelShape(**fields)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -16,16 +16,7 @@ def create_engine(settings) -> VllmEngine:
     """A :class:`VllmEngine` for the CLI's :class:`~server.settings.ServerSettings` (not started yet)."""
     from .engine import VllmEngine, VllmOptions
 
-    options = VllmOptions(
-        model=settings.model,
-        device=settings.device,
-        dtype=settings.dtype,
-        max_model_len=settings.max_model_len,
-        kv_cache_memory=settings.kv_cache_memory,
-        max_num_seqs=settings.max_num_seqs,
-        max_queue=settings.max_queue,
-        served_model_name=settings.served_model_name,
-    )
+    options = VllmOptions(**settings.engine_options())
     return VllmEngine(options)
 
 
