@@ -29,7 +29,7 @@ from server.engine.types import GenerationRequest, SamplingParams
 def hf_model(path: Path):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
 
 
 def time_hf(model, ids: list[int], tokens: int) -> tuple[float, float, list[int]]:
