@@ -21,31 +21,24 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from attention_backends.cost import ModelShape, decode_token_flops, prefill_flops
-from attention_backends.reports import DecodeReport, PrefillReport
+from attention_backends.reports import DecodeReport
 from attention_backends.spec import SparseSpec
+from server.engine.request_state import CostTotals
 from server.engine.types import PhaseCost, RequestCost
 
 COST_DIR_ENV = "SPARSE_SERVE_VLLM_COST_DIR"
 
 
 @dataclass
-class CostAccount:
-    """Running sums for one request, summed over layers (and decode steps). Mirrors the native engine's
-    ``CostTotals`` so both engines report the same numbers for the same work."""
+class CostAccount(CostTotals):
+    """Running sums for one request, summed over layers (and decode steps): the native engine's
+    :class:`~server.engine.request_state.CostTotals` (same fields, same ``add_prefill``/``add_decode``), so both
+    engines report the same numbers for the same work, plus what the vLLM path needs to carry the request's
+    cost across the process boundary (prompt length, metadata bytes, decode model FLOPs, KV cache tokens)."""
 
     prompt_len: int = 0
-    computed_cells: int = 0
-    dense_cells: int = 0
-    prefill_attention_flops: float = 0.0
-    prefill_dense_attention_flops: float = 0.0
-    prefill_indexing_flops: float = 0.0
-    prompt_tokens_read: int = 0
-    dense_prompt_tokens_read: int = 0
-    generated_tokens_read: int = 0
-    dense_generated_tokens_read: int = 0
     metadata_bytes: float = 0.0
     kv_cache_tokens: int = 0
-    decode_steps: int = 0
     decode_model_flops: float = 0.0
     dense_decode_model_flops: float = 0.0
     # this step's per-layer sums, folded into the decode model FLOPs by end_decode_step
@@ -53,19 +46,10 @@ class CostAccount:
     _step_dense: int = 0
 
     # -- worker side ----------------------------------------------------------------------------------
-    def add_prefill(self, r: PrefillReport) -> None:
-        self.computed_cells += r.computed_cells
-        self.dense_cells += r.dense_cells
-        self.prefill_attention_flops += r.attention_flops
-        self.prefill_dense_attention_flops += r.dense_attention_flops
-        self.prefill_indexing_flops += r.indexing_flops
-
-    def add_decode(self, r: DecodeReport, generated_dense: int) -> None:
+    def add_decode(self, r: DecodeReport, generated_dense: int = 0) -> None:
         """One layer of one decode step. ``generated_dense``: generated tokens a dense step reads in this
         layer (summed over KV heads)."""
-        self.prompt_tokens_read += r.kv_tokens_read
-        self.dense_prompt_tokens_read += r.dense_kv_tokens_read
-        self.generated_tokens_read += r.generated_tokens_read
+        super().add_decode(r)
         self.dense_generated_tokens_read += generated_dense
         self.metadata_bytes += r.metadata_bytes_read
         self._step_read += r.kv_tokens_read + r.generated_tokens_read
