@@ -106,20 +106,21 @@ class QuestState(DecodeState):
         return 2 * self.head_dim * self._scored_pages * self.num_kv_heads
 
 
-def prepare(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec) -> QuestState:
+def budget_pages(n: int, phase: PhaseSpec) -> int | None:
+    """Pages read per step for an n-token prompt: the ``budget`` param, else ceil(n / r), rounded up to whole
+    pages; ``None`` (every page) at r = 1 with no explicit budget, so ratio 1 stays dense as generation grows."""
     params = {**DECODE_METHODS["quest"].defaults(), **phase.params}
-    n = k.shape[1]
-    page_size = int(params["page_size"])
     budget = params["budget"]
     if budget is None and phase.compression_ratio <= 1.0:
-        budget_pages = None
-    else:
-        tokens = math.ceil(n / phase.compression_ratio) if budget is None else int(budget)
-        budget_pages = max(1, math.ceil(tokens / page_size))
-    details = {
-        "page_size": page_size,
-        "budget": None if budget_pages is None else budget_pages * page_size,
-        "pages_selected": None,
-    }
-    return QuestState(phase, k, v, num_heads=q.shape[0], page_size=page_size, budget_pages=budget_pages,
+        return None
+    tokens = math.ceil(n / phase.compression_ratio) if budget is None else int(budget)
+    return max(1, math.ceil(tokens / int(params["page_size"])))
+
+
+def prepare(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec) -> QuestState:
+    page_size = int({**DECODE_METHODS["quest"].defaults(), **phase.params}["page_size"])
+    pages = budget_pages(k.shape[1], phase)
+    details = {"page_size": page_size, "budget": None if pages is None else pages * page_size,
+               "pages_selected": None}
+    return QuestState(phase, k, v, num_heads=q.shape[0], page_size=page_size, budget_pages=pages,
                       details=details)

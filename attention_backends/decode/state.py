@@ -25,6 +25,13 @@ class DecodeState:
                  num_heads: int | None = None, details: dict[str, Any] | None = None):
         """``k``/``v`` are the prompt's ``[h_kv, n, d]``; ``keep[j]`` the sorted prompt positions KV head
         ``j`` keeps (``None``: all). ``num_heads`` is the query-head count (defaults to ``h_kv``)."""
+        self._init_keep_set(phase, k, keep, num_heads, details)
+        self.keys: list[Tensor] = [k[j, idx] for j, idx in enumerate(self.kept_positions)]
+        self.values: list[Tensor] = [v[j, idx] for j, idx in enumerate(self.kept_positions)]
+
+    def _init_keep_set(self, phase: PhaseSpec, k: Tensor, keep: list[Tensor] | None, num_heads: int | None,
+                       details: dict[str, Any] | None) -> None:
+        """Shapes, the kept positions and counters; where the tokens are stored is the subclass's choice."""
         h_kv, n, d = k.shape
         self.phase = phase
         self.prompt_len = n
@@ -36,8 +43,6 @@ class DecodeState:
         if keep is None:
             keep = [torch.arange(n, device=k.device) for _ in range(h_kv)]
         self.kept_positions: list[Tensor] = [idx.to(k.device).sort().values for idx in keep]
-        self.keys: list[Tensor] = [k[j, idx] for j, idx in enumerate(self.kept_positions)]
-        self.values: list[Tensor] = [v[j, idx] for j, idx in enumerate(self.kept_positions)]
         self.prompt_kept: list[int] = [int(idx.numel()) for idx in self.kept_positions]
         self.generated = 0
 

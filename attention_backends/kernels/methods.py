@@ -21,10 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..decode.quest import budget_pages as quest_budget_pages
 from ..decode.state import DecodeState, capacity_for
 from ..prefill.block_sparse import indexing_flops as block_sparse_indexing_flops
 from ..prefill.block_sparse import kept_cells, resolve_top_k
 from ..prefill.common import PrefillOutcome, causal_cells
+from ..prefill.flexprefill import search_alpha
 from ..prefill.vertical_slash_index import estimation_flops
 from ..spec import DECODE_METHODS, PREFILL_METHODS, PhaseSpec
 from .index_vertical_slash import VSCandidates, block_scores, computed_cells, exact_cells, search_budget, window_scores
@@ -125,26 +127,7 @@ def flexprefill_prefill(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec) -> Pr
         return cand.fraction(*budgets(a))
 
     if alpha is None:
-        target = 1.0 / ratio
-        if fraction(0.0) >= target:
-            alpha = 0.0
-        elif fraction(1.0) <= target:
-            alpha = 1.0
-        else:
-            lo, hi = 0.0, 1.0
-            f_lo, f_hi = None, None
-            for _ in range(FLEX_ALPHA_STEPS):
-                mid = (lo + hi) / 2
-                f = fraction(mid)
-                if f >= target:
-                    hi, f_hi = mid, f
-                else:
-                    lo, f_lo = mid, f
-                if abs(f - target) <= 0.01 * target:
-                    break
-            f_lo = fraction(lo) if f_lo is None else f_lo
-            f_hi = fraction(hi) if f_hi is None else f_hi
-            alpha = lo if abs(f_lo - target) < abs(f_hi - target) else hi
+        alpha = search_alpha(fraction, ratio, FLEX_ALPHA_STEPS, rel_tol=0.01)
     nv, ns = budgets(alpha)
     kv = cand.counts(nv, cand.forced_vertical)
     ks = cand.counts(ns, cand.forced_slash)
@@ -211,12 +194,7 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec) -> DecodeState:
         return PagedDecodeState(phase, k, v, num_heads=q.shape[0])
     if phase.method == "quest":
         page_size = int(params["page_size"])
-        budget = params["budget"]
-        if budget is None and phase.compression_ratio <= 1.0:
-            budget_pages = None
-        else:
-            tokens = math.ceil(n / phase.compression_ratio) if budget is None else int(budget)
-            budget_pages = max(1, math.ceil(tokens / page_size))
+        budget_pages = quest_budget_pages(n, phase)
         details = {"page_size": page_size, "budget": None if budget_pages is None else budget_pages * page_size,
                    "pages_selected": None}
         return QuestPagedState(phase, k, v, num_heads=q.shape[0], page_size=page_size,

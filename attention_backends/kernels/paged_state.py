@@ -23,20 +23,8 @@ from .quest_select import page_bounds, quest_select
 class PagedDecodeState(DecodeState):
     def __init__(self, phase: PhaseSpec, k: Tensor, v: Tensor, keep: list[Tensor] | None = None,
                  num_heads: int | None = None, details: dict[str, Any] | None = None, page_size: int = 16):
-        h_kv, n, d = k.shape
-        self.phase = phase
-        self.prompt_len = n
-        self.num_kv_heads = h_kv
-        self.head_dim = d
-        self.num_heads = num_heads or h_kv
-        self.element_bytes = k.element_size()
-        self.details = dict(details or {})
+        self._init_keep_set(phase, k, keep, num_heads, details)
         self.page_size = page_size
-        if keep is None:
-            keep = [torch.arange(n, device=k.device) for _ in range(h_kv)]
-        self.kept_positions = [idx.to(k.device).sort().values for idx in keep]
-        self.prompt_kept = [int(idx.numel()) for idx in self.kept_positions]
-        self.generated = 0
         self.lengths_host = list(self.prompt_kept)
         self._alloc(max(self.prompt_kept) + 64, k.dtype, k.device)
         for j, idx in enumerate(self.kept_positions):

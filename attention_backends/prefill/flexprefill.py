@@ -31,6 +31,7 @@ cover computation is a sort and a cumulative sum, inside its ``2 n log2 n`` term
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -101,23 +102,35 @@ def choose(candidates: Candidates, alpha: float | None, min_budget: int | None, 
                                            slash.count(a).clamp(min=min_budget))
 
     if alpha is None:
-        target = 1.0 / ratio
-        if fraction(0.0) >= target:
-            alpha = 0.0
-        elif fraction(1.0) <= target:
-            alpha = 1.0
-        else:  # fraction(lo) < target <= fraction(hi)
-            lo, hi = 0.0, 1.0
-            for _ in range(ALPHA_STEPS):
-                mid = (lo + hi) / 2
-                if fraction(mid) >= target:
-                    hi = mid
-                else:
-                    lo = mid
-            alpha = lo if abs(fraction(lo) - target) < abs(fraction(hi) - target) else hi
+        alpha = search_alpha(fraction, ratio, ALPHA_STEPS)
 
     index = candidates.select(vertical.count(alpha).clamp(min=min_budget), slash.count(alpha).clamp(min=min_budget))
     return FlexBudget(alpha, min_budget, index)
+
+
+def search_alpha(fraction: Callable[[float], float], ratio: float, steps: int, rel_tol: float = 0.0) -> float:
+    """The alpha in [0, 1] whose covered causal fraction (non-decreasing in alpha) is closest to 1 / ratio:
+    bisection for ``steps`` steps, stopping early once within ``rel_tol`` of the target."""
+    target = 1.0 / ratio
+    if fraction(0.0) >= target:
+        return 0.0
+    if fraction(1.0) <= target:
+        return 1.0
+    lo, hi = 0.0, 1.0  # fraction(lo) < target <= fraction(hi)
+    f_lo: float | None = None
+    f_hi: float | None = None
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        f = fraction(mid)
+        if f >= target:
+            hi, f_hi = mid, f
+        else:
+            lo, f_lo = mid, f
+        if rel_tol and abs(f - target) <= rel_tol * target:
+            break
+    f_lo = fraction(lo) if f_lo is None else f_lo
+    f_hi = fraction(hi) if f_hi is None else f_hi
+    return lo if abs(f_lo - target) < abs(f_hi - target) else hi
 
 
 def build_index(q: Tensor, k: Tensor, phase: PhaseSpec) -> FlexBudget | None:

@@ -13,14 +13,13 @@ cache and each request's sparse methods meet:
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from attention_backends import PrefillReport, prepare_decode, sparse_prefill
 from attention_backends.cost import ModelShape, decode_token_flops, flops_per_cell, prefill_flops
+from attention_backends.decode.quest import budget_pages
 from attention_backends.prefill.common import causal_cells
 from attention_backends.spec import SparseSpec
 
@@ -47,15 +46,9 @@ def dense_prefill_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Pr
     return out, PrefillReport("dense", 1.0, cells, cells, flops, flops)
 
 
-def quest_budget_pages(spec: SparseSpec, prompt_len: int, page_size: int, max_pages: int) -> int:
-    """Pages Quest reads per step: budget (param, else ceil(n / r)) rounded up to whole pages; at r = 1
-    with no explicit budget, every page (so ratio 1 stays dense as generation grows)."""
-    budget = spec.decode.params.get("budget")
-    if budget is None:
-        if spec.decode.compression_ratio == 1.0:
-            return max_pages
-        budget = math.ceil(prompt_len / spec.decode.compression_ratio)
-    return max(1, -(-int(budget) // page_size))
+def quest_budget_pages(spec: SparseSpec, prompt_len: int, max_pages: int) -> int:
+    """Pages Quest reads per step (every page at ratio 1, see :func:`attention_backends.decode.quest.budget_pages`)."""
+    return budget_pages(prompt_len, spec.decode) or max_pages
 
 
 class ModelRunner:
@@ -126,7 +119,7 @@ class ModelRunner:
         q_idx = torch.tensor(quest_rows, dtype=torch.long, device=self.device)
         f_idx = torch.tensor(full_rows, dtype=torch.long, device=self.device)
         budgets = torch.tensor(
-            [quest_budget_pages(batch[i].request.spec, batch[i].prompt_len, ps, n_pages) for i in quest_rows],
+            [quest_budget_pages(batch[i].request.spec, batch[i].prompt_len, n_pages) for i in quest_rows],
             dtype=torch.long, device=self.device)
         quest_prompt_read = torch.zeros(len(quest_rows), dtype=torch.long, device=self.device)
         quest_total_read = torch.zeros(len(quest_rows), dtype=torch.long, device=self.device)
