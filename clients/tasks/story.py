@@ -20,6 +20,7 @@ Sentence shapes the answers rely on: the location appears as "the <Adjective> <P
 from __future__ import annotations
 
 import random
+from abc import abstractmethod
 from dataclasses import dataclass, field
 
 from .base import Sample, Task, TokenCounter, assemble_prompt, fit_length_2d, make_rng, require_window
@@ -267,9 +268,9 @@ class _StoryTask(Task):
             prompt_tokens=res.tokens,
         )
 
+    @abstractmethod
     def question(self, world: StoryWorld, c: int, rng: random.Random) -> tuple[str, str, object, dict]:
         """(question block, answer format, gold, metadata) for a story of c chapters."""
-        raise NotImplementedError
 
 
 class StoryRetrieval(_StoryTask):
