@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..spec import PREFILL_METHODS, PhaseSpec
-from .common import PrefillOutcome, expand_kv, masked_causal_attention
+from .common import PrefillOutcome, closest_budget_search, expand_kv, masked_causal_attention
 
 NAME = "block_sparse"
 FORCED_BLOCKS = 3  # sink, previous, diagonal
@@ -69,16 +69,7 @@ def top_k_for_ratio(n: int, block: int, ratio: float) -> int:
     def density(k: int) -> float:
         return kept_cells(n, block, k) / dense
 
-    lo, hi = 1, nb  # smallest k with density(k) >= target (density(nb) = 1 >= target)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if density(mid) >= target:
-            hi = mid
-        else:
-            lo = mid + 1
-    if lo > 1 and abs(density(lo - 1) - target) < abs(density(lo) - target):
-        return lo - 1
-    return lo
+    return closest_budget_search(density, target, nb)
 
 
 def select_blocks(q: Tensor, k: Tensor, block: int, top_k: int) -> Tensor:

@@ -31,6 +31,23 @@ def causal_cells(n: int) -> int:
     return n * (n + 1) // 2
 
 
+def closest_budget_search(fraction: Callable[[int], float], target: float, hi: int) -> int:
+    """The integer ``k`` in ``[1, hi]`` whose non-decreasing ``fraction(k)`` is closest to ``target`` (binary
+    search for the smallest ``k`` reaching it, then the better of it and its predecessor)."""
+    if fraction(hi) < target:
+        return hi
+    lo = 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fraction(mid) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    if lo > 1 and abs(fraction(lo - 1) - target) < abs(fraction(lo) - target):
+        return lo - 1
+    return lo
+
+
 def expand_kv(x: Tensor, num_heads: int) -> Tensor:
     """Repeat KV heads to match query heads (reference only: fast paths never materialise this)."""
     group = num_heads // x.shape[0]

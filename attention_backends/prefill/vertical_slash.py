@@ -24,7 +24,7 @@ from typing import Any
 from torch import Tensor
 
 from ..spec import PREFILL_METHODS, PhaseSpec
-from .common import PrefillOutcome, masked_causal_attention
+from .common import PrefillOutcome, closest_budget_search, masked_causal_attention
 from .vertical_slash_index import Candidates, VerticalSlashIndex, estimate_scores, estimation_flops
 
 NAME = "vertical_slash"
@@ -47,19 +47,7 @@ def closest_budget(candidates: Candidates, ratio: float, num_vertical: int | Non
         ks = k if num_slash is None else num_slash
         return candidates.covered_fraction(kv, ks)
 
-    target = 1.0 / ratio
-    lo, hi = 1, candidates.n  # smallest k with fraction(k) >= target lies in [lo, hi]
-    if fraction(hi) < target:
-        return hi
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if fraction(mid) >= target:
-            hi = mid
-        else:
-            lo = mid + 1
-    if lo > 1 and abs(fraction(lo - 1) - target) < abs(fraction(lo) - target):
-        return lo - 1
-    return lo
+    return closest_budget_search(fraction, 1.0 / ratio, candidates.n)
 
 
 def build_index(q: Tensor, k: Tensor, phase: PhaseSpec) -> VerticalSlashIndex | None:
