@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from attention_backends import DecodeReport, PrefillReport
+from attention_backends import DecodeReport, PrefillReport, SparseSpec
 
 from .detokenizer import IncrementalDetokenizer
 from .sampler import SamplerState
@@ -37,6 +37,31 @@ class CostTotals:
         self.prefill_attention_flops += r.attention_flops
         self.prefill_dense_attention_flops += r.dense_attention_flops
         self.prefill_indexing_flops += r.indexing_flops
+
+    def phase_costs(self, spec: SparseSpec, token_bytes: int, metadata_bytes: float, kv_cache_tokens: int
+                    ) -> tuple[PhaseCost, PhaseCost]:
+        """The request's per-phase cost; ``token_bytes`` is K plus V of one token of one KV head."""
+        prefill = PhaseCost(
+            method=spec.prefill.method,
+            target_compression_ratio=spec.prefill.compression_ratio,
+            achieved_compression_ratio=self.dense_cells / self.computed_cells if self.computed_cells else 1.0,
+            attention_flops=self.prefill_attention_flops,
+            dense_attention_flops=self.prefill_dense_attention_flops,
+            indexing_flops=self.prefill_indexing_flops,
+        )
+        decode = PhaseCost(
+            method=spec.decode.method,
+            target_compression_ratio=spec.decode.compression_ratio,
+            achieved_compression_ratio=(
+                self.dense_prompt_tokens_read / self.prompt_tokens_read if self.prompt_tokens_read else 1.0
+            ),
+            kv_bytes_read=float((self.prompt_tokens_read + self.generated_tokens_read) * token_bytes),
+            dense_kv_bytes_read=float((self.dense_prompt_tokens_read + self.dense_generated_tokens_read)
+                                      * token_bytes),
+            metadata_bytes_read=metadata_bytes,
+            kv_cache_tokens=kv_cache_tokens,
+        )
+        return prefill, decode
 
     def add_decode(self, r: DecodeReport) -> None:
         self.prompt_tokens_read += r.kv_tokens_read
@@ -72,25 +97,6 @@ class EngineRequest:
         return self.prompt_len + len(self.output_ids) - 1
 
     def phase_costs(self, element_bytes: int, head_dim: int) -> tuple[PhaseCost, PhaseCost]:
-        t, spec = self.totals, self.request.spec
-        prefill = PhaseCost(
-            method=spec.prefill.method,
-            target_compression_ratio=spec.prefill.compression_ratio,
-            achieved_compression_ratio=t.dense_cells / t.computed_cells if t.computed_cells else 1.0,
-            attention_flops=t.prefill_attention_flops,
-            dense_attention_flops=t.prefill_dense_attention_flops,
-            indexing_flops=t.prefill_indexing_flops,
-        )
-        token_bytes = 2 * head_dim * element_bytes
-        decode = PhaseCost(
-            method=spec.decode.method,
-            target_compression_ratio=spec.decode.compression_ratio,
-            achieved_compression_ratio=(
-                t.dense_prompt_tokens_read / t.prompt_tokens_read if t.prompt_tokens_read else 1.0
-            ),
-            kv_bytes_read=float((t.prompt_tokens_read + t.generated_tokens_read) * token_bytes),
-            dense_kv_bytes_read=float((t.dense_prompt_tokens_read + t.dense_generated_tokens_read) * token_bytes),
-            metadata_bytes_read=float(t.metadata_elements * element_bytes),
-            kv_cache_tokens=int(self.kv.lengths.sum()) if self.kv is not None else 0,
-        )
-        return prefill, decode
+        kv_tokens = int(self.kv.lengths.sum()) if self.kv is not None else 0
+        return self.totals.phase_costs(self.request.spec, 2 * head_dim * element_bytes,
+                                       float(self.totals.metadata_elements * element_bytes), kv_tokens)

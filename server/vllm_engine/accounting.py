@@ -24,7 +24,7 @@ from attention_backends.cost import ModelShape, decode_token_flops, prefill_flop
 from attention_backends.reports import DecodeReport
 from attention_backends.spec import SparseSpec
 from server.engine.request_state import CostTotals
-from server.engine.types import PhaseCost, RequestCost
+from server.engine.types import RequestCost
 
 COST_DIR_ENV = "SPARSE_SERVE_VLLM_COST_DIR"
 
@@ -107,27 +107,9 @@ class CostAccount(CostTotals):
         return acc
 
     def to_request_cost(self, spec: SparseSpec, shape: ModelShape, element_bytes: int) -> RequestCost:
-        token_bytes = 2 * shape.head_dim * element_bytes
         cost = RequestCost()
-        cost.prefill = PhaseCost(
-            method=spec.prefill.method,
-            target_compression_ratio=spec.prefill.compression_ratio,
-            achieved_compression_ratio=self.dense_cells / self.computed_cells if self.computed_cells else 1.0,
-            attention_flops=self.prefill_attention_flops,
-            dense_attention_flops=self.prefill_dense_attention_flops,
-            indexing_flops=self.prefill_indexing_flops,
-        )
-        cost.decode = PhaseCost(
-            method=spec.decode.method,
-            target_compression_ratio=spec.decode.compression_ratio,
-            achieved_compression_ratio=(
-                self.dense_prompt_tokens_read / self.prompt_tokens_read if self.prompt_tokens_read else 1.0),
-            kv_bytes_read=float((self.prompt_tokens_read + self.generated_tokens_read) * token_bytes),
-            dense_kv_bytes_read=float((self.dense_prompt_tokens_read + self.dense_generated_tokens_read)
-                                      * token_bytes),
-            metadata_bytes_read=float(self.metadata_bytes),
-            kv_cache_tokens=int(self.kv_cache_tokens),
-        )
+        cost.prefill, cost.decode = self.phase_costs(spec, 2 * shape.head_dim * element_bytes,
+                                                     float(self.metadata_bytes), int(self.kv_cache_tokens))
         if self.dense_cells:
             flops = prefill_flops(shape, self.prompt_len, computed_cells=self.computed_cells,
                                   indexing_flops=self.prefill_indexing_flops)
