@@ -81,10 +81,12 @@ def test_sigterm_finishes_in_flight_aborts_overdue_and_exits_0():
     try:
         short, short_result = stream_in_thread(url, {"prompt": "abc", "max_tokens": 60, "stream": True,
                                                      "temperature": 0})
-        long, long_result = stream_in_thread(url, {"prompt": "abc", "max_tokens": 5000, "stream": True,
+        # 400 tokens at 20 ms each outlast the 3 s shutdown timeout (and fit the fake engine's 512-token context)
+        long, long_result = stream_in_thread(url, {"prompt": "abc", "max_tokens": 400, "stream": True,
                                                    "ignore_eos": True})
         while ("first_at" not in short_result or "first_at" not in long_result) and long.is_alive():
             time.sleep(0.02)
+        assert long_result.get("status") == 200 and short_result.get("status") == 200, (short_result, long_result)
         start = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
