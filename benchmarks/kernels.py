@@ -48,6 +48,7 @@ H, HKV, D = 28, 4, 128
 DT = torch.bfloat16
 RESULTS: dict = {"checks": [], "timings": [], "notes": []}
 VS_ONLY = False
+BS64_ONLY = False
 T0 = time.time()
 
 
@@ -132,19 +133,9 @@ def sample_rows(n, count=6, block=64):
 
 
 # ---------------------------------------------------------------------------------------------- prefill
-def prefill_section(n, smoke, do_flex):
-    log(f"=== prefill n={n} ===")
-    torch.manual_seed(n)
-    q, k, v = qkv(n)
-    heads = [0, 6, 13, 27]
-    rows = sample_rows(n)
-    dense_cells = H * n * (n + 1) // 2
-    flops_cell = 4 * D
-
-    # --- baseline
-    sdpa_ms = bench(lambda: sdpa_prefill(q, k, v))
-    record(f"sdpa causal prefill n={n}", sdpa_ms, tflops=dense_cells * flops_cell / sdpa_ms / 1e9)
-
+def vs_and_flex(q, k, v, n, heads, rows, dense_cells, flops_cell, sdpa_ms, do_flex):
+    """vertical_slash and flexprefill at n: window estimate, checks, timings and breakdowns."""
+    nn_ = torch.arange(n, device="cuda")
     # --- window estimate vs reference
     from attention_backends.prefill.vertical_slash_index import estimate_scores
 
@@ -165,7 +156,6 @@ def prefill_section(n, smoke, do_flex):
     cand = VSCandidates(cols, slash, W, 4, 64, M.VS_BLOCK)
     sel_s = cand.slash_rank < cand.counts(kk, cand.forced_slash)[:, None]
     sel_v = cand.vertical_rank < cand.counts(kk, cand.forced_vertical)[:, None]
-    nn_ = torch.arange(n, device="cuda")
 
     def vs_allowed(hh, rr):
         off = (rr[:, None] - nn_[None, :]).clamp(min=0)
@@ -229,8 +219,27 @@ def prefill_section(n, smoke, do_flex):
     del outcome
     torch.cuda.empty_cache()
 
+
+
+def prefill_section(n, smoke, do_flex):
+    log(f"=== prefill n={n} ===")
+    torch.manual_seed(n)
+    q, k, v = qkv(n)
+    heads = [0, 6, 13, 27]
+    rows = sample_rows(n)
+    dense_cells = H * n * (n + 1) // 2
+    flops_cell = 4 * D
+
+    # --- baseline
+    sdpa_ms = bench(lambda: sdpa_prefill(q, k, v))
+    record(f"sdpa causal prefill n={n}", sdpa_ms, tflops=dense_cells * flops_cell / sdpa_ms / 1e9)
+
+    nn_ = torch.arange(n, device="cuda")
+    if not BS64_ONLY:
+        vs_and_flex(q, k, v, n, heads, rows, dense_cells, flops_cell, sdpa_ms, do_flex)
+
     # --- block_sparse r=10, block 64 and 16
-    for block in (() if VS_ONLY else (64, 16)):
+    for block in (() if VS_ONLY else (64,) if BS64_ONLY else (64, 16)):
         top_k = top_k_for_ratio(n, block, 10.0)
         phase = PhaseSpec("block_sparse", 10.0, {"block_size": block})
         # index pieces vs torch
@@ -278,6 +287,10 @@ def prefill_section(n, smoke, do_flex):
                achieved_r=dense_cells / outcome.computed_cells, attended_r=dense_cells / att)
         record(f"  block_sparse B={block} attention only n={n}", attn_ms,
                tflops_computed=outcome.computed_cells * flops_cell / attn_ms / 1e9)
+        record(f"  block_sparse B={block} index (pool + scores + top-k) n={n}",
+               bench(lambda: M.block_sparse_index(q, k, block, top_k)))
+        record(f"  block_sparse B={block} index: mean-pool q and k n={n}",
+               bench(lambda: (mean_pool(q, block), mean_pool(k, block))))
         if block == 64 and not smoke and n >= 131072:
             for warps, stages in ((4, 2), (4, 4), (8, 2), (8, 3)):
                 ms = bench(lambda: sparse_prefill_attention(q, k, v, blocks=(ids, cnt, 64), block_m=64,
@@ -510,9 +523,11 @@ def main():
     ap.add_argument("--lengths", default="32768,131072")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: prefill,decode,snapkv,api")
     ap.add_argument("--vs-only", action="store_true", help="prefill: vertical_slash and flexprefill only")
+    ap.add_argument("--bs64-only", action="store_true", help="prefill: block_sparse at block 64 only")
     args = ap.parse_args()
-    global VS_ONLY
+    global VS_ONLY, BS64_ONLY
     VS_ONLY = args.vs_only
+    BS64_ONLY = args.bs64_only
     os.makedirs(args.out, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = False
     props = torch.cuda.get_device_properties(0)
@@ -555,7 +570,7 @@ def main():
 def dump(out, card):
     tag = card.replace(" ", "-").replace("/", "-")
     date = _dt.date.today().isoformat()
-    suffix = "-smoke" if RESULTS["env"].get("smoke") else ("-vs" if VS_ONLY else "")
+    suffix = "-smoke" if RESULTS["env"].get("smoke") else ("-vs" if VS_ONLY else "-bs64" if BS64_ONLY else "")
     with open(os.path.join(out, f"kernels-{tag}-{date}{suffix}.json"), "w") as f:
         json.dump(RESULTS, f, indent=1)
 

@@ -41,6 +41,7 @@ from attention_backends.kernels.sparse_prefill import (  # noqa: E402
 )
 from attention_backends.kernels.topk import causal_block_topk, row_topk  # noqa: E402
 from attention_backends.prefill.block_sparse import block_row_mask, kept_cells, select_blocks  # noqa: E402
+from attention_backends.prefill.block_sparse import mean_pool as ref_mean_pool  # noqa: E402
 from attention_backends.prefill.common import masked_causal_attention  # noqa: E402
 from attention_backends.prefill.vertical_slash_index import Candidates, estimate_scores  # noqa: E402
 
@@ -157,10 +158,20 @@ def test_snapkv_token_importance_matches_reference(reduction):
     assert rel_err(ours, ref_token_importance(q, k, 24, reduction)) < 1e-5
 
 
+@pytest.mark.parametrize(("n", "d", "block", "dtype"), [(1000, 64, 64, torch.float16), (130, 32, 16, torch.float32),
+                                                     (64, 64, 64, torch.float16), (77, 48, 24, torch.float32)])
+def test_mean_pool_matches_reference(n, d, block, dtype):
+    # ragged last blocks, and shapes outside the kernel's power-of-two tiles (d 48, block 24: torch path)
+    x = torch.randn(3, n, d, generator=torch.Generator().manual_seed(n)).to(dtype)
+    ours = mean_pool(x, block)
+    assert ours.shape == (3, math.ceil(n / block), d) and torch.isfinite(ours).all()
+    assert rel_err(ours, ref_mean_pool(x, block)) < 1e-5
+
+
 def test_block_scores_match_pooled_product():
     q, k, _ = qkv(4, 2, 70, 16, torch.float32, seed=5)
     s = block_scores(q, k, 16)
-    ref = mean_pool(q, 16) @ mean_pool(k, 16).repeat_interleave(2, 0).transpose(1, 2)
+    ref = ref_mean_pool(q, 16) @ ref_mean_pool(k, 16).repeat_interleave(2, 0).transpose(1, 2)
     tri = torch.tril(torch.ones_like(ref[0], dtype=torch.bool))
     assert rel_err(s.masked_fill(~tri, 0), ref.masked_fill(~tri, 0)) < 1e-5
 
