@@ -298,3 +298,21 @@ def test_output_dtype_follows_q():
     for method in SPARSE_PREFILL:
         out, _ = sparse_prefill(q.half(), k.half(), v.half(), spec(method, 4.0))
         assert out.dtype == torch.float16 and out.shape == q.shape
+
+
+def test_flexprefill_alpha_search_hits_the_target_and_stops_early():
+    search_alpha = flexprefill.search_alpha
+    calls: list[float] = []
+
+    def fraction(a: float) -> float:  # covered fraction grows with alpha, from 0.05 to 0.6
+        calls.append(a)
+        return 0.05 + 0.55 * a
+
+    alpha = search_alpha(fraction, 5.0, steps=30)  # target 0.2 -> alpha 0.2727...
+    assert abs(fraction(alpha) - 0.2) < 1e-6
+    calls.clear()
+    # the floor budget alone is within 1% of the target: one evaluation, alpha 0
+    assert search_alpha(fraction, 1 / 0.0504, steps=30, rel_tol=0.01) == 0.0
+    assert calls == [0.0]
+    calls.clear()
+    assert search_alpha(fraction, 1 / 0.0504, steps=30) > 0.0  # exact search goes on

@@ -112,8 +112,9 @@ def search_alpha(fraction: Callable[[float], float], ratio: float, steps: int, r
     """The alpha in [0, 1] whose covered causal fraction (non-decreasing in alpha) is closest to 1 / ratio:
     bisection for ``steps`` steps, stopping early once within ``rel_tol`` of the target."""
     target = 1.0 / ratio
-    if fraction(0.0) >= target:
-        return 0.0
+    f0 = fraction(0.0)
+    if f0 >= target or (rel_tol and abs(f0 - target) <= rel_tol * target):
+        return 0.0  # (within tolerance already: the floor budget alone was sized for the target)
     if fraction(1.0) <= target:
         return 1.0
     lo, hi = 0.0, 1.0  # fraction(lo) < target <= fraction(hi)
