@@ -9,8 +9,9 @@ them. Each variant is checked against the library kernel on the same inputs befo
    128-key tile per step; pointer loads vs TMA descriptors; two program orders. Also the same kernels on an
    index shared by the 7 query heads of a KV group, which separates data movement (K/V tiles from L2/HBM)
    from arithmetic: with a shared index the 7 programs of a group read the same tiles.
-2. Quest selection at 128K context, batch 1: scoring, selection and attention timed apart (CUDA graphs), and
-   selection by bisection with C candidate thresholds per pass.
+2. Quest at 128K context, batch 1 and 8: scoring, selection and attention timed apart (CUDA graphs), and the
+   selection under several warp counts. (Testing 2-8 thresholds per bisection pass was tried here too and was
+   slower: ``kernel-variants-NVIDIA-H200-2026-11-28.log`` in ``benchmarks/results``.)
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import kernels as kernels_bench  # noqa: E402  (benchmarks/kernels.py: the same timing rules)
 
 from attention_backends.kernels import methods as M  # noqa: E402
 from attention_backends.kernels.paged_decode import paged_decode, pages_from_contiguous  # noqa: E402
 from attention_backends.kernels.quest_select import quest_page_scores, quest_select  # noqa: E402
-from attention_backends.kernels.sparse_prefill import sparse_prefill_attention  # noqa: E402
-from attention_backends.kernels.topk import _order_key  # noqa: E402
+from attention_backends.kernels.sparse_prefill import _attend, _kv_major_block, sparse_prefill_attention  # noqa: E402
 from attention_backends.prefill.block_sparse import top_k_for_ratio  # noqa: E402
 
 H, HKV, D = 28, 4, 128
@@ -48,19 +51,8 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: TRITON_INTERPRET=1 
 
 
 def bench(fn, graph=False):
-    if DEV == "cpu":
-        fn()
-        return float("nan")
     fn()
-    torch.cuda.synchronize()
-    t = time.time()
-    fn()
-    torch.cuda.synchronize()
-    hint = (time.time() - t) * 1e3
-    rep = max(50.0, min(1500.0, 8 * hint))
-    if graph:
-        return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
-    return triton.testing.do_bench(fn, warmup=max(25.0, 2 * hint), rep=rep, return_mode="median")
+    return float("nan") if DEV == "cpu" else kernels_bench.bench(fn, graph=graph)
 
 
 def row(**kw):
@@ -70,30 +62,14 @@ def row(**kw):
 
 # ------------------------------------------------------------------------------------------ block-sparse
 @triton.jit
-def _step(acc, m_i, l_i, q, k, v, qk_scale, ok, MASK: tl.constexpr):
-    s = tl.dot(q, tl.trans(k)) * qk_scale
-    if MASK:
-        s = tl.where(ok, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-    return acc, m_new, l_i
-
-
-@triton.jit
 def _bs_kernel(Q, K, V, Out, BLK, CNT, sbh, sbq, sch, n, n_qb, group, h_kv, qk_scale,
                D: tl.constexpr, B: tl.constexpr, MODE: tl.constexpr, ORDER: tl.constexpr, TMA: tl.constexpr):
     pid = tl.program_id(0)
     if ORDER == 0:  # head-major, latest (heaviest) query blocks first
         head = pid // n_qb
         qb = n_qb - 1 - pid % n_qb
-    else:  # KV-head-major, the group's query heads side by side at one query block
-        per_kv = n_qb * group
-        r = pid % per_kv
-        head = (pid // per_kv) * group + r % group
-        qb = n_qb - 1 - r // group
+    else:  # KV-head-major, the group's query heads side by side at one query block (the library's order)
+        head, qb = _kv_major_block(pid, n_qb, group)
     kvh = head // group
     qs = qb * B
     lane = tl.arange(0, B)
@@ -124,7 +100,7 @@ def _bs_kernel(Q, K, V, Out, BLK, CNT, sbh, sbq, sch, n, n_qb, group, h_kv, qk_s
             else:
                 k = tl.load(K_h + (key0 + lane)[:, None] * D + offs_d[None, :])
                 v = tl.load(V_h + (key0 + lane)[:, None] * D + offs_d[None, :])
-            acc, m_i, l_i = _step(acc, m_i, l_i, q, k, v, qk_scale, None, False)
+            acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, None, qk_scale, False)
         rem = 0
     elif MODE == 1:
         for t in range(0, n_off - 1, 2):
@@ -156,20 +132,20 @@ def _bs_kernel(Q, K, V, Out, BLK, CNT, sbh, sbq, sch, n, n_qb, group, h_kv, qk_s
             key = tl.load(blk + t + lane2 // B) * B + lane2 % B
             k = tl.load(K_h + key[:, None] * D + offs_d[None, :])
             v = tl.load(V_h + key[:, None] * D + offs_d[None, :])
-            acc, m_i, l_i = _step(acc, m_i, l_i, q, k, v, qk_scale, None, False)
+            acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, None, qk_scale, False)
         rem = n_off % 2
     if rem == 1:
         key0 = tl.load(blk + n_off - 1) * B
         k = tl.load(K_h + (key0 + lane)[:, None] * D + offs_d[None, :])
         v = tl.load(V_h + (key0 + lane)[:, None] * D + offs_d[None, :])
-        acc, m_i, l_i = _step(acc, m_i, l_i, q, k, v, qk_scale, None, False)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, None, qk_scale, False)
     # the diagonal block, causal inside
     key = qs + lane
     key_ok = key < n
     k = tl.load(K_h + key[:, None] * D + offs_d[None, :], mask=key_ok[:, None], other=0.0)
     v = tl.load(V_h + key[:, None] * D + offs_d[None, :], mask=key_ok[:, None], other=0.0)
     ok = key_ok[None, :] & (key[None, :] <= offs_m[:, None])
-    acc, m_i, l_i = _step(acc, m_i, l_i, q, k, v, qk_scale, ok, True)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, ok, qk_scale, True)
     out = acc / l_i[:, None]
     tl.store(Out + (head * n + offs_m)[:, None] * D + offs_d[None, :], out.to(Out.dtype.element_ty),
              mask=row_ok[:, None])
@@ -240,63 +216,6 @@ def block_sparse_section(n, smoke, a_n_full=131072):
 
 
 # ------------------------------------------------------------------------------------------------- quest
-@triton.jit
-def _kth_multi(key, kk, valid, C: tl.constexpr):
-    """Largest int32 t with #(key >= t) >= kk, testing C thresholds per pass (C = 1 is bisection)."""
-    k64 = key.to(tl.int64)
-    lo = tl.min(tl.where(valid, k64, 2147483647), 0)
-    hi = tl.max(tl.where(valid, k64, -2147483648), 0)
-    ci = tl.arange(0, C).to(tl.int64) + 1
-    while lo < hi:
-        cand = lo + ((hi - lo) * ci + C) // (C + 1)  # C thresholds splitting (lo, hi] evenly (C = 1: the middle)
-        cnt = tl.sum((valid[:, None] & (key[:, None] >= cand.to(tl.int32)[None, :])).to(tl.int32), 0)
-        ge = cnt >= kk
-        exact = tl.max(tl.where(cnt == kk, cand, -(1 << 40)), 0)
-        new_lo = tl.max(tl.where(ge, cand, lo), 0)
-        new_hi = tl.min(tl.where(ge, hi, cand - 1), 0)
-        found = exact > -(1 << 40)
-        lo = tl.where(found, exact, new_lo)
-        hi = tl.where(found, exact, new_hi)
-    return lo
-
-
-@triton.jit
-def _select_multi_kernel(S, PT, LEN, OPT, OLEN, s_r, spt_b, spt_h, slen_b, so_r, h_kv, k_req,
-                         PAGE: tl.constexpr, BLOCK: tl.constexpr, C: tl.constexpr):
-    bh = tl.program_id(0)
-    b = bh // h_kv
-    kvh = bh % h_kv
-    length = tl.load(LEN + b * slen_b + kvh)
-    npages = tl.cdiv(length, PAGE)
-    j = tl.arange(0, BLOCK)
-    valid = j < npages
-    x = tl.load(S + bh * s_r + j, mask=valid, other=0.0)
-    x = tl.where(j == npages - 1, float("inf"), x)
-    key = _order_key(x)
-    kk = tl.minimum(k_req, npages)
-    thr = _kth_multi(key, tl.maximum(kk, 1), valid, C)
-    above = valid & (key.to(tl.int64) > thr)
-    n_above = tl.sum(above.to(tl.int32), 0)
-    tie = valid & (key.to(tl.int64) == thr)
-    tie_rank = tl.cumsum(tie.to(tl.int32), 0)
-    sel = above | (tie & (tie_rank <= kk - n_above))
-    pos = tl.cumsum(sel.to(tl.int32), 0) - 1
-    page_id = tl.load(PT + b * spt_b + kvh * spt_h + j, mask=sel, other=0)
-    tl.store(OPT + bh * so_r + pos, page_id, mask=sel)
-    last_len = length - (npages - 1) * PAGE
-    tl.store(OLEN + bh, tl.where(kk > 0, (kk - 1) * PAGE + last_len, 0))
-
-
-def select_multi(scores, pt, lens, budget, page, C, warps):
-    B, h_kv, max_pages = pt.shape
-    sel = torch.zeros(B, h_kv, budget, dtype=torch.int32, device=pt.device)
-    sl = torch.empty(B, h_kv, dtype=torch.int32, device=pt.device)
-    _select_multi_kernel[(B * h_kv,)](scores, pt, lens, sel, sl, scores.stride(0), pt.stride(0), pt.stride(1),
-                                      lens.stride(0), sel.stride(1), h_kv, budget, PAGE=page,
-                                      BLOCK=triton.next_power_of_2(max_pages), C=C, num_warps=warps)
-    return sel, sl
-
-
 def quest_section(L, B, smoke):
     log(f"=== quest L={L} B={B} ===")
     torch.manual_seed(3)
@@ -320,15 +239,12 @@ def quest_section(L, B, smoke):
         ms=bench(lambda: quest_select(q, pmin, pmax, pt, lens, budget, page), graph=True))
     row(case=f"quest B={B} attend selected [graph]",
         ms=bench(lambda: paged_decode(q, kp, vp, sel, sl, max_len=budget * page), graph=True))
-    nblock = triton.next_power_of_2(pt.shape[-1])
-    for C in (1, 2, 4, 8):
-        for warps in (4, 8, 16, 32):
-            if nblock * C // (32 * warps) > 128 or nblock // (32 * warps) < 1:  # register-bound shapes only
-                continue
-            s2, l2 = select_multi(scores, pt, lens, budget, page, C, warps)
-            same = bool(torch.equal(s2.sort(-1).values, sel.sort(-1).values) and torch.equal(l2, sl))
-            ms = bench(lambda: select_multi(scores, pt, lens, budget, page, C, warps), graph=True)
-            row(case=f"quest B={B} select C={C} warps={warps} [graph]", ms=ms, same=same)
+    for warps in (4, 8, 16, 32):
+        s2, l2 = quest_select(q, pmin, pmax, pt, lens, budget, page, scores=scores, num_warps=warps)
+        same = bool(torch.equal(s2, sel) and torch.equal(l2, sl))
+        ms = bench(lambda: quest_select(q, pmin, pmax, pt, lens, budget, page, scores=scores, num_warps=warps),
+                   graph=True)
+        row(case=f"quest B={B} select only warps={warps} [graph]", ms=ms, same=same)
 
 
 def profile_once(n):

@@ -104,17 +104,20 @@ def quest_page_scores(q: Tensor, page_min: Tensor, page_max: Tensor, page_table:
 
 
 def quest_select(q: Tensor, page_min: Tensor, page_max: Tensor, page_table: Tensor, lengths: Tensor,
-                 budget_pages: int, page_size: int) -> tuple[Tensor, Tensor]:
+                 budget_pages: int, page_size: int, *, scores: Tensor | None = None,
+                 num_warps: int | None = None) -> tuple[Tensor, Tensor]:
     """Top ``budget_pages`` pages per (sequence, KV head), the last page forced -> ``(table [B, h_kv,
     budget_pages] int32 page ids ascending in position, lengths [B, h_kv] int32 tokens to read)``."""
     B, h, d = q.shape
     h_kv, max_pages = page_table.shape[1], page_table.shape[2]
-    scores = quest_page_scores(q, page_min, page_max, page_table, lengths, page_size)
+    if scores is None:  # (given: precomputed page scores, e.g. to time the selection alone)
+        scores = quest_page_scores(q, page_min, page_max, page_table, lengths, page_size)
     k = int(min(budget_pages, max_pages))
     sel = torch.zeros(B, h_kv, k, dtype=torch.int32, device=q.device)
     sel_len = torch.empty(B, h_kv, dtype=torch.int32, device=q.device)
     block = max(16, triton.next_power_of_2(max_pages))
-    warps = 4 if block <= 2048 else 8  # 8192 pages: 8 warps 20.6 us, 16 warps 22.1 us (H200, graph replay)
+    # 8192 pages: 8 warps 20.6 us, 16 warps 22.1 us, 32 warps 27.9 us (H200, graph replay)
+    warps = num_warps or (4 if block <= 2048 else 8)
     _quest_select_kernel[(B * h_kv,)](
         scores, page_table, lengths, sel, sel_len, scores.stride(0), page_table.stride(0), page_table.stride(1),
         lengths.stride(0), sel.stride(1), h_kv, k, PAGE=page_size, BLOCK=block, num_warps=warps)
