@@ -63,7 +63,8 @@ def row(**kw):
 # ------------------------------------------------------------------------------------------ block-sparse
 @triton.jit
 def _bs_kernel(Q, K, V, Out, BLK, CNT, sbh, sbq, sch, n, n_qb, group, h_kv, qk_scale,
-               D: tl.constexpr, B: tl.constexpr, MODE: tl.constexpr, ORDER: tl.constexpr, TMA: tl.constexpr):
+               D: tl.constexpr, B: tl.constexpr, MODE: tl.constexpr, ORDER: tl.constexpr, TMA: tl.constexpr,
+               WS: tl.constexpr = False):
     pid = tl.program_id(0)
     if ORDER == 0:  # head-major, latest (heaviest) query blocks first
         head = pid // n_qb
@@ -92,7 +93,7 @@ def _bs_kernel(Q, K, V, Out, BLK, CNT, sbh, sbq, sch, n, n_qb, group, h_kv, qk_s
     blk = BLK + head * sbh + qb * sbq
     n_off = cnt - 1  # ids ascending: the diagonal block is the last entry
     if MODE == 0:
-        for t in range(n_off):
+        for t in tl.range(0, n_off, warp_specialize=WS):
             key0 = tl.load(blk + t) * B
             if TMA:
                 k = kd.load([kvh * n + key0, 0])
@@ -151,13 +152,14 @@ def _bs_kernel(Q, K, V, Out, BLK, CNT, sbh, sbq, sch, n, n_qb, group, h_kv, qk_s
              mask=row_ok[:, None])
 
 
-def bs_variant(q, k, v, ids, cnt, mode, order, tma, warps, stages):
+def bs_variant(q, k, v, ids, cnt, mode, order, tma, warps, stages, ws=False):
     h, n, d = q.shape
     out = torch.empty_like(q)
     n_qb = triton.cdiv(n, 64)
     _bs_kernel[(h * n_qb,)](q, k, v, out, ids, cnt, ids.stride(0), ids.stride(1), cnt.stride(0), n, n_qb,
                             h // k.shape[0], k.shape[0], (1 / math.sqrt(d)) * 1.4426950408889634,
-                            D=d, B=64, MODE=mode, ORDER=order, TMA=tma, num_warps=warps, num_stages=stages)
+                            D=d, B=64, MODE=mode, ORDER=order, TMA=tma, WS=ws, num_warps=warps,
+                            num_stages=stages)
     return out
 
 
@@ -247,6 +249,33 @@ def quest_section(L, B, smoke):
         row(case=f"quest B={B} select only warps={warps} [graph]", ms=ms, same=same)
 
 
+def warp_specialized_section(n):
+    """Triton's automatic warp specialization (``tl.range(..., warp_specialize=True)``, Hopper since 3.5) on the
+    one-tile loop with TMA loads, next to the library kernel and the plain variant."""
+    log(f"=== warp specialization n={n} ===")
+    torch.manual_seed(0)
+    q = torch.randn(H, n, D, device=DEV).to(torch.bfloat16)
+    k = torch.randn(HKV, n, D, device=DEV).to(torch.bfloat16)
+    v = torch.randn(HKV, n, D, device=DEV).to(torch.bfloat16)
+    ids, cnt = M.block_sparse_index(q, k, 64, max(3, top_k_for_ratio(n, 64, 10.0)))
+    flops = 4 * D * M.count_cells(n, H, blocks=(ids, cnt, 64), block_m=64, device=DEV).sum().item()
+    ref = sparse_prefill_attention(q, k, v, blocks=(ids, cnt, 64), block_m=64)
+    ms = bench(lambda: sparse_prefill_attention(q, k, v, blocks=(ids, cnt, 64), block_m=64))
+    row(case="ws: library kernel", n=n, ms=ms, tflops=flops / ms / 1e9)
+    for tma, ws, warps, stages in ((True, False, 4, 2), (True, True, 4, 2), (True, True, 4, 3), (True, True, 8, 2),
+                                   (True, True, 8, 3), (False, True, 4, 2)):
+        name = f"ws: mode=0 order=1 tma={int(tma)} ws={int(ws)} w={warps} s={stages}"
+        try:
+            fn = lambda: bs_variant(q, k, v, ids, cnt, 0, 1, tma, warps, stages, ws)
+            out = fn()
+            err = float((out.float() - ref.float()).norm() / ref.float().norm())
+            ok = math.isfinite(err) and err < 1e-2
+            ms = bench(fn) if ok else float("nan")
+            row(case=name, n=n, ms=ms, tflops=flops / ms / 1e9, err=err, ok=ok)
+        except Exception as e:  # noqa: BLE001
+            row(case=name, n=n, error=f"{type(e).__name__}: {str(e)[:300]}")
+
+
 def profile_once(n):
     """One launch each of the library kernel and the two-tile variant (for ``ncu -k regex:...``)."""
     torch.manual_seed(0)
@@ -269,6 +298,7 @@ def main():
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--skip", default="")
     ap.add_argument("--profile", action="store_true", help="one launch per kernel, for ncu")
+    ap.add_argument("--only", default="", help="ws: only the warp-specialization experiment")
     a = ap.parse_args()
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=DEV))
     global H, HKV
@@ -278,6 +308,9 @@ def main():
     if a.profile:
         profile_once(a.n)
         return
+    if "ws" in a.only:
+        warp_specialized_section(a.n)
+        skip |= {"quest", "bs"}
     card = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
     log(card, torch.__version__, triton.__version__)
     try:
