@@ -143,6 +143,28 @@ def test_row_topk_ragged_and_forced_last():
         assert torch.equal(out[r, :kk].long(), row.topk(kk).indices.sort().values)
 
 
+@pytest.mark.parametrize("kind", ["gaussian", "ties", "wide", "forced"])
+def test_row_topk_is_exact_with_ties_and_forced_entries(kind):
+    # the threshold search must pick exactly the k largest (ties: lower index first) whatever the spread
+    g = torch.Generator().manual_seed(len(kind))
+    R, N = 24, 300
+    x = torch.randn(R, N, generator=g)
+    if kind == "ties":
+        x = (x * 2).round() / 2  # a handful of distinct values: many ties at the threshold
+    elif kind == "wide":
+        x = x * torch.logspace(-6, 6, N)[torch.randperm(N, generator=g)]  # values over 12 decades, both signs
+    elif kind == "forced":
+        x[:, ::7] = float("inf")  # 43 forced entries per row: more than k for the small k below
+    lengths = torch.randint(1, N + 1, (R,), generator=g, dtype=torch.int32)
+    for k in (1, 5, 40, N):
+        out = row_topk(x.to(DEV), lengths.to(DEV), k)
+        for r in range(R):
+            n_r = int(lengths[r])
+            kk = min(k, n_r)
+            want = torch.argsort(-x[r, :n_r], stable=True)[:kk].sort().values
+            assert torch.equal(out[r, :kk].long().cpu(), want), (kind, k, r)
+
+
 def test_window_scores_match_reference_estimate():
     q, k, _ = qkv(7, 1, 75, 16, torch.float32, seed=3)
     cols, slash, w = window_scores(q, k, 20, block=16)

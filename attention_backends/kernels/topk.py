@@ -1,10 +1,10 @@
 """Row-wise exact top-k in Triton for rows that fit one program (up to a few thousand entries).
 
 One program per row. The float32 scores are mapped to order-preserving int32 keys, the k-th largest key is
-found by bisection on the key space between the row's min and max (one compare-and-count over the row held
-in registers per step, stopping once exactly k keys lie above), and the winners -- every entry above the
-threshold plus the first entries equal to it, in index order -- are written as *ascending* indices through a
-prefix sum. No sort, no host sync, one launch.
+found by a bracketed root search on the key space (interpolation with the Illinois rule, halving when it
+stalls; one compare-and-count over the row held in registers per step, stopping once exactly k keys lie above), and the
+winners -- every entry above the threshold plus the first entries equal to it, in index order -- are written
+as *ascending* indices through a prefix sum. No sort, no host sync, one launch.
 
 Used by block_sparse (per query block: its causal key blocks, forced ones at +inf) and Quest (per
 (sequence, KV head): its pages, the current page at +inf).
@@ -20,24 +20,46 @@ from torch import Tensor
 
 @triton.jit
 def _order_key(x):
+    x = tl.where(x == 0, 0.0, x)  # -0.0 ties with +0.0, as in torch.topk
     bits = x.to(tl.int32, bitcast=True)
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 @triton.jit
 def _kth_largest_key(key, kk, valid):
-    """Largest int32 t with #(key >= t) >= kk (1 <= kk <= #valid), as int64: bisection on the key space
-    between the row's min and max valid key, stopping early as soon as exactly kk keys are >= mid
-    (usually ~15 compare-and-count steps instead of 32)."""
+    """Largest int32 t with #(key >= t) >= kk (1 <= kk <= #valid), as int64, or a t with exactly kk keys
+    ``>= t`` (the same selection). A bracketed root search for #(key >= t) = kk on the key space, between the
+    row's min and its largest finite key (+inf keys, the forced entries, start above the bracket): each step
+    interpolates linearly in the key (log-like in the value, so it copes with wide and heavy-tailed scores)
+    with the Illinois rule (the end kept twice in a row has its weight halved), and halves the bracket after
+    two steps that did not. One compare-and-count (a block-wide reduction) per step, stopping as soon as
+    exactly kk keys are ``>= t``. Against plain bisection (H100): a Quest step at 8192 pages 38.0 -> 36.1 us
+    (graph replay), the block-sparse index at 128K unchanged (1.96 / 1.98 ms: its top-k is not what costs)."""
     k64 = key.to(tl.int64)
+    INF_KEY: tl.constexpr = 0x7F800000
+    n_inf = tl.sum((valid & (k64 >= INF_KEY)).to(tl.int32), 0)
+    n_valid = tl.sum(valid.to(tl.int32), 0)
     lo = tl.min(tl.where(valid, k64, 2147483647), 0)
-    hi = tl.max(tl.where(valid, k64, -2147483648), 0)
+    hi = tl.max(tl.where(valid & (k64 < INF_KEY), k64, lo), 0)
+    lo = tl.where(n_inf >= kk, INF_KEY, lo)  # the forced entries alone fill kk
+    hi = tl.where(n_inf >= kk, INF_KEY, hi)
+    f_lo = (n_valid - kk).to(tl.float32) + 0.5  # #(key >= lo) - kk, > 0
+    f_hi = (n_inf - kk).to(tl.float32) - 0.5  # #(key >= hi + 1) - kk, < 0
+    side = tl.full([], 0, tl.int32)  # which end the last step moved: 1 lo, -1 hi
+    slow = tl.full([], 0, tl.int32)  # consecutive steps that kept more than half the bracket
     while lo < hi:
-        mid = lo + (hi - lo + 1) // 2
+        span = hi - lo
+        guess = lo + (span.to(tl.float32) * (f_lo / (f_lo - f_hi))).to(tl.int64)
+        mid = tl.where(slow >= 2, lo + (span + 1) // 2, tl.minimum(tl.maximum(guess, lo + 1), hi))
         cnt = tl.sum((valid & (k64 >= mid)).to(tl.int32), 0)
-        exact = cnt == kk
-        lo = tl.where(cnt >= kk, mid, lo)
-        hi = tl.where(exact, mid, tl.where(cnt >= kk, hi, mid - 1))
+        ge = cnt >= kk
+        f_mid = (cnt - kk).to(tl.float32) + tl.where(ge, 0.5, -0.5)
+        f_hi = tl.where(ge, tl.where(side == 1, f_hi * 0.5, f_hi), f_mid)
+        f_lo = tl.where(ge, f_mid, tl.where(side == -1, f_lo * 0.5, f_lo))
+        side = tl.where(ge, 1, -1)
+        lo = tl.where(ge, mid, lo)
+        hi = tl.where(cnt == kk, mid, tl.where(ge, hi, mid - 1))
+        slow = tl.where(slow >= 2, 0, tl.where(2 * (hi - lo) > span, slow + 1, 0))
     return lo
 
 
