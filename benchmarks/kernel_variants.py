@@ -276,6 +276,28 @@ def warp_specialized_section(n):
             row(case=name, n=n, error=f"{type(e).__name__}: {str(e)[:300]}")
 
 
+def index_section(n):
+    """The block-sparse index at n, piece by piece, and the row top-k under several warp counts."""
+    from attention_backends.kernels.index_vertical_slash import block_scores, mean_pool
+    from attention_backends.kernels.topk import causal_block_topk
+
+    log(f"=== block_sparse index n={n} ===")
+    torch.manual_seed(0)
+    q = torch.randn(H, n, D, device=DEV).to(torch.bfloat16)
+    k = torch.randn(HKV, n, D, device=DEV).to(torch.bfloat16)
+    top_k = max(3, top_k_for_ratio(n, 64, 10.0))
+    row(case="index: whole", n=n, ms=bench(lambda: M.block_sparse_index(q, k, 64, top_k)))
+    row(case="index: mean-pool q, k", n=n, ms=bench(lambda: (mean_pool(q, 64), mean_pool(k, 64))))
+    row(case="index: pool + block scores", n=n, ms=bench(lambda: block_scores(q, k, 64)))
+    s = block_scores(q, k, 64)
+    ref = causal_block_topk(s, top_k)
+    for warps in (1, 2, 4, 8):
+        got = causal_block_topk(s, top_k, num_warps=warps)
+        same = bool(torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]))
+        row(case=f"index: top-k warps={warps}", n=n, ms=bench(lambda: causal_block_topk(s, top_k, num_warps=warps)),
+            same=same)
+
+
 def profile_once(n):
     """One launch each of the library kernel and the two-tile variant (for ``ncu -k regex:...``)."""
     torch.manual_seed(0)
@@ -298,7 +320,8 @@ def main():
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--skip", default="")
     ap.add_argument("--profile", action="store_true", help="one launch per kernel, for ncu")
-    ap.add_argument("--only", default="", help="ws: only the warp-specialization experiment")
+    ap.add_argument("--only", default="",
+                    help="ws: only the warp-specialization experiment; index: only the block-sparse index")
     a = ap.parse_args()
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=DEV))
     global H, HKV
@@ -310,6 +333,10 @@ def main():
         return
     if "ws" in a.only:
         warp_specialized_section(a.n)
+        skip |= {"quest", "bs"}
+    if "index" in a.only:
+        for n in (a.n, 32768):
+            index_section(n)
         skip |= {"quest", "bs"}
     card = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
     log(card, torch.__version__, triton.__version__)
