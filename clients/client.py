@@ -30,8 +30,8 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, Self
 
 import httpx
 
@@ -157,6 +157,16 @@ def _error_from_response(status: int, headers: Mapping[str, str], content: bytes
     return _error_from_payload(payload, status, parse_retry_after(headers.get("retry-after")))
 
 
+def _payload(resp: httpx.Response) -> Any:
+    """A finished response's body: parsed JSON, else text; an error status raises its :class:`APIError`."""
+    if resp.status_code >= 400:
+        raise _error_from_response(resp.status_code, resp.headers, resp.content)
+    try:
+        return resp.json()
+    except ValueError:
+        return resp.text
+
+
 def _transport_error(e: httpx.HTTPError) -> APIError:
     err: APIError
     if isinstance(e, httpx.TimeoutException):
@@ -174,6 +184,19 @@ def _f(d: Mapping[str, Any] | None, key: str, default: float = 0.0) -> float:
     return float(v) if isinstance(v, (int, float)) else default
 
 
+def _scalars_from(cls: Any, d: Mapping[str, Any] | None) -> Any:
+    """``cls`` (a dataclass of str / int / float fields, all with defaults) from a JSON object: a missing or
+    mistyped number falls back to the field's default, a string field takes ``str`` of the value."""
+    d = d or {}
+    kw: dict[str, Any] = {}
+    for f in fields(cls):
+        if isinstance(f.default, str):
+            kw[f.name] = str(d.get(f.name, f.default))
+        else:
+            kw[f.name] = type(f.default)(_f(d, f.name, f.default))
+    return cls(**kw)
+
+
 @dataclass
 class Usage:
     prompt_tokens: int = 0
@@ -182,45 +205,35 @@ class Usage:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> Usage | None:
-        if not d:
-            return None
-        return cls(int(d.get("prompt_tokens") or 0), int(d.get("completion_tokens") or 0),
-                   int(d.get("total_tokens") or 0))
+        return _scalars_from(cls, d) if d else None
 
 
 @dataclass
-class PrefillReport:
+class _PhaseReport:
+    """What both phases report: the method that ran, its target and its achieved compression ratio."""
+
     method: str = "dense"
     target_compression_ratio: float = 1.0
     achieved_compression_ratio: float = 1.0
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> Self:
+        return _scalars_from(cls, d)
+
+
+@dataclass
+class PrefillReport(_PhaseReport):
     attention_flops: float = 0.0
     dense_attention_flops: float = 0.0
     indexing_flops: float = 0.0
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> PrefillReport:
-        d = d or {}
-        return cls(str(d.get("method", "dense")), _f(d, "target_compression_ratio", 1.0),
-                   _f(d, "achieved_compression_ratio", 1.0), _f(d, "attention_flops"),
-                   _f(d, "dense_attention_flops"), _f(d, "indexing_flops"))
-
 
 @dataclass
-class DecodeReport:
-    method: str = "dense"
-    target_compression_ratio: float = 1.0
-    achieved_compression_ratio: float = 1.0
+class DecodeReport(_PhaseReport):
     kv_bytes_read: float = 0.0
     dense_kv_bytes_read: float = 0.0
     metadata_bytes_read: float = 0.0
     kv_cache_tokens: int = 0
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> DecodeReport:
-        d = d or {}
-        return cls(str(d.get("method", "dense")), _f(d, "target_compression_ratio", 1.0),
-                   _f(d, "achieved_compression_ratio", 1.0), _f(d, "kv_bytes_read"),
-                   _f(d, "dense_kv_bytes_read"), _f(d, "metadata_bytes_read"), int(_f(d, "kv_cache_tokens")))
 
 
 @dataclass
@@ -521,12 +534,7 @@ class SparseClient(_Base):
         while True:
             try:
                 resp = self._http.request(method, path, json=body)
-                if resp.status_code >= 400:
-                    raise _error_from_response(resp.status_code, resp.headers, resp.content)
-                try:
-                    return resp.json(), attempt + 1
-                except ValueError:
-                    return resp.text, attempt + 1
+                return _payload(resp), attempt + 1
             except httpx.HTTPError as e:
                 err = _transport_error(e)
             except APIError as e:
@@ -664,12 +672,7 @@ class AsyncSparseClient(_Base):
         while True:
             try:
                 resp = await self._http.request(method, path, json=body)
-                if resp.status_code >= 400:
-                    raise _error_from_response(resp.status_code, resp.headers, resp.content)
-                try:
-                    return resp.json(), attempt + 1
-                except ValueError:
-                    return resp.text, attempt + 1
+                return _payload(resp), attempt + 1
             except httpx.HTTPError as e:
                 err = _transport_error(e)
             except APIError as e:

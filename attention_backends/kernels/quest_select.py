@@ -23,7 +23,16 @@ import triton.language as tl
 from torch import Tensor
 
 from .paged_decode import paged_decode
-from .topk import _kth_largest_key, _order_key
+from .topk import _kth_largest_key, _order_key, _select_write
+
+
+@triton.jit
+def _row_pages(bh, h_kv, LEN, slen_b, PAGE: tl.constexpr):
+    """Row ``bh = b * h_kv + kvh`` of the page tables: ``(b, kvh, tokens, pages)``."""
+    b = bh // h_kv
+    kvh = bh % h_kv
+    length = tl.load(LEN + b * slen_b + kvh)
+    return b, kvh, length, tl.cdiv(length, PAGE)
 
 
 @triton.jit
@@ -35,10 +44,7 @@ def _quest_scores_kernel(
 ):
     bh = tl.program_id(0)
     pb = tl.program_id(1)
-    b = bh // h_kv
-    kvh = bh % h_kv
-    length = tl.load(LEN + b * slen_b + kvh)
-    npages = tl.cdiv(length, PAGE)
+    b, kvh, length, npages = _row_pages(bh, h_kv, LEN, slen_b, PAGE)
     offs_d = tl.arange(0, HEAD_DIM)
     qpos = tl.zeros([HEAD_DIM], tl.float32)
     qneg = tl.zeros([HEAD_DIM], tl.float32)
@@ -63,10 +69,7 @@ def _quest_select_kernel(
     PAGE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     bh = tl.program_id(0)
-    b = bh // h_kv
-    kvh = bh % h_kv
-    length = tl.load(LEN + b * slen_b + kvh)
-    npages = tl.cdiv(length, PAGE)
+    b, kvh, length, npages = _row_pages(bh, h_kv, LEN, slen_b, PAGE)
     j = tl.arange(0, BLOCK)
     valid = j < npages
     x = tl.load(S + bh * s_r + j, mask=valid, other=0.0)
@@ -74,14 +77,8 @@ def _quest_select_kernel(
     key = _order_key(x)
     kk = tl.minimum(k_req, npages)
     thr = _kth_largest_key(key, tl.maximum(kk, 1), valid)
-    above = valid & (key.to(tl.int64) > thr)
-    n_above = tl.sum(above.to(tl.int32), 0)
-    tie = valid & (key.to(tl.int64) == thr)
-    tie_rank = tl.cumsum(tie.to(tl.int32), 0)
-    sel = above | (tie & (tie_rank <= kk - n_above))
-    pos = tl.cumsum(sel.to(tl.int32), 0) - 1
-    page_id = tl.load(PT + b * spt_b + kvh * spt_h + j, mask=sel, other=0)
-    tl.store(OPT + bh * so_r + pos, page_id, mask=sel)
+    page_id = tl.load(PT + b * spt_b + kvh * spt_h + j, mask=valid, other=0)
+    _select_write(key, page_id, valid, kk, thr, OPT + bh * so_r)  # the winners' page ids, in position order
     last_len = length - (npages - 1) * PAGE
     tl.store(OLEN + bh, tl.where(kk > 0, (kk - 1) * PAGE + last_len, 0))
 

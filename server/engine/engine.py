@@ -30,6 +30,7 @@ from .types import (
     GenerationRequest,
     RequestRejected,
     Tokenizer,
+    wait_drained,
 )
 
 log = logging.getLogger("sparse_serve.engine")
@@ -115,9 +116,7 @@ class NativeEngine:
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Stop admitting; let in-flight requests finish for up to ``timeout`` s, abort the rest, stop."""
         self._accepting = False
-        deadline = time.monotonic() + timeout
-        while self._requests and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await wait_drained(self._requests, timeout)
         for rid in list(self._requests):
             self._abort(rid)
         with self._lock:

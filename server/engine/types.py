@@ -7,7 +7,9 @@ request's :class:`RequestCost`, the source of the response's ``sparse`` field an
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sized
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -158,6 +160,14 @@ class Tokenizer(Protocol):
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str: ...
+
+
+async def wait_drained(requests: Sized, timeout: float) -> None:
+    """Graceful shutdown's first half, for either engine: wait until ``requests`` (the in-flight table) is
+    empty or ``timeout`` seconds have passed; the caller then aborts what is left."""
+    deadline = time.monotonic() + timeout
+    while len(requests) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
 
 
 class Engine(Protocol):

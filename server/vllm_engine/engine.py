@@ -12,7 +12,6 @@ tokens; it raises instead of silently serving dense.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import shutil
@@ -32,6 +31,7 @@ from server.engine.types import (
     RequestRejected,
     RequestTimings,
     TokenLogprob,
+    wait_drained,
 )
 
 from .accounting import COST_DIR_ENV, CostAccount
@@ -193,9 +193,7 @@ class VllmEngine:
 
     async def shutdown(self, timeout: float = 30.0) -> None:
         self._accepting = False
-        deadline = time.monotonic() + timeout
-        while self._requests and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await wait_drained(self._requests, timeout)
         for rid in list(self._requests):
             await self.abort(rid)
         if self._llm is not None:
