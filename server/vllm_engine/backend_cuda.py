@@ -1,8 +1,9 @@
-"""The sparse backend on CUDA: a new backend name (``SPARSE_ATTN``) over vLLM's FlashAttention backend.
+"""The sparse backend on CUDA: vLLM's ``CUSTOM`` backend slot, over vLLM's FlashAttention backend.
 
 Same mixins as the CPU backend. The sparse rows run eager PyTorch inside the attention op, so full CUDA
 graphs are turned off for this backend (``_cudagraph_support = NEVER``; piecewise graphs still capture
-everything but attention). Not tested here (no CUDA build of vLLM can run on this project's CI machines).
+everything but attention). Runs on the GPU machine with vLLM 0.25 (``benchmarks/e2e.py``, ``tests/gpu/``); CI
+has no CUDA build of vLLM.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ class SparseFlashAttentionBackend(FlashAttentionBackend):
 
     @staticmethod
     def get_name() -> str:
-        return "SPARSE_ATTN"
+        from .plugin import CUDA_BACKEND_NAME
+
+        return CUDA_BACKEND_NAME  # vLLM maps the name back to its enum member
 
     @staticmethod
     def get_impl_cls():

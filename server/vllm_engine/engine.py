@@ -53,7 +53,7 @@ class VllmOptions:
     tensor_parallel_size: int = 1
     enable_prefix_caching: bool = False  # a prefix-cache hit makes a sparse request run dense (docs/vllm.md)
     max_num_batched_tokens: int | None = None  # default: max_model_len, so prompts prefill in one chunk
-    enforce_eager: bool = True
+    enforce_eager: bool | None = None  # None: eager on the CPU (no compile in tests), vLLM's CUDA graphs on CUDA
     block_size: int | None = None
     seed: int = 0
     gpu_memory_utilization: float | None = None
@@ -118,7 +118,7 @@ class VllmEngine:
             max_num_seqs=o.max_num_seqs,
             max_num_batched_tokens=o.max_num_batched_tokens or max(self.max_model_len, 2048),
             enable_prefix_caching=o.enable_prefix_caching,
-            enforce_eager=o.enforce_eager,
+            enforce_eager=self._device() == "cpu" if o.enforce_eager is None else o.enforce_eager,
             tensor_parallel_size=o.tensor_parallel_size,
             seed=o.seed,
             disable_log_stats=True,
@@ -148,11 +148,12 @@ class VllmEngine:
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from .plugin import V2_PROCESSOR, register
+        from .plugin import V2_PROCESSOR, SparseSideChannelV2, register
 
         register()  # the entry point does this too; harmless twice, and makes a non-installed checkout work
         args = self.engine_args()
-        if args.create_engine_config(UsageContext.ENGINE_CONTEXT).use_v2_model_runner:
+        if SparseSideChannelV2 is not None and \
+                args.create_engine_config(UsageContext.ENGINE_CONTEXT).use_v2_model_runner:
             args = self.engine_args([V2_PROCESSOR])
         self._llm = AsyncLLM.from_engine_args(args)
         self._accepting = True

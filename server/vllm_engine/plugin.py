@@ -4,24 +4,29 @@
 
 * CPU: vLLM always uses ``CPU_ATTN`` there, so that member is overridden with
   :class:`~server.vllm_engine.backend.SparseCPUAttentionBackend`;
-* CUDA: a new backend ``SPARSE_ATTN`` (:class:`~server.vllm_engine.backend_cuda.SparseFlashAttentionBackend`),
-  selected with ``attention_config={"backend": "SPARSE_ATTN"}`` / ``--attention-backend SPARSE_ATTN``.
+* CUDA: vLLM's slot for a third-party backend, ``CUSTOM``, names
+  :class:`~server.vllm_engine.backend_cuda.SparseFlashAttentionBackend`, selected with
+  ``attention_config={"backend": "CUSTOM"}`` (vLLM looks a backend up by ``get_name()`` in its enum, so a new
+  name of our own is not an option).
 
 The side channel is a no-op logits processor (it never changes logits) that sees every request enter and
 leave the batch, keeps the slot -> spec table of :mod:`.worker_state`, and once per step (in ``apply``, after
 the forward, before sampling) writes the cost side files. There is one class per model runner:
 :class:`SparseSideChannelV1` (the V1 runner: CPU) and :class:`SparseSideChannelV2` (the V2 runner: CUDA
 default in 0.33). Pass the right one with ``logits_processors=[...]``; both validate the spec at admission
-(``validate_params``: a bad spec fails the request with a 400 before it is queued).
+(``validate_params``: a bad spec fails the request with a 400 before it is queued). vLLM 0.25's V2 runner takes
+no logits processors, so there :data:`SparseSideChannelV2` is None and vLLM runs the V1 runner (:mod:`.compat`).
 """
 
 from __future__ import annotations
 
 import logging
 
+from .compat import v2_logits_processor_base
+
 log = logging.getLogger("sparse_serve.vllm_engine")
 
-CUDA_BACKEND_NAME = "SPARSE_ATTN"
+CUDA_BACKEND_NAME = "CUSTOM"
 CPU_BACKEND_PATH = "server.vllm_engine.backend.SparseCPUAttentionBackend"
 CUDA_BACKEND_PATH = "server.vllm_engine.backend_cuda.SparseFlashAttentionBackend"
 V1_PROCESSOR = "server.vllm_engine.plugin:SparseSideChannelV1"
@@ -35,10 +40,8 @@ def register() -> None:
 
     if current_platform.is_cpu():
         register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND_PATH)
-    elif CUDA_BACKEND_NAME in AttentionBackendEnum.__members__:
-        register_backend(AttentionBackendEnum[CUDA_BACKEND_NAME], CUDA_BACKEND_PATH)
     else:
-        register_backend(CUDA_BACKEND_NAME, CUDA_BACKEND_PATH)
+        register_backend(AttentionBackendEnum[CUDA_BACKEND_NAME], CUDA_BACKEND_PATH)
 
 
 def _model_shape(vllm_config):
@@ -69,12 +72,6 @@ def _setup_worker(vllm_config) -> None:
 
 def _load_v1_base():
     from vllm.v1.sample.logits_processor import LogitsProcessor
-
-    return LogitsProcessor
-
-
-def _load_v2_base():
-    from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor
 
     return LogitsProcessor
 
@@ -116,8 +113,9 @@ class SparseSideChannelV1(_load_v1_base()):  # type: ignore[misc]
         return logits
 
 
-class SparseSideChannelV2(_load_v2_base()):  # type: ignore[misc]
-    """V2 runner: attention rows carry their request-table slot in ``CommonAttentionMetadata.req_idx``."""
+class _SparseSideChannelV2:
+    """V2 runner: attention rows carry their request-table slot in ``CommonAttentionMetadata.req_idx``.
+    Defined as :data:`SparseSideChannelV2` only where this vLLM's V2 runner takes logits processors."""
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
@@ -146,3 +144,8 @@ class SparseSideChannelV2(_load_v2_base()):  # type: ignore[misc]
         if ws.SLOTS:
             ws.end_step([int(s) for s in ctx.idx_mapping_np])
         return logits
+
+
+_V2_BASE = v2_logits_processor_base()
+SparseSideChannelV2 = (type("SparseSideChannelV2", (_SparseSideChannelV2, _V2_BASE), {})
+                       if _V2_BASE is not None else None)

@@ -1,0 +1,503 @@
+"""End-to-end benchmark: every engine on one model directory, each sparse method against vLLM dense.
+
+The yardstick of every GPU bar (docs/performance.md). One Qwen2.5-7B-shaped model with random bfloat16 weights
+is written once as a Hugging Face directory (with a word-level tokenizer of its vocabulary, so every engine
+loads the same files and nothing is downloaded); then each engine runs in its own process:
+
+* ``vllm``         bare vLLM, plugin off (``VLLM_PLUGINS=""``), vLLM's default settings: the baseline;
+* ``sparse-vllm``  ``sparse-serve --engine vllm`` (:class:`server.vllm_engine.engine.VllmEngine`): dense and each
+                   method at r=10;
+* ``native``       the native engine (:class:`server.engine.engine.NativeEngine`): dense and each method at r=10.
+
+What each engine measures (``--part`` picks a subset, so a run fits the device's 10-minute call limit):
+
+* ``ttft``     time to first token of one request alone (``max_tokens=1``) at 8K, 32K and 128K, for dense and each
+               prefill method; a warm-up request per pattern first (Triton compiles its kernels there);
+* ``decode``   decode tokens/s of B concurrent requests with 32K contexts (B = 1, 8, 32) and of one at 128K, for
+               dense and each decode method: all tokens that arrive while every request of the batch is decoding,
+               over that window (from the last first token to the first finish);
+* ``agree``    greedy tokens (32) of a 512-token prompt for dense and every method at ratio 1, and a batch of
+               8 requests with different patterns against each pattern alone.
+
+Prompts are random token ids (never reused, so no prefix cache hits). ``report`` merges the parts into
+``benchmarks/results/e2e-<card>-<date>.{json,md,png}``: ratios against vLLM dense of the same run.
+
+On the device (one lease, four calls back to back; the vLLM bundle of ``../shared/tools/vllm-gpu`` travels in
+the first three, see its README; the model directory stays in /tmp for the lease)::
+
+    1. bash .vllm-bundle/stash && python3 benchmarks/e2e.py write-model --dir /tmp/e2e-model &&
+       python3 benchmarks/e2e.py run --engine native --part ttft,agree,decode:1,decode:8 --dir /tmp/e2e-model --out $OUT/native-a.json
+    2. bash .vllm-bundle/stash && python3 benchmarks/e2e.py run --engine native --part decode:32,decode:long ... --out $OUT/native-b.json
+    3. bash .vllm-bundle/stash && export PYTHONPATH=/tmp/vllm-site &&
+       python3 benchmarks/e2e.py run --engine vllm --part all --dir /tmp/e2e-model --out $OUT/vllm.json
+    4. export PYTHONPATH=/tmp/vllm-site && python3 benchmarks/e2e.py run --engine sparse-vllm --part all ... --out $OUT/sparse-vllm.json
+
+then here: ``python benchmarks/e2e.py report PARTS.json... --out-dir benchmarks/results``. ``--tiny`` runs the
+same protocol on a tiny model with short prompts on the CPU (a smoke test; the test suite runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import random
+import re
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+QWEN25_7B = dict(num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, hidden_size=3584,
+                 intermediate_size=18944, vocab_size=152064, max_position_embeddings=131072 + 1024)
+# head dim 32: the smallest vLLM's CPU attention takes
+TINY = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=128,
+            intermediate_size=224, vocab_size=512, max_position_embeddings=4096)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Lengths and batches of one run; ``--tiny`` scales them down for the CPU."""
+
+    ttft_lengths: tuple[int, ...] = (8192, 32768, 131072)
+    decode_context: int = 32768
+    long_context: int = 131072
+    batches: tuple[int, ...] = (1, 8, 32)
+    decode_steps: int = 32  # steps measured after the last request of a batch has its first token
+    agree_prompt: int = 512
+    agree_tokens: int = 32
+    warmup_prompt: int = 4096
+
+
+TINY_PROTOCOL = Protocol(ttft_lengths=(256, 512, 1024), decode_context=512, long_context=1024, batches=(1, 2, 4),
+                         decode_steps=6, agree_prompt=128, agree_tokens=8, warmup_prompt=128)
+
+DENSE = "dense"
+PREFILL_PATTERNS = ("vertical_slash:10", "flexprefill:10", "block_sparse:10")
+DECODE_PATTERNS = ("quest:10", "snapkv:10", "ada_snapkv:10")
+AGREE_PATTERNS = ("dense", "vertical_slash:1", "flexprefill:1", "block_sparse:1", "quest:1", "snapkv:1",
+                  "ada_snapkv:1")
+MIXED_BATCH = ("dense", "vertical_slash:10", "flexprefill:10", "block_sparse:10", "quest:10", "snapkv:10",
+               "ada_snapkv:10", "block_sparse:4+quest:4")
+
+
+# ------------------------------------------------------------------------------------------ the model
+def write_model(directory: str, tiny: bool) -> None:
+    """A random Qwen2 directory (safetensors + config) and a word-level tokenizer of its vocabulary."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    shape = TINY if tiny else QWEN25_7B
+    cuda = torch.cuda.is_available() and not tiny
+    dtype = torch.bfloat16 if cuda else torch.float32
+    cfg = Qwen2Config(**shape, rope_theta=1e6, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None)
+    t0 = time.monotonic()
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("cuda" if cuda else "cpu"):
+            model = Qwen2ForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    model.save_pretrained(directory)
+    vocab = {f"t{i}": i for i in range(shape["vocab_size"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0").save_pretrained(directory)
+    print(f"wrote {directory}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, {dtype}, "
+          f"{time.monotonic() - t0:.0f} s", flush=True)
+
+
+# ------------------------------------------------------------------------------------------ the engines
+class Stream:
+    """Token arrival times of one request (a delta's tokens arrive together)."""
+
+    def __init__(self, submitted: float):
+        self.submitted = submitted
+        self.tokens: list[int] = []
+        self.times: list[float] = []
+        self.report: dict | None = None
+        self.error: str | None = None
+
+    def add(self, ids: list[int]) -> None:
+        now = time.monotonic()
+        self.tokens += ids
+        self.times += [now] * len(ids)
+
+
+class ServingEngine:
+    """``sparse-vllm`` and ``native``: anything with the server's Engine protocol."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    async def start(self) -> None:
+        await self.engine.start()
+
+    async def stop(self) -> None:
+        await self.engine.shutdown(timeout=5)
+
+    async def run(self, prompt: list[int], max_tokens: int, pattern: str) -> Stream:
+        from attention_backends import parse_pattern
+        from server.engine.types import GenerationRequest, SamplingParams
+
+        req = GenerationRequest(uuid.uuid4().hex, prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                                                          ignore_eos=True),
+                                parse_pattern(pattern))
+        s = Stream(time.monotonic())
+        async for out in self.engine.generate(req):
+            s.add(list(out.token_ids))
+            if out.finished:
+                s.error = out.error
+                if out.cost is not None:
+                    p, d = out.cost.prefill, out.cost.decode
+                    s.report = {"prefill_method": p.method, "prefill_ratio": p.achieved_compression_ratio,
+                                "decode_method": d.method, "decode_ratio": d.achieved_compression_ratio,
+                                "fallback": getattr(p, "fallback", None)}
+        return s
+
+
+class BareVllm:
+    """vLLM's AsyncLLM with this project's plugin off and vLLM's default settings."""
+
+    def __init__(self, model: str, max_model_len: int, cpu: bool):
+        os.environ["VLLM_PLUGINS"] = ""  # before vLLM reads its environment
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        kwargs = dict(model=model, max_model_len=max_model_len, seed=0, disable_log_stats=True)
+        if cpu:  # the same CPU settings VllmEngine uses, so the tiny run compares like with like
+            kwargs.update(dtype="float32", gpu_memory_utilization=0.05, kv_cache_memory_bytes=1 << 30,
+                          enforce_eager=True, distributed_executor_backend="uni")
+        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        self.llm.shutdown()
+
+    async def run(self, prompt: list[int], max_tokens: int, pattern: str) -> Stream:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        assert pattern == DENSE, "bare vLLM serves dense only"
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                                output_kind=RequestOutputKind.DELTA)
+        s = Stream(time.monotonic())
+        async for out in self.llm.generate({"prompt_token_ids": prompt}, params, uuid.uuid4().hex):
+            s.add(list(out.outputs[0].token_ids))
+        return s
+
+
+def make_engine(name: str, model: str, max_model_len: int, tiny: bool):
+    cpu = tiny
+    if name == "vllm":
+        return BareVllm(model, max_model_len, cpu)
+    if name == "sparse-vllm":
+        from server.vllm_engine.engine import VllmEngine, VllmOptions
+
+        # 0.75 of the GPU for vLLM's pool (bare vLLM takes 0.9): the sparse path keeps side copies of the KV
+        # its methods read outside that pool (docs/vllm.md); the 32K x 32 dense batch still fits.
+        return ServingEngine(VllmEngine(VllmOptions(model=model, max_model_len=max_model_len, max_num_seqs=64,
+                                                    gpu_memory_utilization=None if cpu else 0.75)))
+    if name == "native":
+        from server.engine.engine import EngineOptions, NativeEngine
+
+        memory = (256 << 20) if cpu else (96 << 30)
+        return ServingEngine(NativeEngine.from_options(EngineOptions(model=model, max_model_len=max_model_len,
+                                                                     kv_cache_memory=memory, max_num_seqs=64,
+                                                                     device="cpu" if cpu else "auto")))
+    raise SystemExit(f"unknown engine {name!r}")
+
+
+# ------------------------------------------------------------------------------------------ measurements
+class Bench:
+    def __init__(self, engine, protocol: Protocol, vocab: int, sparse: bool, seed: int = 0):
+        self.engine, self.p, self.vocab, self.sparse = engine, protocol, vocab, sparse
+        self.rng = random.Random(seed)
+        self.warm: set[str] = set()
+
+    def prompt(self, n: int) -> list[int]:
+        return [self.rng.randrange(self.vocab) for _ in range(n)]
+
+    async def warmup(self, pattern: str) -> None:
+        if pattern not in self.warm:
+            await self.engine.run(self.prompt(self.p.warmup_prompt), 4, pattern)
+            self.warm.add(pattern)
+
+    async def ttft(self) -> list[dict]:
+        rows = []
+        for pattern in (DENSE, *PREFILL_PATTERNS) if self.sparse else (DENSE,):
+            await self.warmup(pattern)
+            for n in self.p.ttft_lengths:
+                s = await self.engine.run(self.prompt(n), 1, pattern)
+                rows.append({"pattern": pattern, "length": n, "ttft_s": s.times[0] - s.submitted if s.times else None,
+                             "report": s.report, "error": s.error})
+                log(f"ttft {pattern:<18} {n:>7}: {rows[-1]['ttft_s']:.3f} s  {s.report or ''}")
+        return rows
+
+    async def decode(self, batch: int, context: int) -> list[dict]:
+        rows = []
+        for pattern in (DENSE, *DECODE_PATTERNS) if self.sparse else (DENSE,):
+            await self.warmup(pattern)
+            # requests prefill one after another, so the first decodes about `batch` tokens before the last starts
+            max_tokens = batch + self.p.decode_steps
+            streams = await asyncio.gather(*(self.engine.run(self.prompt(context), max_tokens, pattern)
+                                             for _ in range(batch)))
+            rows.append({"pattern": pattern, "batch": batch, "context": context, **window_rate(streams),
+                         "report": streams[0].report, "error": next((s.error for s in streams if s.error), None)})
+            log(f"decode {pattern:<16} B={batch:<3} ctx={context:>7}: {rows[-1]['tokens_per_s']:.1f} tok/s "
+                f"({rows[-1]['window_tokens']} tokens in {rows[-1]['window_s']:.2f} s)  {streams[0].report or ''}")
+        return rows
+
+    async def agree(self) -> dict:
+        # the same prompt in every engine's run (the other prompts only need to be fresh)
+        prompt = [random.Random(1234).randrange(self.vocab) for _ in range(self.p.agree_prompt)]
+        n = self.p.agree_tokens
+        solo = {}
+        for pattern in AGREE_PATTERNS if self.sparse else (DENSE,):
+            solo[pattern] = (await self.engine.run(prompt, n, pattern)).tokens
+        result: dict = {"prompt": prompt, "solo": solo}
+        if self.sparse:
+            alone = {pt: (await self.engine.run(prompt, n, pt)).tokens for pt in MIXED_BATCH}
+            mixed = await asyncio.gather(*(self.engine.run(prompt, n, pt) for pt in MIXED_BATCH))
+            result["mixed"] = {pt: {"alone": alone[pt], "batched": s.tokens,
+                                    "agree_prefix": agree_prefix(alone[pt], s.tokens)}
+                               for pt, s in zip(MIXED_BATCH, mixed, strict=True)}
+            for pt, r in result["mixed"].items():
+                log(f"mixed batch {pt:<22} agrees for {r['agree_prefix']}/{n} tokens")
+        return result
+
+
+def window_rate(streams: list[Stream]) -> dict:
+    """Tokens/s of the whole batch while every request decodes: from the last first token to the first finish."""
+    t0 = max(s.times[0] for s in streams)
+    t1 = min(s.times[-1] for s in streams)
+    tokens = sum(sum(1 for t in s.times if t0 < t <= t1) for s in streams)
+    span = t1 - t0
+    return {"window_tokens": tokens, "window_s": span, "tokens_per_s": tokens / span if span > 0 else None}
+
+
+def agree_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+PARTS = ("ttft", "agree", "decode:1", "decode:8", "decode:32", "decode:long")  # "all"; any decode:<batch> is valid
+
+
+async def run(args) -> None:
+    protocol = TINY_PROTOCOL if args.tiny else Protocol()
+    parts = PARTS if args.part == "all" else tuple(args.part.split(","))
+    unknown = [p for p in parts if p not in PARTS and not re.fullmatch(r"decode:[1-9][0-9]*", p)]
+    if unknown:
+        raise SystemExit(f"unknown parts {unknown}; choose from {', '.join(PARTS)}, decode:<batch> or all")
+    config = json.loads((Path(args.dir) / "config.json").read_text())
+    max_len = protocol.long_context + 256
+    t0 = time.monotonic()
+    engine = make_engine(args.engine, args.dir, max_len, args.tiny)
+    await engine.start()
+    load_s = time.monotonic() - t0
+    log(f"{args.engine} ready in {load_s:.0f} s")
+    bench = Bench(engine, protocol, config["vocab_size"], sparse=args.engine != "vllm")
+    result: dict = {"engine": args.engine, "device": device_name(), "load_s": load_s, "parts": list(parts),
+                    "protocol": protocol.__dict__, "ttft": [], "decode": [], "versions": versions()}
+    try:
+        for part in parts:
+            if part == "ttft":
+                result["ttft"] = await bench.ttft()
+            elif part == "agree":
+                result["agree"] = await bench.agree()
+            elif part == "decode:long":
+                result["decode"] += await bench.decode(1, protocol.long_context)
+            else:
+                result["decode"] += await bench.decode(int(part.split(":")[1]), protocol.decode_context)
+            Path(args.out).write_text(json.dumps(result, indent=1))  # what is done survives a later failure
+    finally:
+        await engine.stop()
+    log(f"wrote {args.out}")
+
+
+def device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def versions() -> dict:
+    import torch
+
+    out = {"torch": torch.__version__}
+    try:
+        import vllm
+
+        out["vllm"] = vllm.__version__
+    except ImportError:
+        pass
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the report
+def merge(paths: list[str]) -> dict:
+    """One record per engine from its part files."""
+    engines: dict[str, dict] = {}
+    for path in paths:
+        part = json.loads(Path(path).read_text())
+        e = engines.setdefault(part["engine"], {"device": part["device"], "ttft": [], "decode": [], "load_s": [],
+                                                 "versions": part["versions"]})
+        e["ttft"] += part["ttft"]
+        e["decode"] += part["decode"]
+        e["load_s"].append(part["load_s"])
+        if "agree" in part:
+            e["agree"] = part["agree"]
+    return engines
+
+
+def ratios(engines: dict) -> list[dict]:
+    """Every (engine, pattern, case) against vLLM dense of the same run: TTFT speedup and decode speedup."""
+    base = engines.get("vllm", {})
+    base_ttft = {r["length"]: r["ttft_s"] for r in base.get("ttft", []) if r["pattern"] == DENSE}
+    base_dec = {(r["batch"], r["context"]): r["tokens_per_s"] for r in base.get("decode", []) if r["pattern"] == DENSE}
+    rows = []
+    for name, e in engines.items():
+        for r in e["ttft"]:
+            b = base_ttft.get(r["length"])
+            rows.append({"engine": name, "pattern": r["pattern"], "case": f"TTFT {tokens_label(r['length'])}",
+                         "value": r["ttft_s"], "unit": "s",
+                         "speedup": b / r["ttft_s"] if b and r["ttft_s"] else None})
+        for r in e["decode"]:
+            b = base_dec.get((r["batch"], r["context"]))
+            rows.append({"engine": name, "pattern": r["pattern"],
+                         "case": f"decode B={r['batch']} {tokens_label(r['context'])}", "value": r["tokens_per_s"],
+                         "unit": "tok/s", "speedup": r["tokens_per_s"] / b if b and r["tokens_per_s"] else None})
+    return rows
+
+
+def agreement(engines: dict) -> list[dict]:
+    """Greedy tokens of every pattern at ratio 1 against bare vLLM's dense tokens (same prompt and model)."""
+    ref = engines.get("vllm", {}).get("agree", {}).get("solo", {}).get(DENSE)
+    rows = []
+    for name, e in engines.items():
+        for pattern, tokens in e.get("agree", {}).get("solo", {}).items():
+            rows.append({"engine": name, "pattern": pattern, "tokens": len(tokens),
+                         "agree_with_vllm_dense": agree_prefix(ref, tokens) if ref else None})
+        for pattern, m in e.get("agree", {}).get("mixed", {}).items():
+            rows.append({"engine": name, "pattern": f"{pattern} (batch of 8 vs alone)", "tokens": len(m["alone"]),
+                         "agree_with_vllm_dense": None, "mixed_agree_prefix": m["agree_prefix"]})
+    return rows
+
+
+def tokens_label(n: int) -> str:
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def pivot(rows: list[dict], kind: str) -> list[str]:
+    """A Markdown table: one row per (engine, pattern), one column per case, cells "value (speedup)"."""
+    rows = [r for r in rows if r["case"].startswith(kind)]
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    cell = {(r["engine"], r["pattern"], r["case"]): r for r in rows}
+    out = ["| engine | pattern | " + " | ".join(cases) + " |", "|---|---|" + "---|" * len(cases)]
+    for engine, pattern in dict.fromkeys((r["engine"], r["pattern"]) for r in rows):
+        cells = []
+        for case in cases:
+            r = cell.get((engine, pattern, case))
+            if r is None or r["value"] is None:
+                cells.append("-")
+                continue
+            value = f"{r['value']:.3f} s" if r["unit"] == "s" else f"{r['value']:.1f}"
+            cells.append(value + (f" ({r['speedup']:.2f}x)" if r["speedup"] else ""))
+        out.append(f"| {engine} | {pattern} | " + " | ".join(cells) + " |")
+    return out
+
+
+def report(paths: list[str], out_dir: str) -> Path:
+    engines = merge(paths)
+    card = next(iter(engines.values()))["device"]
+    stem = Path(out_dir) / f"e2e-{card.replace(' ', '-')}-{dt.date.today().isoformat()}"
+    rows, agree = ratios(engines), agreement(engines)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps({"card": card, "engines": engines, "ratios": rows,
+                                                     "agreement": agree}, indent=1))
+    lines = [f"# End-to-end benchmark on {card}, {dt.date.today().isoformat()}", "",
+             f"`python benchmarks/e2e.py report {' '.join(Path(p).name for p in paths)}` over the part files of the "
+             "device calls in `benchmarks/e2e.py`'s docstring. In brackets: speedup against bare vLLM dense of the "
+             "same run (TTFT: vLLM's time over this time; decode: this rate over vLLM's).", "",
+             "## Time to first token (one request alone)", "", *pivot(rows, "TTFT"), "",
+             "## Decode tokens/s (all requests of the batch together)", "", *pivot(rows, "decode"), "",
+             "## Greedy agreement", "",
+             "| engine | pattern | tokens | agreeing prefix with vLLM dense | batch of 8 vs alone |",
+             "|---|---|---|---|---|"]
+    for r in agree:
+        lines.append(f"| {r['engine']} | {r['pattern']} | {r['tokens']} | {r.get('agree_with_vllm_dense') if r.get('agree_with_vllm_dense') is not None else '-'} | "
+                     f"{r.get('mixed_agree_prefix', '-')} |")
+    lines += ["", "Load times (s): " + ", ".join(f"{k} {', '.join(f'{x:.0f}' for x in e['load_s'])}"
+                                                  for k, e in engines.items()),
+              "Versions: " + ", ".join(f"{k} {e['versions']}" for k, e in engines.items()), ""]
+    stem.with_suffix(".md").write_text("\n".join(lines))
+    chart(rows, stem.with_suffix(".png"), card)
+    print(f"wrote {stem}.json, .md and .png")
+    return stem
+
+
+def chart(rows: list[dict], path: Path, card: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = sorted({r["case"] for r in rows}, key=lambda c: (not c.startswith("TTFT"), c))
+    series = sorted({(r["engine"], r["pattern"]) for r in rows})
+    fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(cases)), 5))
+    width = 0.8 / max(len(series), 1)
+    for i, (engine, pattern) in enumerate(series):
+        vals = {r["case"]: r["speedup"] for r in rows if (r["engine"], r["pattern"]) == (engine, pattern)}
+        xs = [c + i * width for c, case in enumerate(cases) if vals.get(case)]
+        ys = [vals[case] for case in cases if vals.get(case)]
+        ax.bar(xs, ys, width, label=f"{engine} {pattern}")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))], cases, rotation=20)
+    ax.set_ylabel("speedup vs bare vLLM dense (same run)")
+    ax.set_title(f"sparse-serve end to end, {card}")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    w = sub.add_parser("write-model", help="write the random Qwen2.5-7B-shaped model directory")
+    w.add_argument("--dir", required=True)
+    w.add_argument("--tiny", action="store_true", help="a tiny model for a CPU smoke run")
+    r = sub.add_parser("run", help="measure one engine; writes a part file")
+    r.add_argument("--engine", required=True, choices=["vllm", "sparse-vllm", "native"])
+    r.add_argument("--dir", required=True, help="the model directory write-model wrote")
+    r.add_argument("--part", default="all",
+                   help=f"comma-separated subset of {', '.join(PARTS)} (decode:<batch> for any batch), or all")
+    r.add_argument("--out", required=True, help="the part file (JSON) to write")
+    r.add_argument("--tiny", action="store_true", help="tiny protocol (short prompts, small batches) on the CPU")
+    p = sub.add_parser("report", help="merge part files into the recorded JSON, Markdown table and PNG chart")
+    p.add_argument("parts", nargs="+")
+    p.add_argument("--out-dir", default="benchmarks/results")
+    args = ap.parse_args()
+    if args.cmd == "write-model":
+        write_model(args.dir, args.tiny)
+    elif args.cmd == "run":
+        asyncio.run(run(args))
+    else:
+        report(args.parts, args.out_dir)
+
+
+if __name__ == "__main__":
+    main()

