@@ -79,7 +79,7 @@ TINY_PROTOCOL = Protocol(ttft_lengths=(256, 512, 1024), decode_context=512, long
 
 DENSE = "dense"
 PREFILL_PATTERNS = ("vertical_slash:10", "flexprefill:10", "block_sparse:10")
-DECODE_PATTERNS = ("quest:10", "snapkv:10", "ada_snapkv:10")
+DECODE_PATTERNS = ("snapkv:10", "ada_snapkv:10", "quest:10")  # quest last: on vLLM its side copy is the largest
 AGREE_PATTERNS = ("dense", "vertical_slash:1", "flexprefill:1", "block_sparse:1", "quest:1", "snapkv:1",
                   "ada_snapkv:1")
 MIXED_BATCH = ("dense", "vertical_slash:10", "flexprefill:10", "block_sparse:10", "quest:10", "snapkv:10",
@@ -219,11 +219,21 @@ def make_engine(name: str, model: str, max_model_len: int, tiny: bool):
 
 
 # ------------------------------------------------------------------------------------------ measurements
+class OutOfTime(Exception):
+    pass
+
+
 class Bench:
-    def __init__(self, engine, protocol: Protocol, vocab: int, sparse: bool, seed: int = 0):
+    def __init__(self, engine, protocol: Protocol, vocab: int, sparse: bool, deadline: float | None = None,
+                 seed: int = 0):
         self.engine, self.p, self.vocab, self.sparse = engine, protocol, vocab, sparse
+        self.deadline = deadline  # time.monotonic() after which no new measurement starts
         self.rng = random.Random(seed)
         self.warm: set[str] = set()
+
+    def check_time(self) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise OutOfTime
 
     def prompt(self, n: int) -> list[int]:
         return [self.rng.randrange(self.vocab) for _ in range(n)]
@@ -233,20 +243,21 @@ class Bench:
             await self.engine.run(self.prompt(self.p.warmup_prompt), 4, pattern)
             self.warm.add(pattern)
 
-    async def ttft(self) -> list[dict]:
-        rows = []
+    async def ttft(self, rows: list[dict]) -> None:
+        """Appends to ``rows`` as it goes, so a deadline or a failure keeps what was measured."""
         for pattern in (DENSE, *PREFILL_PATTERNS) if self.sparse else (DENSE,):
+            self.check_time()
             await self.warmup(pattern)
             for n in self.p.ttft_lengths:
+                self.check_time()
                 s = await self.engine.run(self.prompt(n), 1, pattern)
                 rows.append({"pattern": pattern, "length": n, "ttft_s": s.times[0] - s.submitted if s.times else None,
                              "report": s.report, "error": s.error})
                 log(f"ttft {pattern:<18} {n:>7}: {rows[-1]['ttft_s']:.3f} s  {s.report or ''}")
-        return rows
 
-    async def decode(self, batch: int, context: int) -> list[dict]:
-        rows = []
+    async def decode(self, batch: int, context: int, rows: list[dict]) -> None:
         for pattern in (DENSE, *DECODE_PATTERNS) if self.sparse else (DENSE,):
+            self.check_time()
             await self.warmup(pattern)
             # requests prefill one after another, so the first decodes about `batch` tokens before the last starts
             max_tokens = batch + self.p.decode_steps
@@ -256,7 +267,6 @@ class Bench:
                          "report": streams[0].report, "error": next((s.error for s in streams if s.error), None)})
             log(f"decode {pattern:<16} B={batch:<3} ctx={context:>7}: {rows[-1]['tokens_per_s']:.1f} tok/s "
                 f"({rows[-1]['window_tokens']} tokens in {rows[-1]['window_s']:.2f} s)  {streams[0].report or ''}")
-        return rows
 
     async def agree(self) -> dict:
         # the same prompt in every engine's run (the other prompts only need to be fresh)
@@ -310,23 +320,38 @@ async def run(args) -> None:
     await engine.start()
     load_s = time.monotonic() - t0
     log(f"{args.engine} ready in {load_s:.0f} s")
-    bench = Bench(engine, protocol, config["vocab_size"], sparse=args.engine != "vllm")
+    deadline = t0 + args.deadline if args.deadline else None
+    bench = Bench(engine, protocol, config["vocab_size"], sparse=args.engine != "vllm", deadline=deadline)
     result: dict = {"engine": args.engine, "device": device_name(), "load_s": load_s, "parts": list(parts),
                     "protocol": protocol.__dict__, "ttft": [], "decode": [], "versions": versions()}
     try:
         for part in parts:
-            if part == "ttft":
-                result["ttft"] = await bench.ttft()
-            elif part == "agree":
-                result["agree"] = await bench.agree()
-            elif part == "decode:long":
-                result["decode"] += await bench.decode(1, protocol.long_context)
-            else:
-                result["decode"] += await bench.decode(int(part.split(":")[1]), protocol.decode_context)
+            try:
+                await run_part(bench, part, result)
+            except OutOfTime:
+                result["stopped"] = f"deadline of {args.deadline} s reached before part {part}"
+                log(result["stopped"])
+                break
+            except Exception as e:  # an engine that died: keep what was measured, say what failed
+                result.setdefault("errors", []).append(f"{part}: {type(e).__name__}: {e}")
+                log(f"part {part} failed: {e!r}")
             Path(args.out).write_text(json.dumps(result, indent=1))  # what is done survives a later failure
     finally:
+        Path(args.out).write_text(json.dumps(result, indent=1))
         await engine.stop()
     log(f"wrote {args.out}")
+
+
+async def run_part(bench: Bench, part: str, result: dict) -> None:
+    protocol = bench.p
+    if part == "ttft":
+        await bench.ttft(result["ttft"])
+    elif part == "agree":
+        result["agree"] = await bench.agree()
+    elif part == "decode:long":
+        await bench.decode(1, protocol.long_context, result["decode"])
+    else:
+        await bench.decode(int(part.split(":")[1]), protocol.decode_context, result["decode"])
 
 
 def device_name() -> str:
@@ -487,6 +512,9 @@ def main() -> None:
                    help=f"comma-separated subset of {', '.join(PARTS)} (decode:<batch> for any batch), or all")
     r.add_argument("--out", required=True, help="the part file (JSON) to write")
     r.add_argument("--tiny", action="store_true", help="tiny protocol (short prompts, small batches) on the CPU")
+    r.add_argument("--deadline", type=float, default=None,
+                   help="seconds after start (model load included) past which no new measurement starts, so a "
+                        "device call ends inside its limit with what it measured")
     p = sub.add_parser("report", help="merge part files into the recorded JSON, Markdown table and PNG chart")
     p.add_argument("parts", nargs="+")
     p.add_argument("--out-dir", default="benchmarks/results")
