@@ -14,8 +14,8 @@ What each engine measures (``--part`` picks a subset, so a run fits the device's
 * ``ttft``     time to first token of one request alone (``max_tokens=1``) at 8K, 32K and 128K, for dense and each
                prefill method; a warm-up request per pattern first (Triton compiles its kernels there);
 * ``decode``   decode tokens/s of B concurrent requests with 32K contexts (B = 1, 8, 32) and of one at 128K, for
-               dense and each decode method: all tokens that arrive while every request of the batch is decoding,
-               over that window (from the last first token to the first finish);
+               dense and each decode method: the tokens delivered during a 3 s window that opens once every request
+               of the batch has its first token (then the requests are aborted);
 * ``agree``    greedy tokens (32) of a 512-token prompt for dense and every method at ratio 1, and a batch of
                8 requests with different patterns against each pattern alone.
 
@@ -54,7 +54,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 QWEN25_7B = dict(num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, hidden_size=3584,
-                 intermediate_size=18944, vocab_size=152064, max_position_embeddings=131072 + 1024)
+                 intermediate_size=18944, vocab_size=152064, max_position_embeddings=131072 + 8192)
 # head dim 32: the smallest vLLM's CPU attention takes
 TINY = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=128,
             intermediate_size=224, vocab_size=512, max_position_embeddings=4096)
@@ -68,14 +68,16 @@ class Protocol:
     decode_context: int = 32768
     long_context: int = 131072
     batches: tuple[int, ...] = (1, 8, 32)
-    decode_steps: int = 32  # steps measured after the last request of a batch has its first token
+    decode_window_s: float = 3.0  # decode measured over this long once every request of the batch has a token
+    decode_max_tokens: int = 2048  # never reached inside the window: the requests are aborted after it
     agree_prompt: int = 512
     agree_tokens: int = 32
     warmup_prompt: int = 4096
 
 
 TINY_PROTOCOL = Protocol(ttft_lengths=(256, 512, 1024), decode_context=512, long_context=1024, batches=(1, 2, 4),
-                         decode_steps=6, agree_prompt=128, agree_tokens=8, warmup_prompt=128)
+                         decode_window_s=0.5, decode_max_tokens=256, agree_prompt=128, agree_tokens=8,
+                         warmup_prompt=128)
 
 DENSE = "dense"
 PREFILL_PATTERNS = ("vertical_slash:10", "flexprefill:10", "block_sparse:10")
@@ -119,7 +121,8 @@ def write_model(directory: str, tiny: bool) -> None:
 class Stream:
     """Token arrival times of one request (a delta's tokens arrive together)."""
 
-    def __init__(self, submitted: float):
+    def __init__(self, request_id: str, submitted: float):
+        self.request_id = request_id
         self.submitted = submitted
         self.tokens: list[int] = []
         self.times: list[float] = []
@@ -144,14 +147,17 @@ class ServingEngine:
     async def stop(self) -> None:
         await self.engine.shutdown(timeout=5)
 
-    async def run(self, prompt: list[int], max_tokens: int, pattern: str) -> Stream:
+    async def abort(self, request_id: str) -> None:
+        await self.engine.abort(request_id)
+
+    async def run(self, prompt: list[int], max_tokens: int, pattern: str, s: Stream | None = None) -> Stream:
         from attention_backends import parse_pattern
         from server.engine.types import GenerationRequest, SamplingParams
 
-        req = GenerationRequest(uuid.uuid4().hex, prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0,
-                                                                          ignore_eos=True),
+        s = s or Stream(uuid.uuid4().hex, time.monotonic())
+        req = GenerationRequest(s.request_id, prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                                                      ignore_eos=True),
                                 parse_pattern(pattern))
-        s = Stream(time.monotonic())
         async for out in self.engine.generate(req):
             s.add(list(out.token_ids))
             if out.finished:
@@ -184,15 +190,18 @@ class BareVllm:
     async def stop(self) -> None:
         self.llm.shutdown()
 
-    async def run(self, prompt: list[int], max_tokens: int, pattern: str) -> Stream:
+    async def abort(self, request_id: str) -> None:
+        await self.llm.abort(request_id)
+
+    async def run(self, prompt: list[int], max_tokens: int, pattern: str, s: Stream | None = None) -> Stream:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         assert pattern == DENSE, "bare vLLM serves dense only"
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
                                 output_kind=RequestOutputKind.DELTA)
-        s = Stream(time.monotonic())
-        async for out in self.llm.generate({"prompt_token_ids": prompt}, params, uuid.uuid4().hex):
+        s = s or Stream(uuid.uuid4().hex, time.monotonic())
+        async for out in self.llm.generate({"prompt_token_ids": prompt}, params, s.request_id):
             s.add(list(out.outputs[0].token_ids))
         return s
 
@@ -211,7 +220,9 @@ def make_engine(name: str, model: str, max_model_len: int, tiny: bool):
     if name == "native":
         from server.engine.engine import EngineOptions, NativeEngine
 
-        memory = (256 << 20) if cpu else (96 << 30)
+        # 80 GiB: room for 32 x (32K + decode_max_tokens) worst-case reservations, and for a 128K prefill's
+        # activations beside it (96 GiB ran out of memory there on an H200)
+        memory = (256 << 20) if cpu else (80 << 30)
         return ServingEngine(NativeEngine.from_options(EngineOptions(model=model, max_model_len=max_model_len,
                                                                      kv_cache_memory=memory, max_num_seqs=64,
                                                                      device="cpu" if cpu else "auto")))
@@ -253,20 +264,45 @@ class Bench:
                 s = await self.engine.run(self.prompt(n), 1, pattern)
                 rows.append({"pattern": pattern, "length": n, "ttft_s": s.times[0] - s.submitted if s.times else None,
                              "report": s.report, "error": s.error})
-                log(f"ttft {pattern:<18} {n:>7}: {rows[-1]['ttft_s']:.3f} s  {s.report or ''}")
+                log(f"ttft {pattern:<18} {n:>7}: {rows[-1]['ttft_s'] or 0:.3f} s  {s.report or ''} {s.error or ''}")
 
     async def decode(self, batch: int, context: int, rows: list[dict]) -> None:
         for pattern in (DENSE, *DECODE_PATTERNS) if self.sparse else (DENSE,):
             self.check_time()
             await self.warmup(pattern)
-            # requests prefill one after another, so the first decodes about `batch` tokens before the last starts
-            max_tokens = batch + self.p.decode_steps
-            streams = await asyncio.gather(*(self.engine.run(self.prompt(context), max_tokens, pattern)
-                                             for _ in range(batch)))
-            rows.append({"pattern": pattern, "batch": batch, "context": context, **window_rate(streams),
-                         "report": streams[0].report, "error": next((s.error for s in streams if s.error), None)})
-            log(f"decode {pattern:<16} B={batch:<3} ctx={context:>7}: {rows[-1]['tokens_per_s']:.1f} tok/s "
-                f"({rows[-1]['window_tokens']} tokens in {rows[-1]['window_s']:.2f} s)  {streams[0].report or ''}")
+            rows.append({"pattern": pattern, "batch": batch, "context": context,
+                         **await self.steady_decode(batch, context, pattern)})
+            r = rows[-1]
+            log(f"decode {pattern:<16} B={batch:<3} ctx={context:>7}: {r['tokens_per_s'] or 0:.1f} tok/s "
+                f"({r['window_tokens']} tokens in {r['window_s']:.2f} s)  {r['report'] or ''} {r['error'] or ''}")
+
+    async def steady_decode(self, batch: int, context: int, pattern: str) -> dict:
+        """Tokens/s of ``batch`` concurrent requests once every one of them decodes: the tokens delivered during a
+        fixed window that opens when the last request has its first token; then the requests are aborted. A window
+        in time, not in tokens, so that engines that deliver several tokens in one delta are counted alike."""
+        streams = [Stream(uuid.uuid4().hex, time.monotonic()) for _ in range(batch)]
+        tasks = [asyncio.create_task(self.engine.run(self.prompt(context), self.p.decode_max_tokens, pattern, s))
+                 for s in streams]
+        result = {"window_tokens": 0, "window_s": 0.0, "tokens_per_s": None, "report": None, "error": None}
+        try:
+            while not all(s.tokens for s in streams):
+                if any(t.done() for t in tasks):  # a request ended before the batch was decoding: an error
+                    break
+                await asyncio.sleep(0.005)
+            else:
+                t0, n0 = time.monotonic(), sum(len(s.tokens) for s in streams)
+                await asyncio.sleep(self.p.decode_window_s)
+                t1, n1 = time.monotonic(), sum(len(s.tokens) for s in streams)
+                result.update(window_tokens=n1 - n0, window_s=t1 - t0, tokens_per_s=(n1 - n0) / (t1 - t0))
+        finally:
+            for s in streams:
+                await self.engine.abort(s.request_id)
+            await asyncio.gather(*tasks, return_exceptions=True)
+        result["error"] = next((s.error for s in streams if s.error), None)
+        if result["tokens_per_s"] is None and result["error"] is None:
+            result["error"] = "a request finished before every request of the batch had its first token"
+        result["report"] = streams[0].report
+        return result
 
     async def agree(self) -> dict:
         # the same prompt in every engine's run (the other prompts only need to be fresh)
@@ -287,15 +323,6 @@ class Bench:
         return result
 
 
-def window_rate(streams: list[Stream]) -> dict:
-    """Tokens/s of the whole batch while every request decodes: from the last first token to the first finish."""
-    t0 = max(s.times[0] for s in streams)
-    t1 = min(s.times[-1] for s in streams)
-    tokens = sum(sum(1 for t in s.times if t0 < t <= t1) for s in streams)
-    span = t1 - t0
-    return {"window_tokens": tokens, "window_s": span, "tokens_per_s": tokens / span if span > 0 else None}
-
-
 def agree_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
@@ -314,7 +341,7 @@ async def run(args) -> None:
     if unknown:
         raise SystemExit(f"unknown parts {unknown}; choose from {', '.join(PARTS)}, decode:<batch> or all")
     config = json.loads((Path(args.dir) / "config.json").read_text())
-    max_len = protocol.long_context + 256
+    max_len = protocol.long_context + protocol.decode_max_tokens
     t0 = time.monotonic()
     engine = make_engine(args.engine, args.dir, max_len, args.tiny)
     await engine.start()

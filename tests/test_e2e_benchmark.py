@@ -42,9 +42,9 @@ def check_part(part: dict, engine: str, sparse: bool) -> None:
     assert {r["pattern"] for r in part["ttft"]} == patterns
     assert all(r["ttft_s"] > 0 and r["error"] is None for r in part["ttft"])
     for r in part["decode"]:
-        # the window holds every request's tokens after the last first token: at least decode_steps steps
-        assert r["window_tokens"] >= r["batch"] * (part["protocol"]["decode_steps"] - 1), r
-        assert r["tokens_per_s"] > 0 and r["error"] is None
+        # the window opens once every request decodes: it holds at least one step of the whole batch
+        assert r["window_tokens"] >= r["batch"], r
+        assert r["tokens_per_s"] > 0 and r["error"] is None, r
 
 
 def test_native_tiny_run_and_report(model_dir, tmp_path):

@@ -94,7 +94,6 @@ class RequestState:
 
 SLOTS: dict[int, RequestState] = {}
 _SHAPE: ModelShape | None = None
-_COST_DIR: str | None = os.environ.get(COST_DIR_ENV)
 WRITES_COST = True  # False on tensor-parallel ranks other than 0
 
 
@@ -142,9 +141,12 @@ def end_step(slots: list[int] | None = None) -> None:
             cache = sum(ls.decode.cache_tokens for ls in state.layers.values() if ls.decode is not None)
             state.account.end_decode_step(_SHAPE, cache)
         state.decoded_this_step = False
-        if _COST_DIR and WRITES_COST and state.key and state.fallback is None:
+        # read when used, not at import: a worker forked from a front end that imported this module before
+        # VllmEngine.start() set the variable (vLLM forks on CUDA) would otherwise never write a cost file
+        cost_dir = os.environ.get(COST_DIR_ENV)
+        if cost_dir and WRITES_COST and state.key and state.fallback is None:
             try:
-                state.account.write(_COST_DIR, state.key)
+                state.account.write(cost_dir, state.key)
             except OSError:
                 log.exception("could not write the cost of %s", state.key)
 
