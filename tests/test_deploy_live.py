@@ -481,6 +481,17 @@ def test_a_query_naming_what_the_server_does_not_export_is_reported(stack):
         "All": "no data", "real values": "no data", "one method": "no data"}
     assert "legend labels" in gaps(target["expr"].replace("by (le, prefill_method)", "by (le, prefill)"))["All"]
 
+    # The dashboard's earlier forms, fixed after this test found them: a ratio without errors was "No data", and
+    # method=~"$prefill_method|$decode_method" let either variable at "All" select every method of both phases.
+    board, panel, ratio = next(t for t in panel_targets() if t[1]["title"] == "Server error ratio")
+    assert " or vector(0))" in ratio["expr"]
+    before = {**ratio, "expr": ratio["expr"].replace(" or vector(0))", "").replace("(sum(", "sum(", 1)}
+    assert check_panel(stack.prom, board, panel, before, stack.load.model)[1] == {"no failures": "no data"}
+    board, panel, flops = next(t for t in panel_targets() if t[1]["title"].startswith("Attention FLOPs saved"))
+    before = {**flops, "expr": 'sum by (phase, method) (rate(sparse_serve_attention_flops_total{model=~"$model", '
+              'method=~"$prefill_method|$decode_method", kind="actual"}[$__rate_interval]))'}
+    assert "outside the selection" in check_panel(stack.prom, board, panel, before, stack.load.model)[1]["one method"]
+
     kv = next(r for r in alert_rules() if r.get("alert") == "SparseServeKVCacheNearlyFull")
     assert all(stack.prom.series(p) for p in condition_parts(kv["expr"]))
     broken_rule = kv["expr"].replace("kv_cache_usage_ratio", "kv_cache_usage_percent")
