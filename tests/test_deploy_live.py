@@ -402,7 +402,6 @@ def test_the_prometheus_config_is_the_deploy_one_but_for_targets_and_intervals(s
         assert (stack.workdir / rule_file).read_text() == (PROMETHEUS_DIR / rule_file).read_text()
     targets = stack.prom.api("targets")["activeTargets"]
     assert {t["labels"]["job"]: t["health"] for t in targets} == {"sparse-serve": "up", "prometheus": "up"}
-    assert stack.wall_s < 120, f"the live deployment test took {stack.wall_s:.0f} s"
 
 
 def test_the_load_was_what_it_was_designed_to_be(stack):
@@ -411,6 +410,7 @@ def test_the_load_was_what_it_was_designed_to_be(stack):
     assert set(statuses["injected fault"]) == {500} and set(statuses["unknown model"]) == {404}
     assert set(statuses["invalid pattern"]) == {400}
     assert 429 in statuses["burst"] and set(statuses["burst"]) == {200, 429}
+    assert stack.wall_s < 120, f"server start, load and scrapes took {stack.wall_s:.0f} s (CI time is short)"
 
 
 def test_every_dashboard_panel_target_returns_data(stack):
