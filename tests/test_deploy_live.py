@@ -14,8 +14,12 @@ that holds exactly one long request):
 * overload: bursts of concurrent requests beyond running + waiting -> 429 -> ``SparseServeQueueSaturated``;
 * KV pressure: a 305-token prompt holds 20 of the 21 pages per KV head it reserves (usage 0.952)
   -> ``SparseServeKVCacheNearlyFull``;
-* ``SparseServeDown`` and ``SparseServeTTFTSLOBreached`` must stay inactive (the server stays up; prompts are
-  short and the one long prompt is a small share of its prefill method's requests).
+* a slow first token: a 320-token request holds the whole pool while two ``flexprefill`` requests wait
+  behind it (their time to first token includes the wait, over 2 s) -> ``SparseServeTTFTSLOBreached``;
+* ``SparseServeDown`` must stay inactive (the server stays up).
+
+(TTFT is designed to breach rather than to stay low: on a loaded two-core machine running Triton's
+interpreter, short requests alone can come near the 2 s SLO, so "inactive" could not be promised.)
 
 Alerts have ``for:`` of minutes, so "reached" means ``pending`` (Prometheus's ``ALERTS`` series).
 """
@@ -73,7 +77,10 @@ REAL_METHODS = {"prefill_method": "vertical_slash", "decode_method": "quest"}
 QUIET_METHODS = {"prefill_method": "block_sparse", "decode_method": "dense"}
 SINGLE_NUMBER_PANELS = {"stat", "gauge"}
 
-DESIGNED_TO_FIRE = {"SparseServeHighErrorRate", "SparseServeQueueSaturated", "SparseServeKVCacheNearlyFull"}
+DESIGNED_TO_FIRE = {"SparseServeHighErrorRate", "SparseServeQueueSaturated", "SparseServeKVCacheNearlyFull",
+                    "SparseServeTTFTSLOBreached"}
+SLOW_METHOD = "flexprefill"  # the prefill method of the requests that wait behind a long one
+TTFT_SLO_S = 2.0
 
 
 # ---------------------------------------------------------------- Prometheus config and process
@@ -285,6 +292,7 @@ class Load:
     url: str
     model: str
     statuses: dict[str, list[int]] = field(default_factory=dict)
+    first_token_s: list[float] = field(default_factory=list)
     hog_runs: int = 0
 
     def send(self, what: str, pattern: str = "dense", *, chat: bool = False, stream: bool = False,
@@ -325,6 +333,36 @@ class Load:
 
         with ThreadPoolExecutor(size) as pool:
             list(pool.map(one, range(size)))
+
+    def slow_first_tokens(self, waiting: int = 2) -> None:
+        """A request of 5 prompt + 315 new tokens, which reserves the whole pool, and ``waiting`` short
+        ``SLOW_METHOD`` requests sent once it streams: they wait for it to finish. Their time to first token
+        (to the first streamed chunk, here) goes to ``self.first_token_s``."""
+        body = {"model": self.model, "prompt": [1000] * 5, "max_tokens": HOG_PROMPT + HOG_NEW - 5, "temperature": 0,
+                "ignore_eos": True, "stream": True}
+
+        def waiter(_):
+            sent = time.monotonic()
+            with httpx.stream("POST", self.url + "/v1/completions", timeout=120, json={
+                    "model": self.model, "prompt": "The capital of France is", "max_tokens": 2, "temperature": 0,
+                    "ignore_eos": True, "stream": True, "sparse_pattern": SLOW_METHOD}) as r:
+                assert r.status_code == 200
+                lines = r.iter_lines()
+                next(line for line in lines if line.startswith("data: "))
+                self.first_token_s.append(time.monotonic() - sent)
+                for _ in lines:
+                    pass
+
+        with httpx.stream("POST", self.url + "/v1/completions", json=body, timeout=300) as blocker:
+            assert blocker.status_code == 200
+            lines = blocker.iter_lines()
+            next(line for line in lines if line.startswith("data: "))  # it runs (and holds the pool)
+            with ThreadPoolExecutor(waiting) as pool:
+                futures = [pool.submit(waiter, i) for i in range(waiting)]
+                for _ in lines:
+                    pass
+                for f in futures:
+                    f.result()
 
     def kv_pressure(self, prom: Prometheus, max_runs: int = 4, bursts_after: int = 5) -> None:
         """The long request, alone in the pool (the waiting queue is empty), until Prometheus has seen it; then
@@ -388,6 +426,7 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
                 load.mixed(chat, stream)
                 load.faults(4)
                 load.burst()
+            load.slow_first_tokens()
             load.kv_pressure(prom)
             time.sleep(3 * INTERVAL_S)  # the last scrape and rule evaluation
             yield Stack(prom, load, config, original, workdir, time.monotonic() - t0)
@@ -410,7 +449,11 @@ def test_the_load_was_what_it_was_designed_to_be(stack):
     assert set(statuses["injected fault"]) == {500} and set(statuses["unknown model"]) == {404}
     assert set(statuses["invalid pattern"]) == {400}
     assert 429 in statuses["burst"] and set(statuses["burst"]) == {200, 429}
-    assert stack.wall_s < 120, f"server start, load and scrapes took {stack.wall_s:.0f} s (CI time is short)"
+    # The waiting requests' first tokens came after the SLO (else the long request was too short on this machine).
+    assert len(stack.load.first_token_s) == 2 and min(stack.load.first_token_s) > TTFT_SLO_S, stack.load.first_token_s
+    assert stack.wall_s < 180, f"server start, load and scrapes took {stack.wall_s:.0f} s (CI time is short)"
+    print({what: sorted(codes) for what, codes in statuses.items()}, "first tokens after", stack.load.first_token_s,
+          "s; long-prompt runs", stack.load.hog_runs, f"; {stack.wall_s:.0f} s")
 
 
 def test_every_dashboard_panel_target_returns_data(stack):
@@ -447,6 +490,8 @@ def test_designed_alerts_reach_pending_and_the_others_stay_inactive(stack):
     for rule in alert_rules():
         print(rule.get("alert") or rule.get("record"), "|", sorted(states.get(rule.get("alert"), {"inactive"})))
     reached = set(states)
+    slow = stack.prom.series('ALERTS{alertname="SparseServeTTFTSLOBreached"}')
+    assert SLOW_METHOD in {s["metric"]["prefill_method"] for s in slow}
     assert reached == DESIGNED_TO_FIRE, f"reached {reached}, designed {DESIGNED_TO_FIRE}"
     assert stack.load.hog_runs >= 1
 
