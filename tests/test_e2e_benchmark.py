@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "e2e.py"
+REPORT = runpy.run_path(str(SCRIPT))["report"]
 
 
 def e2e(*args: str, timeout: float = 600) -> None:
@@ -38,7 +40,8 @@ def load(path: Path) -> dict:
 
 def check_part(part: dict, engine: str, sparse: bool) -> None:
     assert part["engine"] == engine
-    patterns = {"dense", "vertical_slash:10", "flexprefill:10", "block_sparse:10"} if sparse else {"dense"}
+    patterns = {"dense", "vertical_slash:10", "flexprefill:10", "block_sparse:10/b64", "block_sparse:10"} if sparse \
+        else {"dense"}
     assert {r["pattern"] for r in part["ttft"]} == patterns
     assert all(r["ttft_s"] > 0 and r["error"] is None for r in part["ttft"])
     for r in part["decode"]:
@@ -65,11 +68,18 @@ def test_native_tiny_run_and_report(model_dir, tmp_path):
     assert all(tokens == solo["dense"] for tokens in solo.values()), solo
     assert all(m["agree_prefix"] == len(m["alone"]) for m in part["agree"]["mixed"].values())
 
-    stem = __import__("runpy").run_path(str(SCRIPT))["report"]([str(out)], str(tmp_path / "results"))
+    # a later part re-measuring a case replaces it in the report; the other cases stay
+    remeasured = tmp_path / "native-again.json"
+    again = {**part, "ttft": [{**part["ttft"][0], "ttft_s": 123.0}], "decode": [], "agree": part["agree"]}
+    remeasured.write_text(json.dumps(again))
+    stem = REPORT([str(out), str(remeasured)], str(tmp_path / "results"))
     md = stem.with_suffix(".md").read_text()
-    assert "| native | block_sparse:10 |" in md and "decode B=2 512" in md
+    assert "| native | block_sparse:10 |" in md and "decode B=2 512" in md and "123.000 s" in md
     assert stem.with_suffix(".png").stat().st_size > 1000
-    assert load(stem.with_suffix(".json"))["engines"]["native"]["ttft"] == part["ttft"]
+    merged = load(stem.with_suffix(".json"))["engines"]["native"]
+    assert [r["ttft_s"] for r in merged["ttft"]] == [123.0] + [r["ttft_s"] for r in part["ttft"][1:]]
+    assert [r["part"] for r in merged["ttft"]] == ["native-again.json"] + ["native.json"] * (len(part["ttft"]) - 1)
+    assert len(merged["decode"]) == len(part["decode"])
 
 
 @pytest.mark.vllm
@@ -90,7 +100,7 @@ def test_vllm_engines_tiny_against_bare_vllm(model_dir, tmp_path):
     assert len(reference) == bare["protocol"]["agree_tokens"]
     assert all(tokens == reference for tokens in sparse["agree"]["solo"].values()), sparse["agree"]["solo"]
 
-    stem = __import__("runpy").run_path(str(SCRIPT))["report"]([str(p) for p in parts], str(tmp_path / "results"))
+    stem = REPORT([str(p) for p in parts], str(tmp_path / "results"))
     rows = load(stem.with_suffix(".json"))["ratios"]
     base = [r for r in rows if r["engine"] == "vllm"]
     assert base and all(abs(r["speedup"] - 1.0) < 1e-9 for r in base)  # the baseline against itself

