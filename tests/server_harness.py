@@ -95,9 +95,11 @@ class FakeEngine:
         dense_p = float(n * (n + 1) // 2 * 100)
         dense_d = float(max(0, n_out - 1) * n * 64)
         return RequestCost(
-            prefill=PhaseCost(p.method, p.compression_ratio, p.compression_ratio, dense_p / p.compression_ratio,
-                              dense_p, 10.0 if p.method != "dense" else 0.0),
+            prefill=PhaseCost(p.method, p.compression_ratio, p.compression_ratio, dense_units=dense_p,
+                              actual_units=dense_p / p.compression_ratio, attention_flops=dense_p / p.compression_ratio,
+                              dense_attention_flops=dense_p, indexing_flops=10.0 if p.method != "dense" else 0.0),
             decode=PhaseCost(d.method, d.compression_ratio, d.compression_ratio if n_out > 1 else 1.0,
+                             dense_units=dense_d, actual_units=dense_d / d.compression_ratio,
                              kv_bytes_read=dense_d / d.compression_ratio, dense_kv_bytes_read=dense_d,
                              metadata_bytes_read=1.0 if d.method == "quest" else 0.0, kv_cache_tokens=n + n_out),
             model_flops=1000.0 * (n + n_out), dense_model_flops=1100.0 * (n + n_out),

@@ -9,10 +9,14 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from engine_helpers import collect, make_request
+import torch
+from engine_helpers import collect, make_request, tiny_engine, tiny_model
 
 from attention_backends import parse_pattern
 from server.engine.engine import EngineOptions, NativeEngine
+from server.engine.llama import LlamaModel
+from server.engine.model_config import ModelConfig
+from server.engine.page_pool import page_bytes
 from server.engine.types import EngineOverloaded, GenerationRequest, RequestRejected, SamplingParams
 
 PATTERNS = ["dense", "vertical_slash:4", "block_sparse:4", "flexprefill", "snapkv:4", "ada_snapkv:4", "quest:4",
@@ -24,7 +28,7 @@ def loaded():
     """Model and tokenizer, loaded once; each test builds its own engine around them (own pool)."""
     from server.engine.model_loader import load_model
 
-    return load_model(None, "cpu", __import__("torch").float32)
+    return load_model(None, "cpu", torch.float32)
 
 
 def new_engine(loaded, **options) -> NativeEngine:
@@ -141,8 +145,8 @@ def test_small_pool_queues_instead_of_failing(loaded):
     ids = chat_ids(tok, "Count from one to ten.")
     probe = new_engine(loaded, kv_cache_memory=1 << 20)
     per_request = probe.scheduler.pages_for_tokens(len(ids) + 12)
-    page_bytes = (2 * probe.pool.page_size + 2) * probe.shape.head_dim * 4
-    engine = new_engine(loaded, kv_cache_memory=3 * per_request * page_bytes)  # room for 3 at a time
+    memory = 3 * per_request * page_bytes(probe.pool.page_size, probe.shape.head_dim, torch.float32)
+    engine = new_engine(loaded, kv_cache_memory=memory)  # room for 3 at a time
     assert 3 * per_request <= engine.pool.num_pages < 4 * per_request
 
     async def body(engine):
@@ -243,3 +247,52 @@ def test_rejections_and_overload(loaded):
 def quest_request_with_page_size(ids, page_size):
     spec = parse_pattern({"decode": {"method": "quest", "compression_ratio": 2, "params": {"page_size": page_size}}})
     return GenerationRequest("quest-page", ids, SamplingParams(max_tokens=4, temperature=0), spec)
+
+
+def test_small_pool_serves_chat_without_max_tokens(loaded):
+    """--kv-cache-memory 64MB: a chat request without max_tokens (the API asks for the rest of the context) is
+    served; with an explicit --max-model-len beyond the pool, a request that could not fit even alone is refused."""
+    _, tok = loaded
+    ids = chat_ids(tok, "What is 2+2? Answer with one number.")
+    engine = new_engine(loaded, kv_cache_memory=64 * 10**6)
+
+    async def body(engine):
+        return await collect(engine, make_request("chat", ids, max_tokens=engine.max_model_len - len(ids)))
+
+    res = asyncio.run(_with_engine(engine, body))
+    assert res.final.finish_reason == "stop" and "4" in res.text
+    explicit = new_engine(loaded, kv_cache_memory=64 * 10**6, max_model_len=8192)
+    with pytest.raises(RequestRejected) as err:
+        explicit.validate(make_request("long", ids, max_tokens=8000))
+    assert err.value.code == "kv_cache_too_small"
+
+
+def test_decode_ratio_of_several_choices_is_each_choices_ratio():
+    """n = 2 identical snapkv:4 choices with generated tokens: the combined decode ratio is each choice's."""
+    from server.api.generation import aggregate_cost
+
+    engine = tiny_engine(tiny_model())
+    prompt = [(7 * i + 3) % 96 for i in range(300)]
+
+    async def body(engine):
+        return await asyncio.gather(*(collect(engine, make_request(f"c{i}", prompt, "snapkv:4", max_tokens=64,
+                                                                   ignore_eos=True)) for i in range(2)))
+
+    a, b = asyncio.run(_with_engine(engine, body))
+    ratio = a.final.cost.decode.achieved_compression_ratio
+    assert ratio > 3 and b.final.cost.decode.achieved_compression_ratio == ratio
+    assert aggregate_cost([a.final.cost, b.final.cost]).decode.achieved_compression_ratio == pytest.approx(ratio)
+
+
+def test_sliding_window_model_is_refused_unless_the_window_covers_the_context():
+    """The native engine attends over the whole context: a Mistral-style sliding window shorter than the served
+    context is refused at load with a clear error; one that covers the context is plain causal attention."""
+    hf = {"model_type": "mistral", "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+          "hidden_size": 64, "intermediate_size": 128, "vocab_size": 96, "max_position_embeddings": 512,
+          "sliding_window": 128}
+    model = LlamaModel(ModelConfig.from_hf_dict(hf), device="cpu", dtype=torch.float32)
+    with pytest.raises(ValueError, match="sliding window of 128 tokens"):
+        tiny_engine(model)
+    assert tiny_engine(model, max_model_len=128).max_model_len == 128
+    model.config.sliding_window = 512
+    assert tiny_engine(model).max_model_len == 512

@@ -9,42 +9,12 @@ import os
 
 import pytest
 import torch
-from engine_helpers import collect, make_request
+from engine_helpers import ByteTokenizer, collect, make_request, tiny_model
 
 from server.engine.engine import EngineOptions, NativeEngine
-from server.engine.llama import LlamaModel
-from server.engine.model_config import ModelConfig
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="Triton kernels need a GPU or TRITON_INTERPRET=1 (make test sets it)")
-
-
-class ByteTokenizer:
-    """Token i is the character chr(32 + i % 90): enough for the engine's detokenizer and stop checks."""
-
-    eos_token_id = None
-    stop_token_ids: list[int] = []
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return [ord(c) - 32 for c in text]
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return "".join(chr(32 + i % 90) for i in ids)
-
-    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
-        return "".join(m["content"] for m in messages)
-
-
-def tiny_model() -> LlamaModel:
-    cfg = ModelConfig(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, hidden_size=64,
-                      intermediate_size=128, vocab_size=96, max_position_embeddings=512, name="tiny")
-    model = LlamaModel(cfg, device="cpu", dtype=torch.float32)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g) if "norm" in name
-                    else 0.2 * torch.randn(p.shape, generator=g))
-    return model
 
 
 @pytest.mark.parametrize("pattern", ["dense", "quest:3", "snapkv:2", "ada_snapkv:2", "block_sparse:2+quest:2",

@@ -27,7 +27,7 @@ from server.api import create_app
 from server.cli import build_engine
 from server.engine.types import GenerationRequest, SamplingParams
 from server.metrics import METRIC_DEFS, base_metric_name
-from server.settings import ServerSettings
+from server.settings import ServerSettings, parse_size
 
 pytestmark = pytest.mark.slow
 
@@ -127,6 +127,17 @@ def test_openai_sdk_chat(sdk):
     assert text == r.choices[0].message.content
     assert chunks[-1].usage.total_tokens == r.usage.total_tokens
     check_sparse(chunks[-1].model_extra["sparse"], "dense", "snapkv")
+
+
+def test_small_kv_pool_serves_chat_without_max_tokens():
+    """The openai SDK omits max_tokens: on a 64 MB pool (too small for a whole 8192-token context) such a chat
+    request is served, not refused as kv_cache_too_small."""
+    settings_ = ServerSettings(device="cpu", dtype="float32", kv_cache_memory=parse_size("64MB"))
+    with serve_engine(settings_) as s:
+        sdk = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        r = sdk.chat.completions.create(model="SmolLM2-135M-Instruct", temperature=0,
+                                        messages=[{"role": "user", "content": "What is 2+2? Answer with one number."}])
+    assert r.choices[0].finish_reason == "stop" and "4" in r.choices[0].message.content
 
 
 @pytest.mark.parametrize("pattern", ["dense", "vertical_slash:3+snapkv:2"])

@@ -23,6 +23,7 @@ from server.engine.types import (
     PhaseCost,
     RequestCost,
     RequestRejected,
+    achieved_ratio,
 )
 
 from .errors import APIError, bad_request, overloaded
@@ -208,37 +209,35 @@ class GenerationRun:
 
 def aggregate_cost(costs: list[RequestCost]) -> RequestCost:
     """One ``sparse`` report for several engine requests: additive fields summed, achieved ratios recomputed
-    from the sums (dense / actual), methods and targets taken from the first (one spec per HTTP request)."""
+    from the summed units they compare (:func:`achieved_ratio`), methods and targets taken from the first (one
+    spec per HTTP request)."""
     if len(costs) == 1:
         return costs[0]
     if not costs:
         return RequestCost()
     first = costs[0]
-
-    def ratio(dense: float, actual: float, fallback: list[float]) -> float:
-        if actual > 0 and dense > 0:
-            return dense / actual
-        return sum(fallback) / len(fallback)
-
     pre = [c.prefill for c in costs]
     dec = [c.decode for c in costs]
-    p_att, p_dense = sum(p.attention_flops for p in pre), sum(p.dense_attention_flops for p in pre)
-    d_kv, d_dense = sum(d.kv_bytes_read for d in dec), sum(d.dense_kv_bytes_read for d in dec)
+
+    def units(phases: list[PhaseCost]) -> dict[str, float]:
+        dense, actual = sum(p.dense_units for p in phases), sum(p.actual_units for p in phases)
+        return dict(achieved_compression_ratio=achieved_ratio(dense, actual), dense_units=dense, actual_units=actual)
+
     return RequestCost(
         prefill=PhaseCost(
             method=first.prefill.method,
             target_compression_ratio=first.prefill.target_compression_ratio,
-            achieved_compression_ratio=ratio(p_dense, p_att, [p.achieved_compression_ratio for p in pre]),
-            attention_flops=p_att,
-            dense_attention_flops=p_dense,
+            **units(pre),
+            attention_flops=sum(p.attention_flops for p in pre),
+            dense_attention_flops=sum(p.dense_attention_flops for p in pre),
             indexing_flops=sum(p.indexing_flops for p in pre),
         ),
         decode=PhaseCost(
             method=first.decode.method,
             target_compression_ratio=first.decode.target_compression_ratio,
-            achieved_compression_ratio=ratio(d_dense, d_kv, [d.achieved_compression_ratio for d in dec]),
-            kv_bytes_read=d_kv,
-            dense_kv_bytes_read=d_dense,
+            **units(dec),
+            kv_bytes_read=sum(d.kv_bytes_read for d in dec),
+            dense_kv_bytes_read=sum(d.dense_kv_bytes_read for d in dec),
             metadata_bytes_read=sum(d.metadata_bytes_read for d in dec),
             kv_cache_tokens=sum(d.kv_cache_tokens for d in dec),
         ),

@@ -19,7 +19,7 @@ import torch
 from .detokenizer import IncrementalDetokenizer
 from .page_pool import PagePool, pages_for_memory
 from .request_state import EngineRequest
-from .runner import EVICTING_METHODS, ModelRunner
+from .runner import ModelRunner
 from .sampler import SamplerState, sample
 from .scheduler import Scheduler
 from .types import (
@@ -70,7 +70,6 @@ class NativeEngine:
         self.tokenizer = tokenizer
         self.options = options
         self.shape = cfg.to_model_shape()
-        self.max_model_len = options.max_model_len or int(cfg.max_position_embeddings)
         device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         memory = options.kv_cache_memory or self._default_kv_memory(device)
@@ -79,6 +78,7 @@ class NativeEngine:
         self.runner = ModelRunner(model, self.pool, self.shape)
         self.scheduler = Scheduler(self.pool, cfg.num_layers, cfg.num_kv_heads, options.max_num_seqs,
                                    options.max_queue)
+        self.max_model_len = self._served_context(cfg.max_position_embeddings, cfg.sliding_window)
         self.stop_token_ids = set(getattr(tokenizer, "stop_token_ids", None) or [])
         if tokenizer.eos_token_id is not None:
             self.stop_token_ids.add(int(tokenizer.eos_token_id))
@@ -88,6 +88,7 @@ class NativeEngine:
         self._stopping = False
         self._accepting = True
         self.decode_retries = 0  # batched decode steps that failed and were retried one request at a time
+        self.preemptions = 0  # requests whose cache was dropped to make room, to be recomputed
 
     @classmethod
     def from_options(cls, options: EngineOptions) -> NativeEngine:
@@ -96,6 +97,23 @@ class NativeEngine:
         model, tokenizer = load_model(options.model, options.resolved_device(), options.resolved_dtype())
         name = options.served_model_name or model.config.name or "model"
         return cls(model, tokenizer, options, name)
+
+    def _served_context(self, model_len: int, sliding_window: int | None) -> int:
+        """The context served: ``--max-model-len``, else the model's, capped to what one request can hold in the
+        pool (a request that may use the whole context, as one without max_tokens does, must fit alone)."""
+        length = self.options.max_model_len
+        if length is None:
+            length = min(int(model_len), self.scheduler.max_tokens_alone())
+            if length < model_len:
+                log.warning("the KV cache holds at most %d tokens for one request: serving a context of %d tokens "
+                            "instead of the model's %d (raise --kv-cache-memory or set --max-model-len)",
+                            length, length, model_len)
+        if sliding_window is not None and sliding_window < length:
+            raise ValueError(
+                f"this model uses a sliding window of {sliding_window} tokens, which the native engine does not "
+                f"implement: it would attend over the whole context of {length} tokens. Serve it with "
+                f"--max-model-len {sliding_window} (the window then never applies) or with --engine vllm")
+        return length
 
     @staticmethod
     def _default_kv_memory(device: torch.device) -> int:
@@ -148,10 +166,10 @@ class NativeEngine:
         if decode.method == "quest" and decode.params.get("page_size", self.pool.page_size) != self.pool.page_size:
             raise RequestRejected(f"the native engine runs Quest on its KV page size ({self.pool.page_size})",
                                   param="sparse_pattern.decode.params.page_size")
-        need = self.scheduler.pages_for_tokens(n + sp.max_tokens)
+        need = self.scheduler.need_alone(request)
         if need > self.pool.num_pages:
             raise RequestRejected(
-                f"the request needs {need} KV pages but the pool has {self.pool.num_pages}; lower max_tokens "
+                f"the request needs up to {need} KV pages but the pool has {self.pool.num_pages}; lower max_tokens "
                 "or raise --kv-cache-memory", param="max_tokens", code="kv_cache_too_small")
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
@@ -219,30 +237,40 @@ class NativeEngine:
         with self._lock:
             for req in [r for r in self.scheduler.running if r.aborted]:
                 self._finish(req, "abort")
-            admitted = self.scheduler.admit_next()
-        if admitted is not None:
-            self._prefill(admitted)
+            self.scheduler.admit()
+            pending = self.scheduler.next_prefill()
+        if pending is not None:
+            self._prefill(pending)
         with self._lock:
-            batch = [r for r in self.scheduler.running if r.output_ids and not r.aborted]
+            batch, preempted = self.scheduler.decode_batch()
+            for req in preempted:
+                if req.output_ids:
+                    self.preemptions += 1
+                    log.info("preempted request %s: the KV pool is full; it resumes by recomputing %d tokens",
+                             req.request_id, req.prompt_len + len(req.output_ids) - 1)
         if batch:
             self._decode(batch)
 
     def _prefill(self, req: EngineRequest) -> None:
-        req.timings.scheduled = time.monotonic()
+        """Prefill a new request and sample its first token, or rebuild a preempted request's prompt cache."""
+        resuming = bool(req.output_ids)
+        if not resuming:
+            req.timings.scheduled = time.monotonic()
         try:
             req.kv = self.runner.new_sequence()
             logits = self.runner.prefill(req)
-            if req.request.spec.decode.method in EVICTING_METHODS:
-                with self._lock:
-                    self.scheduler.shrink_reservation(req)
-            sampled = sample(logits, [req.request.sampling], [req.sampler])[0]
+            sampled = None if resuming else sample(logits, [req.request.sampling], [req.sampler])[0]
         except Exception as exc:
             log.exception("prefill failed for request %s", req.request_id)
             with self._lock:
                 self._finish(req, "error", error=f"prefill failed: {exc}")
             return
-        req.timings.first_token = time.monotonic()
         with self._lock:
+            req.prefilled = True
+            if sampled is None:
+                req.catch_up()
+                return
+            req.timings.first_token = time.monotonic()
             self._on_token(req, sampled.token_id, sampled.logprob)
 
     def _decode(self, batch: list[EngineRequest]) -> None:
@@ -259,11 +287,15 @@ class NativeEngine:
             for req in batch:  # isolate the failing request(s); the others go on
                 self._decode([req])
             return
-        tokens = sample(logits, [r.request.sampling for r in batch], [r.sampler for r in batch])
+        live = [r for r in batch if r.cached_outputs == len(r.output_ids)]  # the others recompute a known token
+        tokens = sample(logits[[batch.index(r) for r in live]], [r.request.sampling for r in live],
+                        [r.sampler for r in live]) if live else []
         with self._lock:
-            for req, sampled in zip(batch, tokens, strict=True):
+            for req, sampled in zip(live, tokens, strict=True):
                 if not req.aborted:
                     self._on_token(req, sampled.token_id, sampled.logprob)
+            for req in batch:
+                req.catch_up()
 
     # -- outputs (called with the lock held) ------------------------------------------------------------
     def _on_token(self, req: EngineRequest, token: int, logprob) -> None:

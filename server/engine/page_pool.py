@@ -38,11 +38,14 @@ class PoolCounters:
         return self.used_pages / self.total_pages if self.total_pages else 0.0
 
 
+def page_bytes(page_size: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Memory of one page: K + V + key min/max."""
+    return (2 * page_size + 2) * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
 def pages_for_memory(memory_bytes: int, page_size: int, head_dim: int, dtype: torch.dtype) -> int:
-    """Number of pages that fit a memory budget: K + V + key min/max per page."""
-    element = torch.empty((), dtype=dtype).element_size()
-    page_bytes = (2 * page_size + 2) * head_dim * element
-    return max(1, memory_bytes // page_bytes)
+    """Number of pages that fit a memory budget."""
+    return max(1, memory_bytes // page_bytes(page_size, head_dim, dtype))
 
 
 class PagePool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from attention_backends import DecodeReport, PrefillReport, SparseSpec
 from .detokenizer import IncrementalDetokenizer
 from .sampler import SamplerState
 from .sequence_kv import SequenceKV
-from .types import GenerationOutput, GenerationRequest, PhaseCost, RequestCost, RequestTimings
+from .types import GenerationOutput, GenerationRequest, PhaseCost, RequestCost, RequestTimings, achieved_ratio
 
 
 @dataclass
@@ -44,7 +45,9 @@ class CostTotals:
         prefill = PhaseCost(
             method=spec.prefill.method,
             target_compression_ratio=spec.prefill.compression_ratio,
-            achieved_compression_ratio=self.dense_cells / self.computed_cells if self.computed_cells else 1.0,
+            achieved_compression_ratio=achieved_ratio(self.dense_cells, self.computed_cells),
+            dense_units=self.dense_cells,
+            actual_units=self.computed_cells,
             attention_flops=self.prefill_attention_flops,
             dense_attention_flops=self.prefill_dense_attention_flops,
             indexing_flops=self.prefill_indexing_flops,
@@ -52,9 +55,9 @@ class CostTotals:
         decode = PhaseCost(
             method=spec.decode.method,
             target_compression_ratio=spec.decode.compression_ratio,
-            achieved_compression_ratio=(
-                self.dense_prompt_tokens_read / self.prompt_tokens_read if self.prompt_tokens_read else 1.0
-            ),
+            achieved_compression_ratio=achieved_ratio(self.dense_prompt_tokens_read, self.prompt_tokens_read),
+            dense_units=self.dense_prompt_tokens_read,
+            actual_units=self.prompt_tokens_read,
             kv_bytes_read=float((self.prompt_tokens_read + self.generated_tokens_read) * token_bytes),
             dense_kv_bytes_read=float((self.dense_prompt_tokens_read + self.dense_generated_tokens_read)
                                       * token_bytes),
@@ -79,9 +82,13 @@ class EngineRequest:
     output_ids: list[int] = field(default_factory=list)
     totals: CostTotals = field(default_factory=CostTotals)
     timings: RequestTimings = field(default_factory=lambda: RequestTimings(arrival=time.monotonic()))
-    reserved_pages: int = 0
     cost: RequestCost = field(default_factory=RequestCost)
     aborted: bool = False
+    arrival: int = 0  # arrival order, set by the scheduler (preemption takes the youngest)
+    prefilled: bool = False  # the cache holds the prompt (set after each prefill, cleared by preemption)
+    cached_outputs: int = 0  # generated tokens whose keys/values are in the cache
+    preemptions: int = 0
+    _cost_at_preemption: tuple[CostTotals, RequestCost] | None = None
 
     @property
     def request_id(self) -> str:
@@ -92,9 +99,40 @@ class EngineRequest:
         return len(self.request.prompt_token_ids)
 
     @property
+    def next_input(self) -> int:
+        """The token the next decode step feeds: the last sampled one, or one being recomputed after a resume."""
+        return self.output_ids[self.cached_outputs]
+
+    @property
     def next_position(self) -> int:
-        """Position of the last sampled token, the one the next decode step feeds."""
-        return self.prompt_len + len(self.output_ids) - 1
+        return self.prompt_len + self.cached_outputs
+
+    @property
+    def samples_next(self) -> bool:
+        """Whether the next decode step's logits give a new token (not a token recomputed after a resume)."""
+        return self.cached_outputs == len(self.output_ids) - 1
+
+    def preempt(self) -> None:
+        """Give the cache back to the pool; the request resumes by recomputing it (prefill of the prompt with its
+        own methods and eviction, then its generated tokens through decode steps, as they first ran, so the
+        resumed request continues exactly as it would have). Its cost report keeps describing one uninterrupted
+        run: the recomputation is the engine's overhead, not the request's."""
+        if self.kv is not None:
+            self.kv.release()
+            self.kv = None
+        self.prefilled = False
+        self.cached_outputs = 0
+        if not self.output_ids:  # admitted but never prefilled: nothing to recompute
+            return
+        self.preemptions += 1
+        if self._cost_at_preemption is None:
+            self._cost_at_preemption = copy.deepcopy((self.totals, self.cost))
+
+    def catch_up(self) -> None:
+        """After a prefill or decode step: once a resumed request's cache is whole again, restore its cost."""
+        if self._cost_at_preemption is not None and self.samples_next:
+            self.totals, self.cost = self._cost_at_preemption
+            self._cost_at_preemption = None
 
     def phase_costs(self, element_bytes: int, head_dim: int) -> tuple[PhaseCost, PhaseCost]:
         kv_tokens = int(self.kv.lengths.sum()) if self.kv is not None else 0

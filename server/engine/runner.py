@@ -151,11 +151,12 @@ class ModelRunner:
             quest_total_read.add_(sel_lengths.sum(-1))
             return out
 
-        ids = torch.tensor([r.output_ids[-1] for r in batch], dtype=torch.long, device=self.device)
+        ids = torch.tensor([r.next_input for r in batch], dtype=torch.long, device=self.device)
         positions = torch.tensor([r.next_position for r in batch], dtype=torch.long, device=self.device)
         logits = self.model(ids, positions, attention).float().cpu()
-        for s in seqs:
-            s.commit_append()  # type: ignore[union-attr]
+        for r in batch:
+            r.kv.commit_append()  # type: ignore[union-attr]
+            r.cached_outputs += 1
         self._account_decode(batch, lengths, prompt_kept, quest_rows, quest_prompt_read, quest_total_read)
         return logits
 
@@ -175,7 +176,7 @@ class ModelRunner:
                 t.metadata_elements += int(2 * shape.head_dim * pages.sum())
             else:
                 prompt_read, total_read = int(kept_sum[row]), int(lengths_sum[row])
-            generated = len(req.output_ids)  # tokens generated so far, this step's input included
+            generated = req.cached_outputs  # tokens generated so far, this step's input included
             t.prompt_tokens_read += prompt_read
             t.generated_tokens_read += total_read - prompt_read
             t.dense_prompt_tokens_read += req.prompt_len * per_step_dense

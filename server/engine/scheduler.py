@@ -1,73 +1,139 @@
-"""Admission and batching policy of the native engine.
+"""Admission, growth and preemption policy of the native engine.
 
-* Waiting queue: FIFO, bounded by ``max_queue``; a full queue is an :class:`EngineOverloaded` error (the
-  server answers 429 with ``Retry-After``).
-* Admission: a request is admitted when fewer than ``max_num_seqs`` are running and its worst-case page
-  need fits the pool next to the reservations of the running requests. The reservation is
-  ``layers * h_kv * (ceil((prompt + max_tokens) / page) + 1)`` pages; after a SnapKV/Ada-SnapKV prefill it
-  shrinks to the pages really held plus room for ``max_tokens``. Pages are therefore never exhausted
-  mid-request: a request waits rather than fails, and a request that could never fit is rejected up front.
-* Interleaving: each engine iteration prefills at most one admitted request (whole prompt), then runs one
-  decode step for every running request. A running request thus waits for at most one prefill between two
-  of its tokens, and long prompts cannot starve decodes.
+* Admission on present need: a waiting request is admitted when fewer than ``max_num_seqs`` run and the pool
+  can hold what it needs *now*: its prompt (and, when it resumes, the tokens it already generated) plus one
+  page per KV head for its next token, next to the prefills promised to other admitted requests and one page
+  per KV head for the next token of every running request (so an admission does not force a preemption at
+  the next step). Admission is FIFO and takes as many requests as fit, when they arrive and at every step;
+  no worst case (prompt + max_tokens) is reserved.
+* Growth and preemption: a running request's pages grow one token at a time. When a decode step's new pages
+  do not fit, the youngest request (latest arrival) is preempted: its pages go back to the pool and it
+  returns to the head of the queue, to resume by recomputing its cache. The oldest request always makes
+  progress, so nothing livelocks, because a request whose whole context could not fit the pool even alone
+  is refused up front (:meth:`need_alone`).
+* Waiting queue: bounded by ``max_queue`` (the backlog of requests that do not fit yet); a full queue is an
+  :class:`EngineOverloaded` error whose ``retry_after`` estimates when the queue will have drained, from its
+  length and the recent completion rate.
+* Interleaving: each engine step prefills at most one admitted request (whole prompt), then runs one decode
+  step for every prefilled request. A running request thus waits for at most one prefill between two of its
+  tokens, and long prompts cannot starve decodes.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import time
 from collections import deque
 
 from .page_pool import PagePool
 from .request_state import EngineRequest
-from .types import EngineOverloaded
+from .runner import EVICTING_METHODS
+from .types import EngineOverloaded, GenerationRequest
+
+FALLBACK_RATE = 1.0  # completions per second assumed before any request has finished
+MAX_RETRY_AFTER = 300.0
 
 
 class Scheduler:
     def __init__(self, pool: PagePool, num_layers: int, num_kv_heads: int, max_num_seqs: int, max_queue: int):
         self.pool = pool
+        self.num_kv_heads = num_kv_heads
         self.heads_total = num_layers * num_kv_heads
         self.max_num_seqs = max_num_seqs
         self.max_queue = max_queue
         self.waiting: deque[EngineRequest] = deque()
-        self.running: list[EngineRequest] = []
-        self.reserved = 0  # pages reserved by running requests
+        self.running: list[EngineRequest] = []  # admitted, in arrival order: the youngest last
+        self._arrivals = itertools.count()
+        self._finished_at: deque[float] = deque(maxlen=32)  # completion times, for the throughput estimate
 
+    # -- page needs -------------------------------------------------------------------------------------
     def pages_for_tokens(self, tokens: int) -> int:
+        """Pages holding ``tokens`` in every (layer, KV head), plus one each for the next token."""
         return self.heads_total * (-(-tokens // self.pool.page_size) + 1)
 
-    def worst_case_pages(self, req: EngineRequest) -> int:
-        return self.pages_for_tokens(req.prompt_len + req.request.sampling.max_tokens)
+    def need_pages(self, request: GenerationRequest, generated: int = 0) -> int:
+        """Pages a (re)prefill needs: the prompt and the ``generated`` tokens it will recompute, plus one token.
+        SnapKV/Ada-SnapKV peak while evicting the last layer: every layer's prompt (at most) plus that layer's
+        kept copy, which is written before the full prompt pages go back."""
+        n = len(request.prompt_token_ids)
+        pages = self.pages_for_tokens(n + generated)
+        if request.spec.decode.method in EVICTING_METHODS:
+            pages = max(pages, (self.heads_total + self.num_kv_heads) * -(-n // self.pool.page_size))
+        return pages
 
+    def need_alone(self, request: GenerationRequest) -> int:
+        """Pages the request needs at its peak: what it must be able to hold with the pool to itself."""
+        full = self.pages_for_tokens(len(request.prompt_token_ids) + request.sampling.max_tokens)
+        return max(self.need_pages(request), full)
+
+    def max_tokens_alone(self) -> int:
+        """The longest context (prompt + completion) one request can hold with the pool to itself."""
+        return max(0, self.pool.num_pages // self.heads_total - 1) * self.pool.page_size
+
+    def _need(self, req: EngineRequest) -> int:
+        return self.need_pages(req.request, len(req.output_ids))
+
+    def _promised(self) -> int:
+        """Pages admitted requests will take when they are prefilled (counted until they are)."""
+        return sum(self._need(r) for r in self.running if not r.prefilled)
+
+    def _fits(self, req: EngineRequest) -> bool:
+        headroom = self.heads_total * sum(1 for r in self.running if r.prefilled)
+        return self._need(req) <= self.pool.free_pages - self._promised() - headroom
+
+    # -- queue and admission ----------------------------------------------------------------------------
     def add(self, req: EngineRequest) -> None:
-        if len(self.waiting) >= self.max_queue:
-            raise EngineOverloaded(f"waiting queue is full ({self.max_queue} requests)", retry_after=1.0)
+        """Queue a new request and admit what fits; refuse it if it must wait behind a full queue."""
+        req.arrival = next(self._arrivals)
         self.waiting.append(req)
+        self.admit()
+        if len(self.waiting) > self.max_queue:  # FIFO: if anything still waits, the new request does
+            self.waiting.pop()
+            raise EngineOverloaded(f"waiting queue is full ({self.max_queue} requests)",
+                                   retry_after=self.retry_after(len(self.waiting)))
 
-    def admit_next(self) -> EngineRequest | None:
-        """Move the next waiting request to running if it fits; it is then reserved, not yet allocated."""
-        if not self.waiting or len(self.running) >= self.max_num_seqs:
-            return None
-        req = self.waiting[0]
-        need = self.worst_case_pages(req)
-        if self.reserved + need > self.pool.num_pages:
-            return None
-        self.waiting.popleft()
-        req.reserved_pages = need
-        self.reserved += need
-        self.running.append(req)
-        return req
+    def admit(self) -> None:
+        """Admit waiting requests, oldest first, while they fit (a large request at the head is not overtaken)."""
+        while self.waiting and len(self.running) < self.max_num_seqs and self._fits(self.waiting[0]):
+            req = self.waiting.popleft()
+            bisect.insort(self.running, req, key=lambda r: r.arrival)
 
-    def shrink_reservation(self, req: EngineRequest) -> None:
-        """After eviction: pages held now plus room for the remaining tokens."""
-        assert req.kv is not None
-        remaining = req.request.sampling.max_tokens - len(req.output_ids)
-        need = min(req.reserved_pages, req.kv.num_pages + self.pages_for_tokens(max(remaining, 0)))
-        self.reserved -= req.reserved_pages - need
-        req.reserved_pages = need
+    def next_prefill(self) -> EngineRequest | None:
+        """The oldest admitted request that has no cache yet."""
+        return next((r for r in self.running if not r.prefilled and not r.aborted), None)
+
+    def decode_batch(self) -> tuple[list[EngineRequest], list[EngineRequest]]:
+        """The prefilled requests for one decode step, after preempting the youngest requests until the step's
+        new pages fit beside the promised prefills. Returns ``(batch, preempted)``."""
+        preempted: list[EngineRequest] = []
+        while True:
+            batch = [r for r in self.running if r.prefilled and not r.aborted]
+            need = sum(r.kv.pages_needed_for_append() for r in batch)  # type: ignore[union-attr]
+            if need <= self.pool.free_pages - self._promised() or len(self.running) <= 1:
+                return batch, preempted
+            victim = self.running.pop()
+            victim.preempt()
+            self.waiting.appendleft(victim)  # the oldest of several victims ends up first
+            preempted.append(victim)
 
     def remove(self, req: EngineRequest) -> None:
         if req in self.running:
             self.running.remove(req)
-            self.reserved -= req.reserved_pages
-            req.reserved_pages = 0
+            self.record_finish()
         elif req in self.waiting:
             self.waiting.remove(req)
+
+    # -- Retry-After ------------------------------------------------------------------------------------
+    def record_finish(self, now: float | None = None) -> None:
+        self._finished_at.append(time.monotonic() if now is None else now)
+
+    def retry_after(self, queued: int, now: float | None = None) -> float:
+        """Seconds until ``queued`` requests have left the queue at the recent completion rate (completions since
+        the oldest remembered one, up to now: the estimate slows down while nothing finishes)."""
+        now = time.monotonic() if now is None else now
+        times = self._finished_at
+        rate = FALLBACK_RATE
+        if len(times) >= 2:
+            rate = (len(times) - 1) / max(now - times[0], 1e-3)
+        return min(max(queued / rate, 1.0), MAX_RETRY_AFTER)

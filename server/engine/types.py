@@ -63,13 +63,23 @@ class TokenLogprob:
     top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
 
 
+def achieved_ratio(dense_units: float, actual_units: float) -> float:
+    """The one definition of an achieved compression ratio: the work dense attention does over the work done
+    (1 when nothing was done). Units: causal cells computed (prefill), prompt KV tokens read (decode)."""
+    return dense_units / actual_units if actual_units > 0 else 1.0
+
+
 @dataclass
 class PhaseCost:
     """A phase's cost summed over layers (and, for decode, over steps)."""
 
     method: str = "dense"
     target_compression_ratio: float = 1.0
-    achieved_compression_ratio: float = 1.0
+    achieved_compression_ratio: float = 1.0  # achieved_ratio(dense_units, actual_units)
+    # What the achieved ratio compares (see achieved_ratio); additive, so several requests combine exactly.
+    # Not part of the response's ``sparse`` object.
+    dense_units: float = 0.0
+    actual_units: float = 0.0
     # prefill
     attention_flops: float = 0.0
     dense_attention_flops: float = 0.0

@@ -1,0 +1,136 @@
+"""The native engine's admission, growth and preemption (:mod:`server.engine.scheduler`) on a tiny random model,
+where a pool of an exact number of pages is easy to build and long generations are cheap.
+
+The model has 2 layers x 2 KV heads, so a request holds ``4 * ceil(tokens / 16)`` pages."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from engine_helpers import collect, make_request, tiny_engine, tiny_model
+
+from server.engine.types import EngineOverloaded, RequestRejected
+
+PROMPT = [(7 * i + 3) % 96 for i in range(150)]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+async def _with(engine, body):
+    await engine.start()
+    try:
+        return await body(engine)
+    finally:
+        await engine.shutdown(timeout=5)
+
+
+def test_preempted_requests_resume_with_their_uninterrupted_output(model):
+    """Three requests whose contexts cannot all fit: the youngest are preempted (pages freed) and resumed by
+    recomputation; each streams exactly the tokens, text and cost it gives alone."""
+    patterns = ["dense", "quest:2", "snapkv:2"]  # admitted oldest first; SnapKV evicts again when it resumes
+    prompts = [PROMPT, PROMPT[::-1], PROMPT[10:] + PROMPT[:10]]
+
+    def requests(tag):
+        return [make_request(f"{tag}{i}", prompts[i], p, max_tokens=200, ignore_eos=True)
+                for i, p in enumerate(patterns)]
+
+    async def body(engine):
+        solo = [await collect(engine, r) for r in requests("solo")]
+        together = await asyncio.gather(*(collect(engine, r) for r in requests("batch")))
+        return solo, together
+
+    # 160 pages: the three prompts fit side by side (44 + 44 + 60 pages at SnapKV's eviction peak), each
+    # whole request (350 tokens: 92 pages) fits alone, all three grown (92 + 92 + 72) do not.
+    engine = tiny_engine(model, pages=160)
+    solo, together = asyncio.run(_with(engine, body))
+    assert engine.preemptions >= 1
+    for pattern, a, b in zip(patterns, solo, together, strict=True):
+        assert len(b.token_ids) == 200, pattern  # nothing lost or streamed twice
+        assert b.token_ids == a.token_ids and b.text == a.text, pattern
+        assert b.final.cost.decode == a.final.cost.decode, pattern  # the recomputation is not the request's cost
+        assert b.final.cost.model_flops == pytest.approx(a.final.cost.model_flops), pattern
+    assert engine.pool.counters().free_pages == engine.pool.num_pages
+    assert engine.stats().num_running == engine.stats().num_waiting == 0
+
+
+def test_admission_on_present_need_not_the_whole_context(model):
+    """Requests that may grow to the whole context (what the API sends when a client omits max_tokens) run side
+    by side when what they hold now fits, although two whole contexts would not."""
+    engine = tiny_engine(model, pages=300)  # a whole 512-token context is 132 pages: two would fit, not six
+    n = len(PROMPT)
+
+    async def body(engine):
+        gens = [engine.generate(make_request(f"r{i}", PROMPT, max_tokens=engine.max_model_len - n, ignore_eos=True))
+                for i in range(6)]
+        try:
+            firsts = await asyncio.wait_for(asyncio.gather(*(g.__anext__() for g in gens)), timeout=30)
+            assert not any(f.finished for f in firsts)
+            return engine.stats().num_running
+        finally:
+            for g in gens:
+                await g.aclose()
+
+    assert asyncio.run(_with(engine, body)) == 6
+
+
+def test_request_that_cannot_fit_alone_is_rejected_up_front(model):
+    engine = tiny_engine(model, pages=60, max_model_len=512)  # 224 tokens fit one request
+    with pytest.raises(RequestRejected) as err:
+        engine.validate(make_request("big", PROMPT, max_tokens=200))
+    assert err.value.code == "kv_cache_too_small"
+    engine.validate(make_request("ok", PROMPT, max_tokens=60))
+
+
+def test_default_context_is_what_the_pool_holds_for_one_request(model):
+    """Without --max-model-len the served context is capped to what one request can hold, so a request without
+    max_tokens (the API fills in the rest of the context) is served; an explicit --max-model-len is kept."""
+    assert tiny_engine(model, pages=60).max_model_len == 224  # 60 pages = 15 per head, one kept for the next token
+    assert tiny_engine(model).max_model_len == 512
+    assert tiny_engine(model, pages=60, max_model_len=512).max_model_len == 512
+
+
+def test_a_burst_is_admitted_at_once_not_queued(model):
+    """--max-queue bounds the backlog, not a burst: an idle engine admits every request that fits, at once."""
+    engine = tiny_engine(model, max_num_seqs=64, max_queue=2)
+
+    async def body(engine):
+        return await asyncio.gather(*(collect(engine, make_request(f"b{i}", PROMPT[:20], max_tokens=3))
+                                      for i in range(50)))
+
+    results = asyncio.run(_with(engine, body))
+    assert [r.final.finish_reason for r in results] == ["length"] * 50
+
+
+def test_retry_after_follows_the_queue_and_throughput(model):
+    """A full queue's Retry-After is the time the queue takes to drain at the recent completion rate."""
+    sched = tiny_engine(model).scheduler
+    for t in (0.0, 1.0, 2.0, 3.0, 4.0):  # 4 completions in the 4 s since the first: 1 per second
+        sched.record_finish(now=t)
+    assert sched.retry_after(queued=8, now=4.0) == pytest.approx(8.0)
+    assert sched.retry_after(queued=2, now=4.0) == pytest.approx(2.0)
+    assert sched.retry_after(queued=8, now=12.0) == pytest.approx(24.0)  # nothing finished since: slower
+    for t in (4.25, 4.5, 4.75, 5.0):
+        sched.record_finish(now=t)
+    assert sched.retry_after(queued=8, now=5.0) == pytest.approx(5.0)  # 8 completions in 5 s
+
+    engine = tiny_engine(model, max_num_seqs=1, max_queue=8)
+
+    async def body(engine):
+        running = asyncio.ensure_future(
+            collect(engine, make_request("run", PROMPT[:20], max_tokens=480, ignore_eos=True)))
+        waiting = [asyncio.ensure_future(collect(engine, make_request(f"w{i}", PROMPT[:20], max_tokens=2)))
+                   for i in range(8)]
+        while engine.stats().num_waiting < 8:
+            await asyncio.sleep(0.001)
+        with pytest.raises(EngineOverloaded) as err:
+            await collect(engine, make_request("refused", PROMPT[:20], max_tokens=2))
+        await engine.abort("run")
+        await asyncio.gather(running, *waiting)
+        return err.value.retry_after
+
+    # no completion seen yet: one request per second is assumed, so 8 queued requests mean 8 s
+    assert asyncio.run(_with(engine, body)) == pytest.approx(8.0)
