@@ -41,14 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and KV cache dtype (auto: bfloat16 on cuda, float32 on cpu)")
     g.add_argument("--max-model-len", type=int, default=None,
-                   help="context length limit, prompt + completion (default: the model's)")
+                   help="context length limit, prompt + completion (default: the model's, capped to what one "
+                   "request can hold in the KV cache)")
     g.add_argument("--kv-cache-memory", default=None,
                    help="memory for the KV page pool, e.g. 2GiB, 512MB or bytes (default: 1 GiB on CPU, half the "
                    "free GPU memory on CUDA)")
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
                    help="most requests running (prefilling or decoding) at once")
     g.add_argument("--max-queue", type=int, default=d.max_queue,
-                   help="most requests waiting for admission; beyond it new requests get 429 with Retry-After")
+                   help="most requests waiting for admission (those that do not fit yet; every request that fits "
+                   "is admitted at once); beyond it new requests get 429 with Retry-After estimated from the queue "
+                   "and the recent completion rate")
     g.add_argument("--served-model-name", default=None,
                    help="the model name clients send and /v1/models lists (default: the model's name)")
 

@@ -37,7 +37,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
-    sliding_window: int | None = None  # informational (Mistral v0.1); attention is the engine's business
+    sliding_window: int | None = None  # Mistral v0.1; the native engine refuses one shorter than its context
     model_type: str = "llama"
     name: str = ""
 
