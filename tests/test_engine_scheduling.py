@@ -29,10 +29,10 @@ async def _with(engine, body):
 
 
 def test_preempted_requests_resume_with_their_uninterrupted_output(model):
-    """Three requests whose contexts cannot all fit: the youngest are preempted (pages freed) and resumed by
+    """Four requests whose contexts cannot all fit: the youngest are preempted (pages freed) and resumed by
     recomputation; each streams exactly the tokens, text and cost it gives alone."""
-    patterns = ["dense", "quest:2", "snapkv:2"]  # admitted oldest first; SnapKV evicts again when it resumes
-    prompts = [PROMPT, PROMPT[::-1], PROMPT[10:] + PROMPT[:10]]
+    patterns = ["dense", "snapkv:2", "quest:2", "ada_snapkv:2"]  # oldest first; the evicting ones evict again
+    prompts = [PROMPT, PROMPT[::-1], PROMPT[10:] + PROMPT[:10], PROMPT[75:] + PROMPT[:75]]
 
     def requests(tag):
         return [make_request(f"{tag}{i}", prompts[i], p, max_tokens=200, ignore_eos=True)
@@ -43,9 +43,9 @@ def test_preempted_requests_resume_with_their_uninterrupted_output(model):
         together = await asyncio.gather(*(collect(engine, r) for r in requests("batch")))
         return solo, together
 
-    # 160 pages: the three prompts fit side by side (44 + 44 + 60 pages at SnapKV's eviction peak), each
-    # whole request (350 tokens: 92 pages) fits alone, all three grown (92 + 92 + 72) do not.
-    engine = tiny_engine(model, pages=160)
+    # 220 pages: the prompts fit side by side (44 + 60 + 44 + 60 pages at the eviction peaks), each whole
+    # request (350 tokens: 92 pages) fits alone, all four grown (92 + 72 + 92 + 72) do not.
+    engine = tiny_engine(model, pages=220)
     solo, together = asyncio.run(_with(engine, body))
     assert engine.preemptions >= 1
     for pattern, a, b in zip(patterns, solo, together, strict=True):

@@ -8,9 +8,9 @@
   no worst case (prompt + max_tokens) is reserved.
 * Growth and preemption: a running request's pages grow one token at a time. When a decode step's new pages
   do not fit, the youngest request (latest arrival) is preempted: its pages go back to the pool and it
-  returns to the head of the queue, to resume by recomputing its cache. The oldest request always makes
-  progress, so nothing livelocks, because a request whose whole context could not fit the pool even alone
-  is refused up front (:meth:`need_alone`).
+  returns to the head of the queue, to resume by recomputing its cache; no later request is admitted before
+  it. The oldest running request is never preempted, and a request whose whole context could not fit the
+  pool even alone is refused up front (:meth:`need_alone`), so every admitted request completes.
 * Waiting queue: bounded by ``max_queue`` (the backlog of requests that do not fit yet); a full queue is an
   :class:`EngineOverloaded` error whose ``retry_after`` estimates when the queue will have drained, from its
   length and the recent completion rate.
