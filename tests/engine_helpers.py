@@ -43,6 +43,15 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def with_engine(engine, body):
+    """Start ``engine``, run ``await body(engine)``, and shut the engine down whatever happens."""
+    await engine.start()
+    try:
+        return await body(engine)
+    finally:
+        await engine.shutdown(timeout=5)
+
+
 class ByteTokenizer:
     """Token i is the character chr(32 + i % 90): enough for the engine's detokenizer and stop checks."""
 

@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 import torch
-from engine_helpers import collect, make_request, tiny_engine, tiny_model
+from engine_helpers import collect, make_request, tiny_engine, tiny_model, with_engine
 
 from attention_backends import parse_pattern
 from server.engine.engine import EngineOptions, NativeEngine
@@ -47,14 +47,6 @@ def long_prompt_ids(tokenizer, tokens: int) -> list[int]:
     return ids[-tokens:] if len(ids) > tokens else ids
 
 
-async def _with_engine(engine, body):
-    await engine.start()
-    try:
-        return await body(engine)
-    finally:
-        await engine.shutdown(timeout=5)
-
-
 def test_every_method_at_ratio_one_matches_dense(loaded):
     _, tok = loaded
     ids = long_prompt_ids(tok, 400)
@@ -64,7 +56,7 @@ def test_every_method_at_ratio_one_matches_dense(loaded):
     async def body(engine):
         return [await collect(engine, make_request(f"r{i}", ids, p, max_tokens=24)) for i, p in enumerate(patterns)]
 
-    results = asyncio.run(_with_engine(new_engine(loaded), body))
+    results = asyncio.run(with_engine(new_engine(loaded), body))
     for pattern, res in zip(patterns, results, strict=True):
         assert res.token_ids == results[0].token_ids, pattern
         assert res.final.cost.decode.achieved_compression_ratio == pytest.approx(1.0)
@@ -86,7 +78,7 @@ def test_concurrent_mixed_patterns_equal_their_solo_runs(loaded):
         return solo, together
 
     engine = new_engine(loaded)
-    solo, together = asyncio.run(_with_engine(engine, body))
+    solo, together = asyncio.run(with_engine(engine, body))
     assert engine.decode_retries == 0  # the mixed batch really ran as one batch
     assert engine.pool.counters().free_pages == engine.pool.num_pages
     for i, pattern in enumerate(PATTERNS):
@@ -133,7 +125,7 @@ def test_snapkv_frees_evicted_pages_and_everything_returns(loaded):
                 break
             await asyncio.sleep(0.02)
 
-    asyncio.run(_with_engine(engine, body))
+    asyncio.run(with_engine(engine, body))
     freed = 1 - seen["snapkv:4"] / seen["dense"]
     assert freed >= 0.70, f"SnapKV at r=4 freed only {freed:.0%} of the prompt's pages"
     assert engine.pool.counters().free_pages == start_free
@@ -153,7 +145,7 @@ def test_small_pool_queues_instead_of_failing(loaded):
         return await asyncio.gather(*(collect(engine, make_request(f"q{i}", ids, "quest:2", max_tokens=12))
                                       for i in range(16)))
 
-    results = asyncio.run(_with_engine(engine, body))
+    results = asyncio.run(with_engine(engine, body))
     assert all(r.final.finish_reason in ("stop", "length") for r in results)
     assert len({tuple(r.token_ids) for r in results}) == 1
     assert engine.pool.counters().free_pages == engine.pool.num_pages
@@ -172,7 +164,7 @@ def test_seeded_sampling_and_stop_strings(loaded):
         stopped = await collect(engine, make_request("s", ids, max_tokens=24, stop=[stop_word]))
         return a, b, c, greedy, stop_word, stopped
 
-    a, b, c, greedy, stop_word, stopped = asyncio.run(_with_engine(new_engine(loaded), body))
+    a, b, c, greedy, stop_word, stopped = asyncio.run(with_engine(new_engine(loaded), body))
     assert b.token_ids == c.token_ids and b.text == c.text
     assert a.final.finish_reason in ("stop", "length")
     assert stopped.final.finish_reason == "stop"
@@ -203,7 +195,7 @@ def test_fault_in_one_request_fails_only_that_request(loaded, monkeypatch):
         names = ["ok-1", "bad-prefill", "ok-2", "bad-decode", "ok-3"]
         return names, await asyncio.gather(*(collect(engine, make_request(n, ids, max_tokens=10)) for n in names))
 
-    names, results = asyncio.run(_with_engine(engine, body))
+    names, results = asyncio.run(with_engine(engine, body))
     by_name = dict(zip(names, results, strict=True))
     assert by_name["bad-prefill"].final.finish_reason == "error"
     assert by_name["bad-decode"].final.finish_reason == "error"
@@ -241,7 +233,7 @@ def test_rejections_and_overload(loaded):
                 pass
         assert (await collect(engine, make_request("after", ids, max_tokens=4))).final.finish_reason == "length"
 
-    asyncio.run(_with_engine(engine, body))
+    asyncio.run(with_engine(engine, body))
 
 
 def quest_request_with_page_size(ids, page_size):
@@ -259,7 +251,7 @@ def test_small_pool_serves_chat_without_max_tokens(loaded):
     async def body(engine):
         return await collect(engine, make_request("chat", ids, max_tokens=engine.max_model_len - len(ids)))
 
-    res = asyncio.run(_with_engine(engine, body))
+    res = asyncio.run(with_engine(engine, body))
     assert res.final.finish_reason == "stop" and "4" in res.text
     explicit = new_engine(loaded, kv_cache_memory=64 * 10**6, max_model_len=8192)
     with pytest.raises(RequestRejected) as err:
@@ -278,7 +270,7 @@ def test_decode_ratio_of_several_choices_is_each_choices_ratio():
         return await asyncio.gather(*(collect(engine, make_request(f"c{i}", prompt, "snapkv:4", max_tokens=64,
                                                                    ignore_eos=True)) for i in range(2)))
 
-    a, b = asyncio.run(_with_engine(engine, body))
+    a, b = asyncio.run(with_engine(engine, body))
     ratio = a.final.cost.decode.achieved_compression_ratio
     assert ratio > 3 and b.final.cost.decode.achieved_compression_ratio == ratio
     assert aggregate_cost([a.final.cost, b.final.cost]).decode.achieved_compression_ratio == pytest.approx(ratio)

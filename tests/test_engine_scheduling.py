@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from engine_helpers import collect, make_request, tiny_engine, tiny_model
+from engine_helpers import collect, make_request, tiny_engine, tiny_model, with_engine
 
 from server.engine.types import EngineOverloaded, RequestRejected
 
@@ -18,14 +18,6 @@ PROMPT = [(7 * i + 3) % 96 for i in range(150)]
 @pytest.fixture(scope="module")
 def model():
     return tiny_model()
-
-
-async def _with(engine, body):
-    await engine.start()
-    try:
-        return await body(engine)
-    finally:
-        await engine.shutdown(timeout=5)
 
 
 def test_preempted_requests_resume_with_their_uninterrupted_output(model):
@@ -46,7 +38,7 @@ def test_preempted_requests_resume_with_their_uninterrupted_output(model):
     # 220 pages: the prompts fit side by side (44 + 60 + 44 + 60 pages at the eviction peaks), each whole
     # request (350 tokens: 92 pages) fits alone, all four grown (92 + 72 + 92 + 72) do not.
     engine = tiny_engine(model, pages=220)
-    solo, together = asyncio.run(_with(engine, body))
+    solo, together = asyncio.run(with_engine(engine, body))
     assert engine.preemptions >= 1
     for pattern, a, b in zip(patterns, solo, together, strict=True):
         assert len(b.token_ids) == 200, pattern  # nothing lost or streamed twice
@@ -74,7 +66,7 @@ def test_admission_on_present_need_not_the_whole_context(model):
             for g in gens:
                 await g.aclose()
 
-    assert asyncio.run(_with(engine, body)) == 6
+    assert asyncio.run(with_engine(engine, body)) == 6
 
 
 def test_request_that_cannot_fit_alone_is_rejected_up_front(model):
@@ -101,7 +93,7 @@ def test_a_burst_is_admitted_at_once_not_queued(model):
         return await asyncio.gather(*(collect(engine, make_request(f"b{i}", PROMPT[:20], max_tokens=3))
                                       for i in range(50)))
 
-    results = asyncio.run(_with(engine, body))
+    results = asyncio.run(with_engine(engine, body))
     assert [r.final.finish_reason for r in results] == ["length"] * 50
 
 
@@ -133,4 +125,4 @@ def test_retry_after_follows_the_queue_and_throughput(model):
         return err.value.retry_after
 
     # no completion seen yet: one request per second is assumed, so 8 queued requests mean 8 s
-    assert asyncio.run(_with(engine, body)) == pytest.approx(8.0)
+    assert asyncio.run(with_engine(engine, body)) == pytest.approx(8.0)
