@@ -105,9 +105,8 @@ class NativeEngine:
         if length is None:
             length = min(int(model_len), self.scheduler.max_tokens_alone())
             if length < model_len:
-                log.warning("the KV cache holds at most %d tokens for one request: serving a context of %d tokens "
-                            "instead of the model's %d (raise --kv-cache-memory or set --max-model-len)",
-                            length, length, model_len)
+                log.warning("the KV cache holds at most %d tokens for one request: serving that context instead "
+                            "of the model's %d (raise --kv-cache-memory or set --max-model-len)", length, model_len)
         if sliding_window is not None and sliding_window < length:
             raise ValueError(
                 f"this model uses a sliding window of {sliding_window} tokens, which the native engine does not "
@@ -274,6 +273,7 @@ class NativeEngine:
             self._on_token(req, sampled.token_id, sampled.logprob)
 
     def _decode(self, batch: list[EngineRequest]) -> None:
+        rows = [i for i, r in enumerate(batch) if r.samples_next]  # the others recompute a known token
         try:
             logits = self.runner.decode(batch)
         except Exception:
@@ -287,9 +287,8 @@ class NativeEngine:
             for req in batch:  # isolate the failing request(s); the others go on
                 self._decode([req])
             return
-        live = [r for r in batch if r.cached_outputs == len(r.output_ids)]  # the others recompute a known token
-        tokens = sample(logits[[batch.index(r) for r in live]], [r.request.sampling for r in live],
-                        [r.sampler for r in live]) if live else []
+        live = [batch[i] for i in rows]
+        tokens = sample(logits[rows], [r.request.sampling for r in live], [r.sampler for r in live]) if rows else []
         with self._lock:
             for req, sampled in zip(live, tokens, strict=True):
                 if not req.aborted:

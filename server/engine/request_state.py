@@ -87,7 +87,6 @@ class EngineRequest:
     arrival: int = 0  # arrival order, set by the scheduler (preemption takes the youngest)
     prefilled: bool = False  # the cache holds the prompt (set after each prefill, cleared by preemption)
     cached_outputs: int = 0  # generated tokens whose keys/values are in the cache
-    preemptions: int = 0
     _cost_at_preemption: tuple[CostTotals, RequestCost] | None = None
 
     @property
@@ -122,10 +121,7 @@ class EngineRequest:
             self.kv = None
         self.prefilled = False
         self.cached_outputs = 0
-        if not self.output_ids:  # admitted but never prefilled: nothing to recompute
-            return
-        self.preemptions += 1
-        if self._cost_at_preemption is None:
+        if self.output_ids and self._cost_at_preemption is None:
             self._cost_at_preemption = copy.deepcopy((self.totals, self.cost))
 
     def catch_up(self) -> None:
