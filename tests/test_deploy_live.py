@@ -12,10 +12,11 @@ that holds exactly one long request):
 * server errors, spread over several scrapes: an injected prefill fault (requests with ``seed=FAULT_SEED``)
   answers 500 with ``status="error"``            -> ``SparseServeHighErrorRate`` pending;
 * overload: bursts of concurrent requests beyond running + waiting -> 429 -> ``SparseServeQueueSaturated``;
-* KV pressure: a 305-token prompt holds 20 of the 21 pages per KV head it reserves (usage 0.952)
+* KV pressure: a 305-token prompt holds 20 of the pool's 21 pages per KV head (usage 0.952)
   -> ``SparseServeKVCacheNearlyFull``;
-* a slow first token: a 320-token request holds the whole pool while two ``flexprefill`` requests wait
-  behind it (their time to first token includes the wait, over 2 s) -> ``SparseServeTTFTSLOBreached``;
+* a slow first token: a 320-token request runs while two ``flexprefill`` requests whose prompts need nearly
+  the whole pool wait behind it (their time to first token includes the wait, over 2 s)
+  -> ``SparseServeTTFTSLOBreached``;
 * ``SparseServeDown`` must stay inactive (the server stays up).
 
 (TTFT is designed to breach rather than to stay low: on a loaded two-core machine running Triton's
@@ -57,11 +58,12 @@ INTERVAL_S = 1  # the test's scrape and rule-evaluation interval
 REWRITABLE_KEYS = {"scrape_interval", "evaluation_interval", "scrape_timeout", "targets"}
 
 # KV pressure. SmolLM2-135M: 30 layers x 3 KV heads, head_dim 64, float32, 16-token pages, so a page (K, V and
-# Quest's key min/max) takes (2*16 + 2) * 64 * 4 bytes. A request of 305 prompt + 15 new tokens reserves
-# 30*3*(ceil(320/16) + 1) = 1890 pages (the scheduler's worst case) and holds 30*3*20 = 1800 from its prefill
-# on: 1800/1890 = 0.952 > 0.95. The pool is exactly that reservation, so it runs alone.
+# Quest's key min/max) takes (2*16 + 2) * 64 * 4 bytes. The pool is 30*3*(ceil(320/16) + 1) = 1890 pages: a
+# 305-token prompt needs all of them to be admitted (its 20 pages per KV head and one for its next token), so it
+# runs alone, and holds 30*3*20 = 1800 from its prefill to its 15th token: 1800/1890 = 0.952 > 0.95.
 HEADS_TOTAL, PAGE_SIZE = 30 * 3, 16
 HOG_PROMPT, HOG_NEW = 305, 15
+WAITER_PROMPT = 300  # a prompt that needs 30*3*(19 + 1) = 1800 pages: admitted only when nothing else runs
 POOL_PAGES = HEADS_TOTAL * (-(-(HOG_PROMPT + HOG_NEW) // PAGE_SIZE) + 1)
 KV_BYTES = POOL_PAGES * (2 * PAGE_SIZE + 2) * 64 * 4
 SERVER_FLAGS = ["--device", "cpu", "--dtype", "float32", "--max-num-seqs", "2", "--max-queue", "2",
@@ -335,16 +337,17 @@ class Load:
             list(pool.map(one, range(size)))
 
     def slow_first_tokens(self, waiting: int = 2) -> None:
-        """A request of 5 prompt + 315 new tokens, which reserves the whole pool, and ``waiting`` short
-        ``SLOW_METHOD`` requests sent once it streams: they wait for it to finish. Their time to first token
-        (to the first streamed chunk, here) goes to ``self.first_token_s``."""
+        """A request of 5 prompt + 315 new tokens, and ``waiting`` ``SLOW_METHOD`` requests sent once it streams,
+        whose prompts need nearly the whole pool (19 of its 21 pages per KV head, one more for their next token):
+        they wait for it to finish. Their time to first token (to the first streamed chunk, here) goes to
+        ``self.first_token_s``."""
         body = {"model": self.model, "prompt": [1000] * 5, "max_tokens": HOG_PROMPT + HOG_NEW - 5, "temperature": 0,
                 "ignore_eos": True, "stream": True}
 
         def waiter(_):
             sent = time.monotonic()
             with httpx.stream("POST", self.url + "/v1/completions", timeout=120, json={
-                    "model": self.model, "prompt": "The capital of France is", "max_tokens": 2, "temperature": 0,
+                    "model": self.model, "prompt": [1000] * WAITER_PROMPT, "max_tokens": 2, "temperature": 0,
                     "ignore_eos": True, "stream": True, "sparse_pattern": SLOW_METHOD}) as r:
                 assert r.status_code == 200
                 lines = r.iter_lines()
