@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest request body (e.g. 32MiB); larger bodies get 413")
     h.add_argument("--max-choices", type=int, default=d.max_choices,
                    help="largest number of prompts x n in one request")
+    h.add_argument("--max-prompt-logprobs-tokens", type=int, default=d.max_prompt_logprobs_tokens,
+                   help="longest prompt that echo with logprobs scores (logits memory grows with it; a longer "
+                   "one gets 400)")
     h.add_argument("--overload-status", type=int, choices=[429, 503], default=d.overload_status,
                    help="status for requests refused because the waiting queue is full")
     h.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
@@ -96,6 +99,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         default_sparse_pattern=args.default_sparse_pattern,
         max_body_bytes=parse_size(args.max_body_size),
         max_choices=args.max_choices,
+        max_prompt_logprobs_tokens=args.max_prompt_logprobs_tokens,
         overload_status=args.overload_status,
         shutdown_timeout=args.shutdown_timeout,
         log_level=args.log_level,

@@ -63,6 +63,8 @@ class ServerSettings(BaseModel):
     default_sparse_pattern: str = "dense"
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     max_choices: int = Field(256, ge=1, description="largest prompts x n in one request")
+    max_prompt_logprobs_tokens: int = Field(
+        4096, ge=1, description="longest prompt scored by echo with logprobs (docs/evaluation.md: memory)")
     overload_status: Literal[429, 503] = 429
     shutdown_timeout: float = Field(30.0, ge=0)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"

@@ -20,6 +20,7 @@ class Result:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list = field(default_factory=list)
+    prompt_logprobs: list | None = None
     final: GenerationOutput | None = None
 
 
@@ -29,6 +30,9 @@ async def collect(engine, request: GenerationRequest) -> Result:
         res.token_ids += out.token_ids
         res.text += out.text
         res.logprobs += out.logprobs or []
+        if out.prompt_logprobs is not None:
+            assert res.prompt_logprobs is None, "prompt logprobs come once"
+            res.prompt_logprobs = out.prompt_logprobs
         if out.finished:
             res.final = out
     return res

@@ -142,6 +142,12 @@ class FakeEngine:
         rng = random.Random(sp.seed)
         detok = IncrementalDetokenizer(self.tokenizer, sp.stop)
         n_out = 0
+        prompt_lps = None if sp.prompt_logprobs is None else fake_prompt_logprobs(prompt, sp.prompt_logprobs)
+        if sp.max_tokens == 0:
+            self.running.discard(rid)
+            yield GenerationOutput(rid, [], "", True, "length", None, len(prompt), 0, self._cost(request, 0),
+                                   timings, prompt_logprobs=prompt_lps)
+            return
         try:
             while True:
                 await asyncio.sleep(self.token_delay)
@@ -175,14 +181,22 @@ class FakeEngine:
                         delta += detok.flush()
                     timings.finished = time.monotonic()
                     yield GenerationOutput(rid, [tok], delta, True, reason, lp, len(prompt), n_out,
-                                           self._cost(request, n_out), timings)
+                                           self._cost(request, n_out), timings, prompt_logprobs=prompt_lps)
                     return
-                yield GenerationOutput(rid, [tok], delta, False, None, lp, len(prompt), n_out)
+                yield GenerationOutput(rid, [tok], delta, False, None, lp, len(prompt), n_out,
+                                       prompt_logprobs=prompt_lps)
+                prompt_lps = None  # only on the first delta
         finally:
             self.running.discard(rid)
             self.aborted.discard(rid)
             async with self._admit:
                 self._admit.notify_all()
+
+
+def fake_prompt_logprobs(prompt: list[int], k: int) -> list[TokenLogprob | None]:
+    """The fake engine's prompt logprobs: token i scores -i/10, with a space (-5.0) as the runner-up."""
+    return [None] + [TokenLogprob(t, -i / 10, [(t, -i / 10), (OFFSET + 32, -5.0)][:k])
+                     for i, t in enumerate(prompt[1:], start=1)]
 
 
 def free_port() -> int:

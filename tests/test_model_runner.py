@@ -106,11 +106,11 @@ def greedy_generate(model: LlamaModel, prompt: list[int], max_new_tokens: int) -
     return out
 
 
-def engine_greedy(model: LlamaModel, tokenizer, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """Greedy tokens through the NativeEngine: the paged KV cache, scheduler and sampler of the server."""
+def engine_run(model: LlamaModel, tokenizer, requests: list):
+    """Results of ``requests`` through the NativeEngine: the paged KV cache, scheduler and sampler of the server."""
     import asyncio
 
-    from engine_helpers import collect, make_request
+    from engine_helpers import collect
 
     from server.engine.engine import EngineOptions, NativeEngine
 
@@ -120,11 +120,18 @@ def engine_greedy(model: LlamaModel, tokenizer, prompt: list[int], max_new_token
     async def run():
         await engine.start()
         try:
-            return await collect(engine, make_request("greedy", prompt, max_tokens=max_new_tokens, ignore_eos=True))
+            return [await collect(engine, r) for r in requests]
         finally:
             await engine.shutdown(timeout=5)
 
-    return asyncio.run(run()).token_ids
+    return asyncio.run(run())
+
+
+def engine_greedy(model: LlamaModel, tokenizer, prompt: list[int], max_new_tokens: int) -> list[int]:
+    from engine_helpers import make_request
+
+    request = make_request("greedy", prompt, max_tokens=max_new_tokens, ignore_eos=True)
+    return engine_run(model, tokenizer, [request])[0].token_ids
 
 
 def forward_logits(model: LlamaModel, prompt: list[int]) -> torch.Tensor:
@@ -281,6 +288,75 @@ def test_smollm2_greedy_matches_transformers_generate(smollm, idx):
     assert ours[: len(theirs)] == theirs, (tok.decode(ours), tok.decode(theirs))
     served = engine_greedy(model, tok, prompt, 32)
     assert served[: len(theirs)] == theirs, (tok.decode(served), tok.decode(theirs))
+
+
+PROSE = ("The lighthouse keeper climbed the stairs every evening at dusk. He lit the great lamp, wound the clockwork "
+         "that turned the lens, and wrote the weather in a leather book. Ships passed far out at sea; none stopped. ")
+
+
+def test_smollm2_prompt_logprobs_match_transformers(smollm, monkeypatch):
+    """echo + logprobs on the native engine: each prompt token's logprob and top 5 equal transformers' log-softmax,
+    with the logits computed a few rows at a time (never the whole [n, vocab] block)."""
+    from engine_helpers import make_request
+
+    from server.engine import runner
+
+    model, tok, ref = smollm
+    prompt = tok.encode(PROSE)
+    rows = 7
+    monkeypatch.setattr(runner, "PROMPT_LOGITS_CHUNK_BYTES", rows * 4 * model.config.vocab_size)
+    seen_rows: list[int] = []
+    real = model.compute_logits
+    monkeypatch.setattr(model, "compute_logits", lambda h: (seen_rows.append(h.shape[0]), real(h))[1])
+    scored, generated = engine_run(model, tok, [
+        make_request("score", prompt, max_tokens=0, prompt_logprobs=5),
+        make_request("score-gen", prompt, max_tokens=1, prompt_logprobs=5, logprobs=0)])
+    assert max(seen_rows) == rows and sum(seen_rows) == 2 * len(prompt)  # n - 1 prompt rows + the last, each
+
+    expected = hf_logits(ref, prompt).log_softmax(-1)  # row i scores token i + 1
+    lps = scored.prompt_logprobs
+    assert len(lps) == len(prompt) and lps[0] is None
+    assert [lp.token_id for lp in lps[1:]] == prompt[1:]
+    ours = torch.tensor([lp.logprob for lp in lps[1:]])
+    theirs = expected[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+    assert (ours - theirs).abs().max().item() < 1e-4
+    top_ours = torch.tensor([[v for _, v in lp.top] for lp in lps[1:]])
+    assert (top_ours - expected[:-1].topk(5, dim=-1).values).abs().max().item() < 1e-4
+    top_ids = torch.tensor([[t for t, _ in lp.top] for lp in lps[1:]])
+    assert (expected[:-1].gather(1, top_ids) - top_ours).abs().max().item() < 1e-4  # ties may swap ids, not values
+    # max_tokens 0 generates nothing; with a token, the prompt's logprobs come with the first one, unchanged
+    assert scored.token_ids == [] and scored.final.finish_reason == "length" and scored.final.completion_tokens == 0
+    assert generated.token_ids == [int(expected[-1].argmax())]
+    assert [(lp.token_id, lp.logprob) for lp in generated.prompt_logprobs[1:]] == [
+        (lp.token_id, lp.logprob) for lp in lps[1:]]
+
+
+def test_sparse_prefill_prompt_logprobs_are_the_sparse_prefills(smollm):
+    """Under a sparse prefill pattern the prompt logprobs come from that prefill (not a dense re-run): they equal
+    a forward pass whose every layer attends with the method, and differ from dense."""
+    from engine_helpers import make_request
+
+    from attention_backends import parse_pattern, sparse_prefill
+
+    model, tok, _ = smollm
+    prompt = tok.encode(PROSE * 3)
+    pattern = "vertical_slash:4"
+    dense, sparse = engine_run(model, tok, [make_request("dense", prompt, max_tokens=0, prompt_logprobs=0),
+                                            make_request("sparse", prompt, pattern, max_tokens=0, prompt_logprobs=0)])
+    spec = parse_pattern(pattern)
+
+    def attention(layer, q, k, v):
+        return sparse_prefill(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), spec)[0].transpose(0, 1)
+
+    ids = torch.tensor(prompt)
+    expected = model(ids, torch.arange(len(prompt)), attention).log_softmax(-1)
+    expected = expected[torch.arange(len(prompt) - 1), ids[1:]]
+    ours = torch.tensor([lp.logprob for lp in sparse.prompt_logprobs[1:]])
+    dense_lps = torch.tensor([lp.logprob for lp in dense.prompt_logprobs[1:]])
+    assert (ours - expected).abs().max().item() < 1e-4
+    assert (ours - dense_lps).abs().max().item() > 1e-2
+    assert sparse.final.cost.prefill.method == "vertical_slash"
+    assert sparse.final.cost.prefill.achieved_compression_ratio > 1.2  # short prompt: little to skip
 
 
 def test_logits_indices_and_packed_sequences(smollm):

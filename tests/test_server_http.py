@@ -29,7 +29,8 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 @pytest.fixture(scope="module")
 def srv():
     engine = FakeEngine(max_model_len=256, max_num_seqs=4, max_queue=4, token_delay=0.002)
-    app = create_app(engine, ServerSettings(api_key=KEY, default_sparse_pattern="snapkv:2", max_body_bytes=64_000))
+    app = create_app(engine, ServerSettings(api_key=KEY, default_sparse_pattern="snapkv:2", max_body_bytes=64_000,
+                                            max_prompt_logprobs_tokens=64))
     with ThreadedServer(app) as s:
         s.engine = engine
         yield s
@@ -73,6 +74,34 @@ def test_prompt_forms_echo_stop(http):
     r = post(http, "/v1/completions", {"prompt": ["abcabc"], "max_tokens": 6, "temperature": 0, "stop": "ca"})
     c = r.json()["choices"][0]
     assert (c["text"], c["finish_reason"]) == ("ab", "stop")
+
+
+def test_echo_with_logprobs_scores_the_prompt(http):
+    """vLLM's shape: the prompt's tokens lead tokens/token_logprobs/top_logprobs (the first null), text_offset
+    runs over the echoed text, and the sparse report says the prompt logprobs are this prefill's."""
+    body = {"prompt": "abc", "max_tokens": 2, "temperature": 0, "logprobs": 1, "echo": True}
+    r = post(http, "/v1/completions", body)
+    c = r.json()["choices"][0]
+    lp = c["logprobs"]
+    assert c["text"] == "abcab" and lp["tokens"] == list("abcab")
+    assert lp["token_logprobs"][:3] == [None, -0.1, -0.2] and lp["top_logprobs"][0] is None
+    assert lp["top_logprobs"][1] == {"b": -0.1} and len(lp["top_logprobs"][3]) == 1
+    assert lp["text_offset"] == [0, 1, 2, 3, 4]
+    assert r.json()["sparse"]["prefill"]["prompt_logprobs"] is True
+    # max_tokens 0: the prompt alone, nothing generated
+    r = post(http, "/v1/completions", {**body, "max_tokens": 0, "logprobs": 2})
+    c = r.json()["choices"][0]
+    assert (c["text"], c["finish_reason"]) == ("abc", "length") and r.json()["usage"]["completion_tokens"] == 0
+    assert c["logprobs"]["tokens"] == list("abc") and c["logprobs"]["top_logprobs"][2] == {"c": -0.2, " ": -5.0}
+    # streamed: the same text and logprobs, the echo arriving with its logprobs
+    r = post(http, "/v1/completions", {**body, "stream": True})
+    chunks = [e["choices"][0] for e in parse_sse(r.text)[:-1] if e["choices"]]
+    assert "".join(ch["text"] for ch in chunks) == "abcab"
+    assert sum((ch["logprobs"]["tokens"] for ch in chunks if ch["logprobs"]), []) == list("abcab")
+    assert chunks[0]["logprobs"]["token_logprobs"][0] is None
+    # echo without logprobs and plain logprobs do not carry the marker
+    r = post(http, "/v1/completions", {**body, "logprobs": None})
+    assert r.json()["choices"][0]["text"] == "abcab" and "prompt_logprobs" not in r.json()["sparse"]["prefill"]
 
 
 def test_n_and_seeds(http):
@@ -144,7 +173,10 @@ CHAT = [{"role": "user", "content": "hi"}]
         ("/v1/completions", {"prompt": "a", "max_tokens": 0}, {}, 400, "max_tokens", None),
         ("/v1/completions", {"prompt": "a", "temperature": -1}, {}, 400, "temperature", None),
         ("/v1/completions", {"prompt": "a", "presence_penalty": 1}, {}, 400, "presence_penalty", None),
-        ("/v1/completions", {"prompt": "a", "logprobs": 1, "echo": True}, {}, 400, "echo", None),
+        ("/v1/completions", {"prompt": "a" * 65, "logprobs": 1, "echo": True}, {}, 400, "prompt",
+         "prompt_logprobs_too_long"),
+        ("/v1/completions", {"prompt": ["a", "a" * 65], "logprobs": 0, "echo": True, "max_tokens": 0}, {}, 400,
+         "prompt[1]", "prompt_logprobs_too_long"),
         ("/v1/completions", {"prompt": [1, 2, 99999]}, {}, 400, "prompt", None),
         ("/v1/completions", {"prompt": []}, {}, 400, "prompt", None),
         ("/v1/completions", {"prompt": ""}, {}, 400, "prompt", None),

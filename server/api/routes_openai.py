@@ -63,6 +63,7 @@ class Prepared:
     include_usage: bool
     logprobs: int | None
     log_fields: dict[str, Any] = field(default_factory=dict)
+    prompt_logprobs: int | None = None  # echo with logprobs: the prompt tokens' logprobs lead each choice's
 
     def prompt_of(self, choice: int) -> int:
         return choice // self.n
@@ -183,6 +184,17 @@ async def _chat_prompt(ctx: ServerContext, messages: list[Any], add_generation_p
     return ids
 
 
+def _check_prompt_logprobs_len(ctx: ServerContext, prompts: list[list[int]]) -> None:
+    """Prompt logprobs hold logits for every prompt token (vLLM in one block); their length is capped."""
+    limit = ctx.settings.max_prompt_logprobs_tokens
+    for i, ids in enumerate(prompts):
+        if len(ids) > limit:
+            raise bad_request(
+                f"echo with logprobs scores at most {limit} prompt tokens on this server (the logits memory grows "
+                f"with the prompt; see --max-prompt-logprobs-tokens); this prompt has {len(ids)} tokens",
+                param="prompt" if len(prompts) == 1 else f"prompt[{i}]", code="prompt_logprobs_too_long")
+
+
 def _resolve_max_tokens(ctx: ServerContext, prompt_len: int, max_tokens: int | None, prompt_param: str,
                         max_tokens_param: str = "max_tokens") -> int:
     limit = ctx.engine.max_model_len
@@ -203,7 +215,7 @@ def _resolve_max_tokens(ctx: ServerContext, prompt_len: int, max_tokens: int | N
 
 
 def _sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int, choice: int,
-              logprobs: int | None) -> SamplingParams:
+              logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
     temperature = 1.0 if body.temperature is None else float(body.temperature)
     if temperature < GREEDY_EPS:
         temperature = 0.0
@@ -220,6 +232,7 @@ def _sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int, 
         stop_token_ids=list(body.stop_token_ids or []),
         ignore_eos=body.ignore_eos,
         logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
     )
 
 
@@ -242,6 +255,7 @@ async def _prepare(ctx: ServerContext, body: CompletionRequest | ChatCompletionR
     request.state.sparse_labels = spec_labels(spec)
     is_chat = isinstance(body, ChatCompletionRequest)
     logprobs: int | None
+    prompt_logprobs: int | None = None
     if is_chat:
         assert isinstance(body, ChatCompletionRequest)
         if body.echo:
@@ -258,10 +272,12 @@ async def _prepare(ctx: ServerContext, body: CompletionRequest | ChatCompletionR
     else:
         assert isinstance(body, CompletionRequest)
         logprobs = body.logprobs
-        if body.echo and logprobs is not None:
-            raise bad_request("echo with logprobs (prompt logprobs) is not supported by this server", param="echo",
-                              code="unsupported_parameter")
+        if body.max_tokens == 0 and not body.echo:
+            raise bad_request("max_tokens 0 needs echo (it returns the prompt only)", param="max_tokens")
         prompts = await _completion_prompts(ctx, body)
+        if body.echo and logprobs is not None:
+            prompt_logprobs = logprobs
+            _check_prompt_logprobs_len(ctx, [ids for ids, _ in prompts])
         wanted, max_tokens_param, prompt_param = body.max_tokens, "max_tokens", "prompt"
     n = body.n
     if len(prompts) * n > ctx.settings.max_choices:
@@ -278,14 +294,14 @@ async def _prepare(ctx: ServerContext, body: CompletionRequest | ChatCompletionR
         echo_texts.append((text if text is not None else ctx.engine.tokenizer.decode(ids)) if echo else "")
         for j in range(n):
             k = p * n + j
-            requests.append(GenerationRequest(f"{response_id}-{k}", ids, _sampling(body, max_tokens, j, logprobs),
-                                              spec))
+            sampling = _sampling(body, max_tokens, j, logprobs, prompt_logprobs)
+            requests.append(GenerationRequest(f"{response_id}-{k}", ids, sampling, spec))
     include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
     fields: dict[str, Any] = request.state.log_fields  # the access-log line of this request
     fields.update(kind=kind, sparse_pattern=spec.to_string(), n=n, prompts=len(prompts), stream=body.stream,
                   response_id=response_id)
     return Prepared(kind, response_id, int(time.time()), spec, [ids for ids, _ in prompts], echo_texts, n,
-                    requests, body.stream, include_usage, logprobs, fields)
+                    requests, body.stream, include_usage, logprobs, fields, prompt_logprobs)
 
 
 # -- metrics -------------------------------------------------------------------------------------------
@@ -319,6 +335,9 @@ def _recorder(ctx: ServerContext, request: Request, spec: SparseSpec):
 # -- response building ---------------------------------------------------------------------------------
 
 
+_PromptLogprobs = tuple[list[int], list[TokenLogprob | None]]  # prompt token ids and their logprobs
+
+
 class _CompletionLogprobs:
     def __init__(self, ctx: ServerContext, offset: int):
         self.ctx = ctx
@@ -328,19 +347,27 @@ class _CompletionLogprobs:
         self.top_logprobs: list[dict[str, float] | None] = []
         self.text_offset: list[int] = []
 
-    def add(self, lps: list[TokenLogprob]) -> dict[str, Any]:
-        """Append tokens; returns the logprobs object of just these tokens (for a stream chunk)."""
+    def add(self, lps: list[TokenLogprob], prompt: _PromptLogprobs | None = None) -> dict[str, Any]:
+        """Append tokens (a prompt's first); returns the logprobs object of just these (for a stream chunk)."""
         start = len(self.tokens)
+        if prompt is not None:
+            for token_id, lp in zip(*prompt, strict=True):
+                self._append(token_id, lp)
         for lp in lps:
-            s = self.ctx.token_str(lp.token_id)
+            self._append(lp.token_id, lp)
+        return self._slice(start)
+
+    def _append(self, token_id: int, lp: TokenLogprob | None) -> None:
+        s = self.ctx.token_str(token_id)
+        top = None
+        if lp is not None:  # None: a prompt's first token, which nothing predicts (null, as OpenAI and vLLM send)
             top = {self.ctx.token_str(t): v for t, v in lp.top}
             top.setdefault(s, lp.logprob)
-            self.tokens.append(s)
-            self.token_logprobs.append(lp.logprob)
-            self.top_logprobs.append(top)
-            self.text_offset.append(self.offset)
-            self.offset += len(s)
-        return self._slice(start)
+        self.tokens.append(s)
+        self.token_logprobs.append(None if lp is None else lp.logprob)
+        self.top_logprobs.append(top)
+        self.text_offset.append(self.offset)
+        self.offset += len(s)
 
     def _slice(self, start: int) -> dict[str, Any]:
         return {"tokens": self.tokens[start:], "token_logprobs": self.token_logprobs[start:],
@@ -359,8 +386,8 @@ class _ChatLogprobs:
         s = self.ctx.token_str(token_id)
         return {"token": s, "logprob": logprob, "bytes": list(s.encode("utf-8", errors="replace"))}
 
-    def add(self, lps: list[TokenLogprob]) -> dict[str, Any]:
-        new = []
+    def add(self, lps: list[TokenLogprob], prompt: _PromptLogprobs | None = None) -> dict[str, Any]:
+        new = []  # chat has no echo, so never prompt logprobs
         for lp in lps:
             e = self._entry(lp.token_id, lp.logprob)
             e["top_logprobs"] = [self._entry(t, v) for t, v in lp.top]
@@ -389,7 +416,24 @@ def _new_logprobs(ctx: ServerContext, prep: Prepared, choice: int):
         return None
     if prep.kind == "chat":
         return _ChatLogprobs(ctx)
-    return _CompletionLogprobs(ctx, len(prep.echo_texts[prep.prompt_of(choice)]))
+    # with prompt logprobs the echoed prompt's own tokens come first, from offset 0
+    offset = 0 if prep.prompt_logprobs is not None else len(prep.echo_texts[prep.prompt_of(choice)])
+    return _CompletionLogprobs(ctx, offset)
+
+
+def _add_logprobs(lps, prep: Prepared, choice: int, out: GenerationOutput) -> dict[str, Any] | None:
+    """Append a delta's logprobs to its choice's (the prompt's before the first token's); returns just those."""
+    if lps is None or not (out.logprobs or out.prompt_logprobs):
+        return None
+    prompt = None if out.prompt_logprobs is None else (prep.prompts[prep.prompt_of(choice)], out.prompt_logprobs)
+    return lps.add(out.logprobs or [], prompt)
+
+
+def _sparse_report(prep: Prepared, cost: RequestCost) -> dict[str, Any]:
+    report = cost.to_dict()
+    if prep.prompt_logprobs is not None:  # says that the prompt logprobs are this (maybe sparse) prefill's
+        report["prefill"]["prompt_logprobs"] = True
+    return report
 
 
 async def _collect(ctx: ServerContext, prep: Prepared, run: GenerationRun) -> dict[str, Any]:
@@ -399,8 +443,7 @@ async def _collect(ctx: ServerContext, prep: Prepared, run: GenerationRun) -> di
     lps = [_new_logprobs(ctx, prep, i) for i in range(k)]
     async for idx, out in run.events():
         texts[idx] += out.text
-        if lps[idx] is not None and out.logprobs:
-            lps[idx].add(out.logprobs)  # type: ignore[union-attr]
+        _add_logprobs(lps[idx], prep, idx, out)
         if out.finished:
             finals[idx] = out
     choices = []
@@ -421,7 +464,7 @@ async def _collect(ctx: ServerContext, prep: Prepared, run: GenerationRun) -> di
                             "finish_reason": reason})
     if k > 1:
         for i, c in enumerate(choices):
-            c["sparse"] = costs[i].to_dict()
+            c["sparse"] = _sparse_report(prep, costs[i])
     usage = _usage(prep, completion_tokens)
     prep.log_fields.update(prompt_tokens=usage["prompt_tokens"], completion_tokens=completion_tokens,
                            finish_reasons=sorted({c["finish_reason"] for c in choices}))
@@ -432,7 +475,7 @@ async def _collect(ctx: ServerContext, prep: Prepared, run: GenerationRun) -> di
         "model": ctx.model_name,
         "choices": choices,
         "usage": usage,
-        "sparse": aggregate_cost(costs).to_dict(),
+        "sparse": _sparse_report(prep, aggregate_cost(costs)),
     }
 
 
@@ -466,22 +509,23 @@ async def _stream_events(ctx: ServerContext, prep: Prepared, run: GenerationRun)
         else:
             for i in range(k):
                 echo = prep.echo_texts[prep.prompt_of(i)]
-                if echo:
+                if echo and prep.prompt_logprobs is None:  # else it goes out with its logprobs, after the prefill
                     yield chunk([choice(i, echo, None, None)])
         async for idx, out in run.events():
             completion_tokens[idx] = max(completion_tokens[idx], out.completion_tokens)
-            lp = lps[idx].add(out.logprobs) if lps[idx] is not None and out.logprobs else None  # type: ignore
+            lp = _add_logprobs(lps[idx], prep, idx, out)
+            text = out.text if out.prompt_logprobs is None else prep.echo_texts[prep.prompt_of(idx)] + out.text
             if out.finished:
                 reason = _finish_reason(out)
                 costs[idx] = out.cost or RequestCost()
-                yield chunk([choice(idx, out.text, lp, reason)], sparse=costs[idx].to_dict())
-            elif out.text or lp is not None:
-                yield chunk([choice(idx, out.text, lp, None)])
+                yield chunk([choice(idx, text, lp, reason)], sparse=_sparse_report(prep, costs[idx]))
+            elif text or lp is not None:
+                yield chunk([choice(idx, text, lp, None)])
         total = sum(completion_tokens)
         prep.log_fields.update(prompt_tokens=sum(len(p) for p in prep.prompts), completion_tokens=total)
         if prep.include_usage:
             agg = aggregate_cost([c or RequestCost() for c in costs])
-            yield chunk([], usage=_usage(prep, total), sparse=agg.to_dict())
+            yield chunk([], usage=_usage(prep, total), sparse=_sparse_report(prep, agg))
         yield DONE
     except APIError as e:
         prep.log_fields.update(stream_error=e.message, stream_error_status=e.status)

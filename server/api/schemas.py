@@ -111,7 +111,7 @@ class SamplingFields(SparseFields):
 
 class CompletionRequest(SamplingFields):
     prompt: PromptField = Field(...)
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0, description="0 with echo: the prompt only (scored with logprobs)")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
@@ -225,6 +225,8 @@ class PrefillCostReport(BaseModel):
     attention_flops: float
     dense_attention_flops: float
     indexing_flops: float
+    prompt_logprobs: bool | None = Field(
+        None, description="present (true) when the echoed prompt logprobs are this prefill's, sparse or dense")
 
 
 class DecodeCostReport(BaseModel):

@@ -258,7 +258,8 @@ class NativeEngine:
         try:
             req.kv = self.runner.new_sequence()
             logits = self.runner.prefill(req)
-            sampled = None if resuming else sample(logits, [req.request.sampling], [req.sampler])[0]
+            sp = req.request.sampling
+            sampled = None if resuming or not sp.max_tokens else sample(logits, [sp], [req.sampler])[0]
         except Exception as exc:
             log.exception("prefill failed for request %s", req.request_id)
             with self._lock:
@@ -266,11 +267,15 @@ class NativeEngine:
             return
         with self._lock:
             req.prefilled = True
-            if sampled is None:
+            if resuming:
                 req.catch_up()
                 return
             req.timings.first_token = time.monotonic()
-            self._on_token(req, sampled.token_id, sampled.logprob)
+            if sampled is None:  # max_tokens 0: the prompt (and its logprobs) is the whole answer
+                self._finish(req, "length", last=GenerationOutput(
+                    req.request_id, [], "", prompt_tokens=req.prompt_len, prompt_logprobs=req.prompt_logprobs))
+            else:
+                self._on_token(req, sampled.token_id, sampled.logprob)
 
     def _decode(self, batch: list[EngineRequest]) -> None:
         rows = [i for i, r in enumerate(batch) if r.samples_next]  # the others recompute a known token
@@ -312,7 +317,8 @@ class NativeEngine:
                 text += req.detok.flush()
                 reason = "length"
         out = GenerationOutput(req.request_id, [token], text, logprobs=[logprob] if logprob is not None else None,
-                               prompt_tokens=req.prompt_len, completion_tokens=len(req.output_ids))
+                               prompt_tokens=req.prompt_len, completion_tokens=len(req.output_ids),
+                               prompt_logprobs=req.prompt_logprobs if len(req.output_ids) == 1 else None)
         if reason is None:
             req.emit(out)
         else:

@@ -107,6 +107,18 @@ class LlamaModel(nn.Module):
         logits_indices: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``[len(logits_indices) or T, vocab]`` in float32 for flat ``input_ids``/``positions`` ``[T]``."""
+        hidden = self.hidden_states(input_ids, positions, attention)
+        if logits_indices is not None:
+            hidden = hidden[logits_indices]
+        return self.compute_logits(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits ``[rows, vocab]`` of last-layer hidden states (:meth:`hidden_states` rows)."""
+        return F.linear(self._rms_norm(hidden, self.norm), self.lm_head).float()
+
+    @torch.inference_mode()
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionFn) -> torch.Tensor:
+        """The last layer's output ``[T, hidden]`` (before the final norm) for every token."""
         c = self.config
         nq, nkv, d = c.num_heads, c.num_kv_heads, c.head_dim
         q_size, kv_size, inter = c.q_size, c.kv_size, c.intermediate_size
@@ -125,10 +137,7 @@ class LlamaModel(nn.Module):
             gate_up = F.linear(x, layer.gate_up_weight, layer.gate_up_bias)
             x = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
             hidden = _residual_linear(hidden, x, layer.down_weight, layer.down_bias)
-        if logits_indices is not None:
-            hidden = hidden[logits_indices]
-        hidden = self._rms_norm(hidden, self.norm)
-        return F.linear(hidden, self.lm_head).float()
+        return hidden
 
     # ------------------------------------------------------------------ loading
     @classmethod

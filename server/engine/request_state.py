@@ -12,7 +12,15 @@ from attention_backends import DecodeReport, PrefillReport, SparseSpec
 from .detokenizer import IncrementalDetokenizer
 from .sampler import SamplerState
 from .sequence_kv import SequenceKV
-from .types import GenerationOutput, GenerationRequest, PhaseCost, RequestCost, RequestTimings, achieved_ratio
+from .types import (
+    GenerationOutput,
+    GenerationRequest,
+    PhaseCost,
+    RequestCost,
+    RequestTimings,
+    TokenLogprob,
+    achieved_ratio,
+)
 
 
 @dataclass
@@ -88,6 +96,7 @@ class EngineRequest:
     prefilled: bool = False  # the cache holds the prompt (set after each prefill, cleared by preemption)
     cached_outputs: int = 0  # generated tokens whose keys/values are in the cache
     _cost_at_preemption: tuple[CostTotals, RequestCost] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # set by the first prefill when requested
 
     @property
     def request_id(self) -> str:

@@ -26,6 +26,8 @@ from attention_backends.spec import SparseSpec
 from .page_pool import PagePool
 from .paged_attention import page_fill, paged_decode_attention, quest_select, selected_pages, token_mask
 from .request_state import EngineRequest
+from .sampler import token_logprobs
+from .types import TokenLogprob
 
 try:  # Triton is a dependency, but a broken install must not take the CPU path down with it
     from attention_backends.kernels.paged_decode import paged_decode as triton_paged_decode
@@ -34,6 +36,8 @@ except Exception:  # pragma: no cover
 from .sequence_kv import SequenceKV
 
 EVICTING_METHODS = ("snapkv", "ada_snapkv")
+# Prompt logprobs compute float32 logits this many bytes at a time, never all [n, vocab] of a long prompt.
+PROMPT_LOGITS_CHUNK_BYTES = 64 << 20
 
 
 def dense_prefill_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, PrefillReport]:
@@ -44,6 +48,22 @@ def dense_prefill_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Pr
     cells = causal_cells(n) * h
     flops = float(cells * flops_per_cell(d))
     return out, PrefillReport("dense", 1.0, cells, cells, flops, flops)
+
+
+def prompt_logprobs(model, hidden: Tensor, ids: Tensor, k: int) -> list[TokenLogprob | None]:
+    """Logprob (and top ``k``) of each prompt token given the ones before it; the first token has none.
+
+    ``hidden [n, hidden_size]`` are the prefill's last-layer states; position i scores token i + 1.
+    """
+    rows = max(1, PROMPT_LOGITS_CHUNK_BYTES // (4 * model.config.vocab_size))
+    out: list[TokenLogprob | None] = [None]
+    scored = ids.numel() - 1  # the last position predicts the first generated token, not a prompt token
+    for start in range(0, scored, rows):
+        end = min(start + rows, scored)
+        logits = model.compute_logits(hidden[start:end])
+        logits -= torch.logsumexp(logits, dim=-1, keepdim=True)  # log-softmax in place: one chunk in memory
+        out += token_logprobs(logits, ids[start + 1 : end + 1], k)
+    return out
 
 
 def quest_budget_pages(spec: SparseSpec, prompt_len: int, max_pages: int) -> int:
@@ -98,8 +118,14 @@ class ModelRunner:
 
         ids = torch.tensor(req.request.prompt_token_ids, dtype=torch.long, device=self.device)
         positions = torch.arange(ids.numel(), device=self.device)
-        last = torch.tensor([ids.numel() - 1], device=self.device)
-        return self.model(ids, positions, attention, logits_indices=last).float().cpu()
+        k = req.request.sampling.prompt_logprobs
+        if k is None or req.output_ids:  # a preempted request resuming sent its prompt logprobs already
+            last = torch.tensor([ids.numel() - 1], device=self.device)
+            return self.model(ids, positions, attention, logits_indices=last).float().cpu()
+        # the same (sparse) prefill's hidden states score the prompt: what the pattern costs is what is measured
+        hidden = self.model.hidden_states(ids, positions, attention)
+        req.prompt_logprobs = prompt_logprobs(self.model, hidden, ids, k)
+        return self.model.compute_logits(hidden[-1:]).cpu()
 
     # -- decode -----------------------------------------------------------------------------------------
     @torch.inference_mode()

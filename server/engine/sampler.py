@@ -64,10 +64,16 @@ def sample(logits: Tensor, params: list[SamplingParams], states: list[SamplerSta
             token = int(torch.multinomial(probs, 1, generator=st.generator))
         lp = None
         if p.logprobs is not None:
-            top: list[tuple[int, float]] = []
-            if p.logprobs > 0:
-                values, ids = logprobs[row].topk(p.logprobs)
-                top = [(int(i), float(v)) for i, v in zip(ids, values, strict=True)]
-            lp = TokenLogprob(token, float(logprobs[row, token]), top)
+            lp = token_logprobs(logprobs[row : row + 1], torch.tensor([token]), p.logprobs)[0]
         out.append(Sampled(token, lp))
     return out
+
+
+def token_logprobs(logprobs: Tensor, tokens: Tensor, k: int) -> list[TokenLogprob]:
+    """Each row's logprob of its token, with the row's top ``k`` (``logprobs [B, V]``, ``tokens [B]``)."""
+    chosen = logprobs.gather(1, tokens[:, None].to(logprobs.device))[:, 0].tolist()
+    tops: list[list[tuple[int, float]]] = [[] for _ in chosen]
+    if k > 0:
+        values, ids = logprobs.topk(k, dim=-1)
+        tops = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+    return [TokenLogprob(t, lp, top) for t, lp, top in zip(tokens.tolist(), chosen, tops, strict=True)]

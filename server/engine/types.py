@@ -37,7 +37,7 @@ class RequestRejected(ValueError):
 
 @dataclass
 class SamplingParams:
-    max_tokens: int = 16
+    max_tokens: int = 16  # 0 (with prompt_logprobs) = score the prompt only, generate nothing
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1 = off
@@ -46,6 +46,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives per token (0..5); None = no logprobs
+    # the same for each prompt token (echo with logprobs); computed by the request's own (sparse) prefill
+    prompt_logprobs: int | None = None
 
 
 @dataclass
@@ -153,6 +155,8 @@ class GenerationOutput:
     cost: RequestCost | None = None  # set on the final delta
     timings: RequestTimings | None = None  # set on the final delta
     error: str | None = None  # set when finish_reason == "error"
+    # on the first delta when SamplingParams.prompt_logprobs is set: one entry per prompt token, the first None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
