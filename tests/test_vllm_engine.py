@@ -29,6 +29,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 VOCAB = 96
 MAX_LEN = 256
 NEW_TOKENS = 16
+PROMPT_TOP = 3  # top alternatives asked for with prompt logprobs
 RATIO_ONE = ["vertical_slash:1", "flexprefill:1", "block_sparse:1", "snapkv:1", "ada_snapkv:1", "quest:1",
              "vertical_slash:1+quest:1"]
 MIXED = ["dense", "quest:4", "snapkv:2", "ada_snapkv:2", "vertical_slash:2", "block_sparse:2", "flexprefill",
@@ -116,17 +117,20 @@ NO_PLUGIN_SCRIPT = textwrap.dedent("""
                   max_num_batched_tokens=2048, seed=0)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                             SamplingParams(max_tokens=%d, temperature=0.0, ignore_eos=True), use_tqdm=False)
-        print("RESULT " + json.dumps({"overridden": AttentionBackendEnum.CPU_ATTN.is_overridden(),
-                                      "tokens": [list(o.outputs[0].token_ids) for o in outs]}))
-""") % (MAX_LEN, NEW_TOKENS)
+        scored = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                              SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=%d), use_tqdm=False)
+        print("RESULT " + json.dumps({
+            "overridden": AttentionBackendEnum.CPU_ATTN.is_overridden(),
+            "tokens": [list(o.outputs[0].token_ids) for o in outs],
+            "prompt_logprobs": [[None if e is None else {str(t): [lp.logprob, lp.rank] for t, lp in e.items()}
+                                 for e in o.prompt_logprobs] for o in scored]}))
+""") % (MAX_LEN, NEW_TOKENS, PROMPT_TOP)
 
 
-def test_dense_equals_vllm_without_plugin(engine, loop, model_dir, tmp_path):
-    ours = [run_one(engine, loop, f"dense-{i}", p, "dense") for i, p in enumerate(PROMPTS)]
-    for tokens, final in ours:
-        assert len(tokens) == NEW_TOKENS and final.finish_reason == "length"
-        assert final.cost is not None and final.cost.prefill.achieved_compression_ratio == 1.0
-    script = tmp_path / "no_plugin.py"
+@pytest.fixture(scope="module")
+def bare_vllm(model_dir, tmp_path_factory) -> dict:
+    """Greedy tokens and prompt logprobs of PROMPTS from vLLM itself, in a process without the plugin."""
+    script = tmp_path_factory.mktemp("bare-vllm") / "no_plugin.py"
     script.write_text(NO_PLUGIN_SCRIPT)
     env = {**os.environ, "VLLM_PLUGINS": ""}
     proc = subprocess.run([sys.executable, str(script), str(model_dir), json.dumps(PROMPTS)], env=env,
@@ -135,7 +139,39 @@ def test_dense_equals_vllm_without_plugin(engine, loop, model_dir, tmp_path):
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     result = json.loads(lines[-1][len("RESULT "):])
     assert result["overridden"] is False  # the plugin really was off there
-    assert [t for t, _ in ours] == result["tokens"]
+    return result
+
+
+def test_dense_equals_vllm_without_plugin(engine, loop, bare_vllm):
+    ours = [run_one(engine, loop, f"dense-{i}", p, "dense") for i, p in enumerate(PROMPTS)]
+    for tokens, final in ours:
+        assert len(tokens) == NEW_TOKENS and final.finish_reason == "length"
+        assert final.cost is not None and final.cost.prefill.achieved_compression_ratio == 1.0
+    assert [t for t, _ in ours] == bare_vllm["tokens"]
+
+
+async def score(engine, rid: str, ids: list[int], pattern: str, max_tokens: int = 0):
+    """The engine's first output with prompt logprobs (top PROMPT_TOP), and its final output."""
+    req = GenerationRequest(rid, list(ids), SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                                           prompt_logprobs=PROMPT_TOP), parse_pattern(pattern))
+    outs = [out async for out in engine.generate(req)]
+    assert outs[0].prompt_logprobs is not None and all(o.prompt_logprobs is None for o in outs[1:])
+    return outs[0].prompt_logprobs, outs[-1]
+
+
+def test_prompt_logprobs_equal_bare_vllm(engine, loop, bare_vllm):
+    """echo + logprobs through VllmEngine (max_tokens 0) = bare vLLM's prompt_logprobs, value and top-k."""
+    for i, p in enumerate(PROMPTS):
+        lps, final = loop.run_until_complete(score(engine, f"score-{i}", p, "dense"))
+        assert final.token_ids == [] and final.completion_tokens == 0 and final.finish_reason == "length"
+        theirs = bare_vllm["prompt_logprobs"][i]
+        assert len(lps) == len(p) and lps[0] is None and theirs[0] is None
+        for pos, (lp, entry) in enumerate(zip(lps[1:], theirs[1:], strict=True), start=1):
+            assert lp.token_id == p[pos]
+            assert lp.logprob == pytest.approx(entry[str(p[pos])][0], abs=1e-5)
+            top = {int(t): v for t, (v, rank) in entry.items() if rank <= PROMPT_TOP}
+            assert {t for t, _ in lp.top} == set(top) and len(lp.top) == PROMPT_TOP
+            assert all(v == pytest.approx(top[t], abs=1e-5) for t, v in lp.top)
 
 
 @pytest.mark.parametrize("pattern", RATIO_ONE)
@@ -191,6 +227,33 @@ def test_invalid_spec_rejected_at_admission(engine, loop):
     # the engine keeps serving
     tokens, _ = run_one(engine, loop, "after-bad", PROMPTS[1], "quest:4")
     assert len(tokens) == NEW_TOKENS
+
+
+def test_sparse_prompt_logprobs_agree_with_native(engine, loop, model_dir):
+    """Under a sparse prefill the prompt logprobs are the sparse prefill's in vLLM too: equal to the native engine's
+    under the same pattern, and not the dense ones."""
+    from server.engine.engine import EngineOptions, NativeEngine
+
+    native = NativeEngine.from_options(EngineOptions(model=str(model_dir), device="cpu", dtype="float32",
+                                                     max_model_len=MAX_LEN, kv_cache_memory=64 << 20))
+    ids, pattern = PROMPTS[2], "block_sparse:4"
+
+    async def run_native():
+        await native.start()
+        try:
+            return await score(native, "native-sparse", ids, pattern, max_tokens=2)
+        finally:
+            await native.shutdown(timeout=5)
+
+    expected, expected_final = loop.run_until_complete(run_native())
+    sparse, final = loop.run_until_complete(score(engine, "vllm-sparse", ids, pattern, max_tokens=2))
+    dense, _ = loop.run_until_complete(score(engine, "vllm-dense", ids, "dense"))
+    assert getattr(final, "_sparse_measured", False) and final.cost.prefill.achieved_compression_ratio > 1.2
+    assert final.cost.prefill.achieved_compression_ratio == pytest.approx(
+        expected_final.cost.prefill.achieved_compression_ratio)
+    ours = torch.tensor([lp.logprob for lp in sparse[1:]])
+    assert (ours - torch.tensor([lp.logprob for lp in expected[1:]])).abs().max() < 1e-4
+    assert (ours - torch.tensor([lp.logprob for lp in dense[1:]])).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("pattern", ["dense", "quest:4"])

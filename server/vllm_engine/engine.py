@@ -60,6 +60,12 @@ class VllmOptions:
     self_test: bool = True
 
 
+def _token_logprob(token: int, entry, k: int) -> TokenLogprob:
+    """One position of vLLM's logprobs: ``{token id: Logprob}`` holds the top ``k`` by rank and the chosen token."""
+    top = sorted(((int(t), float(lp.logprob)) for t, lp in entry.items() if lp.rank <= k), key=lambda x: -x[1])
+    return TokenLogprob(int(token), float(entry[token].logprob), top)
+
+
 async def _chain(first, rest):
     yield first
     async for item in rest:
@@ -232,7 +238,7 @@ class VllmEngine:
         if not request.spec.is_dense:
             extra = {PATTERN_KEY: encode_spec(request.spec), REQUEST_KEY: key}
         return VllmSamplingParams(
-            max_tokens=sp.max_tokens,
+            max_tokens=max(1, sp.max_tokens),  # vLLM needs one; generate() drops it for max_tokens 0 (as vLLM's server)
             temperature=sp.temperature,
             top_p=sp.top_p,
             top_k=sp.top_k if sp.top_k and sp.top_k > 0 else 0,
@@ -241,6 +247,7 @@ class VllmEngine:
             stop_token_ids=list(sp.stop_token_ids) or None,
             ignore_eos=sp.ignore_eos,
             logprobs=sp.logprobs,
+            prompt_logprobs=sp.prompt_logprobs,
             output_kind=RequestOutputKind.DELTA,
             extra_args=extra,
         )
@@ -268,21 +275,24 @@ class VllmEngine:
                 first = await anext(stream)
             except (ValueError, VLLMValidationError) as e:  # admission-time validation (validate_params, ...)
                 raise RequestRejected(str(e), param=getattr(e, "parameter", None) or "sparse_pattern") from None
+            scoring_only = request.sampling.max_tokens == 0
             async for ro in _chain(first, stream):
                 c = ro.outputs[0]
                 if timings.first_token is None and c.token_ids:
                     timings.scheduled = timings.scheduled or time.monotonic()
                     timings.first_token = time.monotonic()
-                completion += len(c.token_ids)
-                out = GenerationOutput(request.request_id, list(c.token_ids), c.text,
-                                       logprobs=self._logprobs(c), prompt_tokens=len(request.prompt_token_ids),
-                                       completion_tokens=completion)
+                tokens = [] if scoring_only else list(c.token_ids)
+                completion += len(tokens)
+                out = GenerationOutput(request.request_id, tokens, "" if scoring_only else c.text,
+                                       logprobs=None if scoring_only else self._logprobs(request, c),
+                                       prompt_tokens=len(request.prompt_token_ids), completion_tokens=completion,
+                                       prompt_logprobs=self._prompt_logprobs(request, ro))
                 if ro.finished:
                     finished = True
                     timings.finished = time.monotonic()
                     out.finished = True
-                    out.finish_reason = "stop" if c.finish_reason == "stop" else (
-                        "length" if c.finish_reason == "length" else "abort")
+                    reason = c.finish_reason if c.finish_reason in ("stop", "length") else "abort"
+                    out.finish_reason = "length" if scoring_only and reason == "stop" else reason
                     out.cost, measured = self._cost(request, key, completion)
                     out._sparse_measured = measured  # type: ignore[attr-defined]
                     out.timings = timings
@@ -295,15 +305,21 @@ class VllmEngine:
                 await self._llm.abort(request.request_id)
             (self._cost_dir / f"{key}.json").unlink(missing_ok=True)
 
-    def _logprobs(self, c) -> list[TokenLogprob] | None:
-        if c.logprobs is None:
+    @staticmethod
+    def _logprobs(request: GenerationRequest, c) -> list[TokenLogprob] | None:
+        k = request.sampling.logprobs
+        if c.logprobs is None or k is None:
             return None
-        result = []
-        for tok, entry in zip(c.token_ids, c.logprobs, strict=False):
-            top = sorted(((int(t), float(lp.logprob)) for t, lp in entry.items()), key=lambda x: -x[1])
-            chosen = entry.get(tok)
-            result.append(TokenLogprob(int(tok), float(chosen.logprob) if chosen else top[0][1], top))
-        return result
+        return [_token_logprob(tok, entry, k) for tok, entry in zip(c.token_ids, c.logprobs, strict=False)]
+
+    @staticmethod
+    def _prompt_logprobs(request: GenerationRequest, ro) -> list[TokenLogprob | None] | None:
+        """vLLM's prompt logprobs (on the first delta; the first token's None) in the engine-neutral form."""
+        if request.sampling.prompt_logprobs is None or not ro.prompt_logprobs:
+            return None
+        k = request.sampling.prompt_logprobs
+        return [None if entry is None else _token_logprob(tok, entry, k)
+                for tok, entry in zip(request.prompt_token_ids, ro.prompt_logprobs, strict=True)]
 
     def _cost(self, request: GenerationRequest, key: str, completion: int):
         account = None
