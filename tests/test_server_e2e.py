@@ -39,7 +39,7 @@ LONG_PROMPT = ("The history of the city is long and full of small events that no
 
 # The engine-side settings of the e2e server (the vLLM variant adds engine="vllm" and an HF model directory).
 E2E_SETTINGS = dict(device="cpu", dtype="float32", max_model_len=640, kv_cache_memory=192 << 20, max_num_seqs=16,
-                    max_queue=64)
+                    max_queue=64, max_prompt_logprobs_tokens=320)
 
 
 @contextlib.contextmanager
@@ -155,6 +155,41 @@ def test_greedy_http_equals_engine(srv, http, pattern):
     assert r["usage"]["completion_tokens"] == len(direct.token_ids)
     http_tokens = r["choices"][0]["logprobs"]["tokens"]
     assert http_tokens == [srv.engine.tokenizer.decode([t], skip_special_tokens=False) for t in direct.token_ids]
+
+
+def test_echo_logprobs_are_the_engines_prompt_logprobs(srv, http):
+    """echo + logprobs over HTTP: the prompt's tokens and logprobs are the engine's prefill's, dense and sparse;
+    the sparse report says so; a prompt over --max-prompt-logprobs-tokens gets a 400, not an out-of-memory."""
+    from attention_backends import parse_pattern
+
+    ids = http.post("/tokenize", json={"prompt": LONG_PROMPT}).json()["tokens"]
+    scored = {}
+    for pattern in ("dense", "vertical_slash:4"):
+        r = http.post("/v1/completions", json={"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 2,
+                                               "sparse_pattern": pattern}).json()
+        c = r["choices"][0]
+        lp = c["logprobs"]
+        assert c["text"] == srv.engine.tokenizer.decode(ids) and c["finish_reason"] == "length"
+        assert r["usage"]["completion_tokens"] == 0 and len(lp["token_logprobs"]) == len(ids)
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        assert all(2 <= len(top) <= 3 and top[tok] == v
+                   for tok, v, top in zip(lp["tokens"][1:], lp["token_logprobs"][1:], lp["top_logprobs"][1:],
+                                          strict=True))
+        assert r["sparse"]["prefill"]["method"] == parse_pattern(pattern).prefill.method
+        assert r["sparse"]["prefill"]["prompt_logprobs"] is True
+        req = GenerationRequest(f"score-{pattern}", ids, SamplingParams(max_tokens=0, prompt_logprobs=2),
+                                parse_pattern(pattern))
+        direct = srv.call(collect(srv.engine, req))
+        assert lp["token_logprobs"][1:] == pytest.approx([x.logprob for x in direct.prompt_logprobs[1:]], abs=1e-5)
+        scored[pattern] = lp["token_logprobs"][1:]
+    assert scored["dense"] != pytest.approx(scored["vertical_slash:4"], abs=1e-3)
+    # with a generated token (what lm-eval sends: max_tokens 1) the prompt's part is the same, then the token's
+    r = http.post("/v1/completions", json={"prompt": ids, "max_tokens": 1, "echo": True, "logprobs": 0,
+                                           "temperature": 0}).json()
+    assert r["choices"][0]["logprobs"]["token_logprobs"][1:-1] == pytest.approx(scored["dense"], abs=1e-5)
+    r = http.post("/v1/completions", json={"prompt": ids * 2, "max_tokens": 1, "echo": True, "logprobs": 0})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "prompt_logprobs_too_long", r.text
+    assert "320" in r.json()["error"]["message"]
 
 
 def test_invalid_inputs_on_real_engine(srv, http):
