@@ -143,12 +143,11 @@ class FakeEngine:
         detok = IncrementalDetokenizer(self.tokenizer, sp.stop)
         n_out = 0
         prompt_lps = None if sp.prompt_logprobs is None else fake_prompt_logprobs(prompt, sp.prompt_logprobs)
-        if sp.max_tokens == 0:
-            self.running.discard(rid)
-            yield GenerationOutput(rid, [], "", True, "length", None, len(prompt), 0, self._cost(request, 0),
-                                   timings, prompt_logprobs=prompt_lps)
-            return
         try:
+            if sp.max_tokens == 0:  # echo only: the scored prompt, no token
+                yield GenerationOutput(rid, [], "", True, "length", None, len(prompt), 0, self._cost(request, 0),
+                                       timings, prompt_logprobs=prompt_lps)
+                return
             while True:
                 await asyncio.sleep(self.token_delay)
                 if rid in self.aborted:
