@@ -20,14 +20,19 @@ def model():
     return tiny_model()
 
 
-def test_preempted_requests_resume_with_their_uninterrupted_output(model):
+def test_preempted_requests_resume_with_their_uninterrupted_output(model, monkeypatch):
     """Four requests whose contexts cannot all fit: the youngest are preempted (pages freed) and resumed by
-    recomputation; each streams exactly the tokens, text and cost it gives alone."""
+    recomputation; each streams exactly the tokens, text, prompt logprobs (once) and cost it gives alone."""
+    from server.engine import runner
+
+    scored = []  # prompt logprobs are computed by a request's first prefill only, not again when it resumes
+    real_prompt_logprobs = runner.prompt_logprobs
+    monkeypatch.setattr(runner, "prompt_logprobs", lambda *a: (scored.append(1), real_prompt_logprobs(*a))[1])
     patterns = ["dense", "snapkv:2", "quest:2", "ada_snapkv:2"]  # oldest first; the evicting ones evict again
     prompts = [PROMPT, PROMPT[::-1], PROMPT[10:] + PROMPT[:10], PROMPT[75:] + PROMPT[:75]]
 
     def requests(tag):
-        return [make_request(f"{tag}{i}", prompts[i], p, max_tokens=200, ignore_eos=True)
+        return [make_request(f"{tag}{i}", prompts[i], p, max_tokens=200, ignore_eos=True, prompt_logprobs=1)
                 for i, p in enumerate(patterns)]
 
     async def body(engine):
@@ -43,10 +48,12 @@ def test_preempted_requests_resume_with_their_uninterrupted_output(model):
     for pattern, a, b in zip(patterns, solo, together, strict=True):
         assert len(b.token_ids) == 200, pattern  # nothing lost or streamed twice
         assert b.token_ids == a.token_ids and b.text == a.text, pattern
+        assert b.prompt_logprobs == a.prompt_logprobs and len(a.prompt_logprobs) == len(PROMPT), pattern
         assert b.final.cost.decode == a.final.cost.decode, pattern  # the recomputation is not the request's cost
         assert b.final.cost.model_flops == pytest.approx(a.final.cost.model_flops), pattern
     assert engine.pool.counters().free_pages == engine.pool.num_pages
     assert engine.stats().num_running == engine.stats().num_waiting == 0
+    assert len(scored) == 2 * len(patterns)
 
 
 def test_admission_on_present_need_not_the_whole_context(model):

@@ -108,23 +108,17 @@ def greedy_generate(model: LlamaModel, prompt: list[int], max_new_tokens: int) -
 
 def engine_run(model: LlamaModel, tokenizer, requests: list):
     """Results of ``requests`` through the NativeEngine: the paged KV cache, scheduler and sampler of the server."""
-    import asyncio
-
-    from engine_helpers import collect
+    from engine_helpers import collect, run, with_engine
 
     from server.engine.engine import EngineOptions, NativeEngine
 
     options = EngineOptions(device=str(model.device), dtype="float32", kv_cache_memory=64 << 20)
     engine = NativeEngine(model, tokenizer, options, "test")
 
-    async def run():
-        await engine.start()
-        try:
-            return [await collect(engine, r) for r in requests]
-        finally:
-            await engine.shutdown(timeout=5)
+    async def body(engine):
+        return [await collect(engine, r) for r in requests]
 
-    return asyncio.run(run())
+    return run(with_engine(engine, body))
 
 
 def engine_greedy(model: LlamaModel, tokenizer, prompt: list[int], max_new_tokens: int) -> list[int]:
