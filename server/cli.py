@@ -139,44 +139,82 @@ def configure_logging(level: str) -> None:
 
 
 def serve(settings: ServerSettings, engine=None) -> int:
-    """Build the engine (unless given), serve until SIGTERM/SIGINT, shut down gracefully; returns 0."""
+    """Serve until SIGTERM/SIGINT, then drain and shut down; returns 0 (1 if the server could not start).
+
+    The port is bound first, so a busy port fails before the model loads; while the engine is built (unless
+    given) the port answers 503 ``starting``. On the first signal the server drains (see
+    :func:`server.api.lifecycle.drain`) with the port still answering 503, then closes.
+    """
+    import asyncio
+
     import uvicorn
 
     from server.api import create_app
+    from server.api.lifecycle import FLUSH_SECONDS, StartupGate, drain
 
-    if engine is None:
-        engine = build_engine(settings)
-    app = create_app(engine, settings)
-    ctx = app.state.ctx
+    def load():
+        app = create_app(engine if engine is not None else build_engine(settings), settings)
+        log.info("serving %s (engine %s, default pattern %s) on http://%s:%d", app.state.ctx.model_name,
+                 settings.engine, settings.default_sparse_pattern, settings.host, port)
+        return app
+
+    cut: list[int] = []
 
     class _Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            if not ctx.draining:
-                log.info("received %s: draining (no new requests; in-flight ones get %.0f s)",
-                         signal.Signals(sig).name, settings.shutdown_timeout)
-            ctx.draining = True
-            super().handle_exit(sig, frame)
+            app = gate.app
+            if app is None or app.state.ctx.draining:  # still loading, or a second signal: close now
+                super().handle_exit(sig, frame)
+                return
+            log.info("received %s: draining (no new requests; in-flight ones get %.0f s)",
+                     signal.Signals(sig).name, settings.shutdown_timeout)
+            app.state.ctx.draining = True
+            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain(app.state.ctx)))
 
+        async def _drain(self, ctx) -> None:
+            cut.append(await drain(ctx, settings.shutdown_timeout))
+            self.should_exit = True
+
+        async def startup(self, sockets=None) -> None:
+            self._loop = asyncio.get_running_loop()
+            await super().startup(sockets)
+
+    def failed(e: BaseException) -> None:
+        server.should_exit = True
+
+    gate = StartupGate(load, failed)
     config = uvicorn.Config(
-        app,
+        gate,
         host=settings.host,
         port=settings.port,
         log_config=None,
         access_log=False,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=settings.shutdown_timeout,
+        # Our drain ends every generation request before uvicorn is told to exit; this only bounds the
+        # flushing of what is left (slow clients, other endpoints).
+        timeout_graceful_shutdown=FLUSH_SECONDS,
         lifespan="on",
     )
     server = _Server(config)
+    try:
+        sock = config.bind_socket()  # uvicorn logs why (e.g. the address is in use) and exits
+    except SystemExit:
+        log.error("cannot listen on %s:%d; exiting before loading the model", settings.host, settings.port)
+        return 1
+    port = sock.getsockname()[1]
     # uvicorn re-raises the signal it caught once it has shut down; a no-op handler lets us exit 0 instead.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, f: None)
-    log.info("serving %s (engine %s, default pattern %s) on http://%s:%d", ctx.model_name, settings.engine,
-             settings.default_sparse_pattern, settings.host, settings.port)
-    server.run()
+    server.run(sockets=[sock])
+    if gate.error is not None:
+        raise gate.error
     if not server.started:
         return 1
-    log.info("shut down cleanly")
+    if cut and cut[0]:
+        log.warning("shut down after cutting off %d in-flight request(s) at the %.0f s deadline", cut[0],
+                    settings.shutdown_timeout)
+    else:
+        log.info("shut down cleanly")
     return 0
 
 

@@ -82,6 +82,9 @@ METRIC_DEFS: tuple[MetricDef, ...] = (
     MetricDef("num_requests_running", "gauge", (), "Requests being prefilled or decoded."),
     MetricDef("num_requests_waiting", "gauge", (), "Requests in the waiting queue."),
     MetricDef("kv_cache_usage_ratio", "gauge", (), "Fraction of KV-cache pages in use (0..1)."),
+    MetricDef("kv_cache_free_pages", "gauge", (), "KV-cache pages free."),
+    MetricDef("kv_cache_used_pages", "gauge", (), "KV-cache pages in use."),
+    MetricDef("kv_cache_total_pages", "gauge", (), "KV-cache pages in the pool."),
 )
 
 # Exported metric names as PromQL sees them (counters with their _total), and each one's type.
@@ -154,8 +157,9 @@ class ServerMetrics:
                 metric = Histogram(PREFIX + d.name, d.doc, labels, buckets=d.buckets, registry=self.registry)
             self._m[d.name] = metric
         # Series without method labels exist from the start (gauges read 0 until the first update).
-        for name in ("queue_time_seconds", "num_requests_running", "num_requests_waiting", "kv_cache_usage_ratio"):
-            self._child(name)
+        for d in METRIC_DEFS:
+            if not d.labels:
+                self._child(d.name)
 
     def _child(self, name: str, **labels: str):
         return self._m[name].labels(model=self.model_name, **labels)
@@ -240,6 +244,9 @@ class ServerMetrics:
         self._child("num_requests_running").set(stats.num_running)
         self._child("num_requests_waiting").set(stats.num_waiting)
         self._child("kv_cache_usage_ratio").set(stats.kv_cache_usage)
+        self._child("kv_cache_free_pages").set(stats.free_pages)
+        self._child("kv_cache_used_pages").set(stats.total_pages - stats.free_pages)
+        self._child("kv_cache_total_pages").set(stats.total_pages)
 
     def render(self) -> bytes:
         """The registry in Prometheus text format (serve with :attr:`content_type`)."""

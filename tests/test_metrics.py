@@ -87,6 +87,7 @@ def test_render_has_every_metric_with_its_labels():
     assert s[key("num_requests_running")] == 2
     assert s[key("num_requests_waiting")] == 3
     assert s[key("kv_cache_usage_ratio")] == 0.25
+    assert (s[key("kv_cache_free_pages")], s[key("kv_cache_used_pages")], s[key("kv_cache_total_pages")]) == (75, 25, 100)
 
 
 def test_counters_grow_by_exactly_the_recorded_amounts():
@@ -182,7 +183,7 @@ def test_metric_names_and_buckets_match_the_spec():
     exported = {base_metric_name(s.name) for f in text_string_to_metric_families(m.render().decode())
                 for s in f.samples}
     assert exported == set(METRIC_NAMES)
-    assert len(METRIC_NAMES) == 14 and all(n.startswith(PREFIX) for n in METRIC_NAMES)
+    assert len(METRIC_NAMES) == 17 and all(n.startswith(PREFIX) for n in METRIC_NAMES)
     assert METRIC_TYPES["sparse_serve_requests_total"] == "counter"
     assert base_metric_name("sparse_serve_requests_created") == "sparse_serve_requests_total"
     assert base_metric_name("sparse_serve_time_to_first_token_seconds_bucket") == (

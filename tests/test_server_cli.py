@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,13 +22,14 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
 FAKE_SERVER = """
-import sys
+import sys, time
 sys.path.insert(0, {tests!r})
 from server_harness import FakeEngine
-from server.cli import configure_logging, serve
+import server.cli as cli
 from server.settings import ServerSettings
-configure_logging("info")
-sys.exit(serve(ServerSettings(port={port}, shutdown_timeout={timeout}), engine=FakeEngine(token_delay=0.02)))
+cli.build_engine = lambda settings: time.sleep({load_s}) or FakeEngine(token_delay=0.02)  # a model that loads slowly
+cli.configure_logging("info")
+sys.exit(cli.serve(ServerSettings(port={port}, shutdown_timeout={timeout})))
 """
 
 
@@ -45,13 +47,14 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
     raise AssertionError("server did not become healthy")
 
 
-def start_fake(timeout: float) -> tuple[subprocess.Popen, str]:
+def start_fake(timeout: float, load_s: float = 0.0, wait: bool = True) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    code = FAKE_SERVER.format(tests=str(ROOT / "tests"), port=port, timeout=timeout)
+    code = FAKE_SERVER.format(tests=str(ROOT / "tests"), port=port, timeout=timeout, load_s=load_s)
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     url = f"http://127.0.0.1:{port}"
-    wait_healthy(url, proc, 60)
+    if wait:
+        wait_healthy(url, proc, 60)
     return proc, url
 
 
@@ -76,7 +79,7 @@ def stream_in_thread(url: str, body: dict) -> tuple[threading.Thread, dict]:
     return t, result
 
 
-def test_sigterm_finishes_in_flight_aborts_overdue_and_exits_0():
+def test_sigterm_drains_with_503_then_cuts_overdue_streams_cleanly():
     proc, url = start_fake(timeout=3)
     try:
         short, short_result = stream_in_thread(url, {"prompt": "abc", "max_tokens": 60, "stream": True,
@@ -90,20 +93,72 @@ def test_sigterm_finishes_in_flight_aborts_overdue_and_exits_0():
         start = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
-        with pytest.raises(httpx.HTTPError):  # no longer admitting: the listening socket is closed
-            httpx.post(url + "/v1/completions", json={"prompt": "x"}, timeout=2)
-        assert proc.wait(30) == 0
+        # Draining: the port still answers, with 503, until the server closes (load balancers see it go).
+        health_codes = []
+        while time.monotonic() - start < 2.5:
+            health_codes.append(httpx.get(url + "/health", timeout=2).status_code)
+            time.sleep(0.2)
+        assert set(health_codes) == {503}, health_codes
+        r = httpx.post(url + "/v1/completions", json={"prompt": "x"}, timeout=2)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable_error"
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0
         assert time.monotonic() - start < 12
         short.join(10)
         long.join(10)
         events = parse_sse(short_result["text"] + "\n\n")
         assert short_result["status"] == 200 and events[-1] == "[DONE]"
         assert events[-2]["choices"][0]["finish_reason"] == "length"  # the in-flight request finished
-        assert "[DONE]" not in long_result.get("text", "")  # past the timeout: aborted, not finished
+        # Past the timeout: cut, but as a stream ends - an OpenAI-style error event, then [DONE].
+        events = parse_sse(long_result["text"] + "\n\n")
+        assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "server_shutdown", events[-3:]
+        assert events[-2]["error"]["type"] == "service_unavailable_error"
+        assert "cutting off 1 in-flight request" in err and "shut down cleanly" not in err, err[-3000:]
+        assert "Traceback" not in err and "Cancel" not in err, err[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_port_answers_503_starting_while_the_model_loads():
+    proc, url = start_fake(timeout=1, load_s=4, wait=False)
+    try:
+        seen = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and 200 not in seen:
+            try:
+                r = httpx.get(url + "/health", timeout=2)
+                seen.append(r.status_code)
+                if r.status_code == 503:
+                    assert r.json()["error"]["code"] == "starting" and r.headers["retry-after"]
+            except httpx.ConnectError:
+                seen.append("refused")
+            time.sleep(0.1)
+        assert seen.count(503) >= 5 and seen[-1] == 200, seen
+        assert seen.index(503) < seen.index(200) and "refused" not in seen[seen.index(503):], seen
+        assert httpx.head(url + "/health", timeout=2).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0 and "shut down cleanly" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_busy_port_fails_before_loading_the_model():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        exe = VENV_BIN / "sparse-serve"
+        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "server.cli"]
+        # A model path that does not exist: loading it first would fail with exit code 2 and "not found".
+        proc = subprocess.run([*cmd, "--port", str(port), "--model", "/nonexistent/model"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "address already in use" in proc.stderr.lower() and "before loading the model" in proc.stderr
 
 
 @pytest.mark.slow

@@ -8,7 +8,8 @@
 * :class:`AuthMiddleware` - ``Authorization: Bearer <key>`` when an API key is set (401 otherwise);
   ``/health``, ``/metrics`` and the API docs stay open;
 * :class:`BodyLimitMiddleware` - 413 for a body over ``max_body_bytes`` (checked on ``Content-Length`` and
-  while reading a chunked body), which is buffered and replayed to the app.
+  while reading a chunked body) or with more JSON values than any servable request needs
+  (:func:`.limits.body_shape_error`, before the app parses it); the body is buffered and replayed to the app.
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ from server.settings import ServerSettings
 
 from .context import ServerContext
 from .errors import APIError, install_error_handlers, raw_error_response
+from .limits import body_shape_error
 from .routes_extra import router as extra_router
 from .routes_openai import router as openai_router
+from .sse import CLIENT_CLOSED
 
 access_logger = logging.getLogger("sparse_serve.access")
 logger = logging.getLogger("sparse_serve.api")
@@ -69,6 +72,9 @@ class RequestContextMiddleware:
         start = time.perf_counter()
         status = 0
         sent = 0
+        generation = scope.get("path") in GENERATION_PATHS
+        if generation:
+            self.ctx.open_generations += 1  # until the response is complete (a drain waits for these)
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status, sent
@@ -95,12 +101,16 @@ class RequestContextMiddleware:
                     await send_wrapper(body_msg)
             status = status or 500
         finally:
+            if generation:
+                self.ctx.open_generations -= 1
+            if state["log_fields"].get("client_disconnected"):
+                status = CLIENT_CLOSED
             self._after(scope, state, status, sent, time.perf_counter() - start, request_id)
 
     def _after(self, scope: Scope, state: dict[str, Any], status: int, sent: int, elapsed: float,
                request_id: str) -> None:
         path = scope.get("path", "")
-        if path in GENERATION_PATHS and status >= 400 and status != 499 and not state.get("engine_recorded"):
+        if path in GENERATION_PATHS and status >= 400 and status != CLIENT_CLOSED and not state.get("engine_recorded"):
             labels = state.get("sparse_labels") or (None, None)
             try:
                 self.ctx.metrics.record_rejected(status_for_http(status), *labels)
@@ -149,14 +159,15 @@ class AuthMiddleware:
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, ctx: ServerContext):
         self.app = app
-        self.max_bytes = max_bytes
+        self.ctx = ctx
+        self.max_bytes = ctx.settings.max_body_bytes
 
-    async def _reject(self, send: Send) -> None:
-        err = APIError(413, f"the request body exceeds this server's limit of {self.max_bytes} bytes",
-                       code="request_too_large")
-        start, body = raw_error_response(413, err, [(b"connection", b"close")])
+    async def _reject(self, send: Send, err: APIError | None = None) -> None:
+        err = err or APIError(413, f"the request body exceeds this server's limit of {self.max_bytes} bytes",
+                              code="request_too_large")
+        start, body = raw_error_response(err.status, err, [(b"connection", b"close")])
         await send(start)
         await send(body)
 
@@ -186,13 +197,18 @@ class BodyLimitMiddleware:
             chunks.append(body)
             if not message.get("more_body", False):
                 break
+        raw = b"".join(chunks)
+        shape_error = body_shape_error(raw, self.ctx.engine.max_model_len, self.ctx.settings.max_choices)
+        if shape_error is not None:
+            await self._reject(send, shape_error)
+            return
         replayed = False
 
         async def replay() -> Message:
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                return {"type": "http.request", "body": raw, "more_body": False}
             return await receive()  # after the body: http.disconnect when the client goes away
 
         await self.app(scope, replay, send)
@@ -229,6 +245,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None, *,
             yield
         finally:
             ctx.draining = True
+            ctx.close()
             if manage_engine:
                 await engine.shutdown(timeout=settings.shutdown_timeout)
 
@@ -243,7 +260,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None, *,
     app.include_router(openai_router)
     app.include_router(extra_router)
     # add_middleware wraps: the last added runs first.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, ctx=ctx)
     app.add_middleware(AuthMiddleware, api_key=settings.api_key)
     app.add_middleware(RequestContextMiddleware, ctx=ctx)
     return app

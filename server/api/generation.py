@@ -35,6 +35,10 @@ class _Ended:
     """The engine's iterator ended without a finished output."""
 
 
+class _Cut:
+    """The server shut down before the request finished (see :meth:`GenerationRun.cut`)."""
+
+
 @dataclass
 class ChoiceState:
     index: int
@@ -61,6 +65,9 @@ def engine_error(exc: BaseException, overload_status: int = 429) -> APIError:
     return APIError(500, f"the engine failed the request: {type(exc).__name__}", code="engine_error")
 
 
+_Item = tuple[int, GenerationOutput | None, BaseException | type[_Ended] | type[_Cut] | None]
+
+
 class GenerationRun:
     """Engine requests of one HTTP request; iterate to get ``(choice index, output)`` pairs."""
 
@@ -71,21 +78,22 @@ class GenerationRun:
         *,
         on_finished: Callable[[ChoiceState, str], None] | None = None,
         overload_status: int = 429,
+        registry: set[GenerationRun] | None = None,
     ):
         self.engine = engine
+        self.registry = registry if registry is not None else set()  # the runs in flight; this one while it is
         self.choices = [ChoiceState(i, r) for i, r in enumerate(requests)]
         self.on_finished = on_finished
         self.overload_status = overload_status
-        self._queue: asyncio.Queue[tuple[int, GenerationOutput | None, BaseException | type[_Ended] | None]] = (
-            asyncio.Queue()
-        )
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
-        self._buffer: list[tuple[int, GenerationOutput | None, BaseException | type[_Ended] | None]] = []
+        self._buffer: list[_Item] = []
         self._aborted = False
 
     # -- producing -------------------------------------------------------------------------------------
 
     def start(self) -> None:
+        self.registry.add(self)
         for st in self.choices:
             self._tasks.append(asyncio.create_task(self._produce(st), name=f"gen-{st.request.request_id}"))
 
@@ -119,24 +127,27 @@ class GenerationRun:
             self._buffer.append(item)
             idx, out, exc = item
             if exc is not None:
-                err = self._error_of(exc)
-                self._mark_failed(idx, "error" if err.status >= 500 else None)
-                await self.abort()
-                raise err
+                await self._fail(idx, exc)
             pending.discard(idx)
 
-    def _error_of(self, exc: BaseException | type[_Ended]) -> APIError:
-        if exc is _Ended:
-            return APIError(500, "the engine ended the request without finishing it", code="engine_error")
-        return engine_error(exc, self.overload_status)  # type: ignore[arg-type]
-
-    def _mark_failed(self, idx: int, status: str | None) -> None:
+    async def _fail(self, idx: int, exc: BaseException | type[_Ended] | type[_Cut]) -> None:
+        """Record choice ``idx``'s failure, abort the rest and raise the failure's :class:`APIError`."""
         st = self.choices[idx]
         st.finished = True
-        if status is not None:
-            self._record(st, status)
+        if exc is _Cut:
+            err = APIError(503, "the server shut down before this request finished", code="server_shutdown")
+            self._record(st, "abort")
+        elif exc is _Ended:
+            err = APIError(500, "the engine ended the request without finishing it", code="engine_error")
+            self._record(st, "error")
         else:
-            st.recorded = True  # rejected at admission: the route records the rejection
+            err = engine_error(exc, self.overload_status)  # type: ignore[arg-type]
+            if isinstance(exc, (EngineOverloaded, RequestRejected)) or err.status < 500:
+                st.recorded = True  # refused at admission: the route records the rejection (overloaded, invalid)
+            else:
+                self._record(st, "error")
+        await self.abort()
+        raise err
 
     async def events(self) -> AsyncIterator[tuple[int, GenerationOutput]]:
         """Yield ``(choice index, delta)`` until every request finished; an engine failure raises
@@ -151,10 +162,7 @@ class GenerationRun:
             if st.finished:
                 continue
             if exc is not None:
-                err = self._error_of(exc)
-                self._mark_failed(idx, "error" if err.status >= 500 else None)
-                await self.abort()
-                raise err
+                await self._fail(idx, exc)
             assert out is not None
             st.outputs_seen += 1
             st.prompt_tokens = out.prompt_tokens or st.prompt_tokens
@@ -171,14 +179,23 @@ class GenerationRun:
                                    code="engine_error")
                 self._record(st, "abort" if out.finish_reason == "abort" else "ok")
             yield idx, out
+        self.registry.discard(self)
 
     # -- ending ----------------------------------------------------------------------------------------
+
+    def cut(self) -> None:
+        """End every unfinished choice now because the server is shutting down: the consumer gets a 503
+        :class:`APIError` (an error event in a stream), and the engine requests are aborted."""
+        for st in self.choices:
+            if not st.finished:
+                self._queue.put_nowait((st.index, None, _Cut))
 
     async def abort(self) -> None:
         """Abort every unfinished engine request (idempotent; safe to call from ``finally``)."""
         if self._aborted:
             return
         self._aborted = True
+        self.registry.discard(self)
         for st in self.choices:
             if not st.finished:
                 try:

@@ -11,7 +11,8 @@ from attention_backends import describe_methods
 
 from .context import ServerContext, get_context
 from .errors import APIError, bad_request
-from .routes_openai import _ERRORS, _chat_prompt, _encode
+from .prompts import chat_prompt, encode_text
+from .routes_openai import _ERRORS
 from .schemas import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -57,11 +58,11 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
         if body.add_special_tokens:
             raise bad_request("add_special_tokens is not supported with messages (the chat template adds them)",
                               param="add_special_tokens")
-        ids = await _chat_prompt(ctx, body.messages, body.add_generation_prompt)
+        ids = await chat_prompt(ctx, body.messages, body.add_generation_prompt)
     else:
         assert body.prompt is not None
         add = True if body.add_special_tokens is None else body.add_special_tokens
-        ids = await _encode(ctx, body.prompt, add)
+        ids = await encode_text(ctx, body.prompt, add)
     out: dict[str, Any] = {"tokens": ids, "count": len(ids), "max_model_len": ctx.engine.max_model_len}
     if body.return_token_strs:
         out["token_strs"] = [ctx.token_str(t) for t in ids]
@@ -91,7 +92,7 @@ async def sparse_patterns(request: Request) -> JSONResponse:
     return JSONResponse(out)
 
 
-@router.get("/health", response_model=HealthResponse, responses={503: _ERRORS[503]})
+@router.api_route("/health", methods=["GET", "HEAD"], response_model=HealthResponse, responses={503: _ERRORS[503]})
 async def health(request: Request) -> JSONResponse:
     ctx = get_context(request)
     if ctx.draining:

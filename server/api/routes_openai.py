@@ -24,6 +24,8 @@ from server.engine.types import GenerationOutput, GenerationRequest, RequestCost
 from .context import ServerContext, get_context
 from .errors import APIError, bad_request, unavailable
 from .generation import ChoiceState, GenerationRun, aggregate_cost
+from .limits import check_choices
+from .prompts import Prompt, chat_prompt, completion_prompts
 from .schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -33,7 +35,7 @@ from .schemas import (
     unsupported_field,
 )
 from .sparse_request import resolve_sparse_spec, spec_labels
-from .sse import DONE, ClientDisconnected, EventStreamResponse, encode_event, run_unless_disconnected
+from .sse import CLIENT_CLOSED, DONE, ClientDisconnected, EventStreamResponse, encode_event, run_unless_disconnected
 
 logger = logging.getLogger("sparse_serve.api")
 
@@ -41,8 +43,6 @@ router = APIRouter()
 
 GREEDY_EPS = 1e-5  # temperatures below this are greedy (as vLLM does)
 _SEED_MOD = 2**63
-_CHAT_ROLES = {"system", "user", "assistant", "developer", "tool"}
-_LONG_TEXT = 16_384  # characters; longer texts are tokenized off the event loop
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503)
@@ -86,102 +86,6 @@ def _check_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None:
     name = unsupported_field(body)
     if name is not None:
         raise bad_request(f"{name} is not supported by this server", param=name, code="unsupported_parameter")
-
-
-async def _encode(ctx: ServerContext, text: str, add_special_tokens: bool) -> list[int]:
-    tok = ctx.engine.tokenizer
-    if len(text) > _LONG_TEXT:
-        return await asyncio.to_thread(tok.encode, text, add_special_tokens)
-    return tok.encode(text, add_special_tokens=add_special_tokens)
-
-
-async def _completion_prompts(ctx: ServerContext, body: CompletionRequest) -> list[tuple[list[int], str | None]]:
-    """(token ids, text or None) per prompt."""
-    prompt = body.prompt
-    shape_error = bad_request(
-        "prompt must be a string, a list of strings, a list of token ids or a list of token-id lists",
-        param="prompt")
-    items: list[str | list[int]]
-    if isinstance(prompt, str):
-        items = [prompt]
-    elif isinstance(prompt, list) and prompt:
-        if all(isinstance(x, str) for x in prompt):
-            items = list(prompt)
-        elif all(isinstance(x, int) and not isinstance(x, bool) for x in prompt):
-            items = [list(prompt)]
-        elif all(isinstance(x, list) for x in prompt):
-            items = []
-            for i, x in enumerate(prompt):
-                if not x or not all(isinstance(t, int) and not isinstance(t, bool) for t in x):
-                    raise bad_request("each token-id list must be a non-empty list of integers",
-                                      param=f"prompt[{i}]")
-                items.append(list(x))
-        else:
-            raise shape_error
-    else:
-        raise shape_error
-    out: list[tuple[list[int], str | None]] = []
-    for i, item in enumerate(items):
-        param = "prompt" if len(items) == 1 else f"prompt[{i}]"
-        if isinstance(item, str):
-            ids = await _encode(ctx, item, body.add_special_tokens)
-            text: str | None = item
-        else:
-            ctx.check_token_ids(item, param)
-            ids, text = item, None
-        if not ids:
-            raise bad_request("the prompt must contain at least one token", param=param)
-        out.append((ids, text))
-    return out
-
-
-def _message_dicts(messages: list[Any]) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for i, m in enumerate(messages):
-        role = m.role
-        if role not in _CHAT_ROLES:
-            raise bad_request(f"unknown role {role!r}; expected one of {', '.join(sorted(_CHAT_ROLES))}",
-                              param=f"messages[{i}].role")
-        content = m.content
-        if content is None:
-            text = ""
-        elif isinstance(content, str):
-            text = content
-        elif isinstance(content, list):
-            parts = []
-            for j, part in enumerate(content):
-                if not isinstance(part, dict):
-                    raise bad_request("content parts must be objects", param=f"messages[{i}].content[{j}]")
-                kind = part.get("type")
-                if kind in ("text", "input_text") and isinstance(part.get("text"), str):
-                    parts.append(part["text"])
-                elif kind in ("text", "input_text"):
-                    raise bad_request("a text part needs a string 'text'", param=f"messages[{i}].content[{j}].text")
-                else:
-                    raise bad_request(f"content part type {kind!r} is not supported (text only)",
-                                      param=f"messages[{i}].content[{j}].type", code="unsupported_parameter")
-            text = "\n".join(parts)
-        else:
-            raise bad_request("content must be a string or a list of text parts", param=f"messages[{i}].content")
-        d: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": text}
-        if m.name is not None:
-            d["name"] = m.name
-        out.append(d)
-    return out
-
-
-async def _chat_prompt(ctx: ServerContext, messages: list[Any], add_generation_prompt: bool) -> list[int]:
-    dicts = _message_dicts(messages)
-    tok = ctx.engine.tokenizer
-    try:
-        text = tok.apply_chat_template(dicts, add_generation_prompt=add_generation_prompt)
-    except Exception as e:  # noqa: BLE001 - template errors are the client's messages' fault
-        raise bad_request(f"the messages cannot be rendered with the model's chat template: {e}",
-                          param="messages") from None
-    ids = await _encode(ctx, text, False)
-    if not ids:
-        raise bad_request("the rendered chat prompt is empty", param="messages")
-    return ids
 
 
 def _check_prompt_logprobs_len(ctx: ServerContext, prompts: list[list[int]]) -> None:
@@ -264,25 +168,23 @@ async def _prepare(ctx: ServerContext, body: CompletionRequest | ChatCompletionR
         if body.top_logprobs is not None and not body.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        ids = await _chat_prompt(ctx, body.messages, body.add_generation_prompt)
+        check_choices(1, body.n, ctx.settings.max_choices)
+        ids = await chat_prompt(ctx, body.messages, body.add_generation_prompt)
         max_tokens_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         wanted = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        prompts: list[tuple[list[int], str | None]] = [(ids, None)]
+        prompts: list[Prompt] = [(ids, None)]
         prompt_param = "messages"
     else:
         assert isinstance(body, CompletionRequest)
         logprobs = body.logprobs
         if body.max_tokens == 0 and not body.echo:
             raise bad_request("max_tokens 0 needs echo (it returns the prompt only)", param="max_tokens")
-        prompts = await _completion_prompts(ctx, body)
+        prompts = await completion_prompts(ctx, body.prompt, body.n, body.add_special_tokens)
         if body.echo and logprobs is not None:
             prompt_logprobs = logprobs
             _check_prompt_logprobs_len(ctx, [ids for ids, _ in prompts])
         wanted, max_tokens_param, prompt_param = body.max_tokens, "max_tokens", "prompt"
     n = body.n
-    if len(prompts) * n > ctx.settings.max_choices:
-        raise bad_request(f"prompts x n = {len(prompts) * n} exceeds this server's limit of "
-                          f"{ctx.settings.max_choices}", param="n")
     kind: Literal["completion", "chat"] = "chat" if is_chat else "completion"
     response_id = ("chatcmpl-" if is_chat else "cmpl-") + uuid.uuid4().hex
     requests: list[GenerationRequest] = []
@@ -545,17 +447,23 @@ async def _stream_events(ctx: ServerContext, prep: Prepared, run: GenerationRun)
 
 async def _serve(ctx: ServerContext, prep: Prepared, request: Request) -> Response:
     run = GenerationRun(ctx.engine, prep.requests, on_finished=_recorder(ctx, request, prep.spec),
-                        overload_status=ctx.settings.overload_status)
+                        overload_status=ctx.settings.overload_status, registry=ctx.runs)
     run.start()
+    if ctx.cutting:  # prepared while the shutdown deadline passed
+        run.cut()
+
+    async def disconnected() -> None:
+        prep.log_fields["client_disconnected"] = True  # the access log says 499, not the 200 already sent
+        await run.abort()
+
     try:
         if prep.stream:
-            await run_unless_disconnected(request.receive, run.wait_started(), run.abort)
-            return EventStreamResponse(_stream_events(ctx, prep, run), on_disconnect=run.abort)
-        body = await run_unless_disconnected(request.receive, _collect(ctx, prep, run), run.abort)
+            await run_unless_disconnected(request.receive, run.wait_started(), disconnected)
+            return EventStreamResponse(_stream_events(ctx, prep, run), on_disconnect=disconnected)
+        body = await run_unless_disconnected(request.receive, _collect(ctx, prep, run), disconnected)
         return JSONResponse(body)
     except ClientDisconnected:
-        prep.log_fields["client_disconnected"] = True
-        return Response(status_code=499)
+        return Response(status_code=CLIENT_CLOSED)
     except APIError as e:
         await asyncio.shield(run.abort())
         if e.status >= 500 and e.status != 503:

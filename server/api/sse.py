@@ -21,6 +21,7 @@ from starlette.types import Receive, Scope, Send
 T = TypeVar("T")
 
 DONE = b"data: [DONE]\n\n"
+CLIENT_CLOSED = 499  # the status logged for a request whose client went away first (nginx's convention)
 
 
 def encode_event(payload: dict[str, Any]) -> bytes:
