@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from types import FrameType
@@ -138,6 +139,22 @@ def configure_logging(level: str) -> None:
     access.setLevel(logging.INFO if level in ("info", "debug") else level.upper())
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening socket, bound now (uvicorn listens on it once it starts)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on connections of a socket that says it is TCP, and
+    # without it every small response waits ~40 ms for the client's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(settings: ServerSettings, engine=None) -> int:
     """Serve until SIGTERM/SIGINT, then drain and shut down; returns 0 (1 if the server could not start).
 
@@ -197,9 +214,10 @@ def serve(settings: ServerSettings, engine=None) -> int:
     )
     server = _Server(config)
     try:
-        sock = config.bind_socket()  # uvicorn logs why (e.g. the address is in use) and exits
-    except SystemExit:
-        log.error("cannot listen on %s:%d; exiting before loading the model", settings.host, settings.port)
+        sock = bind_socket(settings.host, settings.port)
+    except OSError as e:
+        log.error("cannot listen on %s:%d (%s); exiting before loading the model", settings.host, settings.port,
+                  e.strerror or e)
         return 1
     port = sock.getsockname()[1]
     # uvicorn re-raises the signal it caught once it has shut down; a no-op handler lets us exit 0 instead.

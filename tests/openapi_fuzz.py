@@ -3,10 +3,13 @@
 ``operations(openapi)`` lists (method, path, body schema); ``body_strategy(schema, components)`` draws bodies
 that follow the schema most of the time and break it some of the time (wrong types, missing required
 fields, unknown fields, out-of-range numbers, non-object bodies), as a schema-driven fuzzer does.
+:data:`hostile_fragments` are raw JSON values an attacker sends - lone surrogates, huge arrays, deep nesting -
+for :func:`with_fragment` to splice into a drawn body.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from hypothesis import strategies as st
@@ -15,9 +18,13 @@ from attention_backends import DECODE_METHODS, PREFILL_METHODS
 
 METHOD_NAMES = sorted(set(PREFILL_METHODS) | set(DECODE_METHODS))
 
+# Text with lone surrogates (U+D800..U+DFFF) mixed in: valid JSON (as \uXXXX escapes), invalid Unicode.
+surrogate_text = st.text(st.one_of(st.characters(codec="utf-8"), st.characters(categories=["Cs"])), min_size=1,
+                         max_size=12)
+
 json_scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False, allow_infinity=False),
-    st.text(max_size=12),
+    st.text(max_size=12), surrogate_text,
 )
 json_values = st.recursive(
     json_scalars,
@@ -160,3 +167,21 @@ class SchemaStrategies:
             json_values,
         )
         return st.one_of(good, good, good, broken)
+
+
+# Raw JSON values (text) too large or too deep to build as Python objects on the client.
+hostile_fragments = st.one_of(
+    surrogate_text.map(json.dumps),
+    st.builds(lambda n, v: "[" + ",".join([v] * n) + "]", st.integers(10_000, 300_000),
+              st.sampled_from(["0", '"a"', "[]", "{}", '[1,2]', '{"role":"user","content":"x"}'])),
+    st.builds(lambda d, o, c: o * d + c * d, st.integers(100, 100_000), st.just("["), st.just("]")),
+    st.builds(lambda d: '{"a":' * d + "1" + "}" * d, st.integers(100, 50_000)),
+    st.builds(lambda n: json.dumps("x" * n), st.integers(50_000, 1_000_000)),
+)
+
+
+def with_fragment(body: Any, field: str, fragment: str) -> bytes:
+    """``body`` (a JSON object, or anything else, replaced by ``{}``) with ``field`` set to the raw ``fragment``."""
+    base = {k: v for k, v in body.items() if k != field} if isinstance(body, dict) else {}
+    head = json.dumps(base)[:-1]
+    return (head + (", " if base else "") + json.dumps(field) + ": " + fragment + "}").encode()

@@ -10,9 +10,12 @@ import asyncio
 import contextlib
 import random
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -42,6 +45,9 @@ class ByteTokenizer:
         if "BOOM_TOKENIZER" in text:
             raise RuntimeError("injected tokenizer fault")
         return [b + OFFSET for b in text.encode("utf-8")]
+
+    def get_vocab(self) -> dict[str, int]:
+        return {chr(b): b + OFFSET for b in range(256)}  # one byte a token: never more than one character
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         data = bytes(i - OFFSET for i in ids if OFFSET <= i < 256 + OFFSET)
@@ -286,3 +292,118 @@ def wait_until(pred, timeout: float = 10.0, interval: float = 0.05) -> bool:
 
 def client(url: str, **kw: Any) -> httpx.Client:
     return httpx.Client(base_url=url, timeout=kw.pop("timeout", 60), **kw)
+
+
+# A sparse-serve process (the real CLI's serve()) on the fake engine; build_engine sleeps load_s first, like a
+# model that takes time to load.
+_FAKE_SERVER = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from server_harness import FakeEngine
+import server.cli as cli
+from server.settings import ServerSettings
+cli.build_engine = lambda settings: time.sleep({load_s}) or FakeEngine(**{engine!r})
+cli.configure_logging({log_level!r})
+sys.exit(cli.serve(ServerSettings(port={port}, **{settings!r})))
+"""
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited early with {proc.returncode}: {proc.stderr.read()[-3000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("server did not become healthy")
+
+
+def start_fake_process(*, settings: dict[str, Any] | None = None, engine: dict[str, Any] | None = None,
+                       load_s: float = 0.0, wait: bool = True, log_level: str = "info",
+                       ) -> tuple[subprocess.Popen, str]:
+    """``sparse-serve`` in a child process on a :class:`FakeEngine`; returns (process, base url)."""
+    port = free_port()
+    tests = str(Path(__file__).resolve().parent)
+    code = _FAKE_SERVER.format(tests=tests, port=port, load_s=load_s, engine=engine or {}, settings=settings or {},
+                               log_level=log_level)
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(tests).parent, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    if wait:
+        wait_healthy(url, proc, 60)
+    return proc, url
+
+
+# Watches a server from its own process (so the test's own work cannot delay it): times GET /health every
+# 20 ms and, optionally, the gaps between the events of one long stream, until its stdin closes; then prints
+# {"health": [[unix time, seconds]...], "health_failures": [...], "gaps": [seconds...], "stream_tail": [...]}.
+_OBSERVER = r"""
+import json, sys, threading, time
+import httpx
+url, stream_body = sys.argv[1], json.loads(sys.argv[2])
+out = {"health": [], "health_failures": [], "gaps": [], "stream_tail": []}
+stop = threading.Event()
+def probe():
+    with httpx.Client(base_url=url, timeout=30) as c:
+        while not stop.is_set():
+            t = time.perf_counter()
+            try:
+                code = c.get("/health").status_code
+                if code != 200:
+                    out["health_failures"].append(code)
+            except httpx.HTTPError as e:
+                out["health_failures"].append(repr(e))
+            out["health"].append((time.time(), time.perf_counter() - t))
+            time.sleep(0.02)
+def stream():
+    with httpx.Client(base_url=url, timeout=120) as c, c.stream("POST", "/v1/completions", json=stream_body) as r:
+        last = None
+        for line in r.iter_lines():
+            if not line:
+                continue
+            now = time.perf_counter()
+            if last is not None:
+                out["gaps"].append(now - last)
+            last = now
+            out["stream_tail"] = (out["stream_tail"] + [line])[-3:]
+threads = [threading.Thread(target=probe, daemon=True)]
+if stream_body:
+    threads.append(threading.Thread(target=stream, daemon=True))
+for t in threads:
+    t.start()
+print("ready", flush=True)
+sys.stdin.read()
+stop.set()
+for t in threads:
+    t.join(120)
+print(json.dumps(out), flush=True)
+"""
+
+
+class Observer:
+    """``with Observer(url, stream_body) as obs: ...``, then ``obs.result`` (see ``_OBSERVER``) and
+    ``obs.health_between(t0, t1)``: the /health latencies of probes started between two ``time.time()``s."""
+
+    def __init__(self, url: str, stream_body: dict[str, Any] | None = None):
+        import json
+
+        self.proc = subprocess.Popen([sys.executable, "-c", _OBSERVER, url, json.dumps(stream_body or {})],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.result: dict[str, Any] = {}
+
+    def __enter__(self) -> Observer:
+        assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "ready"
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import json
+
+        out, _ = self.proc.communicate("", timeout=180)
+        self.result = json.loads(out.strip().splitlines()[-1])
+
+    def health_between(self, t0: float, t1: float) -> list[float]:
+        return [lat for t, lat in self.result["health"] if t0 <= t <= t1]

@@ -87,7 +87,8 @@ def test_render_has_every_metric_with_its_labels():
     assert s[key("num_requests_running")] == 2
     assert s[key("num_requests_waiting")] == 3
     assert s[key("kv_cache_usage_ratio")] == 0.25
-    assert (s[key("kv_cache_free_pages")], s[key("kv_cache_used_pages")], s[key("kv_cache_total_pages")]) == (75, 25, 100)
+    pages = [s[key(f"kv_cache_{kind}_pages")] for kind in ("free", "used", "total")]
+    assert pages == [75, 25, 100]
 
 
 def test_counters_grow_by_exactly_the_recorded_amounts():

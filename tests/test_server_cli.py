@@ -16,46 +16,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server_harness import free_port, parse_sse
+from server_harness import free_port, parse_sse, start_fake_process, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
-FAKE_SERVER = """
-import sys, time
-sys.path.insert(0, {tests!r})
-from server_harness import FakeEngine
-import server.cli as cli
-from server.settings import ServerSettings
-cli.build_engine = lambda settings: time.sleep({load_s}) or FakeEngine(token_delay=0.02)  # a model that loads slowly
-cli.configure_logging("info")
-sys.exit(cli.serve(ServerSettings(port={port}, shutdown_timeout={timeout})))
-"""
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited early with {proc.returncode}: {proc.stderr.read()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("server did not become healthy")
-
-
 def start_fake(timeout: float, load_s: float = 0.0, wait: bool = True) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    code = FAKE_SERVER.format(tests=str(ROOT / "tests"), port=port, timeout=timeout, load_s=load_s)
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    url = f"http://127.0.0.1:{port}"
-    if wait:
-        wait_healthy(url, proc, 60)
-    return proc, url
+    return start_fake_process(settings={"shutdown_timeout": timeout}, engine={"token_delay": 0.02}, load_s=load_s,
+                              wait=wait)
 
 
 def stream_in_thread(url: str, body: dict) -> tuple[threading.Thread, dict]:
@@ -159,6 +127,7 @@ def test_busy_port_fails_before_loading_the_model():
                               capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "address already in use" in proc.stderr.lower() and "before loading the model" in proc.stderr
+    assert "not found" not in proc.stderr.lower()
 
 
 @pytest.mark.slow

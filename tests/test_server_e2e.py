@@ -75,14 +75,12 @@ def sdk(srv):
 
 
 IDLE = {"sparse_serve_num_requests_running": 0.0, "sparse_serve_num_requests_waiting": 0.0,
-        "sparse_serve_kv_cache_usage_ratio": 0.0}
+        "sparse_serve_kv_cache_usage_ratio": 0.0, "sparse_serve_kv_cache_used_pages": 0.0}
 
 
 def gauges(http) -> dict[str, float]:
     m = metric_samples(http.get("/metrics").text)
-    return {name: v for (name, _), v in m.items()
-            if name in ("sparse_serve_num_requests_running", "sparse_serve_num_requests_waiting",
-                        "sparse_serve_kv_cache_usage_ratio")}
+    return {name: v for (name, _), v in m.items() if name in IDLE}
 
 
 def check_sparse(sparse: dict, prefill: str, decode: str) -> None:
@@ -214,7 +212,8 @@ def test_disconnect_frees_kv_pages(srv, http):
             it = r.iter_lines()
             assert next(it).startswith("data: ")
             if srv.kv_stats:  # vLLM: AsyncLLM does not expose KV usage (the gauge reads 0)
-                assert gauges(http)["sparse_serve_kv_cache_usage_ratio"] > 0
+                g = gauges(http)
+                assert g["sparse_serve_kv_cache_usage_ratio"] > 0 and g["sparse_serve_kv_cache_used_pages"] > 0
     assert wait_until(lambda: gauges(http) == IDLE, 15), gauges(http)
     stats = srv.engine.stats()
     if srv.kv_stats:  # vLLM: AsyncLLM exposes no page counts (test_vllm_http checks vLLM dropped the request)

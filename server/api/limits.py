@@ -15,21 +15,24 @@ from __future__ import annotations
 
 from .errors import APIError, bad_request
 
+_NOT_STRUCTURAL = bytes(b for b in range(256) if b not in b'{[",')
+
 
 def body_shape_error(raw: bytes, max_model_len: int, max_choices: int) -> APIError | None:
     """413 for a body with more JSON containers, values or strings than any servable request needs."""
     if len(raw) < 65_536:  # parses in well under a millisecond whatever its shape
         return None
-    containers = raw.count(b"{") + raw.count(b"[")
-    strings = raw.count(b'"') // 2
-    values = raw.count(b",") + containers + 1
+    skeleton = raw.translate(None, _NOT_STRUCTURAL)  # one pass; what is left is short for ordinary text
+    containers = skeleton.count(b"{") + skeleton.count(b"[")
+    strings = skeleton.count(b'"') // 2
+    values = skeleton.count(b",") + containers + 1
     budgets = (
         # prompts (lists of token ids), messages and their content parts (every message is >= 1 token)
         ("containers (objects and arrays)", containers, max_choices + 2 * max_model_len + 1024),
         # prompt strings, and each message's keys and strings
         ("strings", strings, max_choices + 8 * max_model_len + 4096),
-        # token ids of every prompt
-        ("values", values, max_choices * max_model_len + 8 * max_model_len + 4096),
+        # token ids: 64 prompts of a full context (the ids of a body are parsed on the event loop)
+        ("values", values, 72 * max_model_len + 4096),
     )
     for what, count, budget in budgets:
         if count > budget:
@@ -39,15 +42,15 @@ def body_shape_error(raw: bytes, max_model_len: int, max_choices: int) -> APIErr
     return None
 
 
-def check_text(text: str, param: str, max_chars: int) -> None:
-    """400 naming ``param`` for text that is not valid Unicode or cannot fit the context."""
+def check_text(text: str, param: str, max_chars: int | None = None) -> None:
+    """400 naming ``param`` for text that is not valid Unicode or has more than ``max_chars`` characters."""
     if not text.isascii():
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as e:
             raise bad_request(f"{param} contains a lone surrogate (U+{ord(text[e.start]):04X} at character "
                               f"{e.start}); text must be valid Unicode", param=param, code="invalid_unicode") from None
-    if len(text) > max_chars:
+    if max_chars is not None and len(text) > max_chars:
         raise bad_request(f"{param} has {len(text)} characters, more than any prompt that fits this model's "
                           f"context can have ({max_chars})", param=param, code="context_length_exceeded")
 

@@ -92,7 +92,7 @@ async def sparse_patterns(request: Request) -> JSONResponse:
     return JSONResponse(out)
 
 
-@router.api_route("/health", methods=["GET", "HEAD"], response_model=HealthResponse, responses={503: _ERRORS[503]})
+@router.get("/health", response_model=HealthResponse, responses={503: _ERRORS[503]})
 async def health(request: Request) -> JSONResponse:
     ctx = get_context(request)
     if ctx.draining:
@@ -100,6 +100,9 @@ async def health(request: Request) -> JSONResponse:
     if not ctx.engine.ready():
         raise APIError(503, "the engine is not ready", code="engine_not_ready", headers={"Retry-After": "5"})
     return JSONResponse({"status": "ok"})
+
+
+router.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)  # what load balancers probe
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})

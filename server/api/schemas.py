@@ -126,8 +126,14 @@ class ChatMessage(_Body):
     tool_call_id: str | None = None
 
 
+# Messages are checked one by one by the route (server/api/prompts.py), after their count: building a pydantic
+# model per message costs tens of microseconds, and a body can hold a million of them.
+MessagesField = Annotated[list[Any], WithJsonSchema({"type": "array", "items": ChatMessage.model_json_schema(),
+                                                     "minItems": 1})]
+
+
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(..., min_length=1)
+    messages: MessagesField = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
@@ -187,7 +193,7 @@ def unsupported_field(body: BaseModel) -> str | None:
 class TokenizeRequest(_Body):
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: MessagesField | None = None
     add_generation_prompt: bool = True
     add_special_tokens: bool | None = None
     return_token_strs: bool = False
