@@ -19,6 +19,7 @@ references read their parameters from it and ``GET /v1/sparse/patterns`` publish
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -245,15 +246,17 @@ class SparseSpec:
 DENSE = SparseSpec()
 
 
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\Z")
+
+
 def validate_ratio(value: Any, param: str) -> float:
     """A compression ratio: a finite number >= 1 (numeric strings are accepted, as headers are strings)."""
     if isinstance(value, bool):
         raise InvalidSparsePattern(param, f"compression ratio must be a number >= 1, got {value!r}")
     if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise InvalidSparsePattern(param, f"compression ratio must be a number >= 1, got {value!r}") from None
+        if not _DECIMAL.match(value.strip()):  # float() also takes "1_0", "nan" and non-ASCII digits
+            raise InvalidSparsePattern(param, f"compression ratio must be a number >= 1, got {value!r}")
+        value = float(value.strip())
     if not isinstance(value, (int, float)):
         raise InvalidSparsePattern(param, f"compression ratio must be a number >= 1, got {value!r}")
     value = float(value)

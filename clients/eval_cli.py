@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .cli_help import HelpFormatter
 from .patterns import expand_patterns, parse_ratios, split_patterns
 
 
@@ -33,11 +34,15 @@ def _ints(text: str) -> list[int]:
     return out
 
 
+class AllTasks(list):
+    """``--tasks all``: every task, less the QA ones when no QA data is given."""
+
+
 def _tasks(text: str) -> list[str]:
     from .tasks import TASK_NAMES
 
     if text.strip().lower() == "all":
-        return list(TASK_NAMES)
+        return AllTasks(TASK_NAMES)
     names = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [t for t in names if t not in TASK_NAMES]
     if unknown:
@@ -51,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run (or resume) an evaluation; writes DIR/results.jsonl",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     r.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
     r.add_argument("--tasks", type=_tasks, default="all", help="'all' or a comma list of task names")
     r.add_argument("--lengths", type=_ints, default=[4096], help="target prompt lengths in tokens (4096,8k,...)")
@@ -62,8 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--samples", type=int, default=10, help="samples per (task, length)")
     r.add_argument("--max-tokens", type=int, default=1024, help="generation budget per request")
     r.add_argument("--out", required=True, help="run directory (created; rerun the same command to resume)")
-    r.add_argument("--api-key", default=os.environ.get("SPARSE_SERVE_API_KEY"),
-                   help="bearer token (default: $SPARSE_SERVE_API_KEY)")
+    r.add_argument("--api-key", default=None, help="bearer token (default: $SPARSE_SERVE_API_KEY)")
     r.add_argument("--qa-data", default=None,
                    help="directory with dev-v2.0.json, quality.jsonl, toefl.jsonl (default: "
                    "$SPARSE_SERVE_QA_DATA_DIR)")
@@ -98,6 +102,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _tasks_with_data(tasks: list[str], qa_data: str | None) -> list[str]:
+    """``tasks``, or [] after saying why: QA tasks need local data (never downloaded); ``all`` skips them
+    without it, naming them explicitly is an error."""
+    from .tasks import QA_TASKS
+    from .tasks.qa import DEFAULT_FILES, QA_DATA_DIR_ENV
+
+    qa = [t for t in tasks if t in QA_TASKS]
+    if not qa or qa_data or os.environ.get(QA_DATA_DIR_ENV):
+        return tasks
+    how = f"--qa-data DIR (or ${QA_DATA_DIR_ENV}), a directory holding " + ", ".join(DEFAULT_FILES[t] for t in qa)
+    if isinstance(tasks, AllTasks):
+        print(f"sparse-eval: skipping {', '.join(qa)}: they need {how}", file=sys.stderr)
+        return [t for t in tasks if t not in QA_TASKS]
+    print(f"sparse-eval: {', '.join(qa)} need {how}", file=sys.stderr)
+    return []
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     from .client import APIError
     from .eval_runner import EvalConfig, run_eval
@@ -109,9 +130,13 @@ def cmd_run(a: argparse.Namespace) -> int:
         print(f"sparse-eval: {e}", file=sys.stderr)
         return 2
     tasks = a.tasks if isinstance(a.tasks, list) else _tasks(a.tasks)
+    tasks = _tasks_with_data(tasks, a.qa_data)
+    if not tasks:
+        return 2
+    api_key = a.api_key or os.environ.get("SPARSE_SERVE_API_KEY")
     cfg = EvalConfig(url=a.url, tasks=tasks, lengths=a.lengths, patterns=patterns, samples=a.samples,
                      out_dir=a.out, max_tokens=a.max_tokens, seed=a.seed, concurrency=a.concurrency,
-                     api_key=a.api_key, qa_data=a.qa_data, max_doc_tokens=a.max_doc_tokens, tokenizer=a.tokenizer,
+                     api_key=api_key, qa_data=a.qa_data, max_doc_tokens=a.max_doc_tokens, tokenizer=a.tokenizer,
                      model=a.model, model_size=parse_param_count(a.model_size) if a.model_size else None,
                      system_prompt=a.system_prompt, timeout=a.timeout, max_retries=a.max_retries)
     n = len(tasks) * len(a.lengths) * a.samples * len(patterns)

@@ -41,6 +41,7 @@ from typing import Any
 
 import httpx
 
+from .cli_help import HelpFormatter
 from .client import APIError, APITimeoutError, AsyncSparseClient, SparseClient, StreamError
 
 PERCENTILES = (50, 90, 99)
@@ -505,8 +506,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sparse-loadtest", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="sparse-loadtest", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--url", required=True, help="server base URL (the only host contacted)")
     stop = p.add_argument_group("length of the run (one or both)")
     stop.add_argument("--duration", type=float, default=None, help="seconds to keep sending")
@@ -525,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slo-tpot-ms", type=float, default=None, help="TPOT objective for goodput")
     p.add_argument("--out", default=None, help="write the JSON report here")
     p.add_argument("--save-requests", action="store_true", help="include every request in the JSON report")
-    p.add_argument("--api-key", default=os.environ.get("SPARSE_SERVE_API_KEY"), help="bearer token")
+    p.add_argument("--api-key", default=None, help="bearer token (default: $SPARSE_SERVE_API_KEY)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
     p.add_argument("--model", default=None, help="model name (default: the server's first)")
@@ -544,7 +544,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             burstiness=math.inf if a.constant else a.burstiness, concurrency=a.concurrency,
             prompt_tokens=Distribution.parse(a.prompt_tokens), max_tokens=Distribution.parse(a.max_tokens),
             patterns=parse_mix(a.patterns), slo_ttft_ms=a.slo_ttft_ms, slo_tpot_ms=a.slo_tpot_ms,
-            api_key=a.api_key, seed=a.seed, endpoint=a.endpoint, model=a.model, ignore_eos=not a.no_ignore_eos,
+            api_key=a.api_key or os.environ.get("SPARSE_SERVE_API_KEY"), seed=a.seed, endpoint=a.endpoint,
+            model=a.model, ignore_eos=not a.no_ignore_eos,
             timeout=a.timeout, drain_timeout=a.drain_timeout)
         if cfg.rate is not None and (cfg.rate <= 0 or not math.isfinite(cfg.rate)):
             raise ValueError("--rate must be a positive number")

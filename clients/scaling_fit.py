@@ -255,7 +255,8 @@ def format_fit(f: FitResult) -> str:
     for name in ("b", "c", "e"):
         if name in f.coefficients:
             axis = {v: k for k, v in COEF_NAMES.items()}[name]
-            lines.append(f"  {name} ({axis}) = {f.coefficients[name]:+.5f}")
+            value = f"{f.coefficients[name]:+.5f}" if axis in f.axes else f"n/a (one {axis} value only: no slope)"
+            lines.append(f"  {name} ({axis}) = {value}")
     for t, a in sorted(f.task_intercepts.items()):
         lines.append(f"  a[{t}] = {a:+.5f}")
     lines.append(f"  R^2 = {f.r2:.4f}   RMSE = {f.rmse:.4f}")

@@ -18,6 +18,7 @@ from types import FrameType
 
 from pydantic import ValidationError
 
+from clients.cli_help import HelpFormatter
 from server.settings import API_KEY_ENV, ServerSettings, parse_size
 
 log = logging.getLogger("sparse_serve")
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sparse-serve",
         description="Serve a model over an OpenAI-compatible HTTP API with per-request sparse attention "
         "(sparse_pattern / compression_ratio body fields, X-Sparse-Pattern / X-Compression-Ratio headers).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("model and engine")
     g.add_argument("--model", default=None,
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--port", type=int, default=d.port, help="port to bind (0 = any free port)")
     h.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on the API (also read from ${API_KEY_ENV}); "
-                   "/health and /metrics stay open")
+                   "/health, /metrics and the API docs (/docs, /redoc, /openapi.json) stay open")
     h.add_argument("--default-sparse-pattern", default=d.default_sparse_pattern,
                    help="pattern for requests that choose none, in the string grammar "
                    "METHOD[:RATIO] | PREFILL[:RATIO]+DECODE[:RATIO], e.g. quest:20 or vertical_slash:8+quest:20")

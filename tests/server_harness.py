@@ -44,7 +44,7 @@ class ByteTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if "BOOM_TOKENIZER" in text:
             raise RuntimeError("injected tokenizer fault")
-        return [b + OFFSET for b in text.encode("utf-8")]
+        return list(map(OFFSET.__add__, text.encode("utf-8")))
 
     def get_vocab(self) -> dict[str, int]:
         return {chr(b): b + OFFSET for b in range(256)}  # one byte a token: never more than one character
@@ -340,7 +340,8 @@ def start_fake_process(*, settings: dict[str, Any] | None = None, engine: dict[s
 
 # Watches a server from its own process (so the test's own work cannot delay it): times GET /health every
 # 20 ms and, optionally, the gaps between the events of one long stream, until its stdin closes; then prints
-# {"health": [[unix time, seconds]...], "health_failures": [...], "gaps": [seconds...], "stream_tail": [...]}.
+# {"health": [[unix time, seconds]...], "health_failures": [...], "gaps": [[unix time, seconds]...],
+# "stream_tail": [last 3 events]}.
 _OBSERVER = r"""
 import json, sys, threading, time
 import httpx
@@ -367,7 +368,7 @@ def stream():
                 continue
             now = time.perf_counter()
             if last is not None:
-                out["gaps"].append(now - last)
+                out["gaps"].append((time.time(), now - last))
             last = now
             out["stream_tail"] = (out["stream_tail"] + [line])[-3:]
 threads = [threading.Thread(target=probe, daemon=True)]
@@ -386,7 +387,7 @@ print(json.dumps(out), flush=True)
 
 class Observer:
     """``with Observer(url, stream_body) as obs: ...``, then ``obs.result`` (see ``_OBSERVER``) and
-    ``obs.health_between(t0, t1)``: the /health latencies of probes started between two ``time.time()``s."""
+    :meth:`between`."""
 
     def __init__(self, url: str, stream_body: dict[str, Any] | None = None):
         import json
@@ -405,5 +406,6 @@ class Observer:
         out, _ = self.proc.communicate("", timeout=180)
         self.result = json.loads(out.strip().splitlines()[-1])
 
-    def health_between(self, t0: float, t1: float) -> list[float]:
-        return [lat for t, lat in self.result["health"] if t0 <= t <= t1]
+    def between(self, key: str, t0: float, t1: float) -> list[float]:
+        """The /health latencies (``key="health"``) or stream gaps (``"gaps"``) seen between two ``time.time()``s."""
+        return [x for t, x in self.result[key] if t0 <= t <= t1]

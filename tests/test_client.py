@@ -368,6 +368,51 @@ def test_fit_with_model_sizes(tmp_path, capsys):
     assert "held-out largest model_size" in out
 
 
+def test_fit_says_n_a_for_a_coefficient_it_cannot_determine(tmp_path, capsys):
+    from clients.eval_cli import main
+
+    path = tmp_path / "results.jsonl"
+    _synthetic_law(path)
+    one_length = [r for r in map(json.loads, path.read_text().splitlines()) if r["length"] == 4096]
+    path.write_text("".join(json.dumps(r) + "\n" for r in one_length))
+    assert main(["fit", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "c (length) = n/a" in out and "+0.00000" not in out
+    assert float(next(ln for ln in out.splitlines() if "b (compression)" in ln).split("=")[1]) < 0
+
+
+def test_eval_tasks_all_runs_without_qa_data_and_named_qa_tasks_name_the_flag(tmp_path, monkeypatch, capsys):
+    from clients.eval_cli import _tasks, _tasks_with_data, main
+    from clients.tasks import QA_TASKS, TASK_NAMES
+
+    monkeypatch.delenv("SPARSE_SERVE_QA_DATA_DIR", raising=False)
+    assert _tasks_with_data(_tasks("all"), None) == [t for t in TASK_NAMES if t not in QA_TASKS]
+    assert "skipping qa_squad, qa_quality, qa_toefl" in capsys.readouterr().err
+    assert _tasks_with_data(_tasks("all"), "data/qa") == list(TASK_NAMES)
+    # named explicitly: an error before anything is sent, naming the flag
+    assert main(["run", "--url", "http://127.0.0.1:9", "--tasks", "qa_squad,ruler_niah", "--out",
+                 str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "--qa-data" in err and "dev-v2.0.json" in err and "qa_data_dir" not in err
+
+
+@pytest.mark.parametrize("prog", ["sparse-serve", "sparse-loadtest", "sparse-eval run"])
+def test_help_shows_defaults_once_and_no_secret(prog, monkeypatch, capsys):
+    import server.cli
+    from clients import eval_cli, loadtest
+
+    monkeypatch.setenv("SPARSE_SERVE_API_KEY", "s3cret-key")
+    parser = {"sparse-serve": server.cli.build_parser, "sparse-loadtest": loadtest.build_parser,
+              "sparse-eval run": eval_cli.build_parser}[prog]()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["run", "--help"] if prog == "sparse-eval run" else ["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "s3cret-key" not in text
+    assert "(default: 600.0)" in text if prog != "sparse-serve" else "(default: 30.0)" in text
+    for option_help in text.split(" --")[1:]:
+        assert option_help.count("(default") <= 1, option_help
+
+
 # ================================================================================================ loadtest
 def test_pattern_mix_and_picker_exact_counts():
     mix = parse_mix("dense=0.5, vertical_slash:10+quest:20=0.25,quest:4")

@@ -67,8 +67,8 @@ class QADataset:
 def _check_file(path: str | os.PathLike[str]) -> Path:
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"QA data file not found: {p} (QA data is never downloaded; place the file there "
-                                f"or set qa_data_dir / {QA_DATA_DIR_ENV})")
+        raise FileNotFoundError(f"QA data file not found: {p} (QA data is never downloaded; place the file there, "
+                                f"or point --qa-data / qa_data_dir / ${QA_DATA_DIR_ENV} at its directory)")
     return p
 
 

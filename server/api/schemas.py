@@ -1,16 +1,17 @@
 """Pydantic models of the HTTP API: OpenAI completions/chat requests with the sparse extensions, the
 vLLM-style tokenize/detokenize bodies, and the response shapes (for the OpenAPI document).
 
-Unknown fields are ignored (``extra="ignore"``). Fields OpenAI or vLLM define that this server does not
-implement are listed in :data:`UNSUPPORTED_FIELDS` with the values that mean "off"; anything else is a 400
-naming the field (see :func:`check_unsupported`).
+Unknown fields are ignored (``extra="ignore"``); booleans are strict (``"stream": "yes"`` is a 400, as at
+OpenAI). Fields OpenAI or vLLM define that this server does not implement are listed in
+:data:`UNSUPPORTED_FIELDS` with the values that mean "off"; anything else is a 400 naming the field (see
+:func:`check_unsupported`).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, WithJsonSchema
 
 MAX_N = 16
 MAX_LOGPROBS = 5
@@ -63,8 +64,8 @@ class _Body(BaseModel):
 
 
 class StreamOptions(_Body):
-    include_usage: bool = False
-    continuous_usage_stats: bool = False
+    include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False
 
 
 class SparseFields(_Body):
@@ -84,9 +85,9 @@ class SamplingFields(SparseFields):
     stop: StopField = None
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    ignore_eos: bool = False
+    ignore_eos: StrictBool = False
     user: str | None = None
     # recognised; only their "off" values are accepted (see UNSUPPORTED_FIELDS)
     presence_penalty: float | None = None
@@ -106,16 +107,16 @@ class SamplingFields(SparseFields):
     guided_choice: Any = None
     guided_grammar: Any = None
     prompt_logprobs: int | None = None
-    use_beam_search: bool | None = None
+    use_beam_search: StrictBool | None = None
 
 
 class CompletionRequest(SamplingFields):
     prompt: PromptField = Field(...)
     max_tokens: int | None = Field(16, ge=0, description="0 with echo: the prompt only (scored with logprobs)")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = False
+    echo: StrictBool = False
     suffix: str | None = None
-    add_special_tokens: bool = True
+    add_special_tokens: StrictBool = True
 
 
 class ChatMessage(_Body):
@@ -136,12 +137,12 @@ class ChatCompletionRequest(SamplingFields):
     messages: MessagesField = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
+    logprobs: StrictBool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    echo: bool = False
-    parallel_tool_calls: bool | None = None
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    echo: StrictBool = False
+    parallel_tool_calls: StrictBool | None = None
     modalities: list[str] | None = None
     audio: Any = None
     prediction: Any = None
@@ -194,9 +195,9 @@ class TokenizeRequest(_Body):
     model: str | None = None
     prompt: str | None = None
     messages: MessagesField | None = None
-    add_generation_prompt: bool = True
-    add_special_tokens: bool | None = None
-    return_token_strs: bool = False
+    add_generation_prompt: StrictBool = True
+    add_special_tokens: StrictBool | None = None
+    return_token_strs: StrictBool = False
 
 
 class DetokenizeRequest(_Body):
