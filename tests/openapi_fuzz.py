@@ -18,9 +18,11 @@ from attention_backends import DECODE_METHODS, PREFILL_METHODS
 
 METHOD_NAMES = sorted(set(PREFILL_METHODS) | set(DECODE_METHODS))
 
-# Text with lone surrogates (U+D800..U+DFFF) mixed in: valid JSON (as \uXXXX escapes), invalid Unicode.
-surrogate_text = st.text(st.one_of(st.characters(codec="utf-8"), st.characters(categories=["Cs"])), min_size=1,
-                         max_size=12)
+# Text with a lone surrogate (U+D800..U+DFFF; one not in a high+low pair): valid JSON as a \uXXXX escape,
+# invalid Unicode.
+_unicode = st.text(st.characters(codec="utf-8"), max_size=6)
+surrogate_text = st.builds(lambda a, s, b: a + s + b, _unicode, st.characters(min_codepoint=0xD800,
+                           max_codepoint=0xDFFF), _unicode)
 
 json_scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False, allow_infinity=False),
@@ -109,7 +111,7 @@ class SchemaStrategies:
             return st.one_of([self.valid({**schema, "type": x}, name, depth + 1) for x in t])
         if t == "string":
             examples = schema.get("examples") or []
-            base = st.text(max_size=24)
+            base = st.one_of(st.text(max_size=24), st.text(max_size=24), surrogate_text)
             return st.one_of(st.sampled_from(examples), base) if examples else base
         if t == "integer":
             lo = schema.get("minimum", schema.get("exclusiveMinimum", -(2**40)))

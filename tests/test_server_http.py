@@ -21,6 +21,7 @@ from openapi_fuzz import (
     operations,
     pattern_objects,
     pattern_strings,
+    surrogate_text,
     with_fragment,
 )
 from server_harness import FakeEngine, ThreadedServer, metric_samples, parse_sse, wait_until
@@ -401,6 +402,10 @@ def fuzz_srv():
         yield s
 
 
+TEXT_BODIES = ['{"prompt": TEXT, "max_tokens": 2}', '{"prompt": ["ok", TEXT], "max_tokens": 2}',
+               '{"messages": [{"role": "user", "content": TEXT}], "max_tokens": 2}', '{"prompt": TEXT}']
+
+
 def test_fuzz_openapi_no_server_errors(fuzz_srv):
     with httpx.Client(base_url=fuzz_srv.url, timeout=30) as c:
         openapi = c.get("/openapi.json").json()
@@ -417,10 +422,13 @@ def test_fuzz_openapi_no_server_errors(fuzz_srv):
         "X-Sparse-Pattern": pattern_strings.filter(lambda s: s.isascii()),
         "X-Compression-Ratio": st.sampled_from(["1", "8", "0", "-3", "nan", "inf", "x", ""]),
     })
-    # Sometimes one field holds a lone surrogate, a huge array or deep nesting (spliced in as raw JSON).
-    hostile = st.one_of(st.none(), st.none(), st.none(), st.tuples(
-        st.sampled_from(["prompt", "messages", "sparse_pattern", "stop", "tokens", "vllm_xargs", "x"]),
-        hostile_fragments))
+    # Sometimes one field holds a lone surrogate, a huge array or deep nesting (spliced in as raw JSON), in a
+    # drawn body or in the text of an otherwise valid one (so that it reaches the tokenizer).
+    spliced = st.tuples(st.sampled_from(["prompt", "messages", "sparse_pattern", "stop", "tokens", "vllm_xargs", "x"]),
+                        hostile_fragments).map(lambda t: lambda body: with_fragment(body, *t))
+    in_text = st.tuples(st.sampled_from(TEXT_BODIES), st.one_of(surrogate_text.map(json.dumps), hostile_fragments))
+    hostile = st.one_of(st.none(), st.none(), st.none(), spliced,
+                        in_text.map(lambda t: lambda body: t[0].replace("TEXT", t[1]).encode()))
     seen: dict[int, int] = {}
     started = time.monotonic()
 
@@ -434,7 +442,7 @@ def test_fuzz_openapi_no_server_errors(fuzz_srv):
             if method == "GET":
                 r = c.get(path)
             else:  # encoded here: httpx's json= cannot encode a lone surrogate (JSON can, as an escape)
-                content = with_fragment(body, *bad) if bad is not None else json.dumps(body).encode()
+                content = bad(body) if bad is not None else json.dumps(body).encode()
                 r = c.request(method, path, content=content, headers={**hdrs, "content-type": "application/json"})
             seen[r.status_code] = seen.get(r.status_code, 0) + 1
             assert r.status_code < 500 or r.status_code == 503 and path == "/health", (path, body, hdrs, r.text)
