@@ -3,8 +3,8 @@ microseconds to milliseconds, whatever its size, so it cannot hold the event loo
 
 * :func:`body_shape_error` - on the raw body, before it is parsed: parsing JSON (and building pydantic models
   from it) holds the GIL, so no thread can take that work off the event loop; the number of containers,
-  values and strings a body can hold is bounded instead. The counts are upper bounds taken with
-  ``bytes.count`` (structural characters inside strings count too), and the budgets are what the largest
+  values and strings a body can hold is bounded instead. The counts are upper bounds taken in C over the
+  body's structural characters (those inside strings count too), and the budgets are what the largest
   request that fits the context needs, with room to spare.
 * :func:`check_text` - a prompt or message text: valid Unicode (a lone surrogate cannot be tokenized) and no
   more characters than a prompt that fits the context can have.
