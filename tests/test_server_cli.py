@@ -55,6 +55,15 @@ def test_sigterm_drains_with_503_then_cuts_overdue_streams_cleanly():
         # 400 tokens at 20 ms each outlast the 3 s shutdown timeout (and fit the fake engine's 512-token context)
         long, long_result = stream_in_thread(url, {"prompt": "abc", "max_tokens": 400, "stream": True,
                                                    "ignore_eos": True})
+        plain: dict = {}
+
+        def post_plain() -> None:  # not streamed: outlasts the timeout too
+            r = httpx.post(url + "/v1/completions", json={"prompt": "abc", "max_tokens": 400, "ignore_eos": True},
+                           timeout=60)
+            plain.update(status=r.status_code, body=r.json())
+
+        plain_thread = threading.Thread(target=post_plain, daemon=True)
+        plain_thread.start()
         while ("first_at" not in short_result or "first_at" not in long_result) and long.is_alive():
             time.sleep(0.02)
         assert long_result.get("status") == 200 and short_result.get("status") == 200, (short_result, long_result)
@@ -81,7 +90,9 @@ def test_sigterm_drains_with_503_then_cuts_overdue_streams_cleanly():
         events = parse_sse(long_result["text"] + "\n\n")
         assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "server_shutdown", events[-3:]
         assert events[-2]["error"]["type"] == "service_unavailable_error"
-        assert "cutting off 1 in-flight request" in err and "shut down cleanly" not in err, err[-3000:]
+        plain_thread.join(10)
+        assert plain["status"] == 503 and plain["body"]["error"]["code"] == "server_shutdown", plain
+        assert "cutting off 2 in-flight request" in err and "shut down cleanly" not in err, err[-3000:]
         assert "Traceback" not in err and "Cancel" not in err, err[-3000:]
     finally:
         if proc.poll() is None:
