@@ -207,12 +207,16 @@ def test_soak_mixed_load_disconnects_hostile_requests_then_sigterm():
 
     warm = [m for t, m in memory if t - start > DURATION / 3]
     mib = 1 << 20
+    # Flat: the later half of the samples after warm-up sits where the earlier half did. (Single samples jump
+    # by tens of MiB when a 10 MB body comes and goes: the allocator keeps freed memory for a while.)
+    early, late = statistics.median(warm[: len(warm) // 2]), statistics.median(warm[len(warm) // 2:])
     total = sum(v for v in load.statuses.values())
     print(f"\nsoak {DURATION:.0f} s at concurrency {CONCURRENCY}: {total} requests {load.statuses}; "
           f"/health p50 {statistics.median(health) * 1000:.1f} ms, "
           f"p99 {statistics.quantiles(health, n=100, method='inclusive')[98] * 1000:.1f} ms, "
-          f"max {max(health) * 1000:.1f} ms over {len(health)} probes; RSS after warm-up "
-          f"{warm[0] / mib:.0f} -> {warm[-1] / mib:.0f} MiB (min {min(warm) / mib:.0f}, max {max(warm) / mib:.0f}); "
+          f"max {max(health) * 1000:.1f} ms over {len(health)} probes; RSS after warm-up: median {early / mib:.0f} "
+          f"then {late / mib:.0f} MiB (first {warm[0] / mib:.0f}, last {warm[-1] / mib:.0f}, "
+          f"min {min(warm) / mib:.0f}, max {max(warm) / mib:.0f}); "
           f"idle gauges {idle}")
     assert not load.bad, load.bad[:10]
     assert not obs.result["health_failures"], obs.result["health_failures"][:5]
@@ -221,7 +225,7 @@ def test_soak_mixed_load_disconnects_hostile_requests_then_sigterm():
     assert sum(v for k, v in load.statuses.items() if str(k).startswith("hostile")) >= CONCURRENCY
     assert idle["kv_cache_used_pages"] == 0 and idle["kv_cache_free_pages"] == idle["kv_cache_total_pages"] > 0
     assert idle["num_requests_running"] == idle["num_requests_waiting"] == 0
-    assert max(warm) - warm[0] < 64 * mib, [m // mib for m in warm]  # flat: no growth with the request count
+    assert late - early < 32 * mib, [m // mib for m in warm]
     for lines in cut:
         events = parse_sse("\n\n".join(lines) + "\n\n")
         assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "server_shutdown", lines[-2:]
