@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -198,7 +199,11 @@ class BodyLimitMiddleware:
             if not message.get("more_body", False):
                 break
         raw = b"".join(chunks)
+        if len(chunks) > 1:  # a large body: let other requests run between the passes over it
+            await asyncio.sleep(0)
         shape_error = body_shape_error(raw, self.ctx.engine.max_model_len, self.ctx.settings.max_choices)
+        if len(chunks) > 1:
+            await asyncio.sleep(0)
         if shape_error is not None:
             await self._reject(send, shape_error)
             return
