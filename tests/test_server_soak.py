@@ -228,7 +228,9 @@ def test_soak_mixed_load_disconnects_hostile_requests_then_sigterm():
     assert sum(v for k, v in load.statuses.items() if str(k).startswith("hostile")) >= CONCURRENCY
     assert idle["kv_cache_used_pages"] == 0 and idle["kv_cache_free_pages"] == idle["kv_cache_total_pages"] > 0
     assert idle["num_requests_running"] == idle["num_requests_waiting"] == 0
-    assert late - early < 32 * mib, [m // mib for m in warm]
+    # 64 MiB: a few dozen requests on this CPU; the allocator alone has been seen to add ~40 MiB when a new
+    # batch shape first comes late in the run, while a leak of a request's KV or prompt would add far more.
+    assert late - early < 64 * mib, [m // mib for m in warm]
     for lines in cut:
         events = parse_sse("\n\n".join(lines) + "\n\n")
         assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "server_shutdown", lines[-2:]
