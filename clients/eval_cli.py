@@ -39,14 +39,15 @@ class AllTasks(list):
 
 
 def _tasks(text: str) -> list[str]:
-    from .tasks import TASK_NAMES
+    from .tasks import EXTRA_TASK_NAMES, TASK_NAMES
 
     if text.strip().lower() == "all":
         return AllTasks(TASK_NAMES)
     names = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [t for t in names if t not in TASK_NAMES]
+    known = TASK_NAMES + EXTRA_TASK_NAMES
+    unknown = [t for t in names if t not in known]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASK_NAMES)}")
+        raise argparse.ArgumentTypeError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(known)}")
     return names
 
 
@@ -65,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "ratio is crossed with every --ratios value, dense runs once, explicit ratios run as given")
     r.add_argument("--ratios", default="", help="compression ratios to cross ratio-less patterns with, e.g. 2,5,10")
     r.add_argument("--samples", type=int, default=10, help="samples per (task, length)")
+    r.add_argument("--scoring", choices=["strict", "lenient"], default="strict",
+                   help="which score is the record's `score`: the <answer> format (strict) or the answer found "
+                   "in free text (lenient); both are stored either way")
     r.add_argument("--max-tokens", type=int, default=1024, help="generation budget per request")
     r.add_argument("--out", required=True, help="run directory (created; rerun the same command to resume)")
     r.add_argument("--api-key", default=None, help="bearer token (default: $SPARSE_SERVE_API_KEY)")
@@ -88,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--results", default=None, help="results file (default: DIR/results.jsonl)")
     rep.add_argument("--no-plots", action="store_true")
     rep.add_argument("--by-length", action="store_true", help="also print one table per length")
+    rep.add_argument("--scoring", choices=["run", "strict", "lenient"], default="run",
+                     help="which score to summarise: the run's choice (`score`), or the strict / lenient one")
 
     f = sub.add_parser("fit", help="fit score ~ a_task + b log(compression) + c log(length) [+ e log(size)]")
     f.add_argument("dir", nargs="?", default=None, help="run directory (fit.json is written there)")
@@ -138,7 +144,8 @@ def cmd_run(a: argparse.Namespace) -> int:
                      out_dir=a.out, max_tokens=a.max_tokens, seed=a.seed, concurrency=a.concurrency,
                      api_key=api_key, qa_data=a.qa_data, max_doc_tokens=a.max_doc_tokens, tokenizer=a.tokenizer,
                      model=a.model, model_size=parse_param_count(a.model_size) if a.model_size else None,
-                     system_prompt=a.system_prompt, timeout=a.timeout, max_retries=a.max_retries)
+                     system_prompt=a.system_prompt, timeout=a.timeout, max_retries=a.max_retries,
+                     scoring=a.scoring)
     n = len(tasks) * len(a.lengths) * a.samples * len(patterns)
     print(f"sparse-eval: {len(tasks)} tasks x {len(a.lengths)} lengths x {a.samples} samples x "
           f"{len(patterns)} patterns = {n} requests -> {a.out}", file=sys.stderr)
@@ -165,7 +172,8 @@ def cmd_report(a: argparse.Namespace) -> int:
     from .eval_report import report
 
     try:
-        text, rows, files = report(a.dir, results=a.results, plots=not a.no_plots, by_length_table=a.by_length)
+        text, rows, files = report(a.dir, results=a.results, plots=not a.no_plots, by_length_table=a.by_length,
+                                   scoring=a.scoring)
     except (FileNotFoundError, ValueError) as e:
         print(f"sparse-eval: {e}", file=sys.stderr)
         return 2

@@ -2,13 +2,18 @@
 
 Rows group records by (task, length, method, ratio), where `method` is the pattern without its ratios
 (`vertical_slash+quest`) and `ratio` the target compression the server reported (1 for dense). Each row has
-the mean score, its standard error, n, the number of unparsable answers, the mean achieved prefill and decode
+the mean score (the run's `score`, or with `scoring="strict"` / `"lenient"` that mode's score and parsable
+flag), its standard error and Wilson 95% interval, n, the number and share of unparsable answers (scored 0,
+never dropped), the mean achieved prefill and decode
 compression, and what was saved against dense: attention FLOPs (prefill), KV bytes read (decode) and whole
 model FLOPs, each as 1 - sum(actual) / sum(dense-equivalent). Rows with length "all" pool the lengths; rows
 with task "all" average the task means (each task weighs the same).
 
 Plots (one PNG per task, like the paper's per-task figure): mean score against compression ratio (log axis),
-one line per method with standard-error bars, dense as a horizontal reference line; one panel per length.
+one line per method with Wilson 95% bars, dense as a horizontal reference line with its interval shaded; one
+panel per length. Every point is labelled with its n and unparsable share; a cell where no answer was
+parsable is not a measured 0: it is drawn as a hollow grey marker below the axis ("nothing parsable") and
+left out of its method's line, and a dense reference with nothing parsable is drawn dotted grey.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .eval_runner import load_records
-from .tasks import TASK_NAMES, aggregate
+from .tasks import TASK_NAMES, aggregate, wilson_interval
 
 ALL = "all"
 
@@ -38,6 +43,9 @@ class SummaryRow:
     mean: float
     stderr: float
     unparsable: int
+    unparsable_share: float
+    ci_low: float  # Wilson 95% interval of the mean
+    ci_high: float
     achieved_prefill_ratio: float | None
     achieved_decode_ratio: float | None
     attention_flops_saved: float | None
@@ -58,13 +66,28 @@ def _saved(recs: Sequence[dict[str, Any]], actual: str, dense: str) -> float | N
     return 1.0 - a / d if d > 0 else None
 
 
+def _scored(r: dict[str, Any], scoring: str) -> tuple[float, bool]:
+    """(score, parsable) of a record under `scoring`: "run" (the record's own `score`), "strict" or "lenient"."""
+    if scoring == "run" or (scoring == r.get("scoring", "strict") and f"score_{scoring}" not in r):
+        return float(r["score"]), bool(r.get("parsable", True))
+    if f"score_{scoring}" not in r:
+        raise ValueError(f"records of {r.get('task')} have no {scoring} score (recorded before lenient scoring "
+                         f"existed); rerun them, or report with --scoring run")
+    return float(r[f"score_{scoring}"]), bool(r[f"parsable_{scoring}"])
+
+
+def _unparsable_share(unparsable: int, n: int) -> float:
+    return unparsable / n if n else float("nan")
+
+
 def _row(task: str, length: int | str, method: str, ratio: float, recs: Sequence[dict[str, Any]],
-         model: str) -> SummaryRow:
+         model: str, scoring: str) -> SummaryRow:
     from .tasks import ScoreResult
 
-    agg = aggregate(ScoreResult(float(r["score"]), bool(r.get("parsable", True)), "") for r in recs)
+    agg = aggregate(ScoreResult(*_scored(r, scoring), "") for r in recs)
     return SummaryRow(
         task, length, method, ratio, agg.n, agg.mean, agg.stderr, agg.unparsable,
+        _unparsable_share(agg.unparsable, agg.n), *wilson_interval(agg.mean, agg.n),
         _mean(r.get("achieved_prefill_ratio") for r in recs), _mean(r.get("achieved_decode_ratio") for r in recs),
         _saved(recs, "attention_flops", "dense_attention_flops"), _saved(recs, "kv_bytes_read", "dense_kv_bytes_read"),
         _saved(recs, "model_flops", "dense_model_flops"), _mean(r.get("latency_s") for r in recs), model,
@@ -86,7 +109,7 @@ def _task_order(tasks: Iterable[str]) -> list[str]:
     return known + sorted(set(tasks) - set(known))
 
 
-def summarize(records: Sequence[dict[str, Any]], *, by_length: bool = True) -> list[SummaryRow]:
+def summarize(records: Sequence[dict[str, Any]], *, by_length: bool = True, scoring: str = "run") -> list[SummaryRow]:
     """Summary rows: per (model, task, length, method, ratio) when by_length, plus pooled-length rows
     (length "all") and the average over tasks (task "all")."""
     groups: dict[tuple[str, str, Any, str, float], list[dict[str, Any]]] = defaultdict(list)
@@ -103,7 +126,7 @@ def summarize(records: Sequence[dict[str, Any]], *, by_length: bool = True) -> l
         return (model, order.get(task, 99), length == ALL, length if length != ALL else 0,
                 method != "dense", method, ratio)
 
-    rows = [_row(k[1], k[2], k[3], k[4], groups[k], k[0]) for k in sorted(groups, key=sort_key)]
+    rows = [_row(k[1], k[2], k[3], k[4], groups[k], k[0], scoring) for k in sorted(groups, key=sort_key)]
     # the average over tasks, per (model, length, method, ratio), of the task means
     by_cfg: dict[tuple[str, Any, str, float], list[SummaryRow]] = defaultdict(list)
     for row in rows:
@@ -116,8 +139,10 @@ def summarize(records: Sequence[dict[str, Any]], *, by_length: bool = True) -> l
         k = len(rs)
         means = [r.mean for r in rs]
         stderr = math.sqrt(sum(r.stderr ** 2 for r in rs)) / k
+        n, unparsable, mean = sum(r.n for r in rs), sum(r.unparsable for r in rs), sum(means) / k
         rows.append(SummaryRow(
-            ALL, length, method, ratio, sum(r.n for r in rs), sum(means) / k, stderr, sum(r.unparsable for r in rs),
+            ALL, length, method, ratio, n, mean, stderr, unparsable, _unparsable_share(unparsable, n),
+            *wilson_interval(mean, n),
             _mean(r.achieved_prefill_ratio for r in rs), _mean(r.achieved_decode_ratio for r in rs),
             _mean(r.attention_flops_saved for r in rs), _mean(r.kv_bytes_saved for r in rs),
             _mean(r.model_flops_saved for r in rs), _mean(r.mean_latency_s for r in rs), model))
@@ -134,7 +159,7 @@ def _num(x: float | None, fmt: str = "{:.2f}") -> str:
 
 def format_table(rows: Sequence[SummaryRow], *, length: Any = ALL) -> str:
     """A fixed-width table of the rows at `length` (default: lengths pooled)."""
-    header = ["task", "method", "ratio", "mean", "stderr", "n", "unpars", "ach_prefill", "ach_decode",
+    header = ["task", "method", "ratio", "mean", "95% CI", "n", "unparsable", "ach_prefill", "ach_decode",
               "attn_FLOPs_saved", "KV_read_saved", "model_FLOPs_saved"]
     models = {r.model for r in rows}
     if len(models) > 1:
@@ -143,8 +168,10 @@ def format_table(rows: Sequence[SummaryRow], *, length: Any = ALL) -> str:
     for r in rows:
         if r.length != length:
             continue
-        cells = [r.task, r.method, f"{r.ratio:g}", _num(r.mean, "{:.3f}"), _num(r.stderr, "{:.3f}"), str(r.n),
-                 str(r.unparsable), _num(r.achieved_prefill_ratio), _num(r.achieved_decode_ratio),
+        ci = "-" if math.isnan(r.ci_low) else f"{r.ci_low:.2f}-{r.ci_high:.2f}"
+        cells = [r.task, r.method, f"{r.ratio:g}", _num(r.mean, "{:.3f}"), ci, str(r.n),
+                 f"{r.unparsable} ({_pct(r.unparsable_share)})", _num(r.achieved_prefill_ratio),
+                 _num(r.achieved_decode_ratio),
                  _pct(r.attention_flops_saved), _pct(r.kv_bytes_saved), _pct(r.model_flops_saved)]
         if len(models) > 1:
             cells.insert(0, r.model)
@@ -171,6 +198,13 @@ def write_csv(rows: Sequence[SummaryRow], path: str | os.PathLike[str]) -> None:
         w.writeheader()
         for r in rows:
             w.writerow(asdict(r))
+
+
+NOTHING_PARSABLE_Y = -0.12  # where cells without any parsable answer are drawn: below the score axis
+
+
+def _cell_note(r: SummaryRow) -> str:
+    return f"n={r.n}, unpars {100 * r.unparsable_share:.0f}%"
 
 
 def plot_tasks(rows: Sequence[SummaryRow], out_dir: str | os.PathLike[str]) -> list[Path]:
@@ -201,17 +235,34 @@ def plot_tasks(rows: Sequence[SummaryRow], out_dir: str | os.PathLike[str]) -> l
             color_cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
             for mi, model in enumerate(models):
                 for d in (r for r in lrows if r.method == "dense" and r.model == model):
-                    label = "dense" + (f" ({model})" if len(models) > 1 else "")
+                    label = "dense" + (f" ({model})" if len(models) > 1 else "") + f" {_cell_note(d)}"
+                    if d.unparsable == d.n:  # nothing parsable: not a measured 0
+                        ax.axhline(0, color="grey", linestyle=":", linewidth=1.2,
+                                   label=label + ", nothing parsable")
+                        continue
                     ax.axhline(d.mean, color="black", linestyle=("--", ":", "-.")[mi % 3], linewidth=1.2,
                                label=label)
-                    if d.stderr > 0:
-                        ax.axhspan(d.mean - d.stderr, d.mean + d.stderr, color="black", alpha=0.07)
+                    ax.axhspan(d.ci_low, d.ci_high, color="black", alpha=0.07)
             for i, (model, method) in enumerate(methods):
-                pts = sorted((r.ratio, r.mean, r.stderr) for r in lrows if r.method == method and r.model == model)
+                color = color_cycle[i % len(color_cycle)]
+                cells = sorted((r for r in lrows if r.method == method and r.model == model), key=lambda r: r.ratio)
+                pts = [r for r in cells if r.unparsable < r.n]
                 label = method + (f" ({model})" if len(models) > 1 else "")
-                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
-                            markersize=4, capsize=3, linewidth=1.5, color=color_cycle[i % len(color_cycle)],
-                            label=label)
+                ax.errorbar([r.ratio for r in pts], [r.mean for r in pts],
+                            yerr=[[r.mean - r.ci_low for r in pts], [r.ci_high - r.mean for r in pts]],
+                            marker="o", markersize=4, capsize=3, linewidth=1.5, color=color, label=label)
+                for r in pts:
+                    ax.annotate(_cell_note(r), (r.ratio, r.mean), textcoords="offset points", xytext=(3, 3),
+                                fontsize=6, color=color)
+                for r in cells:
+                    if r.unparsable == r.n:
+                        ax.plot([r.ratio], [NOTHING_PARSABLE_Y], marker="o", markersize=6, linestyle="none",
+                                markerfacecolor="none", markeredgecolor=color)
+                        ax.annotate(f"n={r.n}", (r.ratio, NOTHING_PARSABLE_Y), textcoords="offset points",
+                                    xytext=(3, -2), fontsize=6, color="grey")
+            if any(r.unparsable == r.n for r in lrows if r.method != "dense"):
+                ax.axhspan(NOTHING_PARSABLE_Y - 0.04, NOTHING_PARSABLE_Y + 0.04, color="grey", alpha=0.12,
+                           label="nothing parsable (hollow)")
             ax.set_xscale("log")
             if xs_all:
                 ax.set_xticks(xs_all)
@@ -220,8 +271,8 @@ def plot_tasks(rows: Sequence[SummaryRow], out_dir: str | os.PathLike[str]) -> l
             ax.set_xlabel("compression ratio")
             ax.set_title(f"{task} @ {length} tokens" if length != ALL else task, fontsize=10)
             ax.grid(True, alpha=0.3)
-            ax.set_ylim(-0.03, 1.03)
-        axes[0][0].set_ylabel("score")
+            ax.set_ylim(NOTHING_PARSABLE_Y - 0.06, 1.05)
+        axes[0][0].set_ylabel("score (bars: Wilson 95%)")
         seen: dict[str, Any] = {}
         for ax in axes[0]:
             for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
@@ -237,13 +288,13 @@ def plot_tasks(rows: Sequence[SummaryRow], out_dir: str | os.PathLike[str]) -> l
 
 
 def report(run_dir: str | os.PathLike[str], *, results: str | None = None, plots: bool = True,
-           by_length_table: bool = False) -> tuple[str, list[SummaryRow], list[Path]]:
+           by_length_table: bool = False, scoring: str = "run") -> tuple[str, list[SummaryRow], list[Path]]:
     """Summarise a run directory: returns (table text, rows, files written: summary.csv and plots/*.png)."""
     run_dir = Path(run_dir)
     records = load_records(results or run_dir)
     if not records:
         raise ValueError(f"no records in {results or run_dir}")
-    rows = summarize(records)
+    rows = summarize(records, scoring=scoring)
     run_dir.mkdir(parents=True, exist_ok=True)
     csv_path = run_dir / "summary.csv"
     write_csv(rows, csv_path)

@@ -144,6 +144,7 @@ class EvalConfig:
     timeout: float = 600.0
     max_retries: int = 4
     extra: dict[str, Any] = field(default_factory=dict)  # extra body fields for every request
+    scoring: str = "strict"  # which score is the record's `score` (both are stored)
 
 
 @dataclass
@@ -158,8 +159,11 @@ class RunSummary:
 
 
 # ================================================================================================ records
-def build_record(sample: Any, pattern: str, result: CompletionResult, score: Any, *, model: str,
-                 model_size: float | None, max_tokens: int) -> dict[str, Any]:
+def build_record(sample: Any, pattern: str, result: CompletionResult, strict: Any, lenient: Any, *, model: str,
+                 model_size: float | None, max_tokens: int, scoring: str = "strict") -> dict[str, Any]:
+    """One results.jsonl line. `score` / `parsable` / `prediction` are those of the run's `scoring` mode; both
+    modes' scores and parsable flags are kept."""
+    score = lenient if scoring == "lenient" else strict
     sp = result.sparse
     u = result.usage
     sparse_ratios = [r for m, r in parse_parts(pattern) if m != "dense"]
@@ -195,7 +199,10 @@ def build_record(sample: Any, pattern: str, result: CompletionResult, score: Any
         "kv_cache_tokens": sp.decode.kv_cache_tokens if sp else None,
         "model_flops": sp.model_flops if sp else None,
         "dense_model_flops": sp.dense_model_flops if sp else None,
-        "score": float(score.score), "parsable": bool(score.parsable), "prediction": score.prediction,
+        "scoring": scoring, "score": float(score.score), "parsable": bool(score.parsable),
+        "prediction": score.prediction,
+        "score_strict": float(strict.score), "parsable_strict": bool(strict.parsable),
+        "score_lenient": float(lenient.score), "parsable_lenient": bool(lenient.parsable),
         "gold": sample.gold, "completion": result.text,
         "latency_s": round(result.latency, 4), "attempts": result.attempts, "time": round(time.time(), 3),
     }
@@ -338,9 +345,10 @@ def run_eval(cfg: EvalConfig, *, client: SparseClient | None = None, progress: b
                 {"role": "user", "content": sample.prompt}]
             result = client.chat(messages, max_tokens=max_tokens, temperature=0, sparse_pattern=pattern,
                                  **cfg.extra)
-            sc = tasks[skey[0]].score(sample, result.text)
-            rec = build_record(sample, pattern, result, sc, model=model, model_size=cfg.model_size,
-                               max_tokens=max_tokens)
+            task = tasks[skey[0]]
+            rec = build_record(sample, pattern, result, task.score(sample, result.text, "strict"),
+                               task.score(sample, result.text, "lenient"), model=model,
+                               model_size=cfg.model_size, max_tokens=max_tokens, scoring=cfg.scoring)
             store.append(rec)
             return rec
 

@@ -498,6 +498,10 @@ def test_runner_resume_and_report_with_mock_server(tmp_path):
     assert r["method"] == "quest" and r["ratio"] == 4 and r["achieved_decode_ratio"] == pytest.approx(3.6)
     assert r["model"] == "fake" and 972 <= r["prompt_tokens"] <= 1024 and r["max_tokens"] == 16
     assert r["kv_bytes_read"] == 2.5 and r["dense_model_flops"] == 110.0 and r["parsable"] is False
+    # both scores and both parsable flags are kept, whichever the run reports as `score`
+    d = next(x for x in recs if x["pattern"] == "dense" and x["task"] == "qa_quality")
+    assert d["scoring"] == "strict" and {d["parsable_strict"], d["parsable_lenient"]} == {True}
+    assert d["score"] == d["score_strict"] and "score_lenient" in d and r["parsable_lenient"] is False
     # drop two records and truncate the last line as a killed run would leave it: only those two are redone
     lines = (tmp_path / "results.jsonl").read_text().splitlines(keepends=True)
     (tmp_path / "results.jsonl").write_text("".join(lines[:10]) + lines[10][:25])
@@ -511,3 +515,9 @@ def test_runner_resume_and_report_with_mock_server(tmp_path):
     assert {p.name for p in (tmp_path / "plots").glob("*.png")} == {"ruler_niah.png", "qa_quality.png", "all.png"}
     row = next(x for x in rows if x.task == "ruler_niah" and x.method == "quest" and x.ratio == 4 and x.length == "all")
     assert row.n == 2 and row.kv_bytes_saved == pytest.approx(0.75) and row.unparsable == 2
+    assert row.unparsable_share == 1.0 and "2 (100.0%)" in text
+    dense = next(x for x in rows if x.task == "qa_quality" and x.method == "dense" and x.length == "all")
+    # Wilson 95% for 0 of 2 correct... or 2 of 2: never the zero-width interval a stderr of 0 gives
+    assert dense.unparsable == 0 and dense.ci_high - dense.ci_low > 0.3
+    _, lenient_rows, _ = report(tmp_path, scoring="lenient", plots=False)
+    assert all(x.n == y.n for x, y in zip(rows, lenient_rows, strict=True))

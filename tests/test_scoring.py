@@ -166,3 +166,69 @@ def test_aggregate():
     assert (single.mean, single.stderr, single.n, single.unparsable) == (1.0, 0.0, 1, 0)
     assert aggregate([]).n == 0 and math.isnan(aggregate([]).mean)
     assert aggregate([1.0, 0.0]).to_dict() == {"mean": 0.5, "stderr": 0.5, "n": 2, "unparsable": 0}
+
+
+# ---------------------------------------------------------------------------------------------- lenient
+def test_lenient_niah_finds_values_in_free_text_strict_does_not():
+    s = sample("ruler_niah", [V1, V2], keys=[K1, K2])
+    text = f"Looking at the text, {K1} has value {V1}. The other is mmmmmmmm-nnnnnnn-oooooooo-qqqqqqqq."
+    strict, lenient = score("ruler_niah", s, text), score("ruler_niah", s, text, "lenient")
+    assert (strict.score, strict.parsable) == (0.0, False)
+    # V1 whole, V2 with two of its four groups copied right
+    assert lenient.parsable and lenient.score == pytest.approx((1 + 0.5) / 2)
+
+
+def test_niah_single_strict_and_lenient():
+    s = sample("ruler_niah_single", ["iiiiiiii-jjjjjjjj"], keys=["aaaaaaaa-bbbbbbbb"])
+    assert score("ruler_niah_single", s, "<answer>iiiiiiii-jjjjjjjj</answer>").score == 1.0
+    near = "The value for key aaaaaaaa-bbbbbbbb is: iiiiiiii-jjjjjjj"
+    assert score("ruler_niah_single", s, near).parsable is False
+    assert score("ruler_niah_single", s, near, "lenient").score == 0.5
+    # echoing only the asked key is no answer
+    echo = score("ruler_niah_single", s, "The value for key aaaaaaaa-bbbbbbbb is 1.", "lenient")
+    assert (echo.score, echo.parsable) == (0.0, False)
+
+
+def test_lenient_prefers_the_answer_block_when_there_is_one():
+    s = sample("story_multihop", ["polished brass compass"])
+    text = "The polished brass compass? No. <answer>wooden spoon</answer>"
+    assert score("story_multihop", s, text, "lenient").score == 0.0
+    assert score("story_multihop", s, "He bought the Polished Brass Compass.", "lenient").score == 1.0
+
+
+@pytest.mark.parametrize("text, value, parsable", [
+    ("The answer is (B) because the author says so.", 1.0, True),
+    ("B. The second option", 1.0, True),
+    ("A man walked in. The correct option: C", 0.0, True),
+    ("I do not know.", 0.0, False),
+])
+def test_lenient_choice(text, value, parsable):
+    r = score("qa_quality", sample("qa_quality", ["B"], option_letters="ABCD"), text, "lenient")
+    assert (r.score, r.parsable) == (value, parsable)
+
+
+def test_lenient_other_tasks():
+    assert score("qa_squad", sample("qa_squad", ["Denver Broncos"]), "It was the Denver Broncos, I think.",
+                 "lenient").score == 1.0
+    assert score("ruler_vt", sample("ruler_vt", ["ABCDE", "FGHIJ"]), "Variables ABCDE and XYZWV.",
+                 "lenient").score == pytest.approx(1 / 3)
+    assert score("ruler_cwe", sample("ruler_cwe", ["apple", "pear"]), "Most common: apple, banana",
+                 "lenient").score == 0.5
+    assert score("story_filtering", sample("story_filtering", [2, 5]), "chapters 2 and 7",
+                 "lenient").score == pytest.approx(1 / 3)
+    assert score("story_retrieval", sample("story_retrieval", ["Mira", "Oslo"]), "1. Mira 2. Bergen",
+                 "lenient").score == 0.5
+    empty = score("qa_squad", sample("qa_squad", ["x"]), "", "lenient")
+    assert (empty.score, empty.parsable) == (0.0, False)
+    with pytest.raises(ValueError, match="scoring mode"):
+        score("qa_squad", sample("qa_squad", ["x"]), "x", "fuzzy")
+
+
+def test_wilson_interval():
+    from clients.tasks import wilson_interval
+
+    lo, hi = wilson_interval(0.0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-3)
+    lo, hi = wilson_interval(0.5, 10)
+    assert (lo, hi) == (pytest.approx(0.2366, abs=1e-3), pytest.approx(0.7634, abs=1e-3))
+    assert all(math.isnan(x) for x in wilson_interval(0.5, 0))

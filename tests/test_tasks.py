@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from clients.tasks import (
+    EXTRA_TASK_NAMES,
     TASK_NAMES,
     LengthFitError,
     LocalTokenCounter,
@@ -25,8 +26,10 @@ from clients.tasks.base import assemble_prompt
 
 FIXTURES = Path(__file__).parent / "fixtures" / "qa"
 LENGTHS = (1024, 2048, 4096)
-SYNTHETIC = ("ruler_niah", "ruler_vt", "ruler_cwe", "story_retrieval", "story_multihop", "story_filtering")
+SYNTHETIC = ("ruler_niah", "ruler_niah_single", "ruler_vt", "ruler_cwe", "story_retrieval", "story_multihop",
+             "story_filtering")
 QA = ("qa_squad", "qa_quality", "qa_toefl")
+ALL_TASKS = TASK_NAMES + EXTRA_TASK_NAMES
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +42,7 @@ def counter():
 
 @pytest.fixture(scope="module")
 def tasks():
-    return {name: get_task(name, qa_data_dir=FIXTURES) for name in TASK_NAMES}
+    return {name: get_task(name, qa_data_dir=FIXTURES) for name in ALL_TASKS}
 
 
 class CountingCounter:
@@ -57,6 +60,11 @@ def solve_niah(prompt):
     block = prompt.split("What are the values for the following keys?\n", 1)[1].split("\n\n", 1)[0]
     keys = [line.split(". ", 1)[1] for line in block.splitlines()]
     return "\n".join(f"{i + 1}. The answer for {k} is {kv[k]}." for i, k in enumerate(keys))
+
+
+def solve_niah_single(prompt):
+    key = re.search(r"What is the value for key (\S+)\?", prompt).group(1)
+    return dict(re.findall(r"The value for key (\S+) is: (\S+)\.", prompt))[key]
 
 
 def solve_vt(prompt):
@@ -114,7 +122,7 @@ def solve_story_filtering(prompt):
 
 
 SOLVERS = {
-    "ruler_niah": solve_niah, "ruler_vt": solve_vt, "ruler_cwe": solve_cwe,
+    "ruler_niah": solve_niah, "ruler_niah_single": solve_niah_single, "ruler_vt": solve_vt, "ruler_cwe": solve_cwe,
     "story_retrieval": solve_story_retrieval, "story_multihop": solve_story_multihop,
     "story_filtering": solve_story_filtering,
 }
@@ -122,7 +130,7 @@ SOLVERS = {
 
 # ------------------------------------------------------------------------------------------ generators
 @pytest.mark.parametrize("length", LENGTHS)
-@pytest.mark.parametrize("name", TASK_NAMES)
+@pytest.mark.parametrize("name", ALL_TASKS)
 def test_length_window_and_structure(name, length, tasks, counter):
     counting = CountingCounter(counter)
     s = tasks[name].build(length, seed=0, index=0, counter=counting)
@@ -135,7 +143,7 @@ def test_length_window_and_structure(name, length, tasks, counter):
     json.dumps(s.to_dict())  # JSON-friendly
 
 
-@pytest.mark.parametrize("name", TASK_NAMES)
+@pytest.mark.parametrize("name", ALL_TASKS)
 def test_reproducible_and_index_dependent(name, counter):
     a = get_task(name, qa_data_dir=FIXTURES).build(1024, seed=7, index=1, counter=counter)
     b = get_task(name, qa_data_dir=FIXTURES).build(1024, seed=7, index=1, counter=counter)
@@ -156,6 +164,9 @@ def test_gold_derivable_from_prompt(name, length, tasks, counter):
 
 
 def test_task_specifics(tasks, counter):
+    single = tasks["ruler_niah_single"].build(4096, 0, 0, counter)
+    assert len(re.findall(r"The value for key", single.prompt)) == 1  # one needle, no distractor keys
+    assert re.fullmatch(r"[a-z]{8}-[a-z]{8}", single.gold[0]) and "ruler_niah_single" not in TASK_NAMES
     niah = tasks["ruler_niah"].build(4096, 0, 0, counter)
     assert len(niah.gold) == 4 and all(re.fullmatch(r"[a-z]{8}(-[a-z]{8}){3}", v) for v in niah.gold)
     vt = tasks["ruler_vt"].build(4096, 0, 0, counter)

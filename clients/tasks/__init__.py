@@ -19,12 +19,23 @@ from .base import (
     stable_seed,
 )
 from .qa import QA_DATA_DIR_ENV, QATask, load_choice_jsonl, load_squad_v2
-from .registry import QA_TASKS, TASK_NAMES, build_sample, get_task
-from .scoring import Aggregate, ScoreResult, aggregate, extract_answer, normalize_answer, score, token_f1
+from .registry import EXTRA_TASK_NAMES, QA_TASKS, TASK_NAMES, build_sample, get_task
+from .scoring import (
+    SCORING_MODES,
+    Aggregate,
+    ScoreResult,
+    aggregate,
+    extract_answer,
+    normalize_answer,
+    score,
+    token_f1,
+    wilson_interval,
+)
 
 __all__ = [
     "DEFAULT_MAX_NEW_TOKENS", "LengthFitError", "LocalTokenCounter", "Sample", "Task", "TokenCounter",
     "fit_length", "fit_length_2d", "stable_seed", "QA_DATA_DIR_ENV", "QATask", "load_choice_jsonl",
-    "load_squad_v2", "QA_TASKS", "TASK_NAMES", "build_sample", "get_task", "Aggregate", "ScoreResult",
-    "aggregate", "extract_answer", "normalize_answer", "score", "token_f1",
+    "load_squad_v2", "QA_TASKS", "TASK_NAMES", "EXTRA_TASK_NAMES", "build_sample", "get_task", "Aggregate",
+    "ScoreResult",
+    "aggregate", "SCORING_MODES", "extract_answer", "normalize_answer", "score", "token_f1", "wilson_interval",
 ]

@@ -262,10 +262,10 @@ class Task(ABC):
     def build(self, length: int, seed: int, index: int, counter: TokenCounter) -> Sample:
         """The sample `(self.name, length, seed, index)`, its prompt within [0.95 length, length] tokens."""
 
-    def score(self, sample: Sample, completion: str) -> ScoreResult:
+    def score(self, sample: Sample, completion: str, mode: str = "strict") -> ScoreResult:
         from .scoring import score
 
-        return score(self.name, sample, completion)
+        return score(self.name, sample, completion, mode)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"

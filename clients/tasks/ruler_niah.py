@@ -6,6 +6,11 @@ than 5% of a 1K-token prompt, so when the distractor count alone cannot land in 
 plain prose sentences (filler.py) are added among the lines to close the gap.
 
 Answer format: one line per queried key, in the order asked: "1. The answer for K is V."
+
+ruler_niah_single is RULER's single needle: ONE key-value sentence hidden in plain prose (no distractor keys),
+key and value two groups of eight letters each, one question. It exists for models too small for the four
+needles among distractors above (SmolLM2-135M retrieves part of a single needle at 1-2K tokens and none of
+the four-needle task); it is not part of `--tasks all`. Answer format: `<answer>VALUE</answer>`.
 """
 
 from __future__ import annotations
@@ -13,14 +18,23 @@ from __future__ import annotations
 import random
 import string
 
-from .base import Sample, Task, TokenCounter, assemble_prompt, fit_length_2d, make_rng, require_window
+from .base import (
+    Sample,
+    Task,
+    TokenCounter,
+    assemble_prompt,
+    fit_length,
+    fit_length_2d,
+    make_rng,
+    require_window,
+)
 from .filler import prose_sentences
 
 _FINE_MAX = 12  # prose sentences available to the fine stage
 
 
-def random_key(rng: random.Random) -> str:
-    return "-".join("".join(rng.choice(string.ascii_lowercase) for _ in range(8)) for _ in range(4))
+def random_key(rng: random.Random, groups: int = 4) -> str:
+    return "-".join("".join(rng.choice(string.ascii_lowercase) for _ in range(8)) for _ in range(groups))
 
 
 def kv_sentence(key: str, value: str) -> str:
@@ -77,5 +91,33 @@ class RulerNiah(Task):
         return Sample(
             task=self.name, length=length, seed=seed, index=index, prompt=res.text, gold=gold,
             metadata={"keys": qkeys, "distractors": c, "prose_sentences": d, "count_calls": res.calls},
+            prompt_tokens=res.tokens,
+        )
+
+
+class RulerNiahSingle(Task):
+    name = "ruler_niah_single"
+    kind = "synthetic"
+
+    def build(self, length: int, seed: int, index: int, counter: TokenCounter) -> Sample:
+        rng = make_rng(self.name, length, seed, index)
+        key, value = random_key(rng, 2), random_key(rng, 2)
+        n_max = length // 8 + 8  # a prose sentence is well over 8 tokens
+        prose = prose_sentences(rng, n_max)
+        depth = rng.random()  # where the needle sits, as a fraction of the haystack
+        question = f"Question: What is the value for key {key}?"
+        intro = "Below is a text. Somewhere in it, one sentence states the value for a key."
+        fmt = "<answer>VALUE</answer>\nwhere VALUE is the value given for that key in the text."
+
+        def build(n: int) -> str:
+            at = round(depth * n)
+            lines = prose[:at] + [kv_sentence(key, value)] + prose[at:n]
+            return assemble_prompt(intro, question, "Text:\n" + " ".join(lines), fmt)
+
+        res = fit_length(counter, length, build, n_max)
+        require_window(res, self.name, length)
+        return Sample(
+            task=self.name, length=length, seed=seed, index=index, prompt=res.text, gold=[value],
+            metadata={"keys": [key], "depth": depth, "prose_sentences": res.n, "count_calls": res.calls},
             prompt_tokens=res.tokens,
         )

@@ -4,10 +4,30 @@ Only the text inside the LAST `<answer>...</answer>` block of the completion is 
 case-insensitively; a final `<answer>` that was never closed, e.g. cut by the token budget, runs to the end
 of the text). A missing or empty block scores 0 with `parsable=False`; it is never excluded from the mean.
 
-Metrics: ruler_niah fraction of queried keys given their exact value; ruler_vt, ruler_cwe, story_filtering
-IoU of sets; qa_squad SQuAD token F1 (standard normalisation) max over gold answers; qa_quality, qa_toefl
-exact match of the set of option letters; story_retrieval fraction of questions answered exactly (after
-SQuAD normalisation); story_multihop exact match (after SQuAD normalisation).
+Metrics: ruler_niah fraction of queried keys given their exact value; ruler_niah_single the exact value;
+ruler_vt, ruler_cwe, story_filtering IoU of sets; qa_squad SQuAD token F1 (standard normalisation) max over
+gold answers; qa_quality, qa_toefl exact match of the set of option letters; story_retrieval fraction of
+questions answered exactly (after SQuAD normalisation); story_multihop exact match (after SQuAD
+normalisation).
+
+Lenient scoring (`score(..., mode="lenient")`, `sparse-eval run --scoring lenient`) reads what a model wrote
+when it ignores the format, as small models do: the text scored is the last `<answer>` block when there is
+one, else the whole completion, and each task looks for its answer anywhere in that free text:
+
+- ruler_niah / ruler_niah_single: the share of each queried value's eight-letter groups that appear as words in
+  the text (no pairing with the keys needed), averaged over the values;
+- ruler_vt: IoU of the five-capital-letter names found; ruler_cwe: fraction of the gold words that occur as
+  words (a list of every word would score 1, so read it beside the strict score);
+- qa_squad: 1 if a gold answer occurs (after SQuAD normalisation) in the text, else the best token F1;
+- qa_quality / qa_toefl: the letter after "answer"/"option"/"choice" ("The answer is (B)"), else a lone
+  option letter opening the text or a line ("B.", "(B)"); exact match of the set as in strict scoring;
+- story_retrieval: fraction of gold names occurring (normalised) in the text; story_multihop: 1 if the gold
+  item occurs; story_filtering: IoU of the numbers found.
+
+A lenient answer is parsable when the text holds a candidate of the task's shape (an eight-letter group
+other than the asked keys', a name, a word, an option letter, a number, any text for the QA/story free
+answers); an empty completion never is. Every record keeps both scores (`score_strict`, `score_lenient`)
+and both parsable flags.
 """
 
 from __future__ import annotations
@@ -75,7 +95,7 @@ def iou(pred: Iterable[Any], gold: Iterable[Any]) -> float:
 
 
 # ------------------------------------------------------------------------------------------- per task
-_KEY = r"[a-z]{8}(?:-[a-z]{8}){3}"
+_KEY = r"[a-z]{8}(?:-[a-z]{8})+"
 _KEY_RE = re.compile(_KEY)
 _NIAH_PAIR = re.compile(rf"answer for\s+(?:key\s+)?({_KEY})\s+is:?\s*({_KEY})", re.IGNORECASE)
 _VAR_RE = re.compile(r"\b[A-Z]{5}\b")
@@ -103,6 +123,10 @@ def _score_niah(answer: str, sample: Sample) -> float:
     keys, values = sample.metadata["keys"], sample.gold
     pred = niah_predictions(answer, keys)
     return sum(pred.get(k) == v for k, v in zip(keys, values, strict=True)) / len(keys)
+
+
+def _score_niah_single(answer: str, sample: Sample) -> float:
+    return float(sample.gold[0] in _KEY_RE.findall(answer.lower()))
 
 
 def _score_vt(answer: str, sample: Sample) -> float:
@@ -178,6 +202,7 @@ def _score_filtering(answer: str, sample: Sample) -> float:
 
 SCORERS: dict[str, Callable[[str, Sample], float]] = {
     "ruler_niah": _score_niah,
+    "ruler_niah_single": _score_niah_single,
     "ruler_vt": _score_vt,
     "ruler_cwe": _score_cwe,
     "qa_squad": _score_squad,
@@ -189,17 +214,97 @@ SCORERS: dict[str, Callable[[str, Sample], float]] = {
 }
 
 
-def score(task: str | Task, sample: Sample, completion: str) -> ScoreResult:
-    """Score one completion of `sample` (task given by name or Task object)."""
+SCORING_MODES = ("strict", "lenient")
+
+
+def score(task: str | Task, sample: Sample, completion: str, mode: str = "strict") -> ScoreResult:
+    """Score one completion of `sample` (task given by name or Task object), strictly (the `<answer>` format)
+    or leniently (the answer found in free text; see the module docstring)."""
     name = task if isinstance(task, str) else task.name
+    if mode not in SCORING_MODES:
+        raise ValueError(f"unknown scoring mode {mode!r}; known: {', '.join(SCORING_MODES)}")
     try:
-        scorer = SCORERS[name]
+        scorer = SCORERS[name] if mode == "strict" else LENIENT_SCORERS[name]
     except KeyError:
         raise KeyError(f"unknown task {name!r}; known: {', '.join(SCORERS)}") from None
+    if mode == "lenient":
+        text = (extract_answer(completion) or completion or "").strip()
+        value, found = scorer(text, sample)
+        return ScoreResult(float(value), bool(text) and found, text)
     answer = extract_answer(completion)
     if answer is None:
         return ScoreResult(0.0, False, "")
     return ScoreResult(float(scorer(answer, sample)), True, answer)
+
+
+# ---------------------------------------------------------------------------------------------- lenient
+# Each returns (score, whether the text held a candidate answer of the task's shape).
+_CHOICE_CUE = re.compile(r"\b(?:answer|option|choice)\b[^A-Za-z(]{0,12}(?:is\s*)?[(\[]?([A-Z])\b[)\]]?")
+_LONE_LETTER = re.compile(r"(?:^|\n)\s*[(\[]?([A-Z])[)\].:]?(?=\s|$)")
+
+
+def _contains(text: str, gold: str) -> bool:
+    g = normalize_answer(gold)
+    return bool(g) and f" {g} " in f" {normalize_answer(text)} "
+
+
+def _lenient_niah(text: str, sample: Sample) -> tuple[float, bool]:
+    # Credit per eight-letter group of each value: a small model often copies a value with one group garbled.
+    # A random group matching by chance has odds 26^-8, so partial credit is still retrieval.
+    groups = set(re.findall(r"(?<![a-z])[a-z]{8}(?![a-z])", text.lower()))
+    key_groups = {g for k in sample.metadata["keys"] for g in k.split("-")}
+    per_value = [sum(g in groups for g in v.split("-")) / len(v.split("-")) for v in sample.gold]
+    return sum(per_value) / len(per_value), bool(groups - key_groups)
+
+
+def _lenient_vt(text: str, sample: Sample) -> tuple[float, bool]:
+    names = _VAR_RE.findall(text)
+    return iou(names, sample.gold), bool(names)
+
+
+def _lenient_cwe(text: str, sample: Sample) -> tuple[float, bool]:
+    words = set(re.findall(r"[a-z]+", text.lower()))
+    return sum(g in words for g in sample.gold) / len(sample.gold), bool(words)
+
+
+def _lenient_squad(text: str, sample: Sample) -> tuple[float, bool]:
+    if any(_contains(text, g) for g in sample.gold):
+        return 1.0, True
+    return _score_squad(text, sample), bool(normalize_answer(text))
+
+
+def _lenient_choice(text: str, sample: Sample) -> tuple[float, bool]:
+    allowed = set(sample.metadata.get("option_letters") or "ABCD")
+    letters = [c for c in _CHOICE_CUE.findall(text) if c in allowed]
+    letters = letters or [c for c in _LONE_LETTER.findall(text) if c in allowed]
+    return float(sorted(set(letters)) == sorted(set(sample.gold))), bool(letters)
+
+
+def _lenient_retrieval(text: str, sample: Sample) -> tuple[float, bool]:
+    return sum(_contains(text, g) for g in sample.gold) / len(sample.gold), bool(normalize_answer(text))
+
+
+def _lenient_multihop(text: str, sample: Sample) -> tuple[float, bool]:
+    return float(_contains(text, sample.gold[0])), bool(normalize_answer(text))
+
+
+def _lenient_filtering(text: str, sample: Sample) -> tuple[float, bool]:
+    numbers = [int(x) for x in re.findall(r"\d+", text)]
+    return iou(numbers, sample.gold), bool(numbers)
+
+
+LENIENT_SCORERS: dict[str, Callable[[str, Sample], tuple[float, bool]]] = {
+    "ruler_niah": _lenient_niah,
+    "ruler_niah_single": _lenient_niah,
+    "ruler_vt": _lenient_vt,
+    "ruler_cwe": _lenient_cwe,
+    "qa_squad": _lenient_squad,
+    "qa_quality": _lenient_choice,
+    "qa_toefl": _lenient_choice,
+    "story_retrieval": _lenient_retrieval,
+    "story_multihop": _lenient_multihop,
+    "story_filtering": _lenient_filtering,
+}
 
 
 # ------------------------------------------------------------------------------------------ aggregation
@@ -212,6 +317,19 @@ class Aggregate:
 
     def to_dict(self) -> dict[str, float | int]:
         return {"mean": self.mean, "stderr": self.stderr, "n": self.n, "unparsable": self.unparsable}
+
+
+def wilson_interval(mean: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval (95% at z = 1.96) for a success rate `mean` over `n` trials. Scores in [0, 1]
+    that are not 0/1 (IoU, F1, fractions of keys) are treated as mean * n successes: an approximation, but
+    unlike mean +- 1.96 stderr it stays in [0, 1] and is not zero-width when every sample scored the same."""
+    if n <= 0 or math.isnan(mean):
+        return float("nan"), float("nan")
+    p = min(max(mean, 0.0), 1.0)
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def aggregate(results: Iterable[ScoreResult | float]) -> Aggregate:
