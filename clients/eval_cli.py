@@ -105,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--include-dense", action="store_true", help="include dense records (compression 1)")
     f.add_argument("--weighted", action="store_true", help="weight points by their sample count")
     f.add_argument("--json", action="store_true", help="print the fits as JSON")
+    f.add_argument("--write-policy", default=None, metavar="POLICY.json",
+                   help="also write a serving policy for sparse_pattern 'auto' (sparse-serve --sparse-policy): per "
+                   "length band, candidates with their predicted drop and margin, cheapest first")
+    f.add_argument("--max-drop", type=float, default=0.05,
+                   help="the policy's accuracy budget for plain 'auto' (0.05 = 5 points below dense)")
     return p
 
 
@@ -203,6 +208,16 @@ def cmd_fit(a: argparse.Namespace) -> int:
         print("\n\n".join(format_fit(f) for f in fits))
     if a.dir and Path(a.dir).is_dir():
         (Path(a.dir) / "fit.json").write_text(json.dumps([f.to_dict() for f in fits], indent=2))
+    if a.write_policy:
+        from .policy_fit import build_policy, format_policy
+
+        try:
+            doc = build_policy(records, max_drop=a.max_drop, source=f"sparse-eval fit {a.results or a.dir}")
+        except ValueError as e:
+            print(f"sparse-eval: cannot write a policy: {e}", file=sys.stderr)
+            return 2
+        Path(a.write_policy).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+        print("\n" + format_policy(doc) + f"\nwrote {a.write_policy}")
     return 0
 
 

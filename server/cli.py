@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--default-sparse-pattern", default=d.default_sparse_pattern,
                    help="pattern for requests that choose none, in the string grammar "
                    "METHOD[:RATIO] | PREFILL[:RATIO]+DECODE[:RATIO], e.g. quest:20 or vertical_slash:8+quest:20")
+    h.add_argument("--sparse-policy", default=None,
+                   help="policy JSON for requests that ask sparse_pattern 'auto' (written by sparse-eval fit "
+                   "--write-policy); default: the built-in conservative policy (docs/evaluation.md)")
     h.add_argument("--max-body-size", default=str(d.max_body_bytes),
                    help="largest request body (e.g. 32MiB); larger bodies get 413")
     h.add_argument("--max-choices", type=int, default=d.max_choices,
@@ -99,6 +102,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         served_model_name=args.served_model_name,
         api_key=api_key,
         default_sparse_pattern=args.default_sparse_pattern,
+        sparse_policy=args.sparse_policy,
         max_body_bytes=parse_size(args.max_body_size),
         max_choices=args.max_choices,
         max_prompt_logprobs_tokens=args.max_prompt_logprobs_tokens,

@@ -59,6 +59,8 @@ class MetricDef:
 
 
 METRIC_DEFS: tuple[MetricDef, ...] = (
+    MetricDef("auto_choices_total", "counter", ("prefill_method", "decode_method"),
+              "Prompts whose sparse_pattern 'auto' the policy resolved, by the methods it chose."),
     MetricDef("requests_total", "counter", ("status", "prefill_method", "decode_method"),
               "Requests by final status and sparse methods."),
     MetricDef("time_to_first_token_seconds", "histogram", ("prefill_method",),
@@ -176,6 +178,10 @@ class ServerMetrics:
     def _check_status(status: str) -> None:
         if status not in STATUSES:
             raise ValueError(f"unknown request status {status!r}; expected one of {STATUSES}")
+
+    def record_auto_choice(self, prefill_method: str, decode_method: str) -> None:
+        self._child("auto_choices_total", prefill_method=_method(prefill_method, PREFILL_METHODS),
+                    decode_method=_method(decode_method, DECODE_METHODS)).inc()
 
     def record_finished(
         self,

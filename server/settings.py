@@ -10,7 +10,7 @@ import math
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 from attention_backends import InvalidSparsePattern, SparseSpec, parse_pattern
 
@@ -61,6 +61,7 @@ class ServerSettings(BaseModel):
     served_model_name: str | None = None
     api_key: str | None = None
     default_sparse_pattern: str = "dense"
+    sparse_policy: str | None = Field(None, description="policy JSON for sparse_pattern 'auto'; None = built-in")
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     max_choices: int = Field(256, ge=1, description="largest prompts x n in one request")
     max_prompt_logprobs_tokens: int = Field(
@@ -73,19 +74,46 @@ class ServerSettings(BaseModel):
     @field_validator("default_sparse_pattern")
     @classmethod
     def _check_pattern(cls, value: str) -> str:
+        from server.sparse_policy import parse_auto
+
         try:
-            parse_pattern(value, param="--default-sparse-pattern")
+            parse_auto(value, "--default-sparse-pattern") or parse_pattern(value, param="--default-sparse-pattern")
         except InvalidSparsePattern as e:
             raise ValueError(f"--default-sparse-pattern: {e.message}") from None
         return value
+
+    _policy: Any = PrivateAttr(None)
+
+    @field_validator("sparse_policy")
+    @classmethod
+    def _check_policy(cls, value: str | None) -> str | None:
+        from server.sparse_policy import PolicyError, load_policy
+
+        if value:
+            try:
+                load_policy(value)  # an invalid policy stops the server at start-up, not at the first request
+            except PolicyError as e:
+                raise ValueError(str(e)) from None
+        return value or None
+
+    def policy(self):  # -> server.sparse_policy.SparsePolicy
+        """The policy `auto` requests use: --sparse-policy's file (loaded once), else the built-in default."""
+        from server.sparse_policy import DEFAULT_POLICY, load_policy
+
+        if self._policy is None:
+            self._policy = load_policy(self.sparse_policy) if self.sparse_policy else DEFAULT_POLICY
+        return self._policy
 
     @field_validator("api_key")
     @classmethod
     def _empty_key_is_none(cls, value: str | None) -> str | None:
         return value or None
 
-    def default_spec(self) -> SparseSpec:
-        return parse_pattern(self.default_sparse_pattern, param="--default-sparse-pattern")
+    def default_spec(self):  # -> SparseSpec | server.sparse_policy.AutoRequest
+        from server.sparse_policy import parse_auto
+
+        param = "--default-sparse-pattern"
+        return parse_auto(self.default_sparse_pattern, param) or parse_pattern(self.default_sparse_pattern, param=param)
 
     def engine_options(self) -> dict[str, Any]:
         """The settings every engine takes (native and vLLM options share these names)."""

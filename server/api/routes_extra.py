@@ -87,6 +87,12 @@ async def sparse_patterns(request: Request) -> JSONResponse:
     ctx = get_context(request)
     out = describe_methods()
     out["default"] = ctx.settings.default_sparse_pattern
+    out["auto"] = {
+        "usage": "sparse_pattern 'auto' or 'auto:<max_drop>': the pattern is chosen per prompt from its length by "
+                 "the policy below (the cheapest candidate of the prompt's band whose predicted accuracy drop plus "
+                 "margin is within max_drop; dense when none is)",
+        "policy": ctx.settings.policy().describe(),
+    }
     out["precedence"] = "body (sparse_pattern, compression_ratio) > vllm_xargs > headers " \
                         "(X-Sparse-Pattern, X-Compression-Ratio) > server default"
     return JSONResponse(out)

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response
 
 from attention_backends import SparseSpec
 from server.engine.types import GenerationOutput, GenerationRequest, RequestCost, SamplingParams, TokenLogprob
+from server.sparse_policy import AutoChoice, AutoRequest
 
 from .context import ServerContext, get_context
 from .errors import APIError, bad_request, unavailable
@@ -56,6 +57,7 @@ class Prepared:
     created: int
     spec: SparseSpec
     prompts: list[list[int]]
+    auto: list[AutoChoice]  # per prompt, when the request asked for `auto`; else empty
     echo_texts: list[str]
     n: int
     requests: list[GenerationRequest]
@@ -140,7 +142,8 @@ def _sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int, 
     )
 
 
-def _spec(ctx: ServerContext, body: CompletionRequest | ChatCompletionRequest, request: Request) -> SparseSpec:
+def _spec(ctx: ServerContext, body: CompletionRequest | ChatCompletionRequest,
+          request: Request) -> SparseSpec | AutoRequest:
     return resolve_sparse_spec(
         body_pattern=body.sparse_pattern,
         body_ratio=body.compression_ratio,
@@ -186,6 +189,13 @@ async def _prepare(ctx: ServerContext, body: CompletionRequest | ChatCompletionR
         wanted, max_tokens_param, prompt_param = body.max_tokens, "max_tokens", "prompt"
     n = body.n
     kind: Literal["completion", "chat"] = "chat" if is_chat else "completion"
+    auto = [ctx.settings.policy().choose(len(ids), spec) for ids, _ in prompts] if isinstance(spec, AutoRequest) \
+        else []
+    if auto:
+        spec = auto[0].spec  # metrics and the access log carry the first prompt's choice
+        for a in auto:
+            ctx.metrics.record_auto_choice(a.spec.prefill.method, a.spec.decode.method)
+    request.state.sparse_labels = spec_labels(spec)
     response_id = ("chatcmpl-" if is_chat else "cmpl-") + uuid.uuid4().hex
     requests: list[GenerationRequest] = []
     echo_texts: list[str] = []
@@ -197,12 +207,14 @@ async def _prepare(ctx: ServerContext, body: CompletionRequest | ChatCompletionR
         for j in range(n):
             k = p * n + j
             sampling = _sampling(body, max_tokens, j, logprobs, prompt_logprobs)
-            requests.append(GenerationRequest(f"{response_id}-{k}", ids, sampling, spec))
+            requests.append(GenerationRequest(f"{response_id}-{k}", ids, sampling, auto[p].spec if auto else spec))
     include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
     fields: dict[str, Any] = request.state.log_fields  # the access-log line of this request
     fields.update(kind=kind, sparse_pattern=spec.to_string(), n=n, prompts=len(prompts), stream=body.stream,
                   response_id=response_id)
-    return Prepared(kind, response_id, int(time.time()), spec, [ids for ids, _ in prompts], echo_texts, n,
+    if auto:
+        fields.update(sparse_auto=auto[0].requested)
+    return Prepared(kind, response_id, int(time.time()), spec, [ids for ids, _ in prompts], auto, echo_texts, n,
                     requests, body.stream, include_usage, logprobs, fields, prompt_logprobs)
 
 
@@ -331,10 +343,14 @@ def _add_logprobs(lps, prep: Prepared, choice: int, out: GenerationOutput) -> di
     return lps.add(out.logprobs or [], prompt)
 
 
-def _sparse_report(prep: Prepared, cost: RequestCost) -> dict[str, Any]:
+def _sparse_report(prep: Prepared, cost: RequestCost, choice: int | None = None) -> dict[str, Any]:
+    """The cost report; plus what `auto` chose and why when the request asked for it (the choice's own prompt
+    for a per-choice report, the first prompt's for the whole request)."""
     report = cost.to_dict()
     if prep.prompt_logprobs is not None:  # says that the prompt logprobs are this (maybe sparse) prefill's
         report["prefill"]["prompt_logprobs"] = True
+    if prep.auto:
+        report["auto"] = prep.auto[prep.prompt_of(choice) if choice is not None else 0].to_dict()
     return report
 
 
@@ -366,7 +382,7 @@ async def _collect(ctx: ServerContext, prep: Prepared, run: GenerationRun) -> di
                             "finish_reason": reason})
     if k > 1:
         for i, c in enumerate(choices):
-            c["sparse"] = _sparse_report(prep, costs[i])
+            c["sparse"] = _sparse_report(prep, costs[i], i)
     usage = _usage(prep, completion_tokens)
     prep.log_fields.update(prompt_tokens=usage["prompt_tokens"], completion_tokens=completion_tokens,
                            finish_reasons=sorted({c["finish_reason"] for c in choices}))
@@ -379,6 +395,7 @@ async def _collect(ctx: ServerContext, prep: Prepared, run: GenerationRun) -> di
         "usage": usage,
         "sparse": _sparse_report(prep, aggregate_cost(costs)),
     }
+
 
 
 async def _stream_events(ctx: ServerContext, prep: Prepared, run: GenerationRun) -> AsyncIterator[bytes]:
@@ -420,7 +437,7 @@ async def _stream_events(ctx: ServerContext, prep: Prepared, run: GenerationRun)
             if out.finished:
                 reason = _finish_reason(out)
                 costs[idx] = out.cost or RequestCost()
-                yield chunk([choice(idx, text, lp, reason)], sparse=_sparse_report(prep, costs[idx]))
+                yield chunk([choice(idx, text, lp, reason)], sparse=_sparse_report(prep, costs[idx], idx))
             elif text or lp is not None:
                 yield chunk([choice(idx, text, lp, None)])
         total = sum(completion_tokens)

@@ -4,6 +4,9 @@ Precedence (``shared/spec/api.md``): body > headers > server default. The body's
 ``vllm_xargs``. The pattern and the ratio are chosen independently, so ``compression_ratio: 8`` in a body
 applies to a pattern named by the ``X-Sparse-Pattern`` header (or by the server default). Every value given
 is validated, used or not, and an invalid one is a 400 whose ``param`` names where it came from.
+
+``auto`` / ``auto:<max_drop>`` (from any of these places) resolves to an :class:`AutoRequest`: the pattern is
+chosen later, per prompt, from its length (``server.sparse_policy``); a ratio cannot be combined with it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any
 
 from attention_backends import InvalidSparsePattern, SparseSpec, parse_pattern
 from attention_backends.spec import validate_ratio
+from server.sparse_policy import AutoRequest, parse_auto
 
 from .errors import APIError, bad_request
 
@@ -33,8 +37,9 @@ def resolve_sparse_spec(
     xargs: Mapping[str, Any] | None = None,
     headers: Mapping[str, str] | None = None,
     default_pattern: str | SparseSpec | None = None,
-) -> SparseSpec:
-    """The request's :class:`SparseSpec`; raises :class:`APIError` (400) naming the bad field."""
+) -> SparseSpec | AutoRequest:
+    """The request's :class:`SparseSpec` (or :class:`AutoRequest`); raises :class:`APIError` (400) naming the
+    bad field."""
     xargs = xargs or {}
     headers = headers or {}
     # (value, param) candidates, best first; None values are "not given".
@@ -52,22 +57,27 @@ def resolve_sparse_spec(
         valid_ratios = [(validate_ratio(v, p), p) for v, p in ratios if v is not None]
         ratio = valid_ratios[0][0] if valid_ratios else None
         given = [(v, p) for v, p in patterns if v is not None]
-        specs = [(parse_pattern(v, ratio, param=p), p) for v, p in given]
-        if specs:
-            return specs[0][0]
         if default_pattern is None:
             default_pattern = "dense"
-        if isinstance(default_pattern, SparseSpec):
-            if ratio is None:
-                return default_pattern
-            default_pattern = default_pattern.to_string()
-        return parse_pattern(default_pattern, ratio, param="--default-sparse-pattern")
+        if not given and isinstance(default_pattern, str):
+            given = [(default_pattern, "--default-sparse-pattern")]
+        specs = [parse_auto(v, p) or parse_pattern(v, ratio, param=p) for v, p in given]
+        if specs:
+            if isinstance(specs[0], AutoRequest) and valid_ratios:
+                raise InvalidSparsePattern(valid_ratios[0][1], "a compression ratio cannot be combined with "
+                                           "sparse_pattern 'auto' (the policy chooses the ratio)")
+            return specs[0]
+        if ratio is None:
+            return default_pattern
+        return parse_pattern(default_pattern.to_string(), ratio, param="--default-sparse-pattern")
     except InvalidSparsePattern as e:
         raise _invalid(e) from None
 
 
-def spec_labels(spec: SparseSpec | None) -> tuple[str, str]:
+def spec_labels(spec: SparseSpec | AutoRequest | None) -> tuple[str, str]:
     """(prefill_method, decode_method) for metrics labels; ``none`` when the spec never parsed."""
     if spec is None:
         return "none", "none"
+    if isinstance(spec, AutoRequest):
+        return "auto", "auto"
     return spec.prefill.method, spec.decode.method
