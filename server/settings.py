@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
-from attention_backends import InvalidSparsePattern, SparseSpec, parse_pattern
+from attention_backends import InvalidSparsePattern, parse_pattern
 
 API_KEY_ENV = "SPARSE_SERVE_API_KEY"
 
