@@ -237,6 +237,27 @@ class DecodeReport(_PhaseReport):
 
 
 @dataclass
+class AutoReport:
+    """What `sparse_pattern: "auto"` chose for the request and why (present only when it asked for auto)."""
+
+    requested: str = "auto"  # "auto" or "auto:<max_drop>"
+    chosen: str = "dense"  # the pattern that ran, in the string grammar
+    max_drop: float | None = None  # the budget applied
+    prompt_tokens: int = 0
+    band: dict[str, Any] | None = None  # {"min_tokens": .., "max_tokens": ..} of the policy band used
+    predicted_drop: float | None = None  # of the chosen pattern, from the policy (None: dense or unmeasured)
+    margin: float | None = None
+    reason: str = ""
+    policy: str = ""  # the policy file, or "built-in default"
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> AutoReport | None:
+        if not isinstance(d, Mapping):
+            return None
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+@dataclass
 class SparseReport:
     """The server's cost report (api.md "Response extension")."""
 
@@ -244,13 +265,14 @@ class SparseReport:
     decode: DecodeReport = field(default_factory=DecodeReport)
     model_flops: float = 0.0
     dense_model_flops: float = 0.0
+    auto: AutoReport | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> SparseReport | None:
         if not isinstance(d, Mapping):
             return None
         return cls(PrefillReport.from_dict(d.get("prefill")), DecodeReport.from_dict(d.get("decode")),
-                   _f(d, "model_flops"), _f(d, "dense_model_flops"))
+                   _f(d, "model_flops"), _f(d, "dense_model_flops"), AutoReport.from_dict(d.get("auto")))
 
     @property
     def pattern(self) -> str:

@@ -7,7 +7,8 @@ the field); it only needs to split, strip and add ratios.
 Expansion rules (`expand_patterns`): `dense` (or `dense+dense`) runs once as `dense`; a pattern that names no
 ratio is crossed with every ratio, each sparse phase getting it (`vertical_slash+quest` x 5 ->
 `vertical_slash:5+quest:5`; a dense phase never takes a ratio); a pattern that names a ratio anywhere runs as
-given; with no ratios at all, patterns run as given (method defaults).
+given; with no ratios at all, patterns run as given (method defaults). `auto` and `auto:<max_drop>` (the
+server's policy picks the pattern per prompt) are never crossed with ratios.
 """
 
 from __future__ import annotations
@@ -89,7 +90,9 @@ def expand_patterns(patterns: Sequence[str], ratios: Sequence[float]) -> list[st
 
     for pattern in patterns:
         parts = parse_parts(pattern)
-        if all(m == "dense" for m, _ in parts):
+        if parts[0][0].lower() == "auto":
+            add(pattern)
+        elif all(m == "dense" for m, _ in parts):
             add("dense")
         elif any(r is not None for m, r in parts if m != "dense") or not ratios:
             add(_join(parts))

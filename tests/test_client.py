@@ -280,6 +280,7 @@ def test_pattern_expansion():
                     "dense+snapkv:2", "dense+snapkv:5"]
     assert expand_patterns(["vertical_slash+quest"], [10]) == ["vertical_slash:10+quest:10"]
     assert expand_patterns(["quest"], []) == ["quest"]
+    assert expand_patterns(["dense", "auto", "auto:0.05"], [2, 4]) == ["dense", "auto", "auto:0.05"]  # never crossed
     assert method_label("vertical_slash:8+quest:8") == "vertical_slash+quest" and method_label("dense") == "dense"
     assert method_label("dense+quest:4") == "quest"
     assert nominal_ratio("vertical_slash:8+quest:20") == 20 and nominal_ratio("dense") == 1.0

@@ -45,6 +45,7 @@ def record(m: ServerMetrics, cost: RequestCost | None = None) -> None:
     m.record_finished(prefill_method="vertical_slash", decode_method="quest", status="ok", prompt_tokens=1000,
                       completion_tokens=12, ttft_s=0.05, tpot_s=0.02, e2e_s=0.3, queue_s=0.004,
                       cost=cost if cost is not None else make_cost())
+    m.record_auto_choice("vertical_slash", "quest")
 
 
 def samples(m: ServerMetrics) -> dict[tuple[str, frozenset], float]:
@@ -184,7 +185,7 @@ def test_metric_names_and_buckets_match_the_spec():
     exported = {base_metric_name(s.name) for f in text_string_to_metric_families(m.render().decode())
                 for s in f.samples}
     assert exported == set(METRIC_NAMES)
-    assert len(METRIC_NAMES) == 17 and all(n.startswith(PREFIX) for n in METRIC_NAMES)
+    assert len(METRIC_NAMES) == 18 and all(n.startswith(PREFIX) for n in METRIC_NAMES)
     assert METRIC_TYPES["sparse_serve_requests_total"] == "counter"
     assert base_metric_name("sparse_serve_requests_created") == "sparse_serve_requests_total"
     assert base_metric_name("sparse_serve_time_to_first_token_seconds_bucket") == (

@@ -380,6 +380,7 @@ def test_aux_endpoints(http):
 
 def test_metrics_have_every_metric_and_label(http):
     post(http, "/v1/completions", {"prompt": "hello", "max_tokens": 3, "sparse_pattern": "vertical_slash:4+quest:4"})
+    post(http, "/v1/completions", {"prompt": "hello", "max_tokens": 3, "sparse_pattern": "auto"})
     r = http.get("/metrics")
     assert r.headers["content-type"].startswith("text/plain")
     samples = metric_samples(r.text)

@@ -10,6 +10,7 @@ import pytest
 from pydantic import ValidationError
 from server_harness import FakeEngine, ThreadedServer, metric_samples
 
+from clients.client import SparseClient
 from clients.eval_cli import main as eval_main
 from server.api import create_app
 from server.cli import main as serve_main
@@ -53,10 +54,15 @@ def test_written_policy_bands(policy_path):
 
 
 @pytest.fixture(scope="module")
-def http(policy_path):
+def server(policy_path):
     engine = FakeEngine(max_model_len=8192, token_delay=0.0)
-    app = create_app(engine, ServerSettings(sparse_policy=str(policy_path)))
-    with ThreadedServer(app) as s, httpx.Client(base_url=s.url, timeout=30) as c:
+    with ThreadedServer(create_app(engine, ServerSettings(sparse_policy=str(policy_path)))) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=30) as c:
         yield c
 
 
@@ -97,6 +103,14 @@ def test_auto_stream_metrics_and_patterns_endpoint(http):
     assert counts.get("snapkv", 0) >= 1
     listed = http.get("/v1/sparse/patterns").json()["auto"]
     assert listed["policy"]["max_drop"] == 0.1 and len(listed["policy"]["bands"]) == 3
+
+
+def test_client_library_sends_auto_and_reads_the_choice(server):
+    with SparseClient(server.url) as c:
+        r = c.completions("x" * 1500, max_tokens=2, sparse_pattern="auto")
+        tight = c.chat("x" * 5000, max_tokens=2, sparse_pattern="auto:0.01")
+    assert r.sparse.auto.chosen == "snapkv:2" == r.sparse.pattern and r.sparse.auto.band["min_tokens"] == 973
+    assert tight.sparse.auto.chosen == "dense" and tight.sparse.auto.requested == "auto:0.01"
 
 
 @pytest.mark.parametrize("body, param", [
