@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
@@ -39,7 +40,8 @@ LONG_PROMPT = ("The history of the city is long and full of small events that no
 
 # The engine-side settings of the e2e server (the vLLM variant adds engine="vllm" and an HF model directory).
 E2E_SETTINGS = dict(device="cpu", dtype="float32", max_model_len=640, kv_cache_memory=192 << 20, max_num_seqs=16,
-                    max_queue=64, max_prompt_logprobs_tokens=320)
+                    max_queue=64, max_prompt_logprobs_tokens=320,
+                    sparse_policy=str(Path(__file__).parent / "fixtures" / "auto-policy.json"))
 
 
 @contextlib.contextmanager
@@ -188,6 +190,25 @@ def test_echo_logprobs_are_the_engines_prompt_logprobs(srv, http):
     r = http.post("/v1/completions", json={"prompt": ids * 2, "max_tokens": 1, "echo": True, "logprobs": 0})
     assert r.status_code == 400 and r.json()["error"]["code"] == "prompt_logprobs_too_long", r.text
     assert "320" in r.json()["error"]["message"]
+
+
+def test_auto_chooses_by_prompt_length(http):
+    """The fixture policy: dense below 64 tokens, vertical_slash:3+snapkv:2 from 64 on; `auto` runs exactly what
+    naming that pattern runs."""
+    def complete(prompt, pattern):
+        r = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 6, "temperature": 0,
+                                               "sparse_pattern": pattern})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    short = complete("Once upon a time", "auto")
+    assert short["sparse"]["auto"]["chosen"] == "dense" and short["sparse"]["decode"]["method"] == "dense"
+    long = complete(LONG_PROMPT, "auto")
+    auto = long["sparse"]["auto"]
+    assert auto["chosen"] == "vertical_slash:3+snapkv:2" and auto["band"]["min_tokens"] == 64
+    assert (long["sparse"]["prefill"]["method"], long["sparse"]["decode"]["method"]) == ("vertical_slash", "snapkv")
+    assert long["choices"][0]["text"] == complete(LONG_PROMPT, "vertical_slash:3+snapkv:2")["choices"][0]["text"]
+    assert complete(LONG_PROMPT, "auto:0.001")["sparse"]["auto"]["chosen"] == "dense"  # tight budget
 
 
 def test_invalid_inputs_on_real_engine(srv, http):

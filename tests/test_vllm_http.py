@@ -33,6 +33,7 @@ from test_server_e2e import (  # noqa: E402, F401 - the imported tests and fixtu
     sdk,
     serve_engine,
     test_32_concurrent_streams_mixed_patterns,
+    test_auto_chooses_by_prompt_length,
     test_disconnect_frees_kv_pages,
     test_echo_logprobs_are_the_engines_prompt_logprobs,
     test_fuzz_real_engine_no_500,
