@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "METHOD[:RATIO] | PREFILL[:RATIO]+DECODE[:RATIO], e.g. quest:20 or vertical_slash:8+quest:20")
     h.add_argument("--sparse-policy", default=None,
                    help="policy JSON for requests that ask sparse_pattern 'auto' (written by sparse-eval fit "
-                   "--write-policy); default: the built-in conservative policy (docs/evaluation.md)")
+                   "--write-policy); default: the built-in conservative policy (docs/quickstart.md)")
     h.add_argument("--max-body-size", default=str(d.max_body_bytes),
                    help="largest request body (e.g. 32MiB); larger bodies get 413")
     h.add_argument("--max-choices", type=int, default=d.max_choices,

@@ -193,8 +193,6 @@ async def _prepare(ctx: ServerContext, body: CompletionRequest | ChatCompletionR
         else []
     if auto:
         spec = auto[0].spec  # metrics and the access log carry the first prompt's choice
-        for a in auto:
-            ctx.metrics.record_auto_choice(a.spec.prefill.method, a.spec.decode.method)
     request.state.sparse_labels = spec_labels(spec)
     response_id = ("chatcmpl-" if is_chat else "cmpl-") + uuid.uuid4().hex
     requests: list[GenerationRequest] = []
@@ -212,6 +210,8 @@ async def _prepare(ctx: ServerContext, body: CompletionRequest | ChatCompletionR
     fields: dict[str, Any] = request.state.log_fields  # the access-log line of this request
     fields.update(kind=kind, sparse_pattern=spec.to_string(), n=n, prompts=len(prompts), stream=body.stream,
                   response_id=response_id)
+    for a in auto:  # counted once the request is valid (a context-length 400 above counts nothing)
+        ctx.metrics.record_auto_choice(a.spec.prefill.method, a.spec.decode.method)
     if auto:
         fields.update(sparse_auto=auto[0].requested)
     return Prepared(kind, response_id, int(time.time()), spec, [ids for ids, _ in prompts], auto, echo_texts, n,
@@ -395,7 +395,6 @@ async def _collect(ctx: ServerContext, prep: Prepared, run: GenerationRun) -> di
         "usage": usage,
         "sparse": _sparse_report(prep, aggregate_cost(costs)),
     }
-
 
 
 async def _stream_events(ctx: ServerContext, prep: Prepared, run: GenerationRun) -> AsyncIterator[bytes]:
