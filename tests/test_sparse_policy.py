@@ -151,3 +151,19 @@ def test_default_policy_is_dense_short_and_sparser_longer():
     from server.sparse_policy import parse_auto
 
     assert DEFAULT_POLICY.choose(100000, parse_auto("auto:0.5")).spec.to_string() == "dense"
+
+
+def test_policy_from_the_recorded_smollm2_run(tmp_path):
+    """The recorded SmolLM2 run (benchmarks/results): no pattern is within 5 points of dense at 1K, so plain auto
+    serves dense; a 0.5 budget admits block_sparse:2 (drop 0.155 + margin 0.297), the only one."""
+    from pathlib import Path
+
+    run = Path(__file__).parent.parent / "benchmarks" / "results" / "accuracy-smollm2-cpu-2026-11-30"
+    path = tmp_path / "policy.json"
+    assert eval_main(["fit", "--results", str(run / "results.jsonl"), "--include-dense",
+                      "--write-policy", str(path)]) == 0
+    engine = FakeEngine(max_model_len=4096, token_delay=0.0)
+    with ThreadedServer(create_app(engine, ServerSettings(sparse_policy=str(path)))) as s, \
+            httpx.Client(base_url=s.url, timeout=30) as http:
+        chosen = {pat: _complete(http, 1500, pat).json()["sparse"]["auto"]["chosen"] for pat in ("auto", "auto:0.5")}
+    assert chosen == {"auto": "dense", "auto:0.5": "block_sparse:2"}
