@@ -72,7 +72,7 @@ SERVER_FLAGS = ["--device", "cpu", "--dtype", "float32", "--max-num-seqs", "2", 
 FAULT_SEED = 424242  # requests with this seed fail in prefill (injected): the server's status="error" path
 REAL_PATTERN = "vertical_slash:2+quest:2"
 PATTERNS = ["dense", "vertical_slash:2", "flexprefill", "block_sparse:2", "snapkv:2", "ada_snapkv:2", "quest:2",
-            REAL_PATTERN, "auto"]  # auto: the built-in policy's dense for a short prompt (the auto panel's data)
+            REAL_PATTERN]
 # Dashboard variables at real values (besides the model): a pair the load sends together, with errors and
 # rejections; and a pair with traffic but no failures, where the single-number panels must still show a number.
 REAL_METHODS = {"prefill_method": "vertical_slash", "decode_method": "quest"}
