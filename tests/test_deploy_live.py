@@ -67,12 +67,14 @@ WAITER_PROMPT = 300  # a prompt that needs 30*3*(19 + 1) = 1800 pages: admitted 
 POOL_PAGES = HEADS_TOTAL * (-(-(HOG_PROMPT + HOG_NEW) // PAGE_SIZE) + 1)
 KV_BYTES = POOL_PAGES * (2 * PAGE_SIZE + 2) * 64 * 4
 SERVER_FLAGS = ["--device", "cpu", "--dtype", "float32", "--max-num-seqs", "2", "--max-queue", "2",
-                "--kv-cache-memory", str(KV_BYTES), "--no-access-log", "--log-level", "warning"]
+                "--kv-cache-memory", str(KV_BYTES), "--no-access-log", "--log-level", "warning",
+                # auto serves the real pattern (below), so the dashboard's auto panel has data at the real values
+                "--sparse-policy", str(Path(__file__).parent / "fixtures" / "auto-policy-live.json")]
 
 FAULT_SEED = 424242  # requests with this seed fail in prefill (injected): the server's status="error" path
 REAL_PATTERN = "vertical_slash:2+quest:2"
 PATTERNS = ["dense", "vertical_slash:2", "flexprefill", "block_sparse:2", "snapkv:2", "ada_snapkv:2", "quest:2",
-            REAL_PATTERN]
+            REAL_PATTERN, "auto"]
 # Dashboard variables at real values (besides the model): a pair the load sends together, with errors and
 # rejections; and a pair with traffic but no failures, where the single-number panels must still show a number.
 REAL_METHODS = {"prefill_method": "vertical_slash", "decode_method": "quest"}
