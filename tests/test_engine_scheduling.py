@@ -40,7 +40,7 @@ def test_preempted_requests_resume_with_their_uninterrupted_output(model, monkey
         together = await asyncio.gather(*(collect(engine, r) for r in requests("batch")))
         return solo, together
 
-    # 220 pages: the prompts fit side by side (44 + 60 + 44 + 60 pages at the eviction peaks), each whole
+    # 220 pages: the prompts fit side by side (44 pages each, the evicting ones at their eviction peaks), each whole
     # request (350 tokens: 92 pages) fits alone, all four grown (92 + 72 + 92 + 72) do not.
     engine = tiny_engine(model, pages=220)
     solo, together = asyncio.run(with_engine(engine, body))
@@ -133,3 +133,49 @@ def test_retry_after_follows_the_queue_and_throughput(model):
 
     # no completion seen yet: one request per second is assumed, so 8 queued requests mean 8 s
     assert asyncio.run(with_engine(engine, body)) == pytest.approx(8.0)
+
+
+@pytest.mark.parametrize("pattern", ["snapkv:4", "ada_snapkv:4"])
+def test_evicting_requests_are_admitted_on_their_footprint_after_eviction(model, pattern):
+    """SnapKV/Ada-SnapKV free most of a prompt's pages during its prefill (layer by layer): admission counts that
+    footprint, never less than the pages the prefill really holds at its peak, so the freed memory becomes
+    concurrency: on a pool where two dense requests run side by side, at least twice as many evicting ones do."""
+    probe = tiny_engine(model, pages=100)
+    request = make_request("one", PROMPT, pattern, max_tokens=40, ignore_eos=True)
+    pool, used = probe.pool, []
+    allocate = pool.allocate
+
+    def tracked(count):
+        ids = allocate(count)
+        used.append(pool.num_pages - pool.free_pages)
+        return ids
+
+    pool.allocate = tracked
+    asyncio.run(with_engine(probe, lambda engine: collect(engine, request)))
+    assert max(used) <= probe.scheduler.need_pages(request)  # the bound holds at the real peak
+    assert probe.scheduler.need_pages(request) < probe.scheduler.need_pages(make_request("d", PROMPT))
+
+    def most_running(pattern: str) -> int:
+        engine = tiny_engine(model, pages=100, max_num_seqs=16)
+        seen = []
+
+        async def body(engine):
+            async def watch():
+                while True:
+                    seen.append(engine.stats().num_running)
+                    await asyncio.sleep(0.002)
+
+            watcher = asyncio.create_task(watch())
+            results = await asyncio.gather(*(collect(engine, make_request(f"{pattern}{i}", PROMPT, pattern,
+                                                                          max_tokens=40, ignore_eos=True))
+                                             for i in range(8)))
+            watcher.cancel()
+            return results
+
+        results = asyncio.run(with_engine(engine, body))
+        assert [len(r.token_ids) for r in results] == [40] * 8
+        return max(seen)
+
+    dense = most_running("dense")
+    assert dense == 2
+    assert most_running(pattern) >= 2 * dense

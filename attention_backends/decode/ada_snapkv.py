@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..spec import DECODE_METHODS, PhaseSpec
 from .keep_sets import keep_top, protected_in_priority
-from .state import DecodeState, capacity_for
+from .state import DecodeState, eviction_capacity
 from .window_scores import max_pool_same, token_importance
 
 
@@ -37,8 +37,7 @@ def per_head_floor(capacity: int, floor_fraction: float, protected: int) -> int:
 def prepare(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec) -> DecodeState:
     params = {**DECODE_METHODS["ada_snapkv"].defaults(), **phase.params}
     h_kv, n, _ = k.shape
-    capacity = params["capacity"]
-    capacity = capacity_for(n, phase.compression_ratio) if capacity is None else min(int(capacity), n)
+    capacity = eviction_capacity(phase, n)
     layer_budget = capacity * h_kv
 
     scores = token_importance(q, k, params["window"], "max")

@@ -21,15 +21,14 @@ from torch import Tensor
 
 from ..spec import DECODE_METHODS, PhaseSpec
 from .keep_sets import keep_top, protected_in_priority
-from .state import DecodeState, capacity_for
+from .state import DecodeState, eviction_capacity
 from .window_scores import avg_pool_same, token_importance
 
 
 def prepare(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec) -> DecodeState:
     params = {**DECODE_METHODS["snapkv"].defaults(), **phase.params}
     h_kv, n, _ = k.shape
-    capacity = params["capacity"]
-    capacity = capacity_for(n, phase.compression_ratio) if capacity is None else min(int(capacity), n)
+    capacity = eviction_capacity(phase, n)
 
     scores = token_importance(q, k, params["window"], "sum_of_group_mean")
     scores = avg_pool_same(scores, params["kernel_size"])

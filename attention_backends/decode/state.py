@@ -113,3 +113,11 @@ class DecodeState:
 def capacity_for(n: int, ratio: float) -> int:
     """Tokens kept per KV head for a target ratio: ceil(n / r), at least 1 and at most n."""
     return max(1, min(n, math.ceil(n / ratio)))
+
+
+def eviction_capacity(phase: PhaseSpec, n: int) -> int:
+    """``C``, the prompt tokens an evicting method (SnapKV, Ada-SnapKV) keeps per KV head of an ``n``-token
+    prompt (Ada-SnapKV: on average over a layer's heads): the ``capacity`` parameter when given (at most
+    ``n``), else :func:`capacity_for` of the target ratio."""
+    capacity = phase.params.get("capacity")
+    return capacity_for(n, phase.compression_ratio) if capacity is None else min(int(capacity), n)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..decode.quest import budget_pages as quest_budget_pages
-from ..decode.state import DecodeState, capacity_for
+from ..decode.state import DecodeState, eviction_capacity
 from ..prefill.block_sparse import indexing_flops as block_sparse_indexing_flops
 from ..prefill.block_sparse import kept_cells, resolve_top_k
 from ..prefill.common import PrefillOutcome, causal_cells
@@ -199,8 +199,7 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec) -> DecodeState:
                    "pages_selected": None}
         return QuestPagedState(phase, k, v, num_heads=q.shape[0], page_size=page_size,
                                budget_pages=budget_pages, details=details)
-    capacity = params["capacity"]
-    capacity = capacity_for(n, phase.compression_ratio) if capacity is None else min(int(capacity), n)
+    capacity = eviction_capacity(phase, n)
     common = dict(capacity=capacity, window=params["window"], kernel_size=params["kernel_size"],
                   sink_tokens=params["sink_tokens"], local_window=params["local_window"])
     if phase.method == "snapkv":

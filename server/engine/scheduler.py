@@ -6,6 +6,7 @@
   per KV head for the next token of every running request (so an admission does not force a preemption at
   the next step). Admission is FIFO and takes as many requests as fit, when they arrive and at every step;
   no worst case (prompt + max_tokens) is reserved.
+  SnapKV/Ada-SnapKV are counted at their footprint after eviction (:meth:`Scheduler.need_pages`).
 * Growth and preemption: a running request's pages grow one token at a time. When a decode step's new pages
   do not fit, the youngest request (latest arrival) is preempted: its pages go back to the pool and it
   returns to the head of the queue, to resume by recomputing its cache; no later request is admitted before
@@ -25,6 +26,8 @@ import bisect
 import itertools
 import time
 from collections import deque
+
+from attention_backends.decode.state import eviction_capacity
 
 from .page_pool import PagePool
 from .request_state import EngineRequest
@@ -54,18 +57,27 @@ class Scheduler:
 
     def need_pages(self, request: GenerationRequest, generated: int = 0) -> int:
         """Pages a (re)prefill needs: the prompt and the ``generated`` tokens it will recompute, plus one token.
-        SnapKV/Ada-SnapKV peak while evicting the last layer: every layer's prompt (at most) plus that layer's
-        kept copy, which is written before the full prompt pages go back."""
+
+        SnapKV/Ada-SnapKV evict layer by layer during the prefill, so they are counted at their footprint after
+        eviction (the memory they free is concurrency): the peak is while the last layer holds its whole prompt
+        and its kept copy, every earlier layer only its kept tokens; afterwards every layer holds its kept
+        tokens and the generated ones."""
         n = len(request.prompt_token_ids)
-        pages = self.pages_for_tokens(n + generated)
-        if request.spec.decode.method in EVICTING_METHODS:
-            pages = max(pages, (self.heads_total + self.num_kv_heads) * -(-n // self.pool.page_size))
-        return pages
+        if request.spec.decode.method not in EVICTING_METHODS:
+            return self.pages_for_tokens(n + generated)
+        h_kv, ps = self.num_kv_heads, self.pool.page_size
+        layers = self.heads_total // h_kv
+        kept = eviction_capacity(request.spec.decode, n) * h_kv  # a layer's kept prompt tokens (all its heads)
+
+        def layer_pages(tokens: int) -> int:  # at most, however a layer's tokens are spread over its heads
+            return -(-tokens // ps) + h_kv
+
+        peak = layers * layer_pages(kept) + h_kv * -(-n // ps)
+        return max(peak, layers * layer_pages(kept + h_kv * (generated + 1)))
 
     def need_alone(self, request: GenerationRequest) -> int:
         """Pages the request needs at its peak: what it must be able to hold with the pool to itself."""
-        full = self.pages_for_tokens(len(request.prompt_token_ids) + request.sampling.max_tokens)
-        return max(self.need_pages(request), full)
+        return self.need_pages(request, request.sampling.max_tokens)
 
     def max_tokens_alone(self) -> int:
         """The longest context (prompt + completion) one request can hold with the pool to itself."""
