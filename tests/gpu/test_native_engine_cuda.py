@@ -1,0 +1,109 @@
+"""The native engine serving the embedded SmolLM2 on CUDA (Triton kernels, paged decode), checked against itself
+on the CPU and against its own dense path: what a user of ``--device cuda`` relies on.
+
+The model is the embedded GGUF (``default_model_path()``), or ``$SPARSE_SERVE_GPU_TEST_MODEL``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+import torch
+from engine_helpers import collect, make_request
+
+PATTERNS = ["vertical_slash", "flexprefill", "block_sparse", "snapkv", "ada_snapkv", "quest"]
+
+
+def model_path() -> str:
+    from server.engine.default_model import default_model_path
+
+    return os.environ.get("SPARSE_SERVE_GPU_TEST_MODEL") or str(default_model_path())
+
+
+class Served:
+    """A started native engine and the event loop it serves on (an engine does not restart after shutdown)."""
+
+    def __init__(self, device: str, dtype: str):
+        from server.engine.engine import EngineOptions, NativeEngine
+
+        self.engine = NativeEngine.from_options(EngineOptions(model=model_path(), device=device, dtype=dtype,
+                                                              kv_cache_memory=2 << 30, max_num_seqs=16))
+        self.tokenizer = self.engine.tokenizer
+        self.loop = asyncio.new_event_loop()
+        self.loop.run_until_complete(self.engine.start())
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.engine.shutdown(timeout=5))
+        self.loop.close()
+
+
+def engine(device: str, dtype: str) -> Served:
+    return Served(device, dtype)
+
+
+def prompt(engine, items: int) -> list[int]:
+    """A chat prompt with a fact to retrieve in the middle of ``items`` filler sentences (about 10 tokens each)."""
+    filler = " ".join(f"item{i % 97} is stored in box {i % 13}." for i in range(items))
+    half = len(filler) // 2
+    text = (f"{filler[:half]} The secret code is 4417. {filler[half:]}\n"
+            "What is the secret code? Answer with the number only.")
+    chat = engine.tokenizer.apply_chat_template([{"role": "user", "content": text}])
+    return engine.tokenizer.encode(chat, add_special_tokens=False)
+
+
+def generate(served: Served, requests):
+    async def body():
+        return await asyncio.gather(*(collect(served.engine, r) for r in requests))
+
+    return served.loop.run_until_complete(body())
+
+
+def greedy(eng, ids, patterns, tokens=16):
+    reqs = [make_request(f"{p}-{i}", ids, p, max_tokens=tokens, ignore_eos=True) for i, p in enumerate(patterns)]
+    return [r.token_ids for r in generate(eng, reqs)]
+
+
+@pytest.fixture(scope="module")
+def cuda_bf16():
+    served = engine("cuda", "bfloat16")
+    yield served
+    served.close()
+
+
+def test_cuda_float32_greedy_tokens_equal_the_cpu_engines():
+    cpu, gpu = engine("cpu", "float32"), engine("cuda", "float32")
+    try:
+        ids = prompt(cpu, 100)
+        assert greedy(gpu, ids, ["dense"]) == greedy(cpu, ids, ["dense"])
+    finally:
+        cpu.close()
+        gpu.close()
+
+
+def test_every_method_at_ratio_1_gives_the_dense_tokens(cuda_bf16):
+    ids = prompt(cuda_bf16, 200)
+    dense = greedy(cuda_bf16, ids, ["dense"])[0]
+    for pattern in PATTERNS:
+        assert greedy(cuda_bf16, ids, [f"{pattern}:1"])[0] == dense, pattern
+
+
+def test_a_mixed_batch_gives_each_request_the_tokens_it_gets_alone(cuda_bf16):
+    ids = prompt(cuda_bf16, 250)
+    patterns = ["dense"] + [f"{p}:4" for p in PATTERNS]
+    alone = [greedy(cuda_bf16, ids, [p])[0] for p in patterns]
+    together = greedy(cuda_bf16, ids, patterns)
+    for p, a, b in zip(patterns, alone, together, strict=True):
+        assert b == a, p
+
+
+def test_sparse_requests_report_the_ratio_they_achieved(cuda_bf16):
+    ids = prompt(cuda_bf16, 400)
+    reqs = [make_request(p, ids, f"{p}:4", max_tokens=8, ignore_eos=True) for p in PATTERNS]
+    for p, r in zip(PATTERNS, generate(cuda_bf16, reqs), strict=True):
+        assert len(r.token_ids) == 8 and r.final.error is None, p
+        cost = r.final.cost
+        phase = cost.prefill if p in PATTERNS[:3] else cost.decode
+        assert phase.method == p
+        assert 2.5 <= phase.achieved_compression_ratio <= 6.0, (p, phase.achieved_compression_ratio)
+    assert torch.cuda.is_available()
