@@ -224,6 +224,16 @@ def test_search_budget_hits_target():
         assert abs(f(k) - 0.1) <= 0.011
 
 
+def test_search_budget_survives_a_nearly_flat_fraction():
+    """A fraction that barely grows over a stretch (a plateau of the computed cells) makes the secant step huge:
+    the search must still answer, not raise (it did: 'math range error', a 500 on the H200 at 2K tokens)."""
+    def f(k: int) -> float:
+        return 0.01 + 1e-4 * k / 1000 if k < 5000 else min(1.0, k / 20_000)
+
+    k = search_budget(f, 0.25, 1, 100_000, guess=50)
+    assert abs(f(k) - 0.25) <= 0.01 * 0.25
+
+
 # ------------------------------------------------------------------------------------------------- decode
 def reference_decode(q, k, v, lengths):
     B, h, d = q.shape

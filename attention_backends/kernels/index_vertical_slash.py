@@ -311,8 +311,9 @@ def search_budget(fraction, target: float, lo: int, hi: int, rel_tol: float = 0.
         if prev is not None and prev[0] != k and prev[1] > 0 and fk > 0 and prev[1] != fk:
             lk, lp = math.log(k), math.log(prev[0])
             slope = (math.log(fk) - math.log(prev[1])) / (lk - lp)
-            if slope > 1e-6:
-                cand = int(round(math.exp(lk + (math.log(target) - math.log(fk)) / slope)))
+            if slope > 1e-6:  # clamped to the range: a nearly flat stretch of f gives a huge step (exp overflow)
+                step = lk + (math.log(target) - math.log(fk)) / slope
+                cand = int(round(math.exp(min(max(step, math.log(max(lo, 1))), math.log(hi)))))
         elif fk > 0:
             cand = int(round(k * math.sqrt(target / fk)))  # first step: assume f ~ k^2 (it is convex in k)
         lo_open, hi_open = b_lo + 1, b_hi - (1 if b_hi in seen else 0)
