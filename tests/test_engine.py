@@ -13,11 +13,11 @@ import torch
 from engine_helpers import collect, make_request, tiny_engine, tiny_model, with_engine
 
 from attention_backends import parse_pattern
+from server.contract import EngineOverloaded, GenerationRequest, RequestCost, RequestRejected, SamplingParams
 from server.engine.engine import EngineOptions, NativeEngine
 from server.engine.llama import LlamaModel
 from server.engine.model_config import ModelConfig
 from server.engine.page_pool import page_bytes
-from server.engine.types import EngineOverloaded, GenerationRequest, RequestRejected, SamplingParams
 
 PATTERNS = ["dense", "vertical_slash:4", "block_sparse:4", "flexprefill", "snapkv:4", "ada_snapkv:4", "quest:4",
             "vertical_slash:4+quest:4"]
@@ -261,8 +261,6 @@ def test_small_pool_serves_chat_without_max_tokens(loaded):
 
 def test_decode_ratio_of_several_choices_is_each_choices_ratio():
     """n = 2 identical snapkv:4 choices with generated tokens: the combined decode ratio is each choice's."""
-    from server.api.generation import aggregate_cost
-
     engine = tiny_engine(tiny_model())
     prompt = [(7 * i + 3) % 96 for i in range(300)]
 
@@ -273,7 +271,7 @@ def test_decode_ratio_of_several_choices_is_each_choices_ratio():
     a, b = asyncio.run(with_engine(engine, body))
     ratio = a.final.cost.decode.achieved_compression_ratio
     assert ratio > 3 and b.final.cost.decode.achieved_compression_ratio == ratio
-    assert aggregate_cost([a.final.cost, b.final.cost]).decode.achieved_compression_ratio == pytest.approx(ratio)
+    assert RequestCost.combine([a.final.cost, b.final.cost]).decode.achieved_compression_ratio == pytest.approx(ratio)
 
 
 def test_sliding_window_model_is_refused_unless_the_window_covers_the_context():

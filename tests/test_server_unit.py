@@ -6,12 +6,12 @@ import math
 
 import pytest
 
+from server.api.cost_report import cost_report
 from server.api.errors import APIError, loc_to_param
-from server.api.generation import aggregate_cost
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, unsupported_field
 from server.api.sparse_request import resolve_sparse_spec
 from server.cli import build_parser, settings_from_args
-from server.engine.types import PhaseCost, RequestCost
+from server.contract import PhaseCost, RequestCost
 from server.settings import ServerSettings, parse_size
 
 
@@ -98,21 +98,20 @@ def test_unsupported_fields():
 def test_aggregate_cost():
     """Ratios are recomputed from the summed units they compare (cells; prompt KV tokens, not bytes: generated
     tokens, which every decode method reads in full, do not dilute the decode ratio)."""
-    a = RequestCost(PhaseCost("vertical_slash", 4, 4, dense_units=40, actual_units=10, attention_flops=10,
-                              dense_attention_flops=40),
-                    PhaseCost("quest", 8, 8, dense_units=80, actual_units=10, kv_bytes_read=30,
-                              dense_kv_bytes_read=100, kv_cache_tokens=5),
-                    model_flops=1, dense_model_flops=2)
-    b = RequestCost(PhaseCost("vertical_slash", 4, 2, dense_units=60, actual_units=30, attention_flops=30,
+    a = RequestCost(PhaseCost("vertical_slash", 4, dense_units=40, actual_units=10, attention_flops=10,
+                              dense_attention_flops=40, model_flops=1, dense_model_flops=2),
+                    PhaseCost("quest", 8, dense_units=80, actual_units=10, kv_bytes_read=30,
+                              dense_kv_bytes_read=100, kv_cache_tokens=5))
+    b = RequestCost(PhaseCost("vertical_slash", 4, dense_units=60, actual_units=30, attention_flops=30,
                               dense_attention_flops=60),
-                    PhaseCost("quest", 8, 1, kv_bytes_read=0, dense_kv_bytes_read=0, kv_cache_tokens=7),
-                    model_flops=3, dense_model_flops=4)
-    agg = aggregate_cost([a, b]).to_dict()
+                    PhaseCost("quest", 8, kv_bytes_read=0, dense_kv_bytes_read=0, kv_cache_tokens=7,
+                              model_flops=3, dense_model_flops=4))
+    agg = cost_report(RequestCost.combine([a, b]))
     assert agg["prefill"]["attention_flops"] == 40 and agg["prefill"]["achieved_compression_ratio"] == 2.5
     assert agg["decode"]["achieved_compression_ratio"] == 8 and agg["decode"]["kv_cache_tokens"] == 12
     assert agg["decode"]["kv_bytes_read"] == 30 and agg["decode"]["dense_kv_bytes_read"] == 100
     assert agg["model_flops"] == 4 and agg["dense_model_flops"] == 6
-    assert aggregate_cost([a]) is a
+    assert RequestCost.combine([a]) is a
 
 
 def test_parse_size():

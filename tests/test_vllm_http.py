@@ -58,8 +58,8 @@ def export_default_model(path: Path) -> Path:
     from transformers import LlamaConfig
 
     from server.engine.default_model import default_model_path
-    from server.engine.tokenizer import load_gguf_tokenizer
     from server.engine.weights import load_gguf_checkpoint
+    from server.tokenizer import load_gguf_tokenizer
 
     gguf = default_model_path()
     ckpt = load_gguf_checkpoint(gguf)

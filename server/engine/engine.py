@@ -16,13 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .detokenizer import IncrementalDetokenizer
-from .page_pool import PagePool, pages_for_memory
-from .request_state import EngineRequest
-from .runner import ModelRunner
-from .sampler import SamplerState, sample
-from .scheduler import Scheduler
-from .types import (
+from server.contract import (
     EngineOverloaded,
     EngineStats,
     FinishReason,
@@ -32,6 +26,13 @@ from .types import (
     Tokenizer,
     wait_drained,
 )
+
+from .detokenizer import IncrementalDetokenizer
+from .page_pool import PagePool, pages_for_memory
+from .request_state import EngineRequest
+from .runner import ModelRunner
+from .sampler import SamplerState, sample
+from .scheduler import Scheduler
 
 log = logging.getLogger("sparse_serve.engine")
 
@@ -330,21 +331,11 @@ class NativeEngine:
             return
         self.scheduler.remove(req)  # first: whatever fails below, the request never runs again
         req.timings.finished = time.monotonic()
-        cost = req.cost
-        try:
-            cost.prefill, cost.decode = req.phase_costs(self.pool.keys.element_size(), self.shape.head_dim)
-            if req.totals.dense_cells:
-                actual, dense = self.runner.prefill_model_flops(req)
-                cost.prefill_model_flops, cost.dense_prefill_model_flops = actual, dense
-                cost.model_flops += actual
-                cost.dense_model_flops += dense
-        except Exception:
-            log.exception("cost accounting failed for request %s", req.request_id)
-        finally:
-            if req.kv is not None:
-                req.kv.release()
+        if req.kv is not None:
+            req.cost.decode.kv_cache_tokens = int(req.kv.lengths.sum())
+            req.kv.release()
         out = last or GenerationOutput(req.request_id, [], "", prompt_tokens=req.prompt_len,
                                        completion_tokens=len(req.output_ids))
         out.finished, out.finish_reason, out.error = True, reason, error
-        out.cost, out.timings = cost, req.timings
+        out.cost, out.timings = req.cost, req.timings
         req.emit(out)

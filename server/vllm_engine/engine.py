@@ -1,4 +1,4 @@
-"""VllmEngine: the :class:`~server.engine.types.Engine` protocol over vLLM's ``AsyncLLM``.
+"""VllmEngine: the :class:`~server.contract.Engine` protocol over vLLM's ``AsyncLLM``.
 
 Requests go to ``AsyncLLM.generate`` with ``RequestOutputKind.DELTA``; a sparse request's spec travels in
 ``SamplingParams.extra_args["sparse_pattern"]`` (object form) together with a key naming its cost side file
@@ -23,18 +23,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from attention_backends.cost import ModelShape
-from server.engine.types import (
+from server.contract import (
     EngineOverloaded,
     EngineStats,
     GenerationOutput,
     GenerationRequest,
+    RequestCost,
     RequestRejected,
     RequestTimings,
+    SamplingParams,
     TokenLogprob,
     wait_drained,
 )
 
-from .accounting import COST_DIR_ENV, CostAccount
+from .accounting import COST_DIR_ENV, dense_cost, read_cost
 from .worker_state import PATTERN_KEY, REQUEST_KEY, encode_spec
 
 log = logging.getLogger("sparse_serve.vllm_engine")
@@ -80,7 +82,7 @@ class VllmEngine:
                 "default is served by the native engine", param="model")
         import json
 
-        from server.engine.tokenizer import load_hf_tokenizer
+        from server.tokenizer import load_hf_tokenizer
 
         self.options = options
         config = json.loads((Path(options.model) / "config.json").read_text())
@@ -169,7 +171,6 @@ class VllmEngine:
     async def self_test(self) -> None:
         """Fail loudly unless the sparse backend is in place and a sparse path reproduces dense."""
         from attention_backends import parse_pattern
-        from server.engine.types import SamplingParams
 
         vocab = self.shape.vocab_size
         prompt = [(7 * i + 3) % vocab for i in range(24)]
@@ -321,16 +322,20 @@ class VllmEngine:
         return [None if entry is None else _token_logprob(tok, entry, k)
                 for tok, entry in zip(request.prompt_token_ids, ro.prompt_logprobs, strict=True)]
 
-    def _cost(self, request: GenerationRequest, key: str, completion: int):
-        account = None
+    def _cost(self, request: GenerationRequest, key: str, completion: int) -> tuple[RequestCost, bool]:
+        """The request's cost, and whether the worker measured it (else it is dense attention's)."""
+        prompt_len = len(request.prompt_token_ids)
+        cost = None
         if not request.spec.is_dense:
-            account = CostAccount.read(self._cost_dir, key)
-            if account is None:
+            cost = read_cost(self._cost_dir, key)
+            if cost is None:
                 log.warning("no sparse cost report for %s; reporting dense cost", request.request_id)
-        measured = account is not None
-        if account is None:
-            account = CostAccount.dense(self.shape, len(request.prompt_token_ids), completion, self._element_bytes)
-        return account.to_request_cost(request.spec, self.shape, self._element_bytes), measured
+        measured = cost is not None
+        if cost is None:
+            cost = dense_cost(request.spec, self.shape, prompt_len, completion, self._element_bytes)
+        if cost.prefill.dense_units:  # the prefill ran (a request aborted while queued has none)
+            cost.end_prefill(self.shape, prompt_len)
+        return cost, measured
 
     async def abort(self, request_id: str) -> None:
         if self._llm is not None:
