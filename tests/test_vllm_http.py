@@ -42,6 +42,7 @@ from test_server_e2e import (  # noqa: E402, F401 - the imported tests and fixtu
     test_metrics_after_traffic,
     test_openai_sdk_chat,
     test_openai_sdk_completions,
+    test_responses_match_the_documented_schema,
 )
 
 from server.engine.default_model import DEFAULT_MODEL_NAME  # noqa: E402
