@@ -236,6 +236,28 @@ def test_rejections_and_overload(loaded):
     asyncio.run(with_engine(engine, body))
 
 
+def test_page_size_option_sets_the_kv_pages_quest_runs_on():
+    """--page-size 32: the pool's pages hold 32 tokens; Quest requests naming page_size 32 run (reading whole
+    32-token pages), those left at Quest's default 16 are refused, and other methods do not care."""
+    model = tiny_model()
+    engine = tiny_engine(model, page_size=32)
+    assert engine.pool.page_size == 32 and engine.pool.keys.shape[1] == 32
+    ids = [(5 * i + 1) % 96 for i in range(200)]
+    with pytest.raises(RequestRejected):
+        engine.validate(make_request("quest-16", ids, "quest:2"))
+
+    async def body(engine):
+        quest = await collect(engine, quest_request_with_page_size(ids, 32))
+        dense = await collect(engine, make_request("dense", ids, max_tokens=4))
+        return quest, dense
+
+    quest, dense = asyncio.run(with_engine(engine, body))
+    assert quest.final.finish_reason == dense.final.finish_reason == "length"
+    assert quest.final.cost.decode.achieved_compression_ratio > 1  # Quest read a subset of the 32-token pages
+    same = asyncio.run(with_engine(tiny_engine(model), lambda e: collect(e, make_request("dense", ids, max_tokens=4))))
+    assert dense.token_ids == same.token_ids  # the page size changes where tokens live, not what is computed
+
+
 def quest_request_with_page_size(ids, page_size):
     spec = parse_pattern({"decode": {"method": "quest", "compression_ratio": 2, "params": {"page_size": page_size}}})
     return GenerationRequest("quest-page", ids, SamplingParams(max_tokens=4, temperature=0), spec)

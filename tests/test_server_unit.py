@@ -130,6 +130,22 @@ def test_settings_reject_bad_default_pattern():
     assert ServerSettings(default_sparse_pattern="quest:20").default_spec().decode.method == "quest"
 
 
+def test_page_size_flag_reaches_both_engines_options():
+    """--page-size is an engine setting: the native engine's page size, vLLM's block size."""
+    from server.engine.engine import EngineOptions
+    from server.vllm_engine.engine import VllmOptions
+
+    parser = build_parser()
+    assert "--page-size" in parser.format_help()
+    s = settings_from_args(parser.parse_args(["--page-size", "32", "--max-num-seqs", "3"]))
+    assert s.page_size == 32
+    native, vllm = EngineOptions.from_settings(s), VllmOptions.from_settings(s, self_test=False)
+    assert (native.page_size, native.max_num_seqs, vllm.page_size, vllm.self_test) == (32, 3, 32, False)
+    assert EngineOptions.from_settings(settings_from_args(parser.parse_args([]))).resolved_page_size() == 16
+    with pytest.raises(ValueError):
+        settings_from_args(parser.parse_args(["--page-size", "0"]))
+
+
 def test_cli_flags_and_env_key(monkeypatch):
     parser = build_parser()
     help_text = parser.format_help()

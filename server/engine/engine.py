@@ -12,7 +12,6 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import torch
 
@@ -26,6 +25,7 @@ from server.contract import (
     Tokenizer,
     wait_drained,
 )
+from server.settings import EngineSettings
 
 from .detokenizer import IncrementalDetokenizer
 from .page_pool import PagePool, pages_for_memory
@@ -37,19 +37,16 @@ from .scheduler import Scheduler
 log = logging.getLogger("sparse_serve.engine")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_PAGE_SIZE = 16  # Quest's default page size: Quest runs on the engine's pages
 
 
-@dataclass
-class EngineOptions:
-    model: str | None = None  # HF directory or GGUF file; None = the embedded SmolLM2
-    device: str = "auto"  # auto = cuda if available, else cpu
-    dtype: str = "auto"  # auto = bfloat16 on cuda, float32 on cpu
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
-    kv_cache_memory: int | None = None  # bytes; default 1 GiB on CPU, half the free GPU memory on CUDA
-    max_num_seqs: int = 64
-    max_queue: int = 256
-    page_size: int = 16
-    served_model_name: str | None = None
+class EngineOptions(EngineSettings):
+    """The native engine takes just the settings every engine takes. ``max_model_len`` defaults to the model's
+    (capped to what one request can hold in the KV cache); ``kv_cache_memory`` to 1 GiB on CPU, half the free
+    GPU memory on CUDA."""
+
+    def resolved_page_size(self) -> int:
+        return self.page_size or DEFAULT_PAGE_SIZE
 
     def resolved_device(self) -> str:
         if self.device == "auto":
@@ -74,8 +71,9 @@ class NativeEngine:
         device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         memory = options.kv_cache_memory or self._default_kv_memory(device)
-        pages = pages_for_memory(memory, options.page_size, cfg.head_dim, dtype)
-        self.pool = PagePool(pages, options.page_size, cfg.head_dim, dtype, device)
+        page_size = options.resolved_page_size()
+        pages = pages_for_memory(memory, page_size, cfg.head_dim, dtype)
+        self.pool = PagePool(pages, page_size, cfg.head_dim, dtype, device)
         self.runner = ModelRunner(model, self.pool, self.shape)
         self.scheduler = Scheduler(self.pool, cfg.num_layers, cfg.num_kv_heads, options.max_num_seqs,
                                    options.max_queue)

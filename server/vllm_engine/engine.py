@@ -19,7 +19,6 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from attention_backends.cost import ModelShape
@@ -35,6 +34,7 @@ from server.contract import (
     TokenLogprob,
     wait_drained,
 )
+from server.settings import EngineSettings
 
 from .accounting import COST_DIR_ENV, dense_cost, read_cost
 from .worker_state import PATTERN_KEY, REQUEST_KEY, encode_spec
@@ -42,21 +42,15 @@ from .worker_state import PATTERN_KEY, REQUEST_KEY, encode_spec
 log = logging.getLogger("sparse_serve.vllm_engine")
 
 
-@dataclass
-class VllmOptions:
-    model: str  # a Hugging Face model directory (or hub name already in the local cache)
-    device: str = "auto"
-    dtype: str = "auto"  # auto = bfloat16 on cuda, float32 on cpu
-    max_model_len: int | None = None
-    kv_cache_memory: int | None = None  # bytes (vLLM's kv_cache_memory_bytes)
-    max_num_seqs: int = 64
-    max_queue: int = 256
-    served_model_name: str | None = None
+class VllmOptions(EngineSettings):
+    """The settings every engine takes (``model``: a Hugging Face model directory, or a hub name already in the
+    local cache; ``kv_cache_memory``: vLLM's kv_cache_memory_bytes; ``page_size``: vLLM's block_size), plus
+    vLLM's own."""
+
     tensor_parallel_size: int = 1
     enable_prefix_caching: bool = False  # a prefix-cache hit makes a sparse request run dense (docs/vllm.md)
     max_num_batched_tokens: int | None = None  # default: max_model_len, so prompts prefill in one chunk
     enforce_eager: bool | None = None  # None: eager on the CPU (no compile in tests), vLLM's CUDA graphs on CUDA
-    block_size: int | None = None
     seed: int = 0
     gpu_memory_utilization: float | None = None
     self_test: bool = True
@@ -143,8 +137,8 @@ class VllmEngine:
                 kwargs["distributed_executor_backend"] = "uni"  # the worker runs inside the engine-core process
         elif o.gpu_memory_utilization:
             kwargs["gpu_memory_utilization"] = o.gpu_memory_utilization
-        if o.block_size:
-            kwargs["block_size"] = o.block_size
+        if o.page_size:
+            kwargs["block_size"] = o.page_size
         if self._device() != "cpu":
             kwargs["attention_config"] = {"backend": CUDA_BACKEND_NAME}
         return AsyncEngineArgs(**kwargs)
