@@ -17,7 +17,7 @@ import time
 import torch
 
 from attention_backends import parse_pattern
-from server.contract import GenerationRequest, SamplingParams
+from server.contract.engine import GenerationRequest, SamplingParams
 from server.engine.engine import EngineOptions, NativeEngine
 from server.engine.llama import LlamaModel
 from server.engine.model_config import ModelConfig

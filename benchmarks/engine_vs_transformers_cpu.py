@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from server.contract import GenerationRequest, SamplingParams
+from server.contract.engine import GenerationRequest, SamplingParams
 from server.engine.default_model import default_model_path
 from server.engine.engine import EngineOptions, NativeEngine
 from server.engine.model_loader import load_model

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from attention_backends import DECODE_METHODS, PREFILL_METHODS
-from server.contract import EngineStats, RequestCost
+from server.contract.cost import RequestCost
+from server.contract.engine import EngineStats
 
 PREFIX = "sparse_serve_"
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from attention_backends import parse_pattern
-from server.contract import GenerationOutput, GenerationRequest, SamplingParams
+from server.contract.engine import GenerationOutput, GenerationRequest, SamplingParams
 from server.engine.engine import EngineOptions, NativeEngine
 from server.engine.llama import LlamaModel
 from server.engine.model_config import ModelConfig

@@ -21,13 +21,12 @@ from typing import Any
 import httpx
 import uvicorn
 
-from server.contract import (
+from server.contract.cost import PhaseCost, RequestCost
+from server.contract.engine import (
     EngineOverloaded,
     EngineStats,
     GenerationOutput,
     GenerationRequest,
-    PhaseCost,
-    RequestCost,
     RequestRejected,
     RequestTimings,
     TokenLogprob,

@@ -13,7 +13,8 @@ import torch
 from engine_helpers import collect, make_request, tiny_engine, tiny_model, with_engine
 
 from attention_backends import parse_pattern
-from server.contract import EngineOverloaded, GenerationRequest, RequestCost, RequestRejected, SamplingParams
+from server.contract.cost import RequestCost
+from server.contract.engine import EngineOverloaded, GenerationRequest, RequestRejected, SamplingParams
 from server.engine.engine import EngineOptions, NativeEngine
 from server.engine.llama import LlamaModel
 from server.engine.model_config import ModelConfig

@@ -7,7 +7,8 @@ import math
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.contract import EngineStats, PhaseCost, RequestCost
+from server.contract.cost import PhaseCost, RequestCost
+from server.contract.engine import EngineStats
 from server.metrics import (
     E2E_BUCKETS,
     METRIC_DEFS,

@@ -26,7 +26,7 @@ from test_deploy import used_metric_names
 
 from server.api import create_app
 from server.cli import build_engine
-from server.contract import GenerationRequest, SamplingParams
+from server.contract.engine import GenerationRequest, SamplingParams
 from server.metrics import METRIC_DEFS, base_metric_name
 from server.settings import ServerSettings, parse_size
 

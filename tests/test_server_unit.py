@@ -11,7 +11,7 @@ from server.api.errors import APIError, loc_to_param
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, unsupported_field
 from server.api.sparse_request import resolve_sparse_spec
 from server.cli import build_parser, settings_from_args
-from server.contract import PhaseCost, RequestCost
+from server.contract.cost import PhaseCost, RequestCost
 from server.settings import ServerSettings, parse_size
 
 

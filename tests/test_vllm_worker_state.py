@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from attention_backends import parse_pattern
-from server.contract import RequestCost
+from server.contract.cost import RequestCost
 from server.vllm_engine import worker_state as ws
 from server.vllm_engine.accounting import COST_DIR_ENV
 

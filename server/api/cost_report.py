@@ -1,11 +1,11 @@
-"""The response's ``sparse`` object: a :class:`~server.contract.RequestCost` under the JSON names of the API's
+"""The response's ``sparse`` object: a :class:`~server.contract.cost.RequestCost` under the JSON names of the API's
 schema (:class:`~server.api.schemas.SparseReport`). The names are the API's to keep stable, not the engines'."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from server.contract import RequestCost
+from server.contract.cost import RequestCost
 
 
 def cost_report(cost: RequestCost) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from server.contract import Engine, EngineOverloaded, GenerationOutput, GenerationRequest, RequestRejected
+from server.contract.engine import Engine, EngineOverloaded, GenerationOutput, GenerationRequest, RequestRejected
 
 from .errors import APIError, bad_request, overloaded
 

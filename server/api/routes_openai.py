@@ -19,7 +19,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from attention_backends import SparseSpec
-from server.contract import GenerationOutput, GenerationRequest, RequestCost, SamplingParams, TokenLogprob
+from server.contract.cost import RequestCost
+from server.contract.engine import GenerationOutput, GenerationRequest, SamplingParams, TokenLogprob
 from server.sparse_policy import AutoChoice, AutoRequest
 
 from .context import ServerContext, get_context

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 
 import torch
 
-from server.contract import (
+from server.contract.engine import (
     EngineOverloaded,
     EngineStats,
     FinishReason,

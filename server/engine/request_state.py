@@ -7,7 +7,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from server.contract import GenerationOutput, GenerationRequest, RequestCost, RequestTimings, TokenLogprob
+from server.contract.cost import RequestCost
+from server.contract.engine import GenerationOutput, GenerationRequest, RequestTimings, TokenLogprob
 
 from .detokenizer import IncrementalDetokenizer
 from .sampler import SamplerState

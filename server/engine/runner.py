@@ -22,7 +22,7 @@ from attention_backends.cost import ModelShape, flops_per_cell
 from attention_backends.decode.quest import budget_pages
 from attention_backends.prefill.common import causal_cells
 from attention_backends.spec import SparseSpec
-from server.contract import TokenLogprob
+from server.contract.engine import TokenLogprob
 
 from .page_pool import PagePool
 from .paged_attention import page_fill, paged_decode_attention, quest_select, selected_pages, token_mask

@@ -28,7 +28,7 @@ import time
 from collections import deque
 
 from attention_backends.decode.state import eviction_capacity
-from server.contract import EngineOverloaded, GenerationRequest
+from server.contract.engine import EngineOverloaded, GenerationRequest
 
 from .page_pool import PagePool
 from .request_state import EngineRequest

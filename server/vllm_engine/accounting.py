@@ -3,7 +3,7 @@ worker to the front end, and the analytic cost of a dense one.
 
 vLLM gives attention no request ids and returns nothing from a worker but tokens, so the sparse backend
 (in the worker process) feeds each sparse request's per-layer reports into its
-:class:`~server.contract.RequestCost` (the same account the native engine feeds) and writes it, once per step
+:class:`~server.contract.cost.RequestCost` (the same account the native engine feeds) and writes it, once per step
 it ran in, to ``<cost dir>/<request key>.json`` (atomic rename). The step's file is written from the no-op
 logits processor, i.e. after the step's forward and before its tokens are sampled, so the file for the step
 that produced a request's last token exists before the front end sees that token. The front end
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from attention_backends import PrefillReport, SparseSpec
 from attention_backends.cost import ModelShape, causal_cells, flops_per_cell
-from server.contract import PhaseCost, RequestCost
+from server.contract.cost import PhaseCost, RequestCost
 
 COST_DIR_ENV = "SPARSE_SERVE_VLLM_COST_DIR"
 
@@ -52,7 +52,7 @@ def dense_cost(spec: SparseSpec, shape: ModelShape, prompt_len: int, completion_
                element_bytes: int) -> RequestCost:
     """What dense attention costs a request: the whole prompt's prefill and ``completion_tokens - 1`` decode
     steps that each read every cached token (the prefill's whole-model FLOPs are the caller's
-    :meth:`~server.contract.RequestCost.end_prefill`, as for a measured cost)."""
+    :meth:`~server.contract.cost.RequestCost.end_prefill`, as for a measured cost)."""
     cost = RequestCost.for_spec(spec)
     cells = causal_cells(prompt_len) * shape.num_heads * shape.num_layers
     flops = float(cells * flops_per_cell(shape.head_dim))

@@ -1,4 +1,4 @@
-"""VllmEngine: the :class:`~server.contract.Engine` protocol over vLLM's ``AsyncLLM``.
+"""VllmEngine: the :class:`~server.contract.engine.Engine` protocol over vLLM's ``AsyncLLM``.
 
 Requests go to ``AsyncLLM.generate`` with ``RequestOutputKind.DELTA``; a sparse request's spec travels in
 ``SamplingParams.extra_args["sparse_pattern"]`` (object form) together with a key naming its cost side file
@@ -22,12 +22,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from attention_backends.cost import ModelShape
-from server.contract import (
+from server.contract.cost import RequestCost
+from server.contract.engine import (
     EngineOverloaded,
     EngineStats,
     GenerationOutput,
     GenerationRequest,
-    RequestCost,
     RequestRejected,
     RequestTimings,
     SamplingParams,

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from attention_backends import DecodeReport, DecodeState, InvalidSparsePattern, SparseSpec, parse_pattern
 from attention_backends.cost import ModelShape
-from server.contract import RequestCost
+from server.contract.cost import RequestCost
 
 from .accounting import COST_DIR_ENV, write_cost
 
