@@ -95,7 +95,7 @@ def test_unsupported_fields():
     CompletionRequest(prompt="x", totally_unknown=1)
 
 
-def test_aggregate_cost():
+def test_costs_of_several_requests_combine():
     """Ratios are recomputed from the summed units they compare (cells; prompt KV tokens, not bytes: generated
     tokens, which every decode method reads in full, do not dilute the decode ratio)."""
     a = RequestCost(PhaseCost("vertical_slash", 4, dense_units=40, actual_units=10, attention_flops=10,
