@@ -165,7 +165,7 @@ class ServingEngine:
 
     async def run(self, prompt: list[int], max_tokens: int, pattern: str, s: Stream | None = None) -> Stream:
         from attention_backends import parse_pattern
-        from server.engine.types import GenerationRequest, SamplingParams
+        from server.contract.engine import GenerationRequest, SamplingParams
 
         s = s or Stream(uuid.uuid4().hex, time.monotonic())
         req = GenerationRequest(s.request_id, prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0,

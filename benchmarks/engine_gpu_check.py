@@ -17,10 +17,10 @@ import time
 import torch
 
 from attention_backends import parse_pattern
+from server.contract.engine import GenerationRequest, SamplingParams
 from server.engine.engine import EngineOptions, NativeEngine
 from server.engine.llama import LlamaModel
 from server.engine.model_config import ModelConfig
-from server.engine.types import GenerationRequest, SamplingParams
 
 PATTERNS = ["dense", "quest:4", "snapkv:4", "ada_snapkv:4", "vertical_slash:4", "block_sparse:4", "flexprefill:4"]
 

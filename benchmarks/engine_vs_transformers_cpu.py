@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
+from server.contract.engine import GenerationRequest, SamplingParams
 from server.engine.default_model import default_model_path
 from server.engine.engine import EngineOptions, NativeEngine
 from server.engine.model_loader import load_model
-from server.engine.types import GenerationRequest, SamplingParams
 
 
 def hf_model(path: Path):

@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most requests waiting for admission (those that do not fit yet; every request that fits "
                    "is admitted at once); beyond it new requests get 429 with Retry-After estimated from the queue "
                    "and the recent completion rate")
+    g.add_argument("--page-size", type=int, default=None,
+                   help="tokens per KV-cache page (native default: 16; with --engine vllm, vLLM's block size, "
+                   "default vLLM's). The native engine runs Quest on its pages, so Quest requests must then name "
+                   "this page_size")
     g.add_argument("--served-model-name", default=None,
                    help="the model name clients send and /v1/models lists (default: the model's name)")
 
@@ -97,6 +101,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         kv_cache_memory=None if args.kv_cache_memory is None else parse_size(args.kv_cache_memory),
         max_num_seqs=args.max_num_seqs,
         max_queue=args.max_queue,
+        page_size=args.page_size,
         host=args.host,
         port=args.port,
         served_model_name=args.served_model_name,
@@ -123,8 +128,7 @@ def build_engine(settings: ServerSettings):
         return create_engine(settings)
     from server.engine.engine import EngineOptions, NativeEngine
 
-    options = EngineOptions(**settings.engine_options())
-    return NativeEngine.from_options(options)
+    return NativeEngine.from_options(EngineOptions.from_settings(settings))
 
 
 def configure_logging(level: str) -> None:

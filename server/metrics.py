@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from attention_backends import DECODE_METHODS, PREFILL_METHODS
-from server.engine.types import EngineStats, RequestCost
+from server.contract.cost import RequestCost
+from server.contract.engine import EngineStats
 
 PREFIX = "sparse_serve_"
 
@@ -221,12 +222,8 @@ class ServerMetrics:
                 self._inc("attention_flops_total", pc.dense_attention_flops, phase=phase, method=method,
                           kind="dense_equivalent")
                 self._inc("attention_flops_total", pc.indexing_flops, phase=phase, method=method, kind="indexing")
-        for phase, actual, dense in (
-            ("prefill", cost.prefill_model_flops, cost.dense_prefill_model_flops),
-            ("decode", cost.decode_model_flops, cost.dense_decode_model_flops),
-        ):
-            self._inc("model_flops_total", actual, phase=phase, kind="actual")
-            self._inc("model_flops_total", dense, phase=phase, kind="dense_equivalent")
+            self._inc("model_flops_total", pc.model_flops, phase=phase, kind="actual")
+            self._inc("model_flops_total", pc.dense_model_flops, phase=phase, kind="dense_equivalent")
         d = cost.decode
         self._inc("kv_bytes_read_total", d.kv_bytes_read, method=dm, kind="actual")
         self._inc("kv_bytes_read_total", d.dense_kv_bytes_read, method=dm, kind="dense_equivalent")

@@ -1,14 +1,17 @@
-"""Server settings shared by the ``sparse-serve`` CLI and the HTTP app factory.
+"""Server settings shared by the ``sparse-serve`` CLI, the engines and the HTTP app factory.
 
-The CLI fills a :class:`ServerSettings` from its flags (and ``SPARSE_SERVE_API_KEY``); the app reads only
-the HTTP-side fields (auth, limits, default pattern, names), the engine builder only the engine-side ones.
+:class:`EngineSettings` are what every engine takes (the CLI's model-and-engine flags); each engine's options
+extend them (:class:`server.engine.engine.EngineOptions`, :class:`server.vllm_engine.engine.VllmOptions`) and
+are made from the CLI's with :meth:`EngineSettings.from_settings`. :class:`ServerSettings` adds the engine
+choice and the HTTP side (auth, limits, default pattern); the CLI fills it from its flags (and
+``SPARSE_SERVE_API_KEY``).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
@@ -40,13 +43,11 @@ def parse_size(text: str | int | float) -> int:
     return size
 
 
-class ServerSettings(BaseModel):
-    """Everything ``sparse-serve`` can be told. Defaults are the CLI's defaults."""
+class EngineSettings(BaseModel):
+    """What every engine is told. Defaults are the CLI's defaults."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    # engine
-    engine: Literal["native", "vllm"] = "native"
     model: str | None = Field(None, description="HF model directory or GGUF file; None = embedded SmolLM2")
     device: str = Field("auto", description="auto = cuda if available, else cpu")
     dtype: str = Field("auto", description="auto = bfloat16 on cuda, float32 on cpu")
@@ -54,11 +55,24 @@ class ServerSettings(BaseModel):
     kv_cache_memory: int | None = Field(None, ge=1, description="bytes for the KV page pool; None = engine default")
     max_num_seqs: int = Field(64, ge=1)
     max_queue: int = Field(256, ge=0, description="requests allowed to wait; beyond it new ones get 429")
+    page_size: int | None = Field(None, ge=1, description="tokens per KV-cache page (vLLM: block); None = the "
+                                  "engine's default (native 16, vLLM its own)")
+    served_model_name: str | None = Field(None, description="the name clients use; None = the model's")
+
+    @classmethod
+    def from_settings(cls, settings: EngineSettings, **own: Any) -> Self:
+        """These options from ``settings``' engine settings (e.g. the CLI's) and the engine's ``own`` ones."""
+        return cls(**{name: getattr(settings, name) for name in EngineSettings.model_fields}, **own)
+
+
+class ServerSettings(EngineSettings):
+    """Everything ``sparse-serve`` can be told: the engine's settings, which engine, and the HTTP side."""
+
+    engine: Literal["native", "vllm"] = "native"
 
     # HTTP
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    served_model_name: str | None = None
     api_key: str | None = None
     default_sparse_pattern: str = "dense"
     sparse_policy: str | None = Field(None, description="policy JSON for sparse_pattern 'auto'; None = built-in")
@@ -114,9 +128,3 @@ class ServerSettings(BaseModel):
 
         param = "--default-sparse-pattern"
         return parse_auto(self.default_sparse_pattern, param) or parse_pattern(self.default_sparse_pattern, param=param)
-
-    def engine_options(self) -> dict[str, Any]:
-        """The settings every engine takes (native and vLLM options share these names)."""
-        return {name: getattr(self, name) for name in (
-            "model", "device", "dtype", "max_model_len", "kv_cache_memory", "max_num_seqs", "max_queue",
-            "served_model_name")}

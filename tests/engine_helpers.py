@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 import torch
 
 from attention_backends import parse_pattern
+from server.contract.engine import GenerationOutput, GenerationRequest, SamplingParams
 from server.engine.engine import EngineOptions, NativeEngine
 from server.engine.llama import LlamaModel
 from server.engine.model_config import ModelConfig
 from server.engine.page_pool import page_bytes
-from server.engine.types import GenerationOutput, GenerationRequest, SamplingParams
 
 
 @dataclass

@@ -21,18 +21,17 @@ from typing import Any
 import httpx
 import uvicorn
 
-from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.types import (
+from server.contract.cost import PhaseCost, RequestCost
+from server.contract.engine import (
     EngineOverloaded,
     EngineStats,
     GenerationOutput,
     GenerationRequest,
-    PhaseCost,
-    RequestCost,
     RequestRejected,
     RequestTimings,
     TokenLogprob,
 )
+from server.engine.detokenizer import IncrementalDetokenizer
 
 OFFSET = 3  # ids 0..2 are special: 0 pad, 1 bos, 2 eos
 
@@ -101,16 +100,15 @@ class FakeEngine:
         dense_p = float(n * (n + 1) // 2 * 100)
         dense_d = float(max(0, n_out - 1) * n * 64)
         return RequestCost(
-            prefill=PhaseCost(p.method, p.compression_ratio, p.compression_ratio, dense_units=dense_p,
+            prefill=PhaseCost(p.method, p.compression_ratio, dense_units=dense_p,
                               actual_units=dense_p / p.compression_ratio, attention_flops=dense_p / p.compression_ratio,
-                              dense_attention_flops=dense_p, indexing_flops=10.0 if p.method != "dense" else 0.0),
-            decode=PhaseCost(d.method, d.compression_ratio, d.compression_ratio if n_out > 1 else 1.0,
-                             dense_units=dense_d, actual_units=dense_d / d.compression_ratio,
+                              dense_attention_flops=dense_p, indexing_flops=10.0 if p.method != "dense" else 0.0,
+                              model_flops=1000.0 * n, dense_model_flops=1100.0 * n),
+            decode=PhaseCost(d.method, d.compression_ratio, dense_units=dense_d,
+                             actual_units=dense_d / d.compression_ratio,
                              kv_bytes_read=dense_d / d.compression_ratio, dense_kv_bytes_read=dense_d,
-                             metadata_bytes_read=1.0 if d.method == "quest" else 0.0, kv_cache_tokens=n + n_out),
-            model_flops=1000.0 * (n + n_out), dense_model_flops=1100.0 * (n + n_out),
-            prefill_model_flops=1000.0 * n, dense_prefill_model_flops=1100.0 * n,
-            decode_model_flops=1000.0 * n_out, dense_decode_model_flops=1100.0 * n_out,
+                             metadata_bytes_read=1.0 if d.method == "quest" else 0.0, kv_cache_tokens=n + n_out,
+                             model_flops=1000.0 * n_out, dense_model_flops=1100.0 * n_out),
         )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:

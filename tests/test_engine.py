@@ -13,11 +13,12 @@ import torch
 from engine_helpers import collect, make_request, tiny_engine, tiny_model, with_engine
 
 from attention_backends import parse_pattern
+from server.contract.cost import RequestCost
+from server.contract.engine import EngineOverloaded, GenerationRequest, RequestRejected, SamplingParams
 from server.engine.engine import EngineOptions, NativeEngine
 from server.engine.llama import LlamaModel
 from server.engine.model_config import ModelConfig
 from server.engine.page_pool import page_bytes
-from server.engine.types import EngineOverloaded, GenerationRequest, RequestRejected, SamplingParams
 
 PATTERNS = ["dense", "vertical_slash:4", "block_sparse:4", "flexprefill", "snapkv:4", "ada_snapkv:4", "quest:4",
             "vertical_slash:4+quest:4"]
@@ -236,6 +237,28 @@ def test_rejections_and_overload(loaded):
     asyncio.run(with_engine(engine, body))
 
 
+def test_page_size_option_sets_the_kv_pages_quest_runs_on():
+    """--page-size 32: the pool's pages hold 32 tokens; Quest requests naming page_size 32 run (reading whole
+    32-token pages), those left at Quest's default 16 are refused, and other methods do not care."""
+    model = tiny_model()
+    engine = tiny_engine(model, page_size=32)
+    assert engine.pool.page_size == 32 and engine.pool.keys.shape[1] == 32
+    ids = [(5 * i + 1) % 96 for i in range(200)]
+    with pytest.raises(RequestRejected):
+        engine.validate(make_request("quest-16", ids, "quest:2"))
+
+    async def body(engine):
+        quest = await collect(engine, quest_request_with_page_size(ids, 32))
+        dense = await collect(engine, make_request("dense", ids, max_tokens=4))
+        return quest, dense
+
+    quest, dense = asyncio.run(with_engine(engine, body))
+    assert quest.final.finish_reason == dense.final.finish_reason == "length"
+    assert quest.final.cost.decode.achieved_compression_ratio > 1  # Quest read a subset of the 32-token pages
+    same = asyncio.run(with_engine(tiny_engine(model), lambda e: collect(e, make_request("dense", ids, max_tokens=4))))
+    assert dense.token_ids == same.token_ids  # the page size changes where tokens live, not what is computed
+
+
 def quest_request_with_page_size(ids, page_size):
     spec = parse_pattern({"decode": {"method": "quest", "compression_ratio": 2, "params": {"page_size": page_size}}})
     return GenerationRequest("quest-page", ids, SamplingParams(max_tokens=4, temperature=0), spec)
@@ -261,8 +284,6 @@ def test_small_pool_serves_chat_without_max_tokens(loaded):
 
 def test_decode_ratio_of_several_choices_is_each_choices_ratio():
     """n = 2 identical snapkv:4 choices with generated tokens: the combined decode ratio is each choice's."""
-    from server.api.generation import aggregate_cost
-
     engine = tiny_engine(tiny_model())
     prompt = [(7 * i + 3) % 96 for i in range(300)]
 
@@ -273,7 +294,7 @@ def test_decode_ratio_of_several_choices_is_each_choices_ratio():
     a, b = asyncio.run(with_engine(engine, body))
     ratio = a.final.cost.decode.achieved_compression_ratio
     assert ratio > 3 and b.final.cost.decode.achieved_compression_ratio == ratio
-    assert aggregate_cost([a.final.cost, b.final.cost]).decode.achieved_compression_ratio == pytest.approx(ratio)
+    assert RequestCost.combine([a.final.cost, b.final.cost]).decode.achieved_compression_ratio == pytest.approx(ratio)
 
 
 def test_sliding_window_model_is_refused_unless_the_window_covers_the_context():

@@ -10,7 +10,7 @@ import asyncio
 import pytest
 from engine_helpers import collect, make_request, tiny_engine, tiny_model, with_engine
 
-from server.engine.types import EngineOverloaded, RequestRejected
+from server.contract.engine import EngineOverloaded, RequestRejected
 
 PROMPT = [(7 * i + 3) % 96 for i in range(150)]
 

@@ -7,7 +7,8 @@ import math
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.engine.types import EngineStats, PhaseCost, RequestCost
+from server.contract.cost import PhaseCost, RequestCost
+from server.contract.engine import EngineStats
 from server.metrics import (
     E2E_BUCKETS,
     METRIC_DEFS,
@@ -30,14 +31,12 @@ MODEL = "smollm2-135m"
 
 def make_cost() -> RequestCost:
     return RequestCost(
-        prefill=PhaseCost(method="vertical_slash", target_compression_ratio=8, achieved_compression_ratio=7.5,
-                          attention_flops=1.0e9, dense_attention_flops=7.5e9, indexing_flops=2.0e7),
-        decode=PhaseCost(method="quest", target_compression_ratio=20, achieved_compression_ratio=18.0,
+        prefill=PhaseCost(method="vertical_slash", target_compression_ratio=8, dense_units=7.5, actual_units=1,
+                          attention_flops=1.0e9, dense_attention_flops=7.5e9, indexing_flops=2.0e7,
+                          model_flops=4.0e10, dense_model_flops=4.9e10),
+        decode=PhaseCost(method="quest", target_compression_ratio=20, dense_units=18.0, actual_units=1,
                          kv_bytes_read=4.0e6, dense_kv_bytes_read=7.2e7, metadata_bytes_read=3.0e5,
-                         kv_cache_tokens=1100),
-        model_flops=5.0e10, dense_model_flops=6.0e10,
-        prefill_model_flops=4.0e10, dense_prefill_model_flops=4.9e10,
-        decode_model_flops=1.0e10, dense_decode_model_flops=1.1e10,
+                         kv_cache_tokens=1100, model_flops=1.0e10, dense_model_flops=1.1e10),
     )
 
 
@@ -112,8 +111,8 @@ def test_counters_grow_by_exactly_the_recorded_amounts():
     for kind, v in (("actual", p.attention_flops), ("dense_equivalent", p.dense_attention_flops),
                     ("indexing", p.indexing_flops)):
         assert delta("attention_flops_total", phase="prefill", method="vertical_slash", kind=kind) == 2 * v
-    for phase, actual, dense in (("prefill", cost.prefill_model_flops, cost.dense_prefill_model_flops),
-                                 ("decode", cost.decode_model_flops, cost.dense_decode_model_flops)):
+    for phase, actual, dense in (("prefill", p.model_flops, p.dense_model_flops),
+                                 ("decode", d.model_flops, d.dense_model_flops)):
         assert delta("model_flops_total", phase=phase, kind="actual") == 2 * actual
         assert delta("model_flops_total", phase=phase, kind="dense_equivalent") == 2 * dense
     for kind, v in (("actual", d.kv_bytes_read), ("dense_equivalent", d.dense_kv_bytes_read),

@@ -26,7 +26,7 @@ from test_deploy import used_metric_names
 
 from server.api import create_app
 from server.cli import build_engine
-from server.engine.types import GenerationRequest, SamplingParams
+from server.contract.engine import GenerationRequest, SamplingParams
 from server.metrics import METRIC_DEFS, base_metric_name
 from server.settings import ServerSettings, parse_size
 
@@ -209,6 +209,51 @@ def test_auto_chooses_by_prompt_length(http):
     assert (long["sparse"]["prefill"]["method"], long["sparse"]["decode"]["method"]) == ("vertical_slash", "snapkv")
     assert long["choices"][0]["text"] == complete(LONG_PROMPT, "vertical_slash:3+snapkv:2")["choices"][0]["text"]
     assert complete(LONG_PROMPT, "auto:0.001")["sparse"]["auto"]["chosen"] == "dense"  # tight budget
+
+
+def first_difference(a, b, path: str = "$") -> str | None:
+    """Where two JSON values first differ (a key one of them lacks, or a different value), or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(a.keys() | b.keys()):
+            found = f"{path}.{k}" if k not in a or k not in b else first_difference(a[k], b[k], f"{path}.{k}")
+            if found:
+                return found
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        found_in = (first_difference(x, y, f"{path}[{i}]") for i, (x, y) in enumerate(zip(a, b, strict=True)))
+        return next((d for d in found_in if d), None)
+    return None if a == b else path
+
+
+def assert_schema(model, data: dict) -> None:
+    """``data`` is exactly what ``model`` (a response model of the OpenAPI document) describes: it validates, and
+    no field is one the model does not name (validation drops those, so the round trip would differ)."""
+    diff = first_difference(model.model_validate(data).model_dump(exclude_unset=True), data)
+    assert diff is None, f"{model.__name__} does not describe {diff}"
+
+
+def test_responses_match_the_documented_schema(http):
+    """Real responses against the pydantic response models (server/api/schemas.py): completions with n = 2
+    (a sparse report per choice), echo with logprobs, `auto`, chat with logprobs, and a stream's usage chunk."""
+    from server.api.schemas import ChatCompletionResponse, CompletionResponse, SparseReport
+
+    def post(path, body):
+        r = http.post(path, json={"max_tokens": 3, "temperature": 0, "ignore_eos": True, **body})
+        assert r.status_code == 200, r.text
+        return r
+
+    r = post("/v1/completions", {"prompt": LONG_PROMPT, "n": 2, "logprobs": 1, "echo": True,
+                                 "sparse_pattern": "vertical_slash:2+quest:4"}).json()
+    assert r["sparse"]["prefill"]["prompt_logprobs"] is True and "sparse" in r["choices"][1]
+    assert_schema(CompletionResponse, r)
+    r = post("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG_PROMPT}], "logprobs": True,
+                                      "top_logprobs": 2, "sparse_pattern": "auto"}).json()
+    assert r["sparse"]["auto"]["chosen"] == "vertical_slash:3+snapkv:2"
+    assert_schema(ChatCompletionResponse, r)
+    events = parse_sse(post("/v1/completions", {"prompt": LONG_PROMPT, "stream": True, "sparse_pattern": "snapkv:2",
+                                                "stream_options": {"include_usage": True}}).text)
+    assert events[-1] == "[DONE]"
+    assert_schema(SparseReport, events[-2]["sparse"])
 
 
 def test_invalid_inputs_on_real_engine(srv, http):

@@ -6,12 +6,12 @@ import math
 
 import pytest
 
+from server.api.cost_report import cost_report
 from server.api.errors import APIError, loc_to_param
-from server.api.generation import aggregate_cost
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, unsupported_field
 from server.api.sparse_request import resolve_sparse_spec
 from server.cli import build_parser, settings_from_args
-from server.engine.types import PhaseCost, RequestCost
+from server.contract.cost import PhaseCost, RequestCost
 from server.settings import ServerSettings, parse_size
 
 
@@ -95,24 +95,23 @@ def test_unsupported_fields():
     CompletionRequest(prompt="x", totally_unknown=1)
 
 
-def test_aggregate_cost():
+def test_costs_of_several_requests_combine():
     """Ratios are recomputed from the summed units they compare (cells; prompt KV tokens, not bytes: generated
     tokens, which every decode method reads in full, do not dilute the decode ratio)."""
-    a = RequestCost(PhaseCost("vertical_slash", 4, 4, dense_units=40, actual_units=10, attention_flops=10,
-                              dense_attention_flops=40),
-                    PhaseCost("quest", 8, 8, dense_units=80, actual_units=10, kv_bytes_read=30,
-                              dense_kv_bytes_read=100, kv_cache_tokens=5),
-                    model_flops=1, dense_model_flops=2)
-    b = RequestCost(PhaseCost("vertical_slash", 4, 2, dense_units=60, actual_units=30, attention_flops=30,
+    a = RequestCost(PhaseCost("vertical_slash", 4, dense_units=40, actual_units=10, attention_flops=10,
+                              dense_attention_flops=40, model_flops=1, dense_model_flops=2),
+                    PhaseCost("quest", 8, dense_units=80, actual_units=10, kv_bytes_read=30,
+                              dense_kv_bytes_read=100, kv_cache_tokens=5))
+    b = RequestCost(PhaseCost("vertical_slash", 4, dense_units=60, actual_units=30, attention_flops=30,
                               dense_attention_flops=60),
-                    PhaseCost("quest", 8, 1, kv_bytes_read=0, dense_kv_bytes_read=0, kv_cache_tokens=7),
-                    model_flops=3, dense_model_flops=4)
-    agg = aggregate_cost([a, b]).to_dict()
+                    PhaseCost("quest", 8, kv_bytes_read=0, dense_kv_bytes_read=0, kv_cache_tokens=7,
+                              model_flops=3, dense_model_flops=4))
+    agg = cost_report(RequestCost.combine([a, b]))
     assert agg["prefill"]["attention_flops"] == 40 and agg["prefill"]["achieved_compression_ratio"] == 2.5
     assert agg["decode"]["achieved_compression_ratio"] == 8 and agg["decode"]["kv_cache_tokens"] == 12
     assert agg["decode"]["kv_bytes_read"] == 30 and agg["decode"]["dense_kv_bytes_read"] == 100
     assert agg["model_flops"] == 4 and agg["dense_model_flops"] == 6
-    assert aggregate_cost([a]) is a
+    assert RequestCost.combine([a]) is a
 
 
 def test_parse_size():
@@ -129,6 +128,22 @@ def test_settings_reject_bad_default_pattern():
     with pytest.raises(ValueError):
         ServerSettings(default_sparse_pattern="bogus:3")
     assert ServerSettings(default_sparse_pattern="quest:20").default_spec().decode.method == "quest"
+
+
+def test_page_size_flag_reaches_both_engines_options():
+    """--page-size is an engine setting: the native engine's page size, vLLM's block size."""
+    from server.engine.engine import EngineOptions
+    from server.vllm_engine.engine import VllmOptions
+
+    parser = build_parser()
+    assert "--page-size" in parser.format_help()
+    s = settings_from_args(parser.parse_args(["--page-size", "32", "--max-num-seqs", "3"]))
+    assert s.page_size == 32
+    native, vllm = EngineOptions.from_settings(s), VllmOptions.from_settings(s, self_test=False)
+    assert (native.page_size, native.max_num_seqs, vllm.page_size, vllm.self_test) == (32, 3, 32, False)
+    assert EngineOptions.from_settings(settings_from_args(parser.parse_args([]))).resolved_page_size() == 16
+    with pytest.raises(ValueError):
+        settings_from_args(parser.parse_args(["--page-size", "0"]))
 
 
 def test_cli_flags_and_env_key(monkeypatch):

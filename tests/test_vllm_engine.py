@@ -22,7 +22,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed (run under .venv-vllm)
 import torch  # noqa: E402
 
 from attention_backends import parse_pattern  # noqa: E402
-from server.engine.types import GenerationRequest, SamplingParams  # noqa: E402
+from server.contract.engine import GenerationRequest, SamplingParams  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 

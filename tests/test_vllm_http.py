@@ -42,6 +42,7 @@ from test_server_e2e import (  # noqa: E402, F401 - the imported tests and fixtu
     test_metrics_after_traffic,
     test_openai_sdk_chat,
     test_openai_sdk_completions,
+    test_responses_match_the_documented_schema,
 )
 
 from server.engine.default_model import DEFAULT_MODEL_NAME  # noqa: E402
@@ -58,8 +59,8 @@ def export_default_model(path: Path) -> Path:
     from transformers import LlamaConfig
 
     from server.engine.default_model import default_model_path
-    from server.engine.tokenizer import load_gguf_tokenizer
     from server.engine.weights import load_gguf_checkpoint
+    from server.tokenizer import load_gguf_tokenizer
 
     gguf = default_model_path()
     ckpt = load_gguf_checkpoint(gguf)

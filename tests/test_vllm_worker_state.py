@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 from attention_backends import parse_pattern
+from server.contract.cost import RequestCost
 from server.vllm_engine import worker_state as ws
-from server.vllm_engine.accounting import COST_DIR_ENV, CostAccount
+from server.vllm_engine.accounting import COST_DIR_ENV
 
 
 def test_cost_file_goes_to_the_directory_set_after_import(tmp_path, monkeypatch):
@@ -15,7 +16,7 @@ def test_cost_file_goes_to_the_directory_set_after_import(tmp_path, monkeypatch)
     the start-up self-test refused to serve)."""
     monkeypatch.setenv(COST_DIR_ENV, str(tmp_path))
     state = ws.RequestState(key="req-1", spec=parse_pattern("quest:4"), prompt_len=8,
-                            account=CostAccount(prompt_len=8), dirty=True)
+                            cost=RequestCost(), dirty=True)
     monkeypatch.setitem(ws.SLOTS, 0, state)
     ws.end_step()
     written = json.loads((tmp_path / "req-1.json").read_text())

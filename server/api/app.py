@@ -1,6 +1,6 @@
 """The FastAPI app factory and its ASGI middleware.
 
-``create_app(engine, settings)`` serves any :class:`server.engine.types.Engine`. Middleware, outermost first:
+``create_app(engine, settings)`` serves any :class:`server.contract.engine.Engine`. Middleware, outermost first:
 
 * :class:`RequestContextMiddleware` - ``X-Request-Id`` (echoed, or generated), one JSON access-log line per
   request (logger ``sparse_serve.access``), and ``requests_total`` for generation requests rejected
@@ -29,7 +29,7 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.engine.types import Engine
+from server.contract.engine import Engine
 from server.metrics import ServerMetrics, status_for_http
 from server.settings import ServerSettings
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from fastapi import Request
 
 from attention_backends import SparseSpec
-from server.engine.types import Engine
+from server.contract.engine import Engine
 from server.metrics import ServerMetrics
 from server.settings import ServerSettings
 

@@ -19,12 +19,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from attention_backends import SparseSpec
-from server.engine.types import GenerationOutput, GenerationRequest, RequestCost, SamplingParams, TokenLogprob
+from server.contract.cost import RequestCost
+from server.contract.engine import GenerationOutput, GenerationRequest, SamplingParams, TokenLogprob
 from server.sparse_policy import AutoChoice, AutoRequest
 
 from .context import ServerContext, get_context
+from .cost_report import cost_report
 from .errors import APIError, bad_request, unavailable
-from .generation import ChoiceState, GenerationRun, aggregate_cost
+from .generation import ChoiceState, GenerationRun
 from .limits import check_choices
 from .prompts import Prompt, chat_prompt, completion_prompts
 from .schemas import (
@@ -346,7 +348,7 @@ def _add_logprobs(lps, prep: Prepared, choice: int, out: GenerationOutput) -> di
 def _sparse_report(prep: Prepared, cost: RequestCost, choice: int | None = None) -> dict[str, Any]:
     """The cost report; plus what `auto` chose and why when the request asked for it (the choice's own prompt
     for a per-choice report, the first prompt's for the whole request)."""
-    report = cost.to_dict()
+    report = cost_report(cost)
     if prep.prompt_logprobs is not None:  # says that the prompt logprobs are this (maybe sparse) prefill's
         report["prefill"]["prompt_logprobs"] = True
     if prep.auto:
@@ -393,7 +395,7 @@ async def _collect(ctx: ServerContext, prep: Prepared, run: GenerationRun) -> di
         "model": ctx.model_name,
         "choices": choices,
         "usage": usage,
-        "sparse": _sparse_report(prep, aggregate_cost(costs)),
+        "sparse": _sparse_report(prep, RequestCost.combine(costs)),
     }
 
 
@@ -442,7 +444,7 @@ async def _stream_events(ctx: ServerContext, prep: Prepared, run: GenerationRun)
         total = sum(completion_tokens)
         prep.log_fields.update(prompt_tokens=sum(len(p) for p in prep.prompts), completion_tokens=total)
         if prep.include_usage:
-            agg = aggregate_cost([c or RequestCost() for c in costs])
+            agg = RequestCost.combine([c or RequestCost() for c in costs])
             yield chunk([], usage=_usage(prep, total), sparse=_sparse_report(prep, agg))
         yield DONE
     except APIError as e:

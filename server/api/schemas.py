@@ -205,7 +205,7 @@ class DetokenizeRequest(_Body):
     tokens: list[Annotated[int, Field(ge=0)]]
 
 
-# ---- responses (documentation; the routes build the JSON directly) ----------------------------------
+# ---- responses (the OpenAPI document's; the routes build the JSON directly, tests check it against these) ----
 
 
 class ErrorDetail(BaseModel):
@@ -246,11 +246,34 @@ class DecodeCostReport(BaseModel):
     kv_cache_tokens: int
 
 
+class AutoBand(BaseModel):
+    min_tokens: int
+    max_tokens: int | None
+
+
+class AutoReport(BaseModel):
+    requested: str
+    chosen: str
+    max_drop: float | None
+    prompt_tokens: int
+    band: AutoBand | None
+    predicted_drop: float | None
+    margin: float | None
+    reason: str
+    policy: str
+
+
 class SparseReport(BaseModel):
     prefill: PrefillCostReport
     decode: DecodeCostReport
     model_flops: float
     dense_model_flops: float
+    auto: AutoReport | None = Field(None, description="present when the request asked for sparse_pattern 'auto': "
+                                    "what the policy chose for the prompt, and why")
+
+
+_CHOICE_SPARSE = Field(None, description="this choice's own cost, when the request has several prompts or choices "
+                       "(the response's sparse object sums them)")
 
 
 class CompletionLogprobs(BaseModel):
@@ -265,6 +288,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
+    sparse: SparseReport | None = _CHOICE_SPARSE
 
 
 class CompletionResponse(BaseModel):
@@ -301,6 +325,7 @@ class ChatChoice(BaseModel):
     message: ChatResponseMessage
     logprobs: ChatChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
+    sparse: SparseReport | None = _CHOICE_SPARSE
 
 
 class ChatCompletionResponse(BaseModel):

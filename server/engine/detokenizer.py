@@ -7,7 +7,7 @@ sequence, is held back until it is decided; the stop string itself is never retu
 
 from __future__ import annotations
 
-from .types import Tokenizer
+from server.contract.engine import Tokenizer
 
 
 class IncrementalDetokenizer:

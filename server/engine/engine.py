@@ -12,17 +12,10 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import torch
 
-from .detokenizer import IncrementalDetokenizer
-from .page_pool import PagePool, pages_for_memory
-from .request_state import EngineRequest
-from .runner import ModelRunner
-from .sampler import SamplerState, sample
-from .scheduler import Scheduler
-from .types import (
+from server.contract.engine import (
     EngineOverloaded,
     EngineStats,
     FinishReason,
@@ -32,23 +25,28 @@ from .types import (
     Tokenizer,
     wait_drained,
 )
+from server.settings import EngineSettings
+
+from .detokenizer import IncrementalDetokenizer
+from .page_pool import PagePool, pages_for_memory
+from .request_state import EngineRequest
+from .runner import ModelRunner
+from .sampler import SamplerState, sample
+from .scheduler import Scheduler
 
 log = logging.getLogger("sparse_serve.engine")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_PAGE_SIZE = 16  # Quest's default page size: Quest runs on the engine's pages
 
 
-@dataclass
-class EngineOptions:
-    model: str | None = None  # HF directory or GGUF file; None = the embedded SmolLM2
-    device: str = "auto"  # auto = cuda if available, else cpu
-    dtype: str = "auto"  # auto = bfloat16 on cuda, float32 on cpu
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
-    kv_cache_memory: int | None = None  # bytes; default 1 GiB on CPU, half the free GPU memory on CUDA
-    max_num_seqs: int = 64
-    max_queue: int = 256
-    page_size: int = 16
-    served_model_name: str | None = None
+class EngineOptions(EngineSettings):
+    """The native engine takes just the settings every engine takes. ``max_model_len`` defaults to the model's
+    (capped to what one request can hold in the KV cache); ``kv_cache_memory`` to 1 GiB on CPU, half the free
+    GPU memory on CUDA."""
+
+    def resolved_page_size(self) -> int:
+        return self.page_size or DEFAULT_PAGE_SIZE
 
     def resolved_device(self) -> str:
         if self.device == "auto":
@@ -73,8 +71,9 @@ class NativeEngine:
         device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         memory = options.kv_cache_memory or self._default_kv_memory(device)
-        pages = pages_for_memory(memory, options.page_size, cfg.head_dim, dtype)
-        self.pool = PagePool(pages, options.page_size, cfg.head_dim, dtype, device)
+        page_size = options.resolved_page_size()
+        pages = pages_for_memory(memory, page_size, cfg.head_dim, dtype)
+        self.pool = PagePool(pages, page_size, cfg.head_dim, dtype, device)
         self.runner = ModelRunner(model, self.pool, self.shape)
         self.scheduler = Scheduler(self.pool, cfg.num_layers, cfg.num_kv_heads, options.max_num_seqs,
                                    options.max_queue)
@@ -330,21 +329,11 @@ class NativeEngine:
             return
         self.scheduler.remove(req)  # first: whatever fails below, the request never runs again
         req.timings.finished = time.monotonic()
-        cost = req.cost
-        try:
-            cost.prefill, cost.decode = req.phase_costs(self.pool.keys.element_size(), self.shape.head_dim)
-            if req.totals.dense_cells:
-                actual, dense = self.runner.prefill_model_flops(req)
-                cost.prefill_model_flops, cost.dense_prefill_model_flops = actual, dense
-                cost.model_flops += actual
-                cost.dense_model_flops += dense
-        except Exception:
-            log.exception("cost accounting failed for request %s", req.request_id)
-        finally:
-            if req.kv is not None:
-                req.kv.release()
+        if req.kv is not None:
+            req.cost.decode.kv_cache_tokens = int(req.kv.lengths.sum())
+            req.kv.release()
         out = last or GenerationOutput(req.request_id, [], "", prompt_tokens=req.prompt_len,
                                        completion_tokens=len(req.output_ids))
         out.finished, out.finish_reason, out.error = True, reason, error
-        out.cost, out.timings = cost, req.timings
+        out.cost, out.timings = req.cost, req.timings
         req.emit(out)

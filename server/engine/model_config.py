@@ -58,10 +58,6 @@ class ModelConfig:
         return self.eos_token_ids[0] if self.eos_token_ids else None
 
     @property
-    def num_queries_per_kv(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
-    @property
     def q_size(self) -> int:
         return self.num_heads * self.head_dim
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
+from server.tokenizer import HFTokenizer, load_gguf_tokenizer, load_hf_tokenizer
+
 from .default_model import DEFAULT_MODEL_NAME, default_model_path
 from .llama import LlamaModel
-from .tokenizer import HFTokenizer, load_gguf_tokenizer, load_hf_tokenizer
 from .weights import Checkpoint, load_gguf_checkpoint, load_hf_checkpoint
 
 

@@ -18,16 +18,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attention_backends import PrefillReport, prepare_decode, sparse_prefill
-from attention_backends.cost import ModelShape, decode_token_flops, flops_per_cell, prefill_flops
+from attention_backends.cost import ModelShape, flops_per_cell
 from attention_backends.decode.quest import budget_pages
 from attention_backends.prefill.common import causal_cells
 from attention_backends.spec import SparseSpec
+from server.contract.engine import TokenLogprob
 
 from .page_pool import PagePool
 from .paged_attention import page_fill, paged_decode_attention, quest_select, selected_pages, token_mask
 from .request_state import EngineRequest
 from .sampler import token_logprobs
-from .types import TokenLogprob
 
 try:  # Triton is a dependency, but a broken install must not take the CPU path down with it
     from attention_backends.kernels.paged_decode import paged_decode as triton_paged_decode
@@ -98,7 +98,7 @@ class ModelRunner:
         spec = req.request.spec
         kv = req.kv
         assert kv is not None
-        totals = req.totals
+        cost = req.cost
 
         def attention(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
@@ -109,7 +109,7 @@ class ModelRunner:
                                              impl="triton")
             else:
                 out, report = sparse_prefill(qh, kh, vh, spec)
-            totals.add_prefill(report)
+            cost.add_prefill(report)
             kv.write_prompt(layer, kh, vh)
             if spec.decode.method in EVICTING_METHODS:
                 keep = prepare_decode(qh, kh, vh, spec).kept_positions
@@ -121,11 +121,14 @@ class ModelRunner:
         k = req.request.sampling.prompt_logprobs
         if k is None or req.output_ids:  # a preempted request resuming sent its prompt logprobs already
             last = torch.tensor([ids.numel() - 1], device=self.device)
-            return self.model(ids, positions, attention, logits_indices=last).float().cpu()
-        # the same (sparse) prefill's hidden states score the prompt: what the pattern costs is what is measured
-        hidden = self.model.hidden_states(ids, positions, attention)
-        req.prompt_logprobs = prompt_logprobs(self.model, hidden, ids, k)
-        return self.model.compute_logits(hidden[-1:]).cpu()
+            logits = self.model(ids, positions, attention, logits_indices=last).float().cpu()
+        else:
+            # the same (sparse) prefill's hidden states score the prompt: what the pattern costs is what is measured
+            hidden = self.model.hidden_states(ids, positions, attention)
+            req.prompt_logprobs = prompt_logprobs(self.model, hidden, ids, k)
+            logits = self.model.compute_logits(hidden[-1:]).cpu()
+        cost.end_prefill(self.shape, req.prompt_len)
+        return logits
 
     # -- decode -----------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -190,32 +193,22 @@ class ModelRunner:
                         quest_rows: list[int], quest_prompt: Tensor, quest_total: Tensor) -> None:
         shape = self.shape
         per_step_dense = shape.num_layers * shape.num_kv_heads
+        element_bytes = self.pool.keys.element_size()
+        token_bytes = 2 * shape.head_dim * element_bytes  # K and V of one token of one KV head
         quest_pos = {row: i for i, row in enumerate(quest_rows)}
         lengths_sum = lengths.sum(dim=(1, 2)).tolist()
         kept_sum = prompt_kept.sum(dim=(1, 2)).tolist()
         for row, req in enumerate(batch):
-            t = req.totals
+            metadata_bytes = 0
             if row in quest_pos:
                 prompt_read = int(quest_prompt[quest_pos[row]])
                 total_read = int(quest_total[quest_pos[row]])
                 pages = -(-lengths[row] // self.pool.page_size)
-                t.metadata_elements += int(2 * shape.head_dim * pages.sum())
+                metadata_bytes = int(2 * shape.head_dim * pages.sum()) * element_bytes  # each page's key min/max
             else:
                 prompt_read, total_read = int(kept_sum[row]), int(lengths_sum[row])
             generated = req.cached_outputs  # tokens generated so far, this step's input included
-            t.prompt_tokens_read += prompt_read
-            t.generated_tokens_read += total_read - prompt_read
-            t.dense_prompt_tokens_read += req.prompt_len * per_step_dense
-            t.dense_generated_tokens_read += generated * per_step_dense
-            t.decode_steps += 1
-            flops = decode_token_flops(shape, total_read, (req.prompt_len + generated) * per_step_dense)
-            req.cost.decode_model_flops += flops.total_actual
-            req.cost.dense_decode_model_flops += flops.total_dense
-            req.cost.model_flops += flops.total_actual
-            req.cost.dense_model_flops += flops.total_dense
-
-    def prefill_model_flops(self, req: EngineRequest) -> tuple[float, float]:
-        t = req.totals
-        flops = prefill_flops(self.shape, req.prompt_len, computed_cells=t.computed_cells,
-                              indexing_flops=t.prefill_indexing_flops)
-        return flops.total_actual, flops.total_dense
+            dense_prompt, dense_total = req.prompt_len * per_step_dense, (req.prompt_len + generated) * per_step_dense
+            req.cost.add_decode(prompt_read, dense_prompt, float(total_read * token_bytes),
+                                float(dense_total * token_bytes), float(metadata_bytes))
+            req.cost.end_decode_step(shape, total_read, dense_total)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .types import SamplingParams, TokenLogprob
+from server.contract.engine import SamplingParams, TokenLogprob
 
 
 @dataclass

@@ -28,11 +28,11 @@ import time
 from collections import deque
 
 from attention_backends.decode.state import eviction_capacity
+from server.contract.engine import EngineOverloaded, GenerationRequest
 
 from .page_pool import PagePool
 from .request_state import EngineRequest
 from .runner import EVICTING_METHODS
-from .types import EngineOverloaded, GenerationRequest
 
 FALLBACK_RATE = 1.0  # completions per second assumed before any request has finished
 MAX_RETRY_AFTER = 300.0

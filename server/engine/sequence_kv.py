@@ -31,9 +31,6 @@ class SequenceKV:
     def num_pages(self) -> int:
         return int((self.tables >= 0).sum())
 
-    def max_pages(self) -> int:
-        return _pages(int(self.lengths.max()), self.pool.page_size) if self.lengths.numel() else 0
-
     def _grow(self, pages: int) -> None:
         if pages > self.tables.shape[2]:
             extra = max(pages, 2 * self.tables.shape[2]) - self.tables.shape[2]

@@ -16,10 +16,7 @@ def create_engine(settings) -> VllmEngine:
     """A :class:`VllmEngine` for the CLI's :class:`~server.settings.ServerSettings` (not started yet)."""
     from .engine import VllmEngine, VllmOptions
 
-    options = VllmOptions(**settings.engine_options())
-    return VllmEngine(options)
+    return VllmEngine(VllmOptions.from_settings(settings))
 
 
-build_engine = create_engine
-
-__all__ = ["build_engine", "create_engine"]
+__all__ = ["create_engine"]

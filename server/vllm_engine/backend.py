@@ -157,7 +157,7 @@ class SparseImplMixin:
             cells = (n * ctx + causal_cells(n)) * h
             flops = float(cells * flops_per_cell(d))
             report = PrefillReport("dense", 1.0, cells, cells, flops, flops)
-        st.account.add_prefill(report)
+        st.cost.add_prefill(report)
         st.dirty = True
         if st.spec.decode.is_dense:
             if ctx + n >= st.prompt_len:
@@ -184,10 +184,7 @@ class SparseImplMixin:
         i = row.start
         res, report = sparse_decode(query[i], key[i], value[i], ls.decode)
         out[i] = res.to(out.dtype)
-        state = ls.decode
-        st.account.add_decode(report, generated_dense=state.generated * state.num_kv_heads)
-        st.dirty = True
-        st.decoded_this_step = True
+        st.add_decode(report, generated_dense=ls.decode.generated * ls.decode.num_kv_heads)
 
 
 # ------------------------------------------------------------------------------------------------ CPU

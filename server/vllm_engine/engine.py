@@ -1,4 +1,4 @@
-"""VllmEngine: the :class:`~server.engine.types.Engine` protocol over vLLM's ``AsyncLLM``.
+"""VllmEngine: the :class:`~server.contract.engine.Engine` protocol over vLLM's ``AsyncLLM``.
 
 Requests go to ``AsyncLLM.generate`` with ``RequestOutputKind.DELTA``; a sparse request's spec travels in
 ``SamplingParams.extra_args["sparse_pattern"]`` (object form) together with a key naming its cost side file
@@ -19,42 +19,38 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from attention_backends.cost import ModelShape
-from server.engine.types import (
+from server.contract.cost import RequestCost
+from server.contract.engine import (
     EngineOverloaded,
     EngineStats,
     GenerationOutput,
     GenerationRequest,
     RequestRejected,
     RequestTimings,
+    SamplingParams,
     TokenLogprob,
     wait_drained,
 )
+from server.settings import EngineSettings
 
-from .accounting import COST_DIR_ENV, CostAccount
+from .accounting import COST_DIR_ENV, dense_cost, read_cost
 from .worker_state import PATTERN_KEY, REQUEST_KEY, encode_spec
 
 log = logging.getLogger("sparse_serve.vllm_engine")
 
 
-@dataclass
-class VllmOptions:
-    model: str  # a Hugging Face model directory (or hub name already in the local cache)
-    device: str = "auto"
-    dtype: str = "auto"  # auto = bfloat16 on cuda, float32 on cpu
-    max_model_len: int | None = None
-    kv_cache_memory: int | None = None  # bytes (vLLM's kv_cache_memory_bytes)
-    max_num_seqs: int = 64
-    max_queue: int = 256
-    served_model_name: str | None = None
+class VllmOptions(EngineSettings):
+    """The settings every engine takes (``model``: a Hugging Face model directory, or a hub name already in the
+    local cache; ``kv_cache_memory``: vLLM's kv_cache_memory_bytes; ``page_size``: vLLM's block_size), plus
+    vLLM's own."""
+
     tensor_parallel_size: int = 1
     enable_prefix_caching: bool = False  # a prefix-cache hit makes a sparse request run dense (docs/vllm.md)
     max_num_batched_tokens: int | None = None  # default: max_model_len, so prompts prefill in one chunk
     enforce_eager: bool | None = None  # None: eager on the CPU (no compile in tests), vLLM's CUDA graphs on CUDA
-    block_size: int | None = None
     seed: int = 0
     gpu_memory_utilization: float | None = None
     self_test: bool = True
@@ -80,7 +76,7 @@ class VllmEngine:
                 "default is served by the native engine", param="model")
         import json
 
-        from server.engine.tokenizer import load_hf_tokenizer
+        from server.tokenizer import load_hf_tokenizer
 
         self.options = options
         config = json.loads((Path(options.model) / "config.json").read_text())
@@ -141,8 +137,8 @@ class VllmEngine:
                 kwargs["distributed_executor_backend"] = "uni"  # the worker runs inside the engine-core process
         elif o.gpu_memory_utilization:
             kwargs["gpu_memory_utilization"] = o.gpu_memory_utilization
-        if o.block_size:
-            kwargs["block_size"] = o.block_size
+        if o.page_size:
+            kwargs["block_size"] = o.page_size
         if self._device() != "cpu":
             kwargs["attention_config"] = {"backend": CUDA_BACKEND_NAME}
         return AsyncEngineArgs(**kwargs)
@@ -169,7 +165,6 @@ class VllmEngine:
     async def self_test(self) -> None:
         """Fail loudly unless the sparse backend is in place and a sparse path reproduces dense."""
         from attention_backends import parse_pattern
-        from server.engine.types import SamplingParams
 
         vocab = self.shape.vocab_size
         prompt = [(7 * i + 3) % vocab for i in range(24)]
@@ -321,16 +316,20 @@ class VllmEngine:
         return [None if entry is None else _token_logprob(tok, entry, k)
                 for tok, entry in zip(request.prompt_token_ids, ro.prompt_logprobs, strict=True)]
 
-    def _cost(self, request: GenerationRequest, key: str, completion: int):
-        account = None
+    def _cost(self, request: GenerationRequest, key: str, completion: int) -> tuple[RequestCost, bool]:
+        """The request's cost, and whether the worker measured it (else it is dense attention's)."""
+        prompt_len = len(request.prompt_token_ids)
+        cost = None
         if not request.spec.is_dense:
-            account = CostAccount.read(self._cost_dir, key)
-            if account is None:
+            cost = read_cost(self._cost_dir, key)
+            if cost is None:
                 log.warning("no sparse cost report for %s; reporting dense cost", request.request_id)
-        measured = account is not None
-        if account is None:
-            account = CostAccount.dense(self.shape, len(request.prompt_token_ids), completion, self._element_bytes)
-        return account.to_request_cost(request.spec, self.shape, self._element_bytes), measured
+        measured = cost is not None
+        if cost is None:
+            cost = dense_cost(request.spec, self.shape, prompt_len, completion, self._element_bytes)
+        if cost.prefill.dense_units:  # the prefill ran (a request aborted while queued has none)
+            cost.end_prefill(self.shape, prompt_len)
+        return cost, measured
 
     async def abort(self, request_id: str) -> None:
         if self._llm is not None:

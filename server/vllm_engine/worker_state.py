@@ -20,10 +20,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attention_backends import DecodeState, InvalidSparsePattern, SparseSpec, parse_pattern
+from attention_backends import DecodeReport, DecodeState, InvalidSparsePattern, SparseSpec, parse_pattern
 from attention_backends.cost import ModelShape
+from server.contract.cost import RequestCost
 
-from .accounting import COST_DIR_ENV, CostAccount
+from .accounting import COST_DIR_ENV, write_cost
 
 log = logging.getLogger("sparse_serve.vllm_engine")
 
@@ -78,12 +79,31 @@ class RequestState:
     key: str | None
     spec: SparseSpec
     prompt_len: int
-    account: CostAccount
+    cost: RequestCost
     layers: dict[str, LayerState] = field(default_factory=dict)
     seen: int = 0  # prompt tokens this state has seen fresh (per layer)
     fallback: str | None = None  # why the request runs dense after all (then nothing sparse happens)
     dirty: bool = False
-    decoded_this_step: bool = False
+    # KV tokens this step's layers read and would read dense (summed over layers and KV heads), for the step's
+    # whole-model FLOPs at its end
+    step_read: int = 0
+    step_dense: int = 0
+
+    def add_decode(self, report: DecodeReport, generated_dense: int) -> None:
+        """One layer of one decode step. ``generated_dense``: generated tokens a dense step reads in this layer
+        (summed over KV heads)."""
+        self.cost.add_decode_report(report)
+        self.step_read += report.kv_tokens_read + report.generated_tokens_read
+        self.step_dense += report.dense_kv_tokens_read + generated_dense
+        self.dirty = True
+
+    def end_decode_step(self, shape: ModelShape) -> None:
+        if not self.step_dense:
+            return
+        self.cost.end_decode_step(shape, self.step_read, self.step_dense)
+        self.cost.decode.kv_cache_tokens = sum(ls.decode.cache_tokens for ls in self.layers.values()
+                                               if ls.decode is not None)
+        self.step_read = self.step_dense = 0
 
     def disable(self, reason: str) -> None:
         if self.fallback is None:
@@ -111,7 +131,7 @@ def add(slot: int, params: Any, prompt_len: int, resumed: bool) -> None:
         SLOTS.pop(slot, None)
         return
     key = (params.extra_args or {}).get(REQUEST_KEY)
-    state = RequestState(key=key, spec=spec, prompt_len=prompt_len, account=CostAccount(prompt_len=prompt_len))
+    state = RequestState(key=key, spec=spec, prompt_len=prompt_len, cost=RequestCost.for_spec(spec))
     if resumed:
         state.disable("resumed after preemption (its prompt state is gone)")
     SLOTS[slot] = state
@@ -130,23 +150,21 @@ def move(src: int, dst: int, swap: bool) -> None:
 
 
 def end_step(slots: list[int] | None = None) -> None:
-    """After a step's forward: fold decode steps into the accounts and write the dirty side files."""
+    """After a step's forward: fold decode steps into the costs and write the dirty side files."""
     for slot, state in list(SLOTS.items()):
         if slots is not None and slot not in slots:
             continue
         if not state.dirty:
             continue
         state.dirty = False
-        if state.decoded_this_step and _SHAPE is not None:
-            cache = sum(ls.decode.cache_tokens for ls in state.layers.values() if ls.decode is not None)
-            state.account.end_decode_step(_SHAPE, cache)
-        state.decoded_this_step = False
+        if _SHAPE is not None:
+            state.end_decode_step(_SHAPE)
         # read when used, not at import: a worker forked from a front end that imported this module before
         # VllmEngine.start() set the variable (vLLM forks on CUDA) would otherwise never write a cost file
         cost_dir = os.environ.get(COST_DIR_ENV)
         if cost_dir and WRITES_COST and state.key and state.fallback is None:
             try:
-                state.account.write(cost_dir, state.key)
+                write_cost(cost_dir, state.key, state.cost)
             except OSError:
                 log.exception("could not write the cost of %s", state.key)
 

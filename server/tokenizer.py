@@ -1,6 +1,6 @@
 """The tokenizer and chat template of a model, from the same source as its weights (HF directory or GGUF file).
 
-Implements :class:`server.engine.types.Tokenizer`. The tokenizer itself is transformers' (for GGUF it is rebuilt
+Implements :class:`server.contract.engine.Tokenizer`. The tokenizer itself is transformers' (for GGUF it is rebuilt
 from the file's ``tokenizer.ggml.*`` metadata by ``AutoTokenizer.from_pretrained(dir, gguf_file=...)``); the
 chat template is the source's own (``tokenizer_config.json`` / ``chat_template.jinja``, or GGUF
 ``tokenizer.chat_template``).

@@ -1,8 +1,9 @@
-"""The engine interface shared by the native engine, the vLLM adapter and the HTTP layer.
+"""The engine interface: what the native engine and the vLLM engine implement and the HTTP layer uses.
 
 An engine takes a :class:`GenerationRequest` (token ids, sampling parameters, a validated ``SparseSpec``)
 and yields :class:`GenerationOutput` deltas until one has ``finished=True``; the final delta carries the
-request's :class:`RequestCost`, the source of the response's ``sparse`` field and of the cost metrics.
+request's :class:`~server.contract.cost.RequestCost`, the source of the response's ``sparse`` field and of
+the cost metrics.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from attention_backends import DENSE, SparseSpec
+
+from .cost import RequestCost
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -63,73 +66,6 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
-
-
-def achieved_ratio(dense_units: float, actual_units: float) -> float:
-    """The one definition of an achieved compression ratio: the work dense attention does over the work done
-    (1 when nothing was done). Units: causal cells computed (prefill), prompt KV tokens read (decode)."""
-    return dense_units / actual_units if actual_units > 0 else 1.0
-
-
-@dataclass
-class PhaseCost:
-    """A phase's cost summed over layers (and, for decode, over steps)."""
-
-    method: str = "dense"
-    target_compression_ratio: float = 1.0
-    achieved_compression_ratio: float = 1.0  # achieved_ratio(dense_units, actual_units)
-    # What the achieved ratio compares (see achieved_ratio); additive, so several requests combine exactly.
-    # Not part of the response's ``sparse`` object.
-    dense_units: float = 0.0
-    actual_units: float = 0.0
-    # prefill
-    attention_flops: float = 0.0
-    dense_attention_flops: float = 0.0
-    indexing_flops: float = 0.0
-    # decode
-    kv_bytes_read: float = 0.0
-    dense_kv_bytes_read: float = 0.0
-    metadata_bytes_read: float = 0.0
-    kv_cache_tokens: int = 0
-
-
-@dataclass
-class RequestCost:
-    prefill: PhaseCost = field(default_factory=PhaseCost)
-    decode: PhaseCost = field(default_factory=PhaseCost)
-    model_flops: float = 0.0
-    dense_model_flops: float = 0.0
-    # The same model FLOPs split by phase (prefill + decode == the totals above); the Prometheus
-    # ``model_flops_total{phase}`` counter reads these. The response's ``sparse`` object keeps only the totals.
-    prefill_model_flops: float = 0.0
-    dense_prefill_model_flops: float = 0.0
-    decode_model_flops: float = 0.0
-    dense_decode_model_flops: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        """The response's ``sparse`` object, exactly as ``shared/spec/api.md`` names its fields."""
-        p, d = self.prefill, self.decode
-        return {
-            "prefill": {
-                "method": p.method,
-                "target_compression_ratio": p.target_compression_ratio,
-                "achieved_compression_ratio": p.achieved_compression_ratio,
-                "attention_flops": p.attention_flops,
-                "dense_attention_flops": p.dense_attention_flops,
-                "indexing_flops": p.indexing_flops,
-            },
-            "decode": {
-                "method": d.method,
-                "target_compression_ratio": d.target_compression_ratio,
-                "achieved_compression_ratio": d.achieved_compression_ratio,
-                "kv_bytes_read": d.kv_bytes_read,
-                "dense_kv_bytes_read": d.dense_kv_bytes_read,
-                "metadata_bytes_read": d.metadata_bytes_read,
-                "kv_cache_tokens": d.kv_cache_tokens,
-            },
-            "model_flops": self.model_flops,
-            "dense_model_flops": self.dense_model_flops,
-        }
 
 
 @dataclass
