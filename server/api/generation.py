@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from server.engine.types import (
     Engine,
@@ -224,44 +224,24 @@ class GenerationRun:
                 logger.warning("recording metrics failed", exc_info=True)
 
 
+_FROM_FIRST = ("method", "target_compression_ratio")  # one spec per HTTP request
+
+
+def _sum_phases(phases: list[PhaseCost]) -> PhaseCost:
+    kw = {f.name: getattr(phases[0], f.name) if f.name in _FROM_FIRST else sum(getattr(p, f.name) for p in phases)
+          for f in fields(PhaseCost)}
+    kw["achieved_compression_ratio"] = achieved_ratio(kw["dense_units"], kw["actual_units"])
+    return PhaseCost(**kw)
+
+
 def aggregate_cost(costs: list[RequestCost]) -> RequestCost:
-    """One ``sparse`` report for several engine requests: additive fields summed, achieved ratios recomputed
-    from the summed units they compare (:func:`achieved_ratio`), methods and targets taken from the first (one
-    spec per HTTP request)."""
+    """One ``sparse`` report for several engine requests: every count summed, achieved ratios recomputed from
+    the summed units they compare (:func:`achieved_ratio`), methods and targets taken from the first."""
     if len(costs) == 1:
         return costs[0]
     if not costs:
         return RequestCost()
-    first = costs[0]
-    pre = [c.prefill for c in costs]
-    dec = [c.decode for c in costs]
-
-    def units(phases: list[PhaseCost]) -> dict[str, float]:
-        dense, actual = sum(p.dense_units for p in phases), sum(p.actual_units for p in phases)
-        return dict(achieved_compression_ratio=achieved_ratio(dense, actual), dense_units=dense, actual_units=actual)
-
-    return RequestCost(
-        prefill=PhaseCost(
-            method=first.prefill.method,
-            target_compression_ratio=first.prefill.target_compression_ratio,
-            **units(pre),
-            attention_flops=sum(p.attention_flops for p in pre),
-            dense_attention_flops=sum(p.dense_attention_flops for p in pre),
-            indexing_flops=sum(p.indexing_flops for p in pre),
-        ),
-        decode=PhaseCost(
-            method=first.decode.method,
-            target_compression_ratio=first.decode.target_compression_ratio,
-            **units(dec),
-            kv_bytes_read=sum(d.kv_bytes_read for d in dec),
-            dense_kv_bytes_read=sum(d.dense_kv_bytes_read for d in dec),
-            metadata_bytes_read=sum(d.metadata_bytes_read for d in dec),
-            kv_cache_tokens=sum(d.kv_cache_tokens for d in dec),
-        ),
-        model_flops=sum(c.model_flops for c in costs),
-        dense_model_flops=sum(c.dense_model_flops for c in costs),
-        prefill_model_flops=sum(c.prefill_model_flops for c in costs),
-        dense_prefill_model_flops=sum(c.dense_prefill_model_flops for c in costs),
-        decode_model_flops=sum(c.decode_model_flops for c in costs),
-        dense_decode_model_flops=sum(c.dense_decode_model_flops for c in costs),
-    )
+    totals = {f.name: sum(getattr(c, f.name) for c in costs) for f in fields(RequestCost)
+              if f.name not in ("prefill", "decode")}
+    return RequestCost(prefill=_sum_phases([c.prefill for c in costs]),
+                       decode=_sum_phases([c.decode for c in costs]), **totals)
