@@ -260,7 +260,7 @@ class AutoReport:
 
 @dataclass
 class SparseReport:
-    """The server's cost report (api.md "Response extension")."""
+    """The server's cost report (docs/api.md, "The `sparse` response object")."""
 
     prefill: PrefillReport = field(default_factory=PrefillReport)
     decode: DecodeReport = field(default_factory=DecodeReport)

@@ -107,7 +107,7 @@ class RequestCost:
     dense_decode_model_flops: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        """The response's ``sparse`` object, exactly as ``shared/spec/api.md`` names its fields."""
+        """The response's ``sparse`` object, exactly as ``docs/api.md`` names its fields."""
         p, d = self.prefill, self.decode
         return {
             "prefill": {
