@@ -50,6 +50,10 @@ class Prepared:
     def prompt_of(self, choice: int) -> int:
         return choice // self.n
 
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
 
 def _check_accepting(ctx: ServerContext) -> None:
     if ctx.draining:

@@ -21,8 +21,6 @@ from .sse import DONE, encode_event
 
 logger = logging.getLogger("sparse_serve.api")
 
-
-
 _PromptLogprobs = tuple[list[int], list[TokenLogprob | None]]  # prompt token ids and their logprobs
 
 
@@ -88,9 +86,8 @@ class _ChatLogprobs:
 
 
 def _usage(prep: Prepared, completion_tokens: int) -> dict[str, int]:
-    prompt_tokens = sum(len(p) for p in prep.prompts)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {"prompt_tokens": prep.prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prep.prompt_tokens + completion_tokens}
 
 
 def _finish_reason(out: GenerationOutput) -> str:
@@ -129,6 +126,7 @@ def _sparse_report(prep: Prepared, cost: RequestCost, choice: int | None = None)
 
 
 async def collect_body(ctx: ServerContext, prep: Prepared, run: GenerationRun) -> dict[str, Any]:
+    """The JSON response, once every choice finished."""
     k = len(prep.requests)
     texts = [""] * k
     finals: list[GenerationOutput | None] = [None] * k
@@ -172,6 +170,7 @@ async def collect_body(ctx: ServerContext, prep: Prepared, run: GenerationRun) -
 
 
 async def stream_events(ctx: ServerContext, prep: Prepared, run: GenerationRun) -> AsyncIterator[bytes]:
+    """The SSE events, as the engine produces them; a failure after the stream started is an error event."""
     chat = prep.kind == "chat"
     obj = "chat.completion.chunk" if chat else "text_completion"
     k = len(prep.requests)
@@ -214,7 +213,7 @@ async def stream_events(ctx: ServerContext, prep: Prepared, run: GenerationRun) 
             elif text or lp is not None:
                 yield chunk([choice(idx, text, lp, None)])
         total = sum(completion_tokens)
-        prep.log_fields.update(prompt_tokens=sum(len(p) for p in prep.prompts), completion_tokens=total)
+        prep.log_fields.update(prompt_tokens=prep.prompt_tokens, completion_tokens=total)
         if prep.include_usage:
             agg = aggregate_cost([c or RequestCost() for c in costs])
             yield chunk([], usage=_usage(prep, total), sparse=_sparse_report(prep, agg))
