@@ -7,7 +7,7 @@ The public API (single sequence, one layer, plain tensors)::
     state = prepare_decode(q, k, v, spec)
     out_t, decode_report = sparse_decode(q_t, k_t, v_t, state)   # q_t [h, d], k_t/v_t [h_kv, d]
 
-Methods (``shared/spec/methods.md``): prefill ``dense``, ``vertical_slash``, ``flexprefill``,
+Methods (``docs/methods.md``): prefill ``dense``, ``vertical_slash``, ``flexprefill``,
 ``block_sparse``; decode ``dense``, ``snapkv``, ``ada_snapkv``, ``quest``.
 """
 

@@ -1,4 +1,4 @@
-"""Cost accounting: FLOPs and bytes of a request, dense-equivalent and actual (``shared/spec/methods.md``,
+"""Cost accounting: FLOPs and bytes of a request, dense-equivalent and actual (``docs/methods.md``,
 "Cost accounting"). Pure arithmetic on Python numbers: no torch, no engine state.
 
 Notation: ``L`` layers, ``h`` query heads, ``h_kv`` KV heads (GQA group ``g = h / h_kv``), ``d`` head dim,

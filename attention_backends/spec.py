@@ -2,7 +2,7 @@
 
 A pattern names at most one prefill method and one decode method, each with a target compression ratio
 ``r >= 1`` (``r = 1`` means dense) and optional parameter overrides. Two input forms are accepted
-(``shared/spec/api.md``):
+(``docs/api.md``):
 
 * string: ``METHOD[:RATIO]`` or ``PREFILL[:RATIO]+DECODE[:RATIO]``, e.g. ``"vertical_slash:8+quest:20"``;
   a lone method applies to its own phase and the other phase stays dense;

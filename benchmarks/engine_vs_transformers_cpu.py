@@ -2,7 +2,7 @@
 
 Runs both side by side in one process (SmolLM2-135M-Instruct from the embedded GGUF, float32, CPU by
 default), alternating them ``--repeats`` times, and reports decode tokens/s (tokens after the first,
-divided by the time after the first token) and TTFT. The performance bar (shared/spec/performance.md,
+divided by the time after the first token) and TTFT. The performance bar (docs/performance.md,
 "On the CPU") is native >= 1.0x transformers.
 
     .venv/bin/python benchmarks/engine_vs_transformers_cpu.py --tokens 64 --out benchmarks/results/x.json

@@ -1,6 +1,6 @@
 # ruff: noqa: B023  (closures timed inside the loop iteration that defines them)
 """Kernel benchmark (GPU, one call): check every Triton kernel against its reference, then time the kernel
-table of ``shared/spec/performance.md`` next to its baselines measured in the same run.
+table of ``docs/performance.md`` next to its baselines measured in the same run.
 
     PYTHONUNBUFFERED=1 python benchmarks/kernels.py --out DIR            # full run
     PYTHONUNBUFFERED=1 python benchmarks/kernels.py --out DIR --smoke    # small shapes: compile + check

@@ -40,11 +40,12 @@ __all__ = [
     "ServiceUnavailableError", "ServerError", "APIConnectionError", "APITimeoutError", "StreamError",
     "Usage", "PrefillReport", "DecodeReport", "SparseReport", "Choice", "CompletionResult", "StreamChunk",
     "TokenizeResult", "SparseClient", "AsyncSparseClient", "HttpTokenCounter", "SSEDecoder",
-    "parse_retry_after", "RETRY_STATUSES",
+    "parse_retry_after", "RETRY_STATUSES", "RetryPolicy",
 ]
 
 RETRY_STATUSES = frozenset({429, 503})
 DEFAULT_TIMEOUT = 600.0
+_STREAM_HEADERS = {"Accept": "text/event-stream"}
 
 
 # ============================================================================================== errors
@@ -259,7 +260,7 @@ class AutoReport:
 
 @dataclass
 class SparseReport:
-    """The server's cost report (api.md "Response extension")."""
+    """The server's cost report (docs/api.md, "The `sparse` response object")."""
 
     prefill: PrefillReport = field(default_factory=PrefillReport)
     decode: DecodeReport = field(default_factory=DecodeReport)
@@ -395,6 +396,35 @@ def _chunk_from_event(payload: dict[str, Any], chat: bool, elapsed: float) -> li
     return out
 
 
+class _EventReader:
+    """The stream loop both clients share: SSE lines in, :class:`StreamChunk` lists out, up to ``[DONE]``.
+    A malformed event (the last one too, when the stream ends without its blank line) is a StreamError."""
+
+    def __init__(self, chat: bool, start: float) -> None:
+        self.chat = chat
+        self.start = start
+        self.done = False
+        self._sse = SSEDecoder()
+
+    def feed(self, line: str) -> list[StreamChunk]:
+        return self._event(self._sse.feed_line(line))
+
+    def end(self) -> list[StreamChunk]:
+        return self._event(self._sse.flush())
+
+    def _event(self, data: str | None) -> list[StreamChunk]:
+        if data is None or self.done:
+            return []
+        if data.strip() == "[DONE]":
+            self.done = True
+            return []
+        try:
+            payload = json.loads(data)
+        except ValueError:
+            raise StreamError(f"malformed stream event: {data[:200]!r}") from None
+        return _chunk_from_event(payload, self.chat, time.perf_counter() - self.start)
+
+
 class _StreamAccumulator:
     """Adds stream chunks up into a CompletionResult."""
 
@@ -441,38 +471,62 @@ def _parse_result(payload: dict[str, Any], chat: bool, latency: float, attempts:
 
 
 # ============================================================================================ the clients
-class _Base:
-    def __init__(self, base_url: str, *, api_key: str | None = None, model: str | None = None,
-                 timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT, max_retries: int = 4,
-                 backoff_base: float = 0.5, backoff_max: float = 30.0, max_retry_after: float = 120.0,
-                 headers: Mapping[str, str] | None = None, retry_connect_errors: bool = True):
-        if max_retries < 0:
-            raise ValueError("max_retries must be >= 0")
-        self.base_url = base_url.rstrip("/")
-        if self.base_url.endswith("/v1"):
-            self.base_url = self.base_url[:-3]
-        self.api_key = api_key
-        self.model = model
-        self.timeout = timeout
-        self.max_retries = max_retries
-        self.backoff_base = backoff_base
-        self.backoff_max = backoff_max
-        self.max_retry_after = max_retry_after
-        self.retry_connect_errors = retry_connect_errors
-        self._headers = {"Accept": "application/json", "User-Agent": "sparse-serve-client/0.1"}
-        if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
-        self._headers.update(headers or {})
-        self._rng = random.Random()
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Which failed requests are tried again and how long to wait first (the module docstring says how)."""
 
-    # ------------------------------------------------------------------------------------ request bodies
-    def retry_delay(self, attempt: int, retry_after: float | None) -> float:
+    max_retries: int = 4
+    backoff_base: float = 0.5
+    backoff_max: float = 30.0
+    max_retry_after: float = 120.0
+    retry_connect_errors: bool = True
+    _rng: random.Random = field(default_factory=random.Random, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
         """Seconds to wait before retry number `attempt` (0-based)."""
         if retry_after is not None:
             return min(retry_after, self.max_retry_after)
         delay = min(self.backoff_max, self.backoff_base * (2 ** attempt))
         return delay * (1 + 0.1 * self._rng.random())
 
+    def wait(self, exc: httpx.HTTPError | APIError, attempt: int) -> float:
+        """Seconds to wait before trying again after attempt `attempt` failed with `exc`; raises the error instead
+        when it is not retried: not a 429/503 or a refused connection, retries used up, or a failure after a
+        stream started (an error without a status)."""
+        if isinstance(exc, httpx.HTTPError):
+            err = _transport_error(exc)
+        elif exc.status is None:
+            raise exc
+        else:
+            err = exc
+        retry = err.status in RETRY_STATUSES or (self.retry_connect_errors and getattr(err, "connect_failed", False))
+        if attempt >= self.max_retries or not retry:
+            raise err
+        return self.delay(attempt, err.retry_after)
+
+
+class _Base:
+    def __init__(self, base_url: str, *, api_key: str | None = None, model: str | None = None,
+                 timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT, max_retries: int = 4,
+                 backoff_base: float = 0.5, backoff_max: float = 30.0, max_retry_after: float = 120.0,
+                 headers: Mapping[str, str] | None = None, retry_connect_errors: bool = True):
+        self.retry = RetryPolicy(max_retries, backoff_base, backoff_max, max_retry_after, retry_connect_errors)
+        self.base_url = base_url.rstrip("/")
+        if self.base_url.endswith("/v1"):
+            self.base_url = self.base_url[:-3]
+        self.api_key = api_key
+        self.model = model
+        self.timeout = timeout
+        self._headers = {"Accept": "application/json", "User-Agent": "sparse-serve-client/0.1"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._headers.update(headers or {})
+
+    # ------------------------------------------------------------------------------------ request bodies
     def _body(self, base: dict[str, Any], *, model: str | None, sparse_pattern: str | Mapping[str, Any] | None,
               compression_ratio: float | None, extra: Mapping[str, Any]) -> dict[str, Any]:
         body = dict(base)
@@ -523,12 +577,14 @@ class _Base:
                 body["add_special_tokens"] = add_special_tokens
         return body
 
-    def _should_retry(self, err: APIError, attempt: int) -> bool:
-        if attempt >= self.max_retries:
-            return False
-        if err.status in RETRY_STATUSES:
-            return True
-        return self.retry_connect_errors and bool(getattr(err, "connect_failed", False))
+    @staticmethod
+    def _detokenize_body(tokens: list[int], model: str | None) -> dict[str, Any]:
+        return {"tokens": list(tokens), **({"model": model} if model else {})}
+
+    @staticmethod
+    def _tokenize_result(d: Mapping[str, Any]) -> TokenizeResult:
+        tokens = list(d.get("tokens") or [])
+        return TokenizeResult(tokens, int(d.get("count", len(tokens))), d.get("max_model_len"))
 
 
 class SparseClient(_Base):
@@ -555,68 +611,49 @@ class SparseClient(_Base):
         attempt = 0
         while True:
             try:
-                resp = self._http.request(method, path, json=body)
-                return _payload(resp), attempt + 1
-            except httpx.HTTPError as e:
-                err = _transport_error(e)
-            except APIError as e:
-                err = e
-            if not self._should_retry(err, attempt):
-                raise err
-            self._sleep(self.retry_delay(attempt, err.retry_after))
+                return _payload(self._http.request(method, path, json=body)), attempt + 1
+            except (httpx.HTTPError, APIError) as e:
+                delay = self.retry.wait(e, attempt)
+            self._sleep(delay)
             attempt += 1
 
     def _stream(self, path: str, body: dict[str, Any], chat: bool) -> Iterator[StreamChunk]:
         attempt = 0
-        start = time.perf_counter()
         while True:
+            reader = _EventReader(chat, time.perf_counter())
             try:
-                with self._http.stream("POST", path, json=body, headers={"Accept": "text/event-stream"}) as resp:
+                with self._http.stream("POST", path, json=body, headers=_STREAM_HEADERS) as resp:
                     if resp.status_code >= 400:
                         resp.read()
                         raise _error_from_response(resp.status_code, resp.headers, resp.content)
-                    decoder = SSEDecoder()
                     try:
-                        for data in decoder.iter_events(resp.iter_lines()):
-                            if data.strip() == "[DONE]":
+                        for line in resp.iter_lines():
+                            yield from reader.feed(line)
+                            if reader.done:
                                 return
-                            try:
-                                payload = json.loads(data)
-                            except ValueError:
-                                raise StreamError(f"malformed stream event: {data[:200]!r}") from None
-                            yield from _chunk_from_event(payload, chat, time.perf_counter() - start)
+                        yield from reader.end()
                     except httpx.HTTPError as e:  # after the stream started: never retried
                         raise _transport_error(e) from e
                     return
-            except httpx.HTTPError as e:
-                err = _transport_error(e)
-            except StreamError:
-                raise
-            except APIError as e:
-                if e.status is None:  # transport failure mid-stream
-                    raise
-                err = e
-            if not self._should_retry(err, attempt):
-                raise err
-            self._sleep(self.retry_delay(attempt, err.retry_after))
+            except (httpx.HTTPError, APIError) as e:
+                delay = self.retry.wait(e, attempt)
+            self._sleep(delay)
             attempt += 1
-            start = time.perf_counter()
+
+    def _result(self, path: str, body: dict[str, Any], chat: bool) -> CompletionResult:
+        t0 = time.perf_counter()
+        payload, attempts = self._request("POST", path, body)
+        return _parse_result(payload, chat, time.perf_counter() - t0, attempts)
 
     # --------------------------------------------------------------------------------------------- API
     def completions(self, prompt: Any, **kw: Any) -> CompletionResult:
         """POST /v1/completions. Keyword arguments are body fields (max_tokens, temperature, stop, seed, ...)
         plus `model`, `sparse_pattern` (string or object) and `compression_ratio`."""
-        body = self._completion_body(prompt, kw)
-        t0 = time.perf_counter()
-        payload, attempts = self._request("POST", "/v1/completions", body)
-        return _parse_result(payload, False, time.perf_counter() - t0, attempts)
+        return self._result("/v1/completions", self._completion_body(prompt, kw), chat=False)
 
     def chat(self, messages: Any, **kw: Any) -> CompletionResult:
         """POST /v1/chat/completions; `messages` is a list of {role, content} or one user message string."""
-        body = self._chat_body(messages, kw)
-        t0 = time.perf_counter()
-        payload, attempts = self._request("POST", "/v1/chat/completions", body)
-        return _parse_result(payload, True, time.perf_counter() - t0, attempts)
+        return self._result("/v1/chat/completions", self._chat_body(messages, kw), chat=True)
 
     def completions_stream(self, prompt: Any, *, include_usage: bool = True, **kw: Any) -> Iterator[StreamChunk]:
         return self._stream("/v1/completions", self._stream_body(self._completion_body(prompt, kw), include_usage),
@@ -636,20 +673,14 @@ class SparseClient(_Base):
     def tokenize(self, prompt: str | None = None, *, messages: Any = None, add_generation_prompt: bool = True,
                  add_special_tokens: bool | None = None, model: str | None = None) -> TokenizeResult:
         body = self._tokenize_body(prompt, messages, add_generation_prompt, add_special_tokens, model or self.model)
-        d, _ = self._request("POST", "/tokenize", body)
-        return TokenizeResult(list(d.get("tokens") or []), int(d.get("count", len(d.get("tokens") or []))),
-                              d.get("max_model_len"))
+        return self._tokenize_result(self._request("POST", "/tokenize", body)[0])
 
     def detokenize(self, tokens: list[int], *, model: str | None = None) -> str:
-        body: dict[str, Any] = {"tokens": list(tokens)}
-        if model or self.model:
-            body["model"] = model or self.model
-        d, _ = self._request("POST", "/detokenize", body)
+        d, _ = self._request("POST", "/detokenize", self._detokenize_body(tokens, model or self.model))
         return str(d.get("prompt", ""))
 
     def models(self) -> list[dict[str, Any]]:
-        d, _ = self._request("GET", "/v1/models")
-        return list(d.get("data") or [])
+        return list(self._request("GET", "/v1/models")[0].get("data") or [])
 
     def patterns(self) -> Any:
         return self._request("GET", "/v1/sparse/patterns")[0]
@@ -689,77 +720,54 @@ class AsyncSparseClient(_Base):
     async def __aexit__(self, *exc: Any) -> None:
         await self.aclose()
 
+    # --------------------------------------------------------------------------------------- transport
+    # The same loops as SparseClient's, with awaits.
     async def _request(self, method: str, path: str, body: Any = None) -> tuple[Any, int]:
         attempt = 0
         while True:
             try:
-                resp = await self._http.request(method, path, json=body)
-                return _payload(resp), attempt + 1
-            except httpx.HTTPError as e:
-                err = _transport_error(e)
-            except APIError as e:
-                err = e
-            if not self._should_retry(err, attempt):
-                raise err
-            await self._sleep(self.retry_delay(attempt, err.retry_after))
+                return _payload(await self._http.request(method, path, json=body)), attempt + 1
+            except (httpx.HTTPError, APIError) as e:
+                delay = self.retry.wait(e, attempt)
+            await self._sleep(delay)
             attempt += 1
 
     async def _stream(self, path: str, body: dict[str, Any], chat: bool) -> AsyncIterator[StreamChunk]:
         attempt = 0
-        start = time.perf_counter()
         while True:
+            reader = _EventReader(chat, time.perf_counter())
             try:
-                async with self._http.stream("POST", path, json=body,
-                                             headers={"Accept": "text/event-stream"}) as resp:
+                async with self._http.stream("POST", path, json=body, headers=_STREAM_HEADERS) as resp:
                     if resp.status_code >= 400:
                         await resp.aread()
                         raise _error_from_response(resp.status_code, resp.headers, resp.content)
-                    decoder = SSEDecoder()
                     try:
                         async for line in resp.aiter_lines():
-                            data = decoder.feed_line(line)
-                            if data is None:
-                                continue
-                            if data.strip() == "[DONE]":
+                            for c in reader.feed(line):
+                                yield c
+                            if reader.done:
                                 return
-                            try:
-                                payload = json.loads(data)
-                            except ValueError:
-                                raise StreamError(f"malformed stream event: {data[:200]!r}") from None
-                            for c in _chunk_from_event(payload, chat, time.perf_counter() - start):
-                                yield c
-                        data = decoder.flush()
-                        if data is not None and data.strip() != "[DONE]":
-                            for c in _chunk_from_event(json.loads(data), chat, time.perf_counter() - start):
-                                yield c
+                        for c in reader.end():
+                            yield c
                     except httpx.HTTPError as e:
                         raise _transport_error(e) from e
                     return
-            except httpx.HTTPError as e:
-                err = _transport_error(e)
-            except StreamError:
-                raise
-            except APIError as e:
-                if e.status is None:
-                    raise
-                err = e
-            if not self._should_retry(err, attempt):
-                raise err
-            await self._sleep(self.retry_delay(attempt, err.retry_after))
+            except (httpx.HTTPError, APIError) as e:
+                delay = self.retry.wait(e, attempt)
+            await self._sleep(delay)
             attempt += 1
-            start = time.perf_counter()
 
-    async def completions(self, prompt: Any, **kw: Any) -> CompletionResult:
-        body = self._completion_body(prompt, kw)
+    async def _result(self, path: str, body: dict[str, Any], chat: bool) -> CompletionResult:
         t0 = time.perf_counter()
-        payload, attempts = await self._request("POST", "/v1/completions", body)
-        return _parse_result(payload, False, time.perf_counter() - t0, attempts)
+        payload, attempts = await self._request("POST", path, body)
+        return _parse_result(payload, chat, time.perf_counter() - t0, attempts)
+
+    # --------------------------------------------------------------------------------------------- API
+    async def completions(self, prompt: Any, **kw: Any) -> CompletionResult:
+        return await self._result("/v1/completions", self._completion_body(prompt, kw), chat=False)
 
     async def chat(self, messages: Any, **kw: Any) -> CompletionResult:
-        body = self._chat_body(messages, kw)
-        t0 = time.perf_counter()
-        payload, attempts = await self._request("POST", "/v1/chat/completions", body)
-        return _parse_result(payload, True, time.perf_counter() - t0, attempts)
+        return await self._result("/v1/chat/completions", self._chat_body(messages, kw), chat=True)
 
     def completions_stream(self, prompt: Any, *, include_usage: bool = True,
                            **kw: Any) -> AsyncIterator[StreamChunk]:
@@ -779,20 +787,14 @@ class AsyncSparseClient(_Base):
     async def tokenize(self, prompt: str | None = None, *, messages: Any = None, add_generation_prompt: bool = True,
                        add_special_tokens: bool | None = None, model: str | None = None) -> TokenizeResult:
         body = self._tokenize_body(prompt, messages, add_generation_prompt, add_special_tokens, model or self.model)
-        d, _ = await self._request("POST", "/tokenize", body)
-        return TokenizeResult(list(d.get("tokens") or []), int(d.get("count", len(d.get("tokens") or []))),
-                              d.get("max_model_len"))
+        return self._tokenize_result((await self._request("POST", "/tokenize", body))[0])
 
     async def detokenize(self, tokens: list[int], *, model: str | None = None) -> str:
-        body: dict[str, Any] = {"tokens": list(tokens)}
-        if model or self.model:
-            body["model"] = model or self.model
-        d, _ = await self._request("POST", "/detokenize", body)
+        d, _ = await self._request("POST", "/detokenize", self._detokenize_body(tokens, model or self.model))
         return str(d.get("prompt", ""))
 
     async def models(self) -> list[dict[str, Any]]:
-        d, _ = await self._request("GET", "/v1/models")
-        return list(d.get("data") or [])
+        return list((await self._request("GET", "/v1/models"))[0].get("data") or [])
 
     async def patterns(self) -> Any:
         return (await self._request("GET", "/v1/sparse/patterns"))[0]

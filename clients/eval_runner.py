@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .client import APIError, CompletionResult, HttpTokenCounter, SparseClient
+from .client import APIError, CompletionResult, HttpTokenCounter, SparseClient, SparseReport
 from .patterns import method_label, nominal_ratio, parse_parts
 
 RESULTS_FILE = "results.jsonl"
@@ -159,6 +159,26 @@ class RunSummary:
 
 
 # ================================================================================================ records
+# results.jsonl's cost columns: column -> (phase of the sparse report, or None for its top level; field)
+_COST_COLUMNS: dict[str, tuple[str | None, str]] = {
+    "prefill_method": ("prefill", "method"), "decode_method": ("decode", "method"),
+    "target_prefill_ratio": ("prefill", "target_compression_ratio"),
+    "target_decode_ratio": ("decode", "target_compression_ratio"),
+    "achieved_prefill_ratio": ("prefill", "achieved_compression_ratio"),
+    "achieved_decode_ratio": ("decode", "achieved_compression_ratio"),
+    **{name: ("prefill", name) for name in ("attention_flops", "dense_attention_flops", "indexing_flops")},
+    **{name: ("decode", name) for name in ("kv_bytes_read", "dense_kv_bytes_read", "metadata_bytes_read",
+                                           "kv_cache_tokens")},
+    **{name: (None, name) for name in ("model_flops", "dense_model_flops")},
+}
+
+
+def _cost_columns(sp: SparseReport | None) -> dict[str, Any]:
+    """The record's cost columns from the response's sparse report (all None when the server sent none)."""
+    return {column: None if sp is None else getattr(getattr(sp, phase) if phase else sp, name)
+            for column, (phase, name) in _COST_COLUMNS.items()}
+
+
 def build_record(sample: Any, pattern: str, result: CompletionResult, strict: Any, lenient: Any, *, model: str,
                  model_size: float | None, max_tokens: int, scoring: str = "strict") -> dict[str, Any]:
     """One results.jsonl line. `score` / `parsable` / `prediction` are those of the run's `scoring` mode; both
@@ -184,21 +204,7 @@ def build_record(sample: Any, pattern: str, result: CompletionResult, strict: An
         "server_prompt_tokens": u.prompt_tokens if u else None,
         "completion_tokens": u.completion_tokens if u else None,
         "max_tokens": max_tokens, "finish_reason": result.finish_reason,
-        "prefill_method": sp.prefill.method if sp else None,
-        "decode_method": sp.decode.method if sp else None,
-        "target_prefill_ratio": sp.prefill.target_compression_ratio if sp else None,
-        "target_decode_ratio": sp.decode.target_compression_ratio if sp else None,
-        "achieved_prefill_ratio": sp.prefill.achieved_compression_ratio if sp else None,
-        "achieved_decode_ratio": sp.decode.achieved_compression_ratio if sp else None,
-        "attention_flops": sp.prefill.attention_flops if sp else None,
-        "dense_attention_flops": sp.prefill.dense_attention_flops if sp else None,
-        "indexing_flops": sp.prefill.indexing_flops if sp else None,
-        "kv_bytes_read": sp.decode.kv_bytes_read if sp else None,
-        "dense_kv_bytes_read": sp.decode.dense_kv_bytes_read if sp else None,
-        "metadata_bytes_read": sp.decode.metadata_bytes_read if sp else None,
-        "kv_cache_tokens": sp.decode.kv_cache_tokens if sp else None,
-        "model_flops": sp.model_flops if sp else None,
-        "dense_model_flops": sp.dense_model_flops if sp else None,
+        **_cost_columns(sp),
         "scoring": scoring, "score": float(score.score), "parsable": bool(score.parsable),
         "prediction": score.prediction,
         "score_strict": float(strict.score), "parsable_strict": bool(strict.parsable),

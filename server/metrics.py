@@ -1,4 +1,4 @@
-"""The server's Prometheus metrics, exactly as ``shared/spec/api.md`` ("Prometheus metrics") lists them.
+"""The server's Prometheus metrics, exactly as ``docs/api.md`` ("Prometheus metrics") lists them.
 
 Every metric is prefixed ``sparse_serve_`` and carries a ``model`` label. Labels hold method names and
 a small set of statuses only (bounded cardinality); ratios go into histograms. Each :class:`ServerMetrics`

@@ -244,6 +244,24 @@ def test_stream_error_event_and_retry_before_start():
     assert sleeps == [1.5] and "boom" in str(ei.value) and got == ["", "Hel"]
 
 
+@pytest.mark.parametrize("tail", [b"data: {not json\n\ndata: [DONE]\n\n", b"data: {not json"],
+                         ids=["mid-stream", "last-event-without-blank-line"])
+def test_malformed_stream_event_is_stream_error_in_both_clients(tail):
+    body = _sse(STREAM_EVENTS[:2]) + tail
+
+    def sync() -> list[str]:
+        c, _ = make(Script((200, {}, body)))
+        return [ch.text for ch in c.chat_stream("hi")]
+
+    async def collect_async() -> list[str]:
+        async with AsyncSparseClient("http://test", transport=httpx.MockTransport(Script((200, {}, body)))) as c:
+            return [ch.text async for ch in c.chat_stream("hi")]
+
+    for run in (sync, lambda: asyncio.run(collect_async())):
+        with pytest.raises(StreamError, match="malformed stream event"):
+            run()
+
+
 def test_completions_stream_text_field():
     events = [{"id": "x", "choices": [{"index": 0, "text": "ab", "finish_reason": None}]},
               {"id": "x", "choices": [{"index": 0, "text": "c", "finish_reason": "stop"}]}, "[DONE]"]

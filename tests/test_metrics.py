@@ -1,4 +1,4 @@
-"""server/metrics.py: the exported names, labels and buckets of api.md, and exact counter arithmetic."""
+"""server/metrics.py: the exported names, labels and buckets of docs/api.md, and exact counter arithmetic."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The sparse prefill references: vertical_slash, flexprefill, block_sparse (``shared/spec/methods.md``)."""
+"""The sparse prefill references: vertical_slash, flexprefill, block_sparse (``docs/methods.md``)."""
 
 from __future__ import annotations
 

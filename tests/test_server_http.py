@@ -310,6 +310,26 @@ def test_engine_fault_is_500_and_server_keeps_serving(http):
     assert post(http, "/v1/completions", {"prompt": "ok", "max_tokens": 2}).status_code == 200
 
 
+def test_each_generation_request_is_counted_once(http):
+    """requests_total counts a request once, by what happened to it: refused before the engine (400), failed
+    by the engine at admission or mid-generation (error), failed before the engine (tokenizer fault), done."""
+    def by_status() -> dict[str, float]:
+        out: dict[str, float] = {}
+        for (name, labels), v in metric_samples(http.get("/metrics").text).items():
+            if name == "sparse_serve_requests_total":
+                out[dict(labels)["status"]] = out.get(dict(labels)["status"], 0) + v
+        return out
+
+    before = by_status()
+    assert post(http, "/v1/completions", {"prompt": "x", "sparse_pattern": "nope"}).status_code == 400
+    for prompt in ("FAIL_ADMIT", "FAIL_MIDSTREAM", "BOOM_TOKENIZER"):
+        assert post(http, "/v1/completions", {"prompt": prompt, "max_tokens": 10}).status_code == 500
+    assert post(http, "/v1/completions", {"prompt": "ok", "max_tokens": 2}).status_code == 200
+    after = by_status()
+    grown = {s: after[s] - before.get(s, 0) for s in after if after[s] != before.get(s, 0)}
+    assert grown == {"invalid": 1, "error": 3, "ok": 1}
+
+
 def test_unexpected_fault_is_500_with_request_id(http):
     r = post(http, "/v1/completions", {"prompt": "BOOM_TOKENIZER"}, headers={**AUTH, "X-Request-Id": "boom-1"})
     assert_error(r, 500)

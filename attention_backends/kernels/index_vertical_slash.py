@@ -343,7 +343,8 @@ def _mean_pool_kernel(X, OUT, n, s_xh, s_oh, BLOCK: tl.constexpr, D: tl.constexp
 
 def mean_pool(x: Tensor, block: int) -> Tensor:
     """``[heads, n, d] -> [heads, ceil(n / block), d]`` float32 means over each block's real tokens, in one
-    pass over x (no float32 or padded copy of x). H100: 0.23 -> ~0.1 ms at 32K over a torch reduction."""
+    pass over x (no float32 or padded copy of x; faster than a torch reduction:
+    benchmarks/results/kernel-tuning-notes.md)."""
     heads, n, d = x.shape
     nb = triton.cdiv(n, block)
     if triton.next_power_of_2(block) != block or triton.next_power_of_2(d) != d:

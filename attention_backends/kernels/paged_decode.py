@@ -1,6 +1,7 @@
 """Paged decode attention in Triton: one kernel for every decode method.
 
-Cache layout (DESIGN.md: every (request, layer, KV head) is its own sequence of pages)::
+Cache layout (README.md, "How the native engine keeps KV": every (request, layer, KV head) is its own
+sequence of pages)::
 
     k_pages, v_pages  [num_pages, page_size, d]    a page holds page_size tokens of ONE KV head
     page_table        [B, h_kv, max_pages] int32   page ids of sequence b, KV head j, in token order

@@ -66,8 +66,8 @@ def _attend(acc, m_i, l_i, q, k, v, ok, qk_scale, USE_MASK: tl.constexpr):
 @triton.jit
 def _kv_major_block(pid, n_qb, group):
     """(query head, query block) of program ``pid`` in a 1-D grid ordered KV-head-major: the ``group`` query
-    heads of one KV head run side by side on one query block, latest (heaviest) blocks first. Measured on an
-    H200 at 128K: 3-4% faster than head-major."""
+    heads of one KV head run side by side on one query block, latest (heaviest) blocks first; faster than
+    head-major (benchmarks/results/kernel-tuning-notes.md)."""
     per_kv = n_qb * group
     r = pid % per_kv
     return (pid // per_kv) * group + r % group, n_qb - 1 - r // group

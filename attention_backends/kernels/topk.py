@@ -33,8 +33,7 @@ def _kth_largest_key(key, kk, valid):
     interpolates linearly in the key (log-like in the value, so it copes with wide and heavy-tailed scores)
     with the Illinois rule (the end kept twice in a row has its weight halved), and halves the bracket after
     two steps that did not. One compare-and-count (a block-wide reduction) per step, stopping as soon as
-    exactly kk keys are ``>= t``. Against plain bisection (H100): a Quest step at 8192 pages 38.0 -> 36.1 us
-    (graph replay), the block-sparse index at 128K unchanged (1.96 / 1.98 ms: its top-k is not what costs)."""
+    exactly kk keys are ``>= t``. It beats plain bisection (benchmarks/results/kernel-tuning-notes.md)."""
     k64 = key.to(tl.int64)
     INF_KEY: tl.constexpr = 0x7F800000
     n_inf = tl.sum((valid & (k64 >= INF_KEY)).to(tl.int32), 0)

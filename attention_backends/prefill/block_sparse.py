@@ -1,4 +1,4 @@
-"""Block-sparse (MInference), the plain PyTorch reference; ``shared/spec/methods.md`` defines it.
+"""Block-sparse (MInference), the plain PyTorch reference; ``docs/methods.md`` defines it.
 
 With ``B = block_size`` and ``nb = ceil(n / B)`` blocks (the last one may be partial):
 

@@ -1,4 +1,4 @@
-"""FlexPrefill (query-aware mode off, ``tau = 0``), the plain PyTorch reference; see ``shared/spec/methods.md``.
+"""FlexPrefill (query-aware mode off, ``tau = 0``), the plain PyTorch reference; see ``docs/methods.md``.
 
 Same estimate and index as Vertical-Slash (:mod:`.vertical_slash_index`), but each head gets its own
 budget from attention-mass coverage:

@@ -1,4 +1,4 @@
-"""Vertical-Slash (MInference), the plain PyTorch reference; ``shared/spec/methods.md`` defines it.
+"""Vertical-Slash (MInference), the plain PyTorch reference; ``docs/methods.md`` defines it.
 
 1. Estimate, per query head, vertical scores (per key column) and slash scores (per offset ``o = i - j``)
    from the last ``W = min(window, n)`` queries (:func:`.vertical_slash_index.estimate_scores`).

@@ -3,7 +3,7 @@
 A head's index is a set of *verticals* (key columns ``j``: every query ``i >= j`` attends to ``j``) and a set
 of *slashes* (offsets ``o``: every query ``i`` attends to key ``i - o``). This module holds:
 
-* :func:`estimate_scores` — step 1–2 of ``shared/spec/methods.md``: the last ``W`` queries'
+* :func:`estimate_scores` — step 1–2 of ``docs/methods.md``: the last ``W`` queries'
   ``softmax(q k^T / sqrt(d))`` (causal inside the last ``W x W`` corner, float32, per query head), summed
   per column (vertical score) and per diagonal offset ``o = i - j`` (slash score);
 * :class:`Candidates` — per head, columns and offsets in *keep order* (the forced ones first — sinks for
@@ -58,7 +58,7 @@ def estimate_scores(q: Tensor, k: Tensor, window: int) -> SlashScores:
 
 
 def estimation_flops(h: int, n: int, d: int, window: int) -> float:
-    """Indexing FLOPs of the estimate, ``h [2 d n W + 5 n W + 2 n log2 n]`` (methods.md cost section):
+    """Indexing FLOPs of the estimate, ``h [2 d n W + 5 n W + 2 n log2 n]`` (docs/methods.md, "Cost accounting"):
     the ``W x n`` score product, softmax and the two reductions, and sorting the scores."""
     return float(h * (2 * d * n * window + 5 * n * window + 2 * n * math.log2(max(n, 2))))
 

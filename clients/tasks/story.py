@@ -276,9 +276,7 @@ class _StoryTask(Task):
 class StoryRetrieval(_StoryTask):
     name = "story_retrieval"
     min_chapters = 1
-
-    def __init__(self, num_questions: int = 16):
-        self.num_questions = num_questions
+    num_questions = 16  # the Sparse Frontier's story retrieval asks 16 factoid questions
 
     def question(self, world, c, rng):
         P = world.protagonist
@@ -319,9 +317,7 @@ class StoryMultihop(_StoryTask):
 class StoryFiltering(_StoryTask):
     name = "story_filtering"
     min_chapters = 4
-
-    def __init__(self, num_hidden: int = 3):
-        self.num_hidden = num_hidden
+    num_hidden = 3  # chapters whose purchase is removed
 
     def question(self, world, c, rng):
         hidden = sorted(rng.sample(range(1, c + 1), self.num_hidden))

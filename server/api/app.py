@@ -3,8 +3,8 @@
 ``create_app(engine, settings)`` serves any :class:`server.contract.engine.Engine`. Middleware, outermost first:
 
 * :class:`RequestContextMiddleware` - ``X-Request-Id`` (echoed, or generated), one JSON access-log line per
-  request (logger ``sparse_serve.access``), and ``requests_total`` for generation requests rejected
-  before they reached the engine;
+  request (logger ``sparse_serve.access``), and each generation request's
+  :class:`~.request_metrics.GenerationMetrics` (which counts it once its answer went out);
 * :class:`AuthMiddleware` - ``Authorization: Bearer <key>`` when an API key is set (401 otherwise);
   ``/health``, ``/metrics`` and the API docs stay open;
 * :class:`BodyLimitMiddleware` - 413 for a body over ``max_body_bytes`` (checked on ``Content-Length`` and
@@ -30,12 +30,13 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.contract.engine import Engine
-from server.metrics import ServerMetrics, status_for_http
+from server.metrics import ServerMetrics
 from server.settings import ServerSettings
 
 from .context import ServerContext
 from .errors import APIError, install_error_handlers, raw_error_response
 from .limits import body_shape_error
+from .request_metrics import GenerationMetrics
 from .routes_extra import router as extra_router
 from .routes_openai import router as openai_router
 from .sse import CLIENT_CLOSED
@@ -76,6 +77,7 @@ class RequestContextMiddleware:
         generation = scope.get("path") in GENERATION_PATHS
         if generation:
             self.ctx.open_generations += 1  # until the response is complete (a drain waits for these)
+            state["generation_metrics"] = GenerationMetrics(self.ctx.metrics)
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status, sent
@@ -111,11 +113,10 @@ class RequestContextMiddleware:
     def _after(self, scope: Scope, state: dict[str, Any], status: int, sent: int, elapsed: float,
                request_id: str) -> None:
         path = scope.get("path", "")
-        if path in GENERATION_PATHS and status >= 400 and status != CLIENT_CLOSED and not state.get("engine_recorded"):
-            labels = state.get("sparse_labels") or (None, None)
+        if "generation_metrics" in state:
             try:
-                self.ctx.metrics.record_rejected(status_for_http(status), *labels)
-            except Exception:  # noqa: BLE001
+                state["generation_metrics"].http_finished(status)
+            except Exception:  # noqa: BLE001 - metrics never fail a request
                 logger.warning("recording a rejection failed", exc_info=True)
         if not self.ctx.settings.access_log or not access_logger.isEnabledFor(logging.INFO):
             return
@@ -239,7 +240,6 @@ def create_app(engine: Engine, settings: ServerSettings | None = None, *,
         settings=settings,
         metrics=metrics or ServerMetrics(model_name),
         model_name=model_name,
-        default_spec=settings.default_spec(),
     )
 
     @contextlib.asynccontextmanager
@@ -269,7 +269,3 @@ def create_app(engine: Engine, settings: ServerSettings | None = None, *,
     app.add_middleware(AuthMiddleware, api_key=settings.api_key)
     app.add_middleware(RequestContextMiddleware, ctx=ctx)
     return app
-
-
-def server_context(app: FastAPI) -> ServerContext:
-    return app.state.ctx

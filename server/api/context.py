@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Request
 
-from attention_backends import SparseSpec
 from server.contract.engine import Engine
 from server.metrics import ServerMetrics
 from server.settings import ServerSettings
@@ -39,7 +38,6 @@ class ServerContext:
     settings: ServerSettings
     metrics: ServerMetrics
     model_name: str
-    default_spec: SparseSpec
     created: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False  # set on SIGTERM: no new work, in-flight requests finish
     open_generations: int = 0  # generation HTTP requests not yet answered in full (streams included)

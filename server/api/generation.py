@@ -134,7 +134,7 @@ class GenerationRun:
         else:
             err = engine_error(exc, self.overload_status)  # type: ignore[arg-type]
             if isinstance(exc, (EngineOverloaded, RequestRejected)) or err.status < 500:
-                st.recorded = True  # refused at admission: the route records the rejection (overloaded, invalid)
+                st.recorded = True  # refused at admission: counted with the HTTP answer (.request_metrics)
             else:
                 self._record(st, "error")
         await self.abort()

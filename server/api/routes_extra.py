@@ -12,8 +12,8 @@ from attention_backends import describe_methods
 from .context import ServerContext, get_context
 from .errors import APIError, bad_request
 from .prompts import chat_prompt, encode_text
-from .routes_openai import _ERRORS
 from .schemas import (
+    ERROR_RESPONSES,
     DetokenizeRequest,
     DetokenizeResponse,
     HealthResponse,
@@ -31,20 +31,20 @@ def _model_card(ctx: ServerContext) -> dict[str, Any]:
             "root": ctx.settings.model or ctx.model_name, "max_model_len": ctx.engine.max_model_len}
 
 
-@router.get("/v1/models", response_model=ModelList, responses=_ERRORS)
+@router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
 async def list_models(request: Request) -> JSONResponse:
     ctx = get_context(request)
     return JSONResponse({"object": "list", "data": [_model_card(ctx)]})
 
 
-@router.get("/v1/models/{model:path}", response_model=ModelCard, responses=_ERRORS)
+@router.get("/v1/models/{model:path}", response_model=ModelCard, responses=ERROR_RESPONSES)
 async def get_model(model: str, request: Request) -> JSONResponse:
     ctx = get_context(request)
     ctx.check_model(model)
     return JSONResponse(_model_card(ctx))
 
 
-@router.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
+@router.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
 async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
     """``{"prompt": str}`` or ``{"messages": [...], "add_generation_prompt": true}`` -> token ids."""
     ctx = get_context(request)
@@ -69,7 +69,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
     return JSONResponse(out)
 
 
-@router.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS)
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=ERROR_RESPONSES)
 async def detokenize(body: DetokenizeRequest, request: Request) -> JSONResponse:
     ctx = get_context(request)
     ctx.check_model(body.model)
@@ -98,7 +98,7 @@ async def sparse_patterns(request: Request) -> JSONResponse:
     return JSONResponse(out)
 
 
-@router.get("/health", response_model=HealthResponse, responses={503: _ERRORS[503]})
+@router.get("/health", response_model=HealthResponse, responses={503: ERROR_RESPONSES[503]})
 async def health(request: Request) -> JSONResponse:
     ctx = get_context(request)
     if ctx.draining:

@@ -219,6 +219,12 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+# The error answers an endpoint documents in the OpenAPI schema.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503)
+}
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int

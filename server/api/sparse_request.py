@@ -1,6 +1,6 @@
 """A request's sparse attention choice: body, ``vllm_xargs``, headers and the server default -> SparseSpec.
 
-Precedence (``shared/spec/api.md``): body > headers > server default. The body's own fields win over its
+Precedence (``docs/api.md``): body > headers > server default. The body's own fields win over its
 ``vllm_xargs``. The pattern and the ratio are chosen independently, so ``compression_ratio: 8`` in a body
 applies to a pattern named by the ``X-Sparse-Pattern`` header (or by the server default). Every value given
 is validated, used or not, and an invalid one is a 400 whose ``param`` names where it came from.
@@ -36,10 +36,11 @@ def resolve_sparse_spec(
     body_ratio: Any = None,
     xargs: Mapping[str, Any] | None = None,
     headers: Mapping[str, str] | None = None,
-    default_pattern: str | SparseSpec | None = None,
+    default_pattern: str = "dense",
 ) -> SparseSpec | AutoRequest:
     """The request's :class:`SparseSpec` (or :class:`AutoRequest`); raises :class:`APIError` (400) naming the
-    bad field."""
+    bad field. The default is the pattern's text, parsed per request: a request's ratio applies to the phases
+    that the default names no ratio for, which only the text says."""
     xargs = xargs or {}
     headers = headers or {}
     # (value, param) candidates, best first; None values are "not given".
@@ -56,20 +57,12 @@ def resolve_sparse_spec(
     try:
         valid_ratios = [(validate_ratio(v, p), p) for v, p in ratios if v is not None]
         ratio = valid_ratios[0][0] if valid_ratios else None
-        given = [(v, p) for v, p in patterns if v is not None]
-        if default_pattern is None:
-            default_pattern = "dense"
-        if not given and isinstance(default_pattern, str):
-            given = [(default_pattern, "--default-sparse-pattern")]
+        given = [(v, p) for v, p in patterns if v is not None] or [(default_pattern, "--default-sparse-pattern")]
         specs = [parse_auto(v, p) or parse_pattern(v, ratio, param=p) for v, p in given]
-        if specs:
-            if isinstance(specs[0], AutoRequest) and valid_ratios:
-                raise InvalidSparsePattern(valid_ratios[0][1], "a compression ratio cannot be combined with "
-                                           "sparse_pattern 'auto' (the policy chooses the ratio)")
-            return specs[0]
-        if ratio is None:
-            return default_pattern
-        return parse_pattern(default_pattern.to_string(), ratio, param="--default-sparse-pattern")
+        if isinstance(specs[0], AutoRequest) and valid_ratios:
+            raise InvalidSparsePattern(valid_ratios[0][1], "a compression ratio cannot be combined with "
+                                       "sparse_pattern 'auto' (the policy chooses the ratio)")
+        return specs[0]
     except InvalidSparsePattern as e:
         raise _invalid(e) from None
 
