@@ -9,8 +9,7 @@ What differs is *how* cells are computed, and the report says so honestly:
   mask; ``computed_cells`` counts the band and column cells the kernel really multiplies, and the budget
   search for a target ratio runs on those cells (``details["attended_cells"]`` is the reference's exact
   count of the union).
-* block_sparse: block 64/128 tiles are the blocks; block 16/32 packs ``block_m / B`` blocks per 64-wide
-  tile, and ``computed_cells`` counts the whole tiles (``details["attended_cells"]`` the kept cells).
+* block_sparse: the kernel's tiles are the blocks (16 to 128), so the computed cells are the kept cells.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from ..prefill.flexprefill import search_alpha
 from ..prefill.vertical_slash_index import estimation_flops
 from ..spec import DECODE_METHODS, PREFILL_METHODS, PhaseSpec
 from .index_vertical_slash import VSCandidates, block_scores, computed_cells, exact_cells, search_budget, window_scores
-from .sparse_prefill import count_cells, slash_chunks, sparse_prefill_attention, vertical_columns
+from .sparse_prefill import slash_chunks, sparse_prefill_attention, vertical_columns
 from .topk import causal_block_topk
 
 VS_BLOCK = 64  # query-block rows of the vertical-slash kernel (bands are this wide)
@@ -145,8 +144,11 @@ def block_sparse_index(q: Tensor, k: Tensor, block: int, top_k: int) -> tuple[Te
 
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, cnt: Tensor, block: int) -> Tensor:
-    block_m = max(64, block)
-    return sparse_prefill_attention(q, k, v, blocks=(ids, cnt, block), block_m=block_m)
+    """Exact ``block x block`` tiles: only the kept blocks are multiplied. (Packing 16-blocks into 64-row tiles
+    multiplies each kept block against the whole tile, the union of four query blocks' choices: on the H200
+    that computed nearly dense cells at r=4 and ran 2.1x slower than exact tiles;
+    benchmarks/results/block-sparse-tiles-NVIDIA-H200-2026-11-30.txt.)"""
+    return sparse_prefill_attention(q, k, v, blocks=(ids, cnt, block), block_m=block)
 
 
 def block_sparse_prefill(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec) -> PrefillOutcome:
@@ -157,14 +159,7 @@ def block_sparse_prefill(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec) -> P
         return _dense(q, k, v, details)
     ids, cnt = block_sparse_index(q, k, block, top_k)
     out = block_sparse_attention(q, k, v, ids, cnt, block)
-    attended = kept_cells(n, block, top_k) * h
-    block_m = max(64, block)
-    if block_m == block:
-        cells = attended
-    else:  # packed tiles: every kept block is multiplied against all rows of its block_m-row query tile
-        cells = int(count_cells(n, h, blocks=(ids, cnt, block), block_m=block_m, device=q.device,
-                                whole_tile=True).sum())
-        details["attended_cells"] = attended
+    cells = kept_cells(n, block, top_k) * h  # exact tiles compute exactly the kept cells
     return PrefillOutcome(out, cells, block_sparse_indexing_flops(h, k.shape[0], n, d, block, top_k), details)
 
 
