@@ -19,6 +19,11 @@ What each engine measures (``--part`` picks a subset, so a run fits the device's
                of the batch has its first token (then the requests are aborted);
 * ``agree``    greedy tokens (32) of a 512-token prompt for dense and every method at ratio 1, and a batch of
                8 requests with different patterns against each pattern alone.
+* ``capacity`` how many 32K requests one KV memory holds at once, and their aggregate decode tokens/s: 96
+               requests submitted together (dense; and snapkv:10, ada_snapkv:10 on the native engine, whose
+               eviction frees pages); once no request has started for 3 s, the requests that deliver tokens in a 3 s
+               window are counted. Give every engine the same KV memory with ``--kv-memory-mib`` (the same bytes
+               for vLLM's pool and the native pool) and say it.
 
 Prompts are random token ids (never reused, so no prefix cache hits). ``report`` merges the parts into
 ``benchmarks/results/e2e-<card>-<date>.{json,md,png}``: ratios against vLLM dense of the same run.
@@ -36,6 +41,10 @@ the first three, see its README; the model directory stays in /tmp for the lease
     4. export PYTHONPATH=/tmp/vllm-site && pip install --no-deps --no-build-isolation --no-index -e . &&
        python3 benchmarks/e2e.py run --engine sparse-vllm --part all --dir /tmp/e2e-model --deadline 420 \
            --out $OUT/sparse-vllm.json
+
+    5. capacity on one stated KV memory (16 GiB holds 8 dense 32K requests), in the same lease as 3 or 4:
+       python3 benchmarks/e2e.py run --engine vllm --part capacity --kv-memory-mib 16384 ... --out $OUT/vllm-cap.json
+       python3 benchmarks/e2e.py run --engine native --part capacity --kv-memory-mib 16384 ... --out $OUT/nat-cap.json
 
 (``pip install -e .`` installs the plugin's entry point, which vLLM's engine process needs; ``--deadline`` stops
 starting measurements in time for the call to end inside its limit, and keeps what was measured.)
@@ -81,22 +90,24 @@ class Protocol:
     agree_prompt: int = 512
     agree_tokens: int = 32
     warmup_prompt: int = 4096
+    capacity_requests: int = 96
+    plateau_s: float = 3.0  # capacity: no new request started for this long = the memory is full
 
 
 TINY_PROTOCOL = Protocol(ttft_lengths=(256, 512, 1024), decode_context=512, long_context=1024, batches=(1, 2, 4),
                          decode_window_s=0.5, decode_max_tokens=256, agree_prompt=128, agree_tokens=8,
-                         warmup_prompt=128)
+                         warmup_prompt=128, capacity_requests=12, plateau_s=1.0)
 
 DENSE = "dense"
 # Patterns are the string grammar, or a label of SPECS for one that needs parameters. block_sparse's default block
-# is 16 (the paper's accuracy choice), which the 64-wide kernel tiles compute as whole tiles (achieved ratio
-# about r/4); the speed bar is for block 64.
+# is 16 (the paper's accuracy choice, computed as exact 16x16 tiles); the speed bar is for block 64.
 SPECS = {"block_sparse:10/b64": {"prefill": {"method": "block_sparse", "compression_ratio": 10,
                                              "params": {"block_size": 64}}}}
 PREFILL_PATTERNS = ("vertical_slash:10", "flexprefill:10", "block_sparse:10/b64", "block_sparse:10")
 DECODE_PATTERNS = ("snapkv:10", "ada_snapkv:10", "quest:10")  # quest last: on vLLM its side copy is the largest
 AGREE_PATTERNS = ("dense", "vertical_slash:1", "flexprefill:1", "block_sparse:1", "quest:1", "snapkv:1",
                   "ada_snapkv:1")
+CAPACITY_PATTERNS = (DENSE, "snapkv:10", "ada_snapkv:10")  # the evicting methods, on the native engine
 MIXED_BATCH = ("dense", "vertical_slash:10", "flexprefill:10", "block_sparse:10/b64", "quest:10", "snapkv:10",
                "ada_snapkv:10", "block_sparse:4+quest:4")
 
@@ -186,7 +197,7 @@ class ServingEngine:
 class BareVllm:
     """vLLM's AsyncLLM with this project's plugin off and vLLM's default settings."""
 
-    def __init__(self, model: str, max_model_len: int, cpu: bool):
+    def __init__(self, model: str, max_model_len: int, cpu: bool, kv_memory: int | None = None):
         os.environ["VLLM_PLUGINS"] = ""  # before vLLM reads its environment
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -195,6 +206,8 @@ class BareVllm:
         if cpu:  # the same CPU settings VllmEngine uses, so the tiny run compares like with like
             kwargs.update(dtype="float32", gpu_memory_utilization=0.05, kv_cache_memory_bytes=1 << 30,
                           enforce_eager=True, distributed_executor_backend="uni")
+        if kv_memory is not None:
+            kwargs.update(kv_cache_memory_bytes=kv_memory)
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
 
     async def start(self) -> None:
@@ -219,13 +232,16 @@ class BareVllm:
         return s
 
 
-def make_engine(name: str, model: str, max_model_len: int, tiny: bool):
+def make_engine(name: str, model: str, max_model_len: int, tiny: bool, kv_memory: int | None = None):
+    """``kv_memory``: bytes of KV cache (bare vLLM and native); default: each engine's own."""
     cpu = tiny
     if name == "vllm":
-        return BareVllm(model, max_model_len, cpu)
+        return BareVllm(model, max_model_len, cpu, kv_memory)
     if name == "sparse-vllm":
         from server.vllm_engine.engine import VllmEngine, VllmOptions
 
+        if kv_memory is not None:
+            raise SystemExit("--kv-memory-mib is for the vllm and native engines")
         # 0.75 of the GPU for vLLM's pool (bare vLLM takes 0.9): the sparse path keeps side copies of the KV
         # its methods read outside that pool (docs/vllm.md); the 32K x 32 dense batch still fits.
         return ServingEngine(VllmEngine(VllmOptions(model=model, max_model_len=max_model_len, max_num_seqs=64,
@@ -235,9 +251,9 @@ def make_engine(name: str, model: str, max_model_len: int, tiny: bool):
 
         # 80 GiB: room for 32 x (32K + decode_max_tokens) worst-case reservations, and for a 128K prefill's
         # activations beside it (96 GiB ran out of memory there on an H200)
-        memory = (256 << 20) if cpu else (80 << 30)
+        memory = kv_memory or ((256 << 20) if cpu else (80 << 30))
         return ServingEngine(NativeEngine.from_options(EngineOptions(model=model, max_model_len=max_model_len,
-                                                                     kv_cache_memory=memory, max_num_seqs=64,
+                                                                     kv_cache_memory=memory, max_num_seqs=128,
                                                                      device="cpu" if cpu else "auto")))
     raise SystemExit(f"unknown engine {name!r}")
 
@@ -321,6 +337,47 @@ class Bench:
         result["report"] = streams[0].report
         return result
 
+    async def capacity(self, rows: list[dict], patterns: tuple[str, ...]) -> None:
+        for pattern in patterns:
+            self.check_time()
+            await self.warmup(pattern)
+            rows.append({"pattern": pattern, "context": self.p.decode_context,
+                         **await self.steady_capacity(self.p.capacity_requests, self.p.decode_context, pattern)})
+            r = rows[-1]
+            log(f"capacity {pattern:<14} ctx={r['context']}: {r['concurrent']} of {r['requests']} decoding, "
+                f"{r['tokens_per_s'] or 0:.1f} tok/s {r['error'] or ''}")
+
+    async def steady_capacity(self, requests: int, context: int, pattern: str) -> dict:
+        """Submit ``requests`` at once; when no request has started (first token) for ``plateau_s``, count the
+        requests that deliver tokens during a ``decode_window_s`` window and their tokens/s; then abort all."""
+        streams = [Stream(uuid.uuid4().hex, time.monotonic()) for _ in range(requests)]
+        tasks = [asyncio.create_task(self.engine.run(self.prompt(context), self.p.decode_max_tokens, pattern, s))
+                 for s in streams]
+        result = {"requests": requests, "concurrent": 0, "tokens_per_s": None, "report": None, "error": None}
+        try:
+            started, last_change = 0, time.monotonic()
+            while started < requests and time.monotonic() - last_change < self.p.plateau_s:
+                if any(t.done() for t in tasks):
+                    break
+                now_started = sum(1 for s in streams if s.tokens)
+                if now_started != started:
+                    started, last_change = now_started, time.monotonic()
+                await asyncio.sleep(0.01)
+            before = [len(s.tokens) for s in streams]
+            t0 = time.monotonic()
+            await asyncio.sleep(self.p.decode_window_s)
+            t1 = time.monotonic()
+            after = [len(s.tokens) for s in streams]
+            result.update(concurrent=sum(1 for a, b in zip(before, after, strict=True) if b > a),
+                          tokens_per_s=(sum(after) - sum(before)) / (t1 - t0))
+        finally:
+            for s in streams:
+                await self.engine.abort(s.request_id)
+            await asyncio.gather(*tasks, return_exceptions=True)
+        result["error"] = next((s.error for s in streams if s.error), None)
+        result["report"] = next((s.report for s in streams if s.report), None)
+        return result
+
     async def agree(self) -> dict:
         # the same prompt in every engine's run (the other prompts only need to be fresh)
         prompt = [random.Random(1234).randrange(self.vocab) for _ in range(self.p.agree_prompt)]
@@ -349,25 +406,29 @@ def log(msg: str) -> None:
 
 
 PARTS = ("ttft", "agree", "decode:1", "decode:8", "decode:32", "decode:long")  # "all"; any decode:<batch> is valid
+EXTRA_PARTS = ("capacity",)  # not in "all": run with --kv-memory-mib
 
 
 async def run(args) -> None:
     protocol = TINY_PROTOCOL if args.tiny else Protocol()
     parts = PARTS if args.part == "all" else tuple(args.part.split(","))
-    unknown = [p for p in parts if p not in PARTS and not re.fullmatch(r"decode:[1-9][0-9]*", p)]
+    unknown = [p for p in parts if p not in PARTS + EXTRA_PARTS and not re.fullmatch(r"decode:[1-9][0-9]*", p)]
     if unknown:
-        raise SystemExit(f"unknown parts {unknown}; choose from {', '.join(PARTS)}, decode:<batch> or all")
+        raise SystemExit(f"unknown parts {unknown}; choose from {', '.join(PARTS + EXTRA_PARTS)}, decode:<batch> "
+                         "or all")
+    kv_memory = args.kv_memory_mib << 20 if args.kv_memory_mib else None
     config = json.loads((Path(args.dir) / "config.json").read_text())
     max_len = protocol.long_context + protocol.decode_max_tokens
     t0 = time.monotonic()
-    engine = make_engine(args.engine, args.dir, max_len, args.tiny)
+    engine = make_engine(args.engine, args.dir, max_len, args.tiny, kv_memory)
     await engine.start()
     load_s = time.monotonic() - t0
     log(f"{args.engine} ready in {load_s:.0f} s")
     deadline = t0 + args.deadline if args.deadline else None
     bench = Bench(engine, protocol, config["vocab_size"], sparse=args.engine != "vllm", deadline=deadline)
     result: dict = {"engine": args.engine, "device": device_name(), "load_s": load_s, "parts": list(parts),
-                    "protocol": protocol.__dict__, "ttft": [], "decode": [], "versions": versions()}
+                    "protocol": protocol.__dict__, "ttft": [], "decode": [], "capacity": [],
+                    "kv_memory_mib": args.kv_memory_mib, "versions": versions()}
     saver = asyncio.create_task(save_every(Path(args.out), result, 5.0))  # a call killed mid-part keeps its rows
     try:
         for part in parts:
@@ -400,6 +461,9 @@ async def run_part(bench: Bench, part: str, result: dict) -> None:
         await bench.ttft(result["ttft"])
     elif part == "agree":
         result["agree"] = await bench.agree()
+    elif part == "capacity":
+        patterns = CAPACITY_PATTERNS if result["engine"] == "native" else (DENSE,)
+        await bench.capacity(result["capacity"], patterns)
     elif part == "decode:long":
         await bench.decode(1, protocol.long_context, result["decode"])
     else:
@@ -433,18 +497,22 @@ def merge(paths: list[str]) -> dict:
     engines: dict[str, dict] = {}
     for path in paths:
         part = json.loads(Path(path).read_text())
-        e = engines.setdefault(part["engine"], {"device": part["device"], "ttft": {}, "decode": {}, "load_s": [],
-                                                 "versions": part["versions"], "parts": []})
+        e = engines.setdefault(part["engine"], {"device": part["device"], "ttft": {}, "decode": {}, "capacity": {},
+                                                 "load_s": [], "versions": part["versions"], "parts": []})
         for r in part["ttft"]:
             e["ttft"][(r["pattern"], r["length"])] = r | {"part": Path(path).name}
         for r in part["decode"]:
             e["decode"][(r["pattern"], r["batch"], r["context"])] = r | {"part": Path(path).name}
+        for r in part.get("capacity", []):  # keyed by the memory too: capacity is a property of the memory
+            mib = part.get("kv_memory_mib")
+            e["capacity"][(r["pattern"], r["context"], mib)] = r | {"kv_memory_mib": mib, "part": Path(path).name}
         e["load_s"].append(part["load_s"])
         e["parts"].append({"file": Path(path).name, "errors": part.get("errors"), "stopped": part.get("stopped")})
         if "agree" in part:
             e["agree"] = part["agree"]
     for e in engines.values():
         e["ttft"], e["decode"] = list(e["ttft"].values()), list(e["decode"].values())
+        e["capacity"] = list(e["capacity"].values())
     return engines
 
 
@@ -519,6 +587,7 @@ def report(paths: list[str], out_dir: str) -> Path:
              "same run (TTFT: vLLM's time over this time; decode: this rate over vLLM's).", "",
              "## Time to first token (one request alone)", "", *pivot(rows, "TTFT"), "",
              "## Decode tokens/s (all requests of the batch together)", "", *pivot(rows, "decode"), "",
+             *capacity_table(engines),
              "## Greedy agreement", "",
              "| engine | pattern | tokens | agreeing prefix with vLLM dense | batch of 8 vs alone |",
              "|---|---|---|---|---|"]
@@ -533,6 +602,21 @@ def report(paths: list[str], out_dir: str) -> Path:
     chart(rows, stem.with_suffix(".png"), card)
     print(f"wrote {stem}.json, .md and .png")
     return stem
+
+
+def capacity_table(engines: dict) -> list[str]:
+    """Markdown lines of the capacity part (none when no part measured it)."""
+    rows = [(name, r) for name, e in engines.items() for r in e.get("capacity", [])]
+    if not rows:
+        return []
+    lines = ["## Capacity: requests one KV memory holds at once, and their decode tokens/s", "",
+             "| engine | pattern | KV memory (MiB) | context | decoding at once (of submitted) | tokens/s |",
+             "|---|---|---|---|---|---|"]
+    for name, r in rows:
+        rate = "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.1f}"
+        lines.append(f"| {name} | {r['pattern']} | {r['kv_memory_mib'] or 'default'} | {tokens_label(r['context'])} | "
+                     f"{r['concurrent']} ({r['requests']}) | {rate} |")
+    return lines + [""]
 
 
 def chart(rows: list[dict], path: Path, card: str) -> None:
@@ -572,6 +656,9 @@ def main() -> None:
                    help=f"comma-separated subset of {', '.join(PARTS)} (decode:<batch> for any batch), or all")
     r.add_argument("--out", required=True, help="the part file (JSON) to write")
     r.add_argument("--tiny", action="store_true", help="tiny protocol (short prompts, small batches) on the CPU")
+    r.add_argument("--kv-memory-mib", type=int, default=None,
+                   help="KV cache memory in MiB for the vllm and native engines (the capacity part compares "
+                        "engines on the same memory); default: each engine's own")
     r.add_argument("--deadline", type=float, default=None,
                    help="seconds after start (model load included) past which no new measurement starts, so a "
                         "device call ends inside its limit with what it measured")

@@ -82,6 +82,22 @@ def test_native_tiny_run_and_report(model_dir, tmp_path):
     assert len(merged["decode"]) == len(part["decode"])
 
 
+def test_native_capacity_on_a_fixed_kv_memory(model_dir, tmp_path):
+    """The capacity part: on the same KV memory, the evicting methods hold more requests at once than dense, and
+    the report states the memory."""
+    out = tmp_path / "capacity.json"
+    e2e("run", "--engine", "native", "--tiny", "--dir", str(model_dir), "--part", "capacity", "--kv-memory-mib", "2",
+        "--out", str(out))
+    part = load(out)
+    rows = {r["pattern"]: r for r in part["capacity"]}
+    assert set(rows) == {"dense", "snapkv:10", "ada_snapkv:10"} and part["kv_memory_mib"] == 2
+    assert all(r["error"] is None and r["tokens_per_s"] > 0 for r in rows.values())
+    assert 1 <= rows["dense"]["concurrent"] < rows["dense"]["requests"]  # the memory is the limit for dense
+    assert rows["snapkv:10"]["concurrent"] >= 2 * rows["dense"]["concurrent"]
+    md = REPORT([str(out)], str(tmp_path / "results")).with_suffix(".md").read_text()
+    assert "## Capacity" in md and "| native | snapkv:10 | 2 |" in md
+
+
 @pytest.mark.vllm
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (make test-vllm)")
