@@ -13,7 +13,7 @@ Methods (``docs/methods.md``): prefill ``dense``, ``vertical_slash``, ``flexpref
 
 from .api import prepare_decode, sparse_decode, sparse_prefill
 from .decode.state import DecodeState
-from .reports import DecodeReport, PrefillReport
+from .reports import DecodeCallReport, PrefillCallReport
 from .spec import (
     DECODE_METHODS,
     DENSE,
@@ -29,11 +29,11 @@ __all__ = [
     "DECODE_METHODS",
     "DENSE",
     "PREFILL_METHODS",
-    "DecodeReport",
+    "DecodeCallReport",
     "DecodeState",
     "InvalidSparsePattern",
     "PhaseSpec",
-    "PrefillReport",
+    "PrefillCallReport",
     "SparseSpec",
     "describe_methods",
     "parse_pattern",

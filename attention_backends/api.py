@@ -6,41 +6,59 @@ calls cover one attention layer of one sequence; an engine calls them per layer 
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
+from collections.abc import Callable
 
 from torch import Tensor
 
-from .cost import flops_per_cell
+from .cost import causal_cells, flops_per_cell
+from .decode import ada_snapkv, quest, snapkv
+from .decode import dense as dense_decode
 from .decode.state import DecodeState
-from .prefill.common import causal_cells, check_shapes
-from .reports import DecodeReport, PrefillReport
-from .spec import SparseSpec
+from .prefill import block_sparse, flexprefill, vertical_slash
+from .prefill import dense as dense_prefill
+from .prefill.common import PrefillOutcome, check_shapes
+from .reports import DecodeCallReport, PrefillCallReport
+from .spec import PhaseSpec, SparseSpec
+
+PrefillFn = Callable[[Tensor, Tensor, Tensor, PhaseSpec], PrefillOutcome]
+PrepareFn = Callable[[Tensor, Tensor, Tensor, PhaseSpec], DecodeState]
+
+# The plain PyTorch reference of every method in the table (:data:`.spec.METHODS`).
+REFERENCE_PREFILL: dict[str, PrefillFn] = {
+    "dense": dense_prefill.prefill,
+    "vertical_slash": vertical_slash.prefill,
+    "flexprefill": flexprefill.prefill,
+    "block_sparse": block_sparse.prefill,
+}
+REFERENCE_DECODE: dict[str, PrepareFn] = {
+    "dense": dense_decode.prepare,
+    "snapkv": snapkv.prepare,
+    "ada_snapkv": ada_snapkv.prepare,
+    "quest": quest.prepare,
+}
 
 
-def _method_module(phase: str, name: str) -> ModuleType:
-    return importlib.import_module(f"{__package__}.{phase}.{name}")
-
-
-def _impl_module(phase: str, name: str, impl: str):
-    """``impl="reference"``: the plain PyTorch method module; ``impl="triton"``: the fast path
-    (:mod:`.kernels.methods`, same contract; CUDA, or the CPU under ``TRITON_INTERPRET=1``)."""
+def implementations(impl: str) -> tuple[dict[str, PrefillFn], dict[str, PrepareFn]]:
+    """The (prefill, decode) registries of ``impl``: ``"reference"``, the plain PyTorch methods; ``"triton"``,
+    the fast path (:mod:`.kernels.methods`, same contract; CUDA, or the CPU under ``TRITON_INTERPRET=1``)."""
     if impl == "reference":
-        return _method_module(phase, name)
+        return REFERENCE_PREFILL, REFERENCE_DECODE
     if impl == "triton":
-        return importlib.import_module(f"{__package__}.kernels.methods")
+        from .kernels import methods  # imports Triton: only when asked for
+
+        return methods.PREFILL, methods.DECODE
     raise ValueError(f"unknown impl {impl!r}; expected 'reference' or 'triton'")
 
 
 def sparse_prefill(q: Tensor, k: Tensor, v: Tensor, spec: SparseSpec, *, impl: str = "reference"
-                   ) -> tuple[Tensor, PrefillReport]:
+                   ) -> tuple[Tensor, PrefillCallReport]:
     """Causal attention over the prompt with ``spec.prefill``; returns ``out [h, n, d]`` and its report."""
     check_shapes(q, k, v)
     h, n, d = q.shape
     phase = spec.prefill
-    outcome = _impl_module("prefill", phase.method, impl).prefill(q, k, v, phase)
+    outcome = implementations(impl)[0][phase.method](q, k, v, phase)
     dense = causal_cells(n) * h
-    report = PrefillReport(
+    report = PrefillCallReport(
         method=phase.method,
         target_compression_ratio=phase.compression_ratio,
         computed_cells=outcome.computed_cells,
@@ -58,10 +76,10 @@ def prepare_decode(q: Tensor, k: Tensor, v: Tensor, spec: SparseSpec, *, impl: s
     Ada-SnapKV keep-sets, Quest page summaries, or keep-all for dense. With ``impl="triton"`` the state
     keeps its tokens in pages and every :func:`sparse_decode` step runs the paged Triton kernel."""
     check_shapes(q, k, v)
-    return _impl_module("decode", spec.decode.method, impl).prepare(q, k, v, spec.decode)
+    return implementations(impl)[1][spec.decode.method](q, k, v, spec.decode)
 
 
-def sparse_decode(q_t: Tensor, k_t: Tensor, v_t: Tensor, state: DecodeState) -> tuple[Tensor, DecodeReport]:
+def sparse_decode(q_t: Tensor, k_t: Tensor, v_t: Tensor, state: DecodeState) -> tuple[Tensor, DecodeCallReport]:
     """One decode step: append ``k_t``/``v_t`` ``[h_kv, d]`` to the cache, attend ``q_t [h, d]``."""
     if q_t.dim() != 2 or k_t.shape != (state.num_kv_heads, state.head_dim) or v_t.shape != k_t.shape:
         raise ValueError(f"expected q_t [h, d], k_t/v_t [{state.num_kv_heads}, {state.head_dim}]; "

@@ -1,4 +1,5 @@
 """What one attention call cost: the per-call reports the engine sums into a request's ``sparse`` field.
+(The client's ``PrefillReport``/``DecodeReport`` are the summed, per-request response objects.)
 
 All counts are for one attention layer of one sequence. ``*_cells`` count query-key products summed over
 query heads; ``*_tokens_read`` count KV tokens summed over KV heads (a token read by a KV head serves all
@@ -19,7 +20,7 @@ def ratio(dense: float, actual: float) -> float:
 
 
 @dataclass
-class PrefillReport:
+class PrefillCallReport:
     method: str
     target_compression_ratio: float
     computed_cells: int  # causal cells the method really computed, summed over query heads
@@ -38,7 +39,7 @@ class PrefillReport:
 
 
 @dataclass
-class DecodeReport:
+class DecodeCallReport:
     method: str
     target_compression_ratio: float
     kv_tokens_read: int  # prompt KV tokens read this step, summed over KV heads

@@ -83,10 +83,18 @@ class ParamSpec:
 
 @dataclass(frozen=True)
 class MethodInfo:
+    """One method of the table, with what an engine must know to run it (its capabilities), so that engines
+    ask ``info.evicts`` rather than comparing method names."""
+
     name: str
     phase: Phase
     summary: str
     params: tuple[ParamSpec, ...] = ()
+    # decode: keeps a subset of the prompt's KV after prefill and drops the rest (an engine frees those pages)
+    evicts: bool = False
+    # decode: keeps every token but reads a query-chosen subset of pages each step, from per-page key bounds
+    # (an engine keeps those bounds current; the ``page_size`` parameter is the page)
+    selects_pages: bool = False
 
     def param(self, name: str) -> ParamSpec:
         for p in self.params:
@@ -108,6 +116,26 @@ class MethodInfo:
 
 _INT_MAX = 1 << 30
 
+# Parameters two methods share: one definition each.
+_WINDOW = ParamSpec("window", int, 256, 1, _INT_MAX, doc="last-query approximation window W")
+_PREFILL_FORCED = (
+    ParamSpec("sink_tokens", int, 4, 0, _INT_MAX, doc="first keys always kept"),
+    ParamSpec("local_window", int, 64, 1, _INT_MAX, doc="offsets 0..local_window-1 always kept"),
+)
+_OBSERVATION = (
+    ParamSpec("window", int, 256, 1, _INT_MAX, doc="observation window (last prompt queries)"),
+    ParamSpec("kernel_size", int, 21, 1, 255, doc="1-D pool kernel (odd; SnapKV averages, Ada-SnapKV takes the max)"),
+    ParamSpec("sink_tokens", int, 4, 0, _INT_MAX, doc="first tokens always kept"),
+    ParamSpec("local_window", int, 128, 0, _INT_MAX, doc="last prompt tokens always kept"),
+)
+
+
+def _snapkv_family(name: str, summary: str, *extra: ParamSpec, capacity_doc: str) -> MethodInfo:
+    """An eviction method scored by the observation window: its parameters, ``extra``, then its capacity."""
+    capacity = ParamSpec("capacity", int, None, 1, _INT_MAX, doc=f"{capacity_doc} (default ceil(n/r))")
+    return MethodInfo(name, "decode", summary, (*_OBSERVATION, *extra, capacity), evicts=True)
+
+
 _METHOD_LIST: tuple[MethodInfo, ...] = (
     MethodInfo("dense", "prefill", "Full causal attention (no sparsity)."),
     MethodInfo(
@@ -116,11 +144,10 @@ _METHOD_LIST: tuple[MethodInfo, ...] = (
         "MInference Vertical-Slash: top vertical columns and slash diagonals per head, estimated from "
         "the last queries; k chosen so that the covered causal fraction is 1/r.",
         (
-            ParamSpec("window", int, 256, 1, _INT_MAX, doc="last-query approximation window W"),
+            _WINDOW,
             ParamSpec("num_vertical", int, None, 1, _INT_MAX, doc="verticals per head (default: from r)"),
             ParamSpec("num_slash", int, None, 1, _INT_MAX, doc="slash lines per head (default: from r)"),
-            ParamSpec("sink_tokens", int, 4, 0, _INT_MAX, doc="first keys always kept"),
-            ParamSpec("local_window", int, 64, 1, _INT_MAX, doc="offsets 0..local_window-1 always kept"),
+            *_PREFILL_FORCED,
         ),
     ),
     MethodInfo(
@@ -129,13 +156,12 @@ _METHOD_LIST: tuple[MethodInfo, ...] = (
         "FlexPrefill: vertical/slash budgets per head by attention-mass coverage alpha "
         "(query-aware mode off, tau = 0).",
         (
-            ParamSpec("window", int, 256, 1, _INT_MAX, doc="last-query approximation window W"),
+            _WINDOW,
             ParamSpec("alpha", float, None, 0.0, 1.0, doc="coverage of attention mass (default 0.9, "
                       "or searched for the target r when a ratio is given)"),
             ParamSpec("min_budget", int, None, 0, _INT_MAX, doc="minimum verticals/slashes per head "
                       "(default 512, capped by the target budget when a ratio is given)"),
-            ParamSpec("sink_tokens", int, 4, 0, _INT_MAX, doc="first keys always kept"),
-            ParamSpec("local_window", int, 64, 1, _INT_MAX, doc="offsets 0..local_window-1 always kept"),
+            *_PREFILL_FORCED,
         ),
     ),
     MethodInfo(
@@ -148,33 +174,12 @@ _METHOD_LIST: tuple[MethodInfo, ...] = (
         ),
     ),
     MethodInfo("dense", "decode", "Reads the whole KV cache."),
-    MethodInfo(
-        "snapkv",
-        "decode",
-        "SnapKV: after prefill, keep the top ceil(n/r) prompt tokens per KV head by observation-window "
-        "attention; evict the rest.",
-        (
-            ParamSpec("window", int, 256, 1, _INT_MAX, doc="observation window (last prompt queries)"),
-            ParamSpec("kernel_size", int, 21, 1, 255, doc="1-D average-pool kernel (odd)"),
-            ParamSpec("sink_tokens", int, 4, 0, _INT_MAX, doc="first tokens always kept"),
-            ParamSpec("local_window", int, 128, 0, _INT_MAX, doc="last prompt tokens always kept"),
-            ParamSpec("capacity", int, None, 1, _INT_MAX, doc="tokens kept per KV head (default ceil(n/r))"),
-        ),
-    ),
-    MethodInfo(
-        "ada_snapkv",
-        "decode",
-        "Ada-SnapKV: SnapKV scores (max-aggregated) with the layer budget allocated adaptively across "
-        "KV heads above a per-head floor.",
-        (
-            ParamSpec("window", int, 256, 1, _INT_MAX, doc="observation window (last prompt queries)"),
-            ParamSpec("kernel_size", int, 21, 1, 255, doc="1-D max/average-pool kernel (odd)"),
-            ParamSpec("sink_tokens", int, 4, 0, _INT_MAX, doc="first tokens always kept"),
-            ParamSpec("local_window", int, 128, 0, _INT_MAX, doc="last prompt tokens always kept"),
-            ParamSpec("floor_fraction", float, 0.2, 0.0, 1.0, doc="per-head floor as a fraction of C"),
-            ParamSpec("capacity", int, None, 1, _INT_MAX, doc="mean tokens per KV head (default ceil(n/r))"),
-        ),
-    ),
+    _snapkv_family("snapkv", "SnapKV: after prefill, keep the top ceil(n/r) prompt tokens per KV head by "
+                   "observation-window attention; evict the rest.", capacity_doc="tokens kept per KV head"),
+    _snapkv_family("ada_snapkv", "Ada-SnapKV: SnapKV scores (max-aggregated) with the layer budget allocated "
+                   "adaptively across KV heads above a per-head floor.",
+                   ParamSpec("floor_fraction", float, 0.2, 0.0, 1.0, doc="per-head floor as a fraction of C"),
+                   capacity_doc="mean tokens per KV head"),
     MethodInfo(
         "quest",
         "decode",
@@ -185,6 +190,7 @@ _METHOD_LIST: tuple[MethodInfo, ...] = (
             ParamSpec("budget", int, None, 1, _INT_MAX, doc="tokens read per step (default ceil(n/r), "
                       "rounded to a page)"),
         ),
+        selects_pages=True,
     ),
 )
 
@@ -198,7 +204,8 @@ class PhaseSpec:
     """One phase's choice: a method, its target compression ratio and its resolved parameters.
 
     ``params`` holds every parameter of the method: user overrides, else the table default (``None`` for
-    those derived from the ratio at run time, when the sequence length is known).
+    those derived from the ratio at run time, when the sequence length is known). :func:`parse_pattern`
+    resolves them, once; the methods read ``params`` as they are, so build a PhaseSpec with it.
     """
 
     method: str = "dense"

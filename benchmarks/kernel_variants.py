@@ -278,7 +278,7 @@ def warp_specialized_section(n):
 
 def index_section(n):
     """The block-sparse index at n, piece by piece, and the row top-k under several warp counts."""
-    from attention_backends.kernels.index_vertical_slash import block_scores, mean_pool
+    from attention_backends.kernels.index_vertical_slash import block_scores, triton_mean_pool
     from attention_backends.kernels.topk import causal_block_topk
 
     log(f"=== block_sparse index n={n} ===")
@@ -287,7 +287,7 @@ def index_section(n):
     k = torch.randn(HKV, n, D, device=DEV).to(torch.bfloat16)
     top_k = max(3, top_k_for_ratio(n, 64, 10.0))
     row(case="index: whole", n=n, ms=bench(lambda: M.block_sparse_index(q, k, 64, top_k)))
-    row(case="index: mean-pool q, k", n=n, ms=bench(lambda: (mean_pool(q, 64), mean_pool(k, 64))))
+    row(case="index: mean-pool q, k", n=n, ms=bench(lambda: (triton_mean_pool(q, 64), triton_mean_pool(k, 64))))
     row(case="index: pool + block scores", n=n, ms=bench(lambda: block_scores(q, k, 64)))
     s = block_scores(q, k, 64)
     ref = causal_block_topk(s, top_k)

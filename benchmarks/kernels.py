@@ -33,16 +33,16 @@ from attention_backends.kernels import methods as M  # noqa: E402
 from attention_backends.kernels.index_vertical_slash import (  # noqa: E402
     VSCandidates,
     block_scores,
-    mean_pool,
+    triton_mean_pool,
     window_scores,
 )
 from attention_backends.kernels.paged_decode import paged_decode, pages_from_contiguous  # noqa: E402
 from attention_backends.kernels.quest_select import quest_decode, quest_select  # noqa: E402
-from attention_backends.kernels.snapkv_select import token_importance as tk_importance  # noqa: E402
+from attention_backends.kernels.snapkv_select import triton_token_importance  # noqa: E402
 from attention_backends.kernels.sparse_prefill import sparse_prefill_attention  # noqa: E402
 from attention_backends.kernels.topk import causal_block_topk  # noqa: E402
 from attention_backends.prefill.block_sparse import top_k_for_ratio  # noqa: E402
-from attention_backends.spec import PhaseSpec  # noqa: E402
+from attention_backends.spec import parse_pattern  # noqa: E402
 
 H, HKV, D = 28, 4, 128
 DT = torch.bfloat16
@@ -150,7 +150,7 @@ def vs_and_flex(q, k, v, n, heads, rows, dense_cells, flops_cell, sdpa_ms, do_fl
            bench(lambda: window_scores(q, k, 256, diagonal=False)))
 
     # --- vertical_slash r=10
-    phase = PhaseSpec("vertical_slash", 10.0, {})
+    phase = parse_pattern("vertical_slash:10").prefill
     outcome = M.vertical_slash_prefill(q, k, v, phase)
     kk = outcome.details["num_vertical"]
     cand = VSCandidates(cols, slash, W, 4, 64, M.VS_BLOCK)
@@ -199,7 +199,7 @@ def vs_and_flex(q, k, v, n, heads, rows, dense_cells, flops_cell, sdpa_ms, do_fl
     torch.cuda.empty_cache()
 
     # --- flexprefill r~10
-    phase = PhaseSpec("flexprefill", 10.0, {})
+    phase = parse_pattern("flexprefill:10").prefill
     outcome = M.flexprefill_prefill(q, k, v, phase)
     fx_ms = bench(lambda: M.flexprefill_prefill(q, k, v, phase))
     record(f"flexprefill r=10 n={n} (index+attention)", fx_ms, sdpa_ms, alpha=outcome.details["alpha"],
@@ -241,10 +241,11 @@ def prefill_section(n, smoke, do_flex):
     # --- block_sparse r=10, block 64 and 16
     for block in (() if VS_ONLY else (64,) if BS64_ONLY else (64, 16)):
         top_k = top_k_for_ratio(n, block, 10.0)
-        phase = PhaseSpec("block_sparse", 10.0, {"block_size": block})
+        phase = parse_pattern({"prefill": {"method": "block_sparse", "compression_ratio": 10,
+                                           "params": {"block_size": block}}}).prefill
         # index pieces vs torch
         s = block_scores(q, k, block)
-        pq, pk = mean_pool(q, block), mean_pool(k, block)
+        pq, pk = triton_mean_pool(q, block), triton_mean_pool(k, block)
         nb = pq.shape[1]
         sub = slice(0, min(nb, 512))
         ref_s = pq[heads][:, sub] @ pk[[hh // (H // HKV) for hh in heads]].transpose(1, 2)
@@ -290,7 +291,7 @@ def prefill_section(n, smoke, do_flex):
         record(f"  block_sparse B={block} index (pool + scores + top-k) n={n}",
                bench(lambda: M.block_sparse_index(q, k, block, top_k)))
         record(f"  block_sparse B={block} index: mean-pool q and k n={n}",
-               bench(lambda: (mean_pool(q, block), mean_pool(k, block))))
+               bench(lambda: (triton_mean_pool(q, block), triton_mean_pool(k, block))))
         if block == 64 and not smoke and n >= 131072:
             for warps, stages in ((4, 2), (4, 4), (8, 2), (8, 3)):
                 ms = bench(lambda: sparse_prefill_attention(q, k, v, blocks=(ids, cnt, 64), block_m=64,
@@ -445,7 +446,7 @@ def snapkv_section(n):
     from attention_backends.decode.window_scores import token_importance as ref_imp
 
     for red in ("sum_of_group_mean", "max"):
-        mine = tk_importance(q, k, 256, red)
+        mine = triton_token_importance(q, k, 256, red)
         ref = ref_imp(q, k, 256, red)
         check(f"snapkv token_importance {red} n={n}", rel(mine, ref), 1e-3)
     from attention_backends.kernels.snapkv_select import ada_snapkv_keep, snapkv_keep

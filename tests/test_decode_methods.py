@@ -299,3 +299,31 @@ def test_gqa_group_scores_pick_their_own_kv_head(method, h):
     assert set(range(200, 208)) <= set(state.kept_positions[1].tolist())
     out, report = sparse_decode(*decode_steps(h, h_kv, d, 1)[0], state)
     assert out.shape == (h, d) and report.achieved_compression_ratio == pytest.approx(8, rel=0.05)
+
+
+# -- capabilities: what the table tells an engine matches what the method does -------------------------------
+@pytest.mark.parametrize("method", ("dense", *METHODS))
+@pytest.mark.parametrize("impl", ("reference", "triton"))
+def test_capabilities_match_behaviour(method, impl):
+    from attention_backends.spec import DECODE_METHODS
+
+    h, h_kv, n, d = 4, 2, 256, 16
+    q, k, v = random_qkv(h, h_kv, n, d)
+    state = prepare_decode(q, k, v, spec_for(method, 8), impl=impl)
+    (q_t, k_t, v_t), = decode_steps(h, h_kv, d, steps=1)
+    _, report = sparse_decode(q_t, k_t, v_t, state)
+    info = DECODE_METHODS[method]
+    # evicts: the prompt's KV is cut after prefill, so an engine may free those pages
+    assert info.evicts == (sum(state.prompt_kept) < n * h_kv)
+    # selects pages: every token stays, a step reads a subset chosen from the page key bounds
+    assert info.selects_pages == (report.kv_cache_tokens == (n + 1) * h_kv and report.metadata_bytes_read > 0)
+    assert not (info.selects_pages and "page_size" not in state.phase.params)
+
+
+def test_every_method_of_the_table_has_both_implementations():
+    from attention_backends.api import implementations
+    from attention_backends.spec import DECODE_METHODS, PREFILL_METHODS
+
+    for impl in ("reference", "triton"):
+        prefill, decode = implementations(impl)
+        assert set(prefill) == set(PREFILL_METHODS) and set(decode) == set(DECODE_METHODS), impl

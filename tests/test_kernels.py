@@ -26,13 +26,13 @@ from attention_backends.kernels.index_vertical_slash import (  # noqa: E402
     block_scores,
     computed_cells,
     exact_cells,
-    mean_pool,
     search_budget,
+    triton_mean_pool,
     window_scores,
 )
 from attention_backends.kernels.paged_decode import paged_decode, pages_from_contiguous  # noqa: E402
 from attention_backends.kernels.quest_select import quest_decode, quest_select  # noqa: E402
-from attention_backends.kernels.snapkv_select import token_importance  # noqa: E402
+from attention_backends.kernels.snapkv_select import triton_token_importance  # noqa: E402
 from attention_backends.kernels.sparse_prefill import (  # noqa: E402
     count_cells,
     slash_chunks,
@@ -176,7 +176,7 @@ def test_window_scores_match_reference_estimate():
 @pytest.mark.parametrize("reduction", ["sum_of_group_mean", "max"])
 def test_snapkv_token_importance_matches_reference(reduction):
     q, k, _ = qkv(4, 1, 70, 16, torch.float32, seed=4)
-    ours = token_importance(q, k, 24, reduction)
+    ours = triton_token_importance(q, k, 24, reduction)
     assert rel_err(ours, ref_token_importance(q, k, 24, reduction)) < 1e-5
 
 
@@ -185,7 +185,7 @@ def test_snapkv_token_importance_matches_reference(reduction):
 def test_mean_pool_matches_reference(n, d, block, dtype):
     # ragged last blocks, and shapes outside the kernel's power-of-two tiles (d 48, block 24: torch path)
     x = torch.randn(3, n, d, generator=torch.Generator().manual_seed(n)).to(dtype)
-    ours = mean_pool(x, block)
+    ours = triton_mean_pool(x, block)
     assert ours.shape == (3, math.ceil(n / block), d) and torch.isfinite(ours).all()
     assert rel_err(ours, ref_mean_pool(x, block)) < 1e-5
 

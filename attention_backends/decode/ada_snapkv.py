@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..spec import DECODE_METHODS, PhaseSpec
+from ..spec import PhaseSpec
 from .keep_sets import keep_top, protected_in_priority
 from .state import DecodeState, eviction_capacity
 from .window_scores import max_pool_same, token_importance
@@ -35,7 +35,7 @@ def per_head_floor(capacity: int, floor_fraction: float, protected: int) -> int:
 
 
 def prepare(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec) -> DecodeState:
-    params = {**DECODE_METHODS["ada_snapkv"].defaults(), **phase.params}
+    params = phase.params
     h_kv, n, _ = k.shape
     capacity = eviction_capacity(phase, n)
     layer_budget = capacity * h_kv

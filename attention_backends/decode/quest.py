@@ -28,7 +28,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..spec import DECODE_METHODS, PhaseSpec
+from ..spec import PhaseSpec
 from .state import DecodeState
 
 
@@ -109,7 +109,7 @@ class QuestState(DecodeState):
 def budget_pages(n: int, phase: PhaseSpec) -> int | None:
     """Pages read per step for an n-token prompt: the ``budget`` param, else ceil(n / r), rounded up to whole
     pages; ``None`` (every page) at r = 1 with no explicit budget, so ratio 1 stays dense as generation grows."""
-    params = {**DECODE_METHODS["quest"].defaults(), **phase.params}
+    params = phase.params
     budget = params["budget"]
     if budget is None and phase.compression_ratio <= 1.0:
         return None
@@ -118,7 +118,7 @@ def budget_pages(n: int, phase: PhaseSpec) -> int | None:
 
 
 def prepare(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec) -> QuestState:
-    page_size = int({**DECODE_METHODS["quest"].defaults(), **phase.params}["page_size"])
+    page_size = int(phase.params["page_size"])
     pages = budget_pages(k.shape[1], phase)
     details = {"page_size": page_size, "budget": None if pages is None else pages * page_size,
                "pages_selected": None}

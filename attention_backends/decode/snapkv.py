@@ -19,14 +19,14 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..spec import DECODE_METHODS, PhaseSpec
+from ..spec import PhaseSpec
 from .keep_sets import keep_top, protected_in_priority
 from .state import DecodeState, eviction_capacity
 from .window_scores import avg_pool_same, token_importance
 
 
 def prepare(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec) -> DecodeState:
-    params = {**DECODE_METHODS["snapkv"].defaults(), **phase.params}
+    params = phase.params
     h_kv, n, _ = k.shape
     capacity = eviction_capacity(phase, n)
 

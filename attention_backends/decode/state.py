@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..reports import DecodeReport
+from ..reports import DecodeCallReport
 from ..spec import PhaseSpec
 
 
@@ -71,7 +71,7 @@ class DecodeState:
         self.generated += 1
         self.on_append(k_t)
 
-    def step(self, q_t: Tensor, k_t: Tensor, v_t: Tensor) -> tuple[Tensor, DecodeReport]:
+    def step(self, q_t: Tensor, k_t: Tensor, v_t: Tensor) -> tuple[Tensor, DecodeCallReport]:
         """Append this step's key/value, then attend ``q_t [h, d]`` over the selected tokens of each head."""
         self.append(k_t, v_t)
         chosen = self.select(q_t)
@@ -95,7 +95,7 @@ class DecodeState:
         token_bytes = 2 * d * self.element_bytes  # K and V of one token of one KV head
         dense_prompt = self.prompt_len * self.num_kv_heads
         dense_generated = self.generated * self.num_kv_heads
-        report = DecodeReport(
+        report = DecodeCallReport(
             method=self.phase.method,
             target_compression_ratio=self.phase.compression_ratio,
             kv_tokens_read=prompt_read,

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..prefill.block_sparse import mean_pool as reference_mean_pool
+from ..prefill.block_sparse import mean_pool
 from .sparse_prefill import _NEG, LOG2E
 
 
@@ -341,14 +341,14 @@ def _mean_pool_kernel(X, OUT, n, s_xh, s_oh, BLOCK: tl.constexpr, D: tl.constexp
     tl.store(OUT + head * s_oh + b * D + dd, tl.sum(x.to(tl.float32), 0) / real)
 
 
-def mean_pool(x: Tensor, block: int) -> Tensor:
+def triton_mean_pool(x: Tensor, block: int) -> Tensor:
     """``[heads, n, d] -> [heads, ceil(n / block), d]`` float32 means over each block's real tokens, in one
     pass over x (no float32 or padded copy of x; faster than a torch reduction:
     benchmarks/results/kernel-tuning-notes.md)."""
     heads, n, d = x.shape
     nb = triton.cdiv(n, block)
     if triton.next_power_of_2(block) != block or triton.next_power_of_2(d) != d:
-        return reference_mean_pool(x, block)  # shapes the kernel's power-of-two tiles can't take
+        return mean_pool(x, block)  # shapes the kernel's power-of-two tiles can't take
     if x.stride(-1) != 1 or x.stride(-2) != d:
         x = x.contiguous()
     out = torch.empty(heads, nb, d, dtype=torch.float32, device=x.device)
@@ -378,8 +378,8 @@ def _block_scores_kernel(PQ, PK, S, nb, group, s_qh, s_kh, s_sh, s_sr,
 def block_scores(q: Tensor, k: Tensor, block: int) -> Tensor:
     """Pooled block scores ``[h, nb, nb]`` float32 (only the causal half, ``col <= row``, is written)."""
     h, n, d = q.shape
-    pq = mean_pool(q, block).contiguous()
-    pk = mean_pool(k, block).contiguous()
+    pq = triton_mean_pool(q, block).contiguous()
+    pk = triton_mean_pool(k, block).contiguous()
     nb = pq.shape[1]
     s = torch.empty(h, nb, nb, dtype=torch.float32, device=q.device)
     TM = TN = 64 if nb >= 64 else 16

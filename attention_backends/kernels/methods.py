@@ -1,8 +1,9 @@
 """The Triton fast path of every method, behind the same contract as the references.
 
-``prefill(q, k, v, phase) -> PrefillOutcome`` and ``prepare(q, k, v, phase) -> DecodeState`` mirror
-``prefill/<method>.py`` and ``decode/<method>.py``: same parameters, same index semantics (same estimate,
-same keep orders, same top-k), so for the same budgets the output is the reference's up to float rounding.
+``PREFILL[method](q, k, v, phase) -> PrefillOutcome`` and ``DECODE[method](q, k, v, phase) -> DecodeState``
+mirror the references ``prefill/<method>.py`` and ``decode/<method>.py``: same parameters, same index
+semantics (same estimate, same keep orders, same top-k), so for the same budgets the output is the
+reference's up to float rounding.
 What differs is *how* cells are computed, and the report says so honestly:
 
 * vertical_slash / flexprefill: slashes are computed as merged ``block_m``-row bands with an exact per-cell
@@ -20,23 +21,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..decode.quest import budget_pages as quest_budget_pages
+from ..cost import causal_cells
+from ..decode.ada_snapkv import per_head_floor
+from ..decode.keep_sets import protected_in_priority
+from ..decode.quest import budget_pages
 from ..decode.state import DecodeState, eviction_capacity
 from ..prefill.block_sparse import indexing_flops as block_sparse_indexing_flops
 from ..prefill.block_sparse import kept_cells, resolve_top_k
-from ..prefill.common import PrefillOutcome, causal_cells
+from ..prefill.common import PrefillOutcome
 from ..prefill.flexprefill import search_alpha
 from ..prefill.vertical_slash_index import estimation_flops
-from ..spec import DECODE_METHODS, PREFILL_METHODS, PhaseSpec
+from ..spec import PhaseSpec
 from .index_vertical_slash import VSCandidates, block_scores, computed_cells, exact_cells, search_budget, window_scores
+from .paged_state import PagedDecodeState, QuestPagedState
+from .snapkv_select import ada_snapkv_keep, snapkv_keep
 from .sparse_prefill import slash_chunks, sparse_prefill_attention, vertical_columns
 from .topk import causal_block_topk
 
 VS_BLOCK = 64  # query-block rows of the vertical-slash kernel (bands are this wide)
-
-
-def _params(phase: PhaseSpec, name: str) -> dict:
-    return {**PREFILL_METHODS[name].defaults(), **phase.params}
 
 
 def dense_prefill(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -78,7 +80,7 @@ def vs_closest_budget(cand: VSCandidates, ratio: float, num_vertical: int | None
 
 def vertical_slash_prefill(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec) -> PrefillOutcome:
     h, n, d = q.shape
-    p = _params(phase, "vertical_slash")
+    p = phase.params
     nv, ns = p["num_vertical"], p["num_slash"]
     if phase.compression_ratio <= 1.0 and nv is None and ns is None:
         return _dense(q, k, v, {"num_vertical": n, "num_slash": n})
@@ -106,7 +108,7 @@ def flexprefill_prefill(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec) -> Pr
     from ..prefill.flexprefill import DEFAULT_ALPHA, DEFAULT_MIN_BUDGET, Coverage  # noqa: F401
 
     h, n, d = q.shape
-    p = _params(phase, "flexprefill")
+    p = phase.params
     alpha, min_budget, ratio = p["alpha"], p["min_budget"], phase.compression_ratio
     if ratio <= 1.0 and alpha is None:
         return _dense(q, k, v, {"alpha": None, "min_budget": None, "num_vertical": [n] * h, "num_slash": [n] * h})
@@ -163,6 +165,7 @@ def block_sparse_prefill(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec) -> P
     return PrefillOutcome(out, cells, block_sparse_indexing_flops(h, k.shape[0], n, d, block, top_k), details)
 
 
+# Every prefill method's fast path.
 PREFILL = {
     "dense": lambda q, k, v, phase: _dense(q, k, v, {}),
     "vertical_slash": vertical_slash_prefill,
@@ -171,43 +174,49 @@ PREFILL = {
 }
 
 
-def prefill(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec) -> PrefillOutcome:
-    return PREFILL[phase.method](q, k, v, phase)
-
-
 # ---------------------------------------------------------------------------------------------------- decode
-def prepare(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec) -> DecodeState:
-    """Build the decode state with the GPU keep-set / page selection; decode steps run the paged kernel."""
-    from ..decode.ada_snapkv import per_head_floor
-    from ..decode.keep_sets import protected_in_priority
-    from .paged_state import PagedDecodeState, QuestPagedState
-    from .snapkv_select import ada_snapkv_keep, snapkv_keep
-
-    h_kv, n, _ = k.shape
-    params = {**DECODE_METHODS[phase.method].defaults(), **phase.params}
-    if phase.method == "dense":
-        return PagedDecodeState(phase, k, v, num_heads=q.shape[0])
-    if phase.method == "quest":
-        page_size = int(params["page_size"])
-        budget_pages = quest_budget_pages(n, phase)
-        details = {"page_size": page_size, "budget": None if budget_pages is None else budget_pages * page_size,
-                   "pages_selected": None}
-        return QuestPagedState(phase, k, v, num_heads=q.shape[0], page_size=page_size,
-                               budget_pages=budget_pages, details=details)
-    capacity = eviction_capacity(phase, n)
-    common = dict(capacity=capacity, window=params["window"], kernel_size=params["kernel_size"],
-                  sink_tokens=params["sink_tokens"], local_window=params["local_window"])
-    if phase.method == "snapkv":
-        pos, cnt = snapkv_keep(q, k, **common)
-        details = {"capacity": capacity}
-    elif phase.method == "ada_snapkv":
-        pos, cnt = ada_snapkv_keep(q, k, floor_fraction=params["floor_fraction"], **common)
-        counts = cnt.tolist()
-        protected = protected_in_priority(n, params["sink_tokens"], params["local_window"])
-        floor = per_head_floor(capacity, params["floor_fraction"], protected.numel())
-        details = {"capacity": capacity, "floor": floor, "per_head": counts}
-    else:
-        raise ValueError(f"unknown decode method {phase.method!r}")
+def _paged(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec, pos: Tensor, cnt: Tensor, details: dict
+           ) -> DecodeState:
+    """The keep-set state of positions ``pos [h_kv, max_keep]`` (first ``cnt[j]`` valid per head)."""
     counts = cnt.tolist()
-    keep = [pos[j, : counts[j]] for j in range(h_kv)]
+    keep = [pos[j, : counts[j]] for j in range(k.shape[0])]
     return PagedDecodeState(phase, k, v, keep=keep, num_heads=q.shape[0], details=details)
+
+
+def _keep_args(n: int, phase: PhaseSpec) -> dict:
+    """The keyword arguments SnapKV and Ada-SnapKV keep sets share, the capacity resolved for ``n``."""
+    p = phase.params
+    return dict(capacity=eviction_capacity(phase, n), window=p["window"], kernel_size=p["kernel_size"],
+                sink_tokens=p["sink_tokens"], local_window=p["local_window"])
+
+
+def snapkv_prepare(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec) -> DecodeState:
+    args = _keep_args(k.shape[1], phase)
+    pos, cnt = snapkv_keep(q, k, **args)
+    return _paged(q, k, v, phase, pos, cnt, {"capacity": args["capacity"]})
+
+
+def ada_snapkv_prepare(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec) -> DecodeState:
+    args = _keep_args(k.shape[1], phase)
+    fraction = phase.params["floor_fraction"]
+    pos, cnt = ada_snapkv_keep(q, k, floor_fraction=fraction, **args)
+    protected = protected_in_priority(k.shape[1], args["sink_tokens"], args["local_window"])
+    floor = per_head_floor(args["capacity"], fraction, protected.numel())
+    return _paged(q, k, v, phase, pos, cnt, {"capacity": args["capacity"], "floor": floor, "per_head": cnt.tolist()})
+
+
+def quest_prepare(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec) -> DecodeState:
+    page_size = int(phase.params["page_size"])
+    pages = budget_pages(k.shape[1], phase)
+    details = {"page_size": page_size, "budget": None if pages is None else pages * page_size, "pages_selected": None}
+    return QuestPagedState(phase, k, v, num_heads=q.shape[0], page_size=page_size, budget_pages=pages,
+                           details=details)
+
+
+# Every decode method's state: its prompt tokens in pages, every step the paged kernel.
+DECODE = {
+    "dense": lambda q, k, v, phase: PagedDecodeState(phase, k, v, num_heads=q.shape[0]),
+    "snapkv": snapkv_prepare,
+    "ada_snapkv": ada_snapkv_prepare,
+    "quest": quest_prepare,
+}

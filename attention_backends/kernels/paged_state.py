@@ -14,10 +14,10 @@ import torch
 from torch import Tensor
 
 from ..decode.state import DecodeState
-from ..reports import DecodeReport
+from ..reports import DecodeCallReport
 from ..spec import PhaseSpec
 from .paged_decode import paged_decode
-from .quest_select import page_bounds, quest_select
+from .quest_select import pool_page_bounds, quest_select
 
 
 class PagedDecodeState(DecodeState):
@@ -83,12 +83,12 @@ class PagedDecodeState(DecodeState):
                            max_len=max(self.lengths_host))[0]
         return out, list(self.prompt_kept), [self.generated] * self.num_kv_heads
 
-    def step(self, q_t: Tensor, k_t: Tensor, v_t: Tensor) -> tuple[Tensor, DecodeReport]:
+    def step(self, q_t: Tensor, k_t: Tensor, v_t: Tensor) -> tuple[Tensor, DecodeCallReport]:
         self.append(k_t, v_t)
         out, prompt, gen = self.attend(q_t)
         d = self.head_dim
         token_bytes = 2 * d * self.element_bytes
-        report = DecodeReport(
+        report = DecodeCallReport(
             method=self.phase.method,
             target_compression_ratio=self.phase.compression_ratio,
             kv_tokens_read=sum(prompt),
@@ -122,7 +122,7 @@ class QuestPagedState(PagedDecodeState):
         ids = self.page_table[0, :, :npg].reshape(-1)
         fill = torch.full((npg,), self.page_size, dtype=torch.int64, device=ids.device)
         fill[-1] = length - (npg - 1) * self.page_size
-        lo, hi = page_bounds(self.k_pages, ids, fill.repeat(self.num_kv_heads))
+        lo, hi = pool_page_bounds(self.k_pages, ids, fill.repeat(self.num_kv_heads))
         self.page_min[ids.long()] = lo
         self.page_max[ids.long()] = hi
 

@@ -131,7 +131,7 @@ def quest_decode(q: Tensor, k_pages: Tensor, v_pages: Tensor, page_min: Tensor, 
                         num_splits=num_splits)
 
 
-def page_bounds(k_pages: Tensor, page_ids: Tensor, fill: Tensor) -> tuple[Tensor, Tensor]:
+def pool_page_bounds(k_pages: Tensor, page_ids: Tensor, fill: Tensor) -> tuple[Tensor, Tensor]:
     """Min/max of the first ``fill[i]`` tokens of pages ``page_ids[i]`` -> two ``[len(page_ids), d]`` tensors
     (vectorised; for building ``page_min``/``page_max`` when pages fill)."""
     page = k_pages.shape[1]

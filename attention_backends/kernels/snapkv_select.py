@@ -15,12 +15,12 @@ import torch
 from torch import Tensor
 
 from ..decode.keep_sets import protected_in_priority
-from ..decode.window_scores import avg_pool_same, max_pool_same
+from ..decode.window_scores import Reduction, avg_pool_same, max_pool_same
 from .index_vertical_slash import window_scores
 
 
-def token_importance(q: Tensor, k: Tensor, window: int, reduction: str) -> Tensor:
-    """``[h_kv, n]`` float32: ``"sum_of_group_mean"`` (SnapKV) or ``"max"`` (Ada-SnapKV)."""
+def triton_token_importance(q: Tensor, k: Tensor, window: int, reduction: Reduction) -> Tensor:
+    """:func:`.window_scores.token_importance` (``[h_kv, n]`` float32) without the ``[g, W, n]`` probabilities."""
     h, n, _ = q.shape
     h_kv = k.shape[0]
     cols, _, _ = window_scores(q, k, window, col_reduce="max" if reduction == "max" else "sum", diagonal=False)
@@ -53,7 +53,7 @@ def snapkv_keep(q: Tensor, k: Tensor, *, capacity: int, window: int = 256, kerne
                 sink_tokens: int = 4, local_window: int = 128) -> tuple[Tensor, Tensor]:
     """SnapKV: every KV head keeps ``capacity`` prompt tokens -> ``(positions [h_kv, C] sorted, counts)``."""
     n = k.shape[1]
-    scores = avg_pool_same(token_importance(q, k, window, "sum_of_group_mean"), kernel_size)
+    scores = avg_pool_same(triton_token_importance(q, k, window, "sum_of_group_mean"), kernel_size)
     protected = protected_in_priority(n, sink_tokens, local_window, device=k.device)
     keep = _top_with_protected(scores, protected, capacity)
     return _compact(keep, min(capacity, n))
@@ -66,7 +66,7 @@ def ada_snapkv_keep(q: Tensor, k: Tensor, *, capacity: int, window: int = 256, k
     [h_kv, max_keep] sorted, padded with n; counts [h_kv])``."""
     h_kv, n, _ = k.shape
     capacity = min(capacity, n)
-    scores = max_pool_same(token_importance(q, k, window, "max"), kernel_size)
+    scores = max_pool_same(triton_token_importance(q, k, window, "max"), kernel_size)
     protected = protected_in_priority(n, sink_tokens, local_window, device=k.device)
     floor = min(capacity, max(math.ceil(floor_fraction * capacity), protected.numel()))
     keep = _top_with_protected(scores, protected, floor)

@@ -64,6 +64,16 @@ def _attend(acc, m_i, l_i, q, k, v, ok, qk_scale, USE_MASK: tl.constexpr):
 
 
 @triton.jit
+def _fresh_columns(col_row, cover_row, idx, ccnt, qs, BLOCK_M: tl.constexpr):
+    """Entries ``idx`` of a query block's column list: ``(key, fresh)``, fresh where the entry exists and no
+    slash band of the block already covers that key (the kernel and the cell count must agree on this)."""
+    live = idx < ccnt
+    key = tl.load(col_row + idx, mask=live, other=0)
+    cov = tl.load(cover_row + (qs - key + BLOCK_M), mask=live, other=1)
+    return key, live & (cov == 0)
+
+
+@triton.jit
 def _kv_major_block(pid, n_qb, group):
     """(query head, query block) of program ``pid`` in a 1-D grid ordered KV-head-major: the ``group`` query
     heads of one KV head run side by side on one query block, latest (heaviest) blocks first; faster than
@@ -151,11 +161,8 @@ def _sparse_prefill_kernel(
     if HAS_COL:
         ccnt = tl.load(COL_CNT + head * scc_h + qb)
         for c0 in range(0, ccnt, BLOCK_N):
-            idx = c0 + lane
-            live = idx < ccnt
-            key = tl.load(COL + head * scol_h + idx, mask=live, other=0)
-            cov = tl.load(COVER + head * scov_h + (qs - key + BLOCK_M), mask=live, other=1)
-            key_ok = live & (cov == 0) & (key <= row_last)
+            key, fresh = _fresh_columns(COL + head * scol_h, COVER + head * scov_h, c0 + lane, ccnt, qs, BLOCK_M)
+            key_ok = fresh & (key <= row_last)
             k = tl.load(K_h + key[:, None] * skn + offs_d[None, :], mask=key_ok[:, None], other=0.0)
             v = tl.load(V_h + key[:, None] * svn + offs_d[None, :], mask=key_ok[:, None], other=0.0)
             ok = key_ok[None, :] & (key[None, :] <= offs_m[:, None])
@@ -357,6 +364,16 @@ def rel_block_counts(rel: Tensor, count: Tensor, n: int, block_m: int = 64, bloc
     return torch.searchsorted(r, lim, right=True).to(torch.int32)
 
 
+def _sorted_live(x: Tensor, counts: Tensor | None) -> Tensor:
+    """``x [h, k]`` as int64, each row sorted ascending with its entries ``>= counts[h]`` (if given) replaced by
+    the sentinel, so they sort last."""
+    x = x.to(torch.int64)
+    if counts is not None:
+        live = torch.arange(x.shape[1], device=x.device)[None, :] < counts.to(x.device)[:, None]
+        x = torch.where(live, x, torch.full_like(x, _SENTINEL))
+    return x.sort(dim=1).values
+
+
 def slash_chunks(offsets: Tensor, counts: Tensor | None, n: int, block_m: int = 64, block_n: int = 64
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Slash offsets ``[h, k_s]`` (entries ``>= counts[h]`` ignored; any order) to relative chunks.
@@ -366,11 +383,7 @@ def slash_chunks(offsets: Tensor, counts: Tensor | None, n: int, block_m: int = 
     """
     h, ks = offsets.shape
     dev = offsets.device
-    o = offsets.to(torch.int64)
-    if counts is not None:
-        live = torch.arange(ks, device=dev)[None, :] < counts.to(dev)[:, None]
-        o = torch.where(live, o, torch.full_like(o, _SENTINEL))
-    o = o.sort(dim=1).values
+    o = _sorted_live(offsets, counts)
     valid = o < _SENTINEL
     gap = torch.ones_like(o, dtype=torch.bool)
     gap[:, 1:] = (o[:, 1:] - o[:, :-1]) > block_m
@@ -412,13 +425,9 @@ def vertical_columns(verticals: Tensor, counts: Tensor | None, n: int, block_m: 
                      ) -> tuple[Tensor, Tensor]:
     """Vertical key positions ``[h, k_v]`` (entries ``>= counts[h]`` ignored) to ``(sorted pos [h, k_v],
     per-query-block counts [h, n_qb])`` for :func:`sparse_prefill_attention`."""
-    h, kv = verticals.shape
+    h = verticals.shape[0]
     dev = verticals.device
-    pos = verticals.to(torch.int64)
-    if counts is not None:
-        live = torch.arange(kv, device=dev)[None, :] < counts.to(dev)[:, None]
-        pos = torch.where(live, pos, torch.full_like(pos, _SENTINEL))
-    pos = pos.sort(dim=1).values
+    pos = _sorted_live(verticals, counts)
     n_qb = triton.cdiv(n, block_m)
     last = (torch.arange(n_qb, device=dev) * block_m + block_m - 1).expand(h, n_qb).contiguous()
     cnt = torch.searchsorted(pos, last, right=True).to(torch.int32)
@@ -491,11 +500,8 @@ def _count_cells_kernel(
     if HAS_COL:
         ccnt = tl.load(COL_CNT + head * scc_h + qb)
         for c0 in range(0, ccnt, CH):
-            idx = c0 + lane
-            live = idx < ccnt
-            key = tl.load(COL + head * scol_h + idx, mask=live, other=0)
-            cov = tl.load(COVER + head * scov_h + (qs - key + BLOCK_M), mask=live, other=1)
-            ok = live & (cov == 0) & (key < qe)
+            key, fresh = _fresh_columns(COL + head * scol_h, COVER + head * scov_h, c0 + lane, ccnt, qs, BLOCK_M)
+            ok = fresh & (key < qe)
             total += tl.where(ok, (qe - tl.maximum(qs, key)).to(tl.int64), 0)
     tl.store(OUT + head * tl.num_programs(0) + qb, tl.sum(total, 0))
 

@@ -31,10 +31,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..spec import PREFILL_METHODS, PhaseSpec
+from ..spec import PhaseSpec
 from .common import PrefillOutcome, closest_budget_search, expand_kv, masked_causal_attention
 
-NAME = "block_sparse"
 FORCED_BLOCKS = 3  # sink, previous, diagonal
 
 
@@ -105,7 +104,7 @@ def block_row_mask(keep: Tensor, n: int, block: int) -> Callable[[int, int], Ten
 
 def resolve_top_k(n: int, phase: PhaseSpec) -> tuple[int, int]:
     """``(block_size, top_k)`` for this call: the given ``top_k``, else the one for the target ratio."""
-    params = {**PREFILL_METHODS[NAME].defaults(), **phase.params}
+    params = phase.params
     block = params["block_size"]
     top_k = params["top_k"]
     if top_k is None:

@@ -26,11 +26,6 @@ class PrefillOutcome:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def causal_cells(n: int) -> int:
-    """Causal cells of one head: n (n + 1) / 2."""
-    return n * (n + 1) // 2
-
-
 def closest_budget_search(fraction: Callable[[int], float], target: float, hi: int) -> int:
     """The integer ``k`` in ``[1, hi]`` whose non-decreasing ``fraction(k)`` is closest to ``target`` (binary
     search for the smallest ``k`` reaching it, then the better of it and its predecessor)."""

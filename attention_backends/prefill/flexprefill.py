@@ -39,10 +39,9 @@ from torch import Tensor
 
 from ..spec import PhaseSpec
 from .common import PrefillOutcome, masked_causal_attention
-from .vertical_slash import closest_budget, method_params
+from .vertical_slash import closest_budget
 from .vertical_slash_index import Candidates, VerticalSlashIndex, estimate_scores, estimation_flops
 
-NAME = "flexprefill"
 DEFAULT_ALPHA = 0.9
 DEFAULT_MIN_BUDGET = 512
 ALPHA_STEPS = 30  # bisection steps on alpha (2^-30 resolution)
@@ -136,7 +135,7 @@ def search_alpha(fraction: Callable[[float], float], ratio: float, steps: int, r
 
 def build_index(q: Tensor, k: Tensor, phase: PhaseSpec) -> FlexBudget | None:
     """The budgets and index :func:`prefill` attends over, or ``None`` when it runs dense."""
-    params = method_params(phase, NAME)
+    params = phase.params
     if phase.compression_ratio <= 1.0 and params["alpha"] is None:
         return None
     candidates = Candidates(estimate_scores(q, k, params["window"]), params["sink_tokens"],
@@ -152,7 +151,7 @@ def prefill(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec) -> PrefillOutcome
         return PrefillOutcome(out, cells, 0.0, {"alpha": None, "min_budget": None,
                                                 "num_vertical": [n] * h, "num_slash": [n] * h})
     out, cells = masked_causal_attention(q, k, v, budget.index.row_mask())
-    window = min(method_params(phase, NAME)["window"], n)
+    window = min(phase.params["window"], n)
     details = {
         "alpha": budget.alpha,
         "min_budget": budget.min_budget,

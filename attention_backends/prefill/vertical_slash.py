@@ -19,20 +19,11 @@ Reported: ``computed_cells`` as counted by the masked attention (equal to the in
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor
 
-from ..spec import PREFILL_METHODS, PhaseSpec
+from ..spec import PhaseSpec
 from .common import PrefillOutcome, closest_budget_search, masked_causal_attention
 from .vertical_slash_index import Candidates, VerticalSlashIndex, estimate_scores, estimation_flops
-
-NAME = "vertical_slash"
-
-
-def method_params(phase: PhaseSpec, name: str) -> dict[str, Any]:
-    """The phase's parameters over the table defaults (a hand-built PhaseSpec may omit some)."""
-    return {**PREFILL_METHODS[name].defaults(), **phase.params}
 
 
 def closest_budget(candidates: Candidates, ratio: float, num_vertical: int | None = None,
@@ -52,7 +43,7 @@ def closest_budget(candidates: Candidates, ratio: float, num_vertical: int | Non
 
 def build_index(q: Tensor, k: Tensor, phase: PhaseSpec) -> VerticalSlashIndex | None:
     """The index :func:`prefill` attends over, or ``None`` when it runs dense (``r = 1``, no budgets)."""
-    params = method_params(phase, NAME)
+    params = phase.params
     num_vertical, num_slash = params["num_vertical"], params["num_slash"]
     if phase.compression_ratio <= 1.0 and num_vertical is None and num_slash is None:
         return None
@@ -72,6 +63,6 @@ def prefill(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec) -> PrefillOutcome
         out, cells = masked_causal_attention(q, k, v)
         return PrefillOutcome(out, cells, 0.0, {"num_vertical": n, "num_slash": n})
     out, cells = masked_causal_attention(q, k, v, index.row_mask())
-    window = min(method_params(phase, NAME)["window"], n)
+    window = min(phase.params["window"], n)
     details = {"num_vertical": int(index.num_vertical[0]), "num_slash": int(index.num_slash[0])}
     return PrefillOutcome(out, cells, estimation_flops(h, n, d, window), details)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
-from attention_backends import DecodeReport, PrefillReport, SparseSpec
+from attention_backends import DecodeCallReport, PrefillCallReport, SparseSpec
 from attention_backends.cost import ModelShape, decode_token_flops, prefill_flops
 
 
@@ -75,7 +75,7 @@ class RequestCost:
         return self.prefill.dense_model_flops + self.decode.dense_model_flops
 
     # -- feeding, prefill --------------------------------------------------------------------------------
-    def add_prefill(self, report: PrefillReport) -> None:
+    def add_prefill(self, report: PrefillCallReport) -> None:
         """One layer's prefill attention."""
         p = self.prefill
         p.dense_units += report.dense_cells
@@ -102,7 +102,7 @@ class RequestCost:
         d.dense_kv_bytes_read += dense_kv_bytes_read
         d.metadata_bytes_read += metadata_bytes_read
 
-    def add_decode_report(self, report: DecodeReport) -> None:
+    def add_decode_report(self, report: DecodeCallReport) -> None:
         """One layer's decode step as an ``attention_backends`` decode state reports it."""
         self.add_decode(report.kv_tokens_read, report.dense_kv_tokens_read, report.kv_bytes_read,
                         report.dense_kv_bytes_read, report.metadata_bytes_read)

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 
 import torch
 
+from attention_backends import DECODE_METHODS
 from server.contract.engine import (
     EngineOverloaded,
     EngineStats,
@@ -161,7 +162,7 @@ class NativeEngine:
                 f"this model's maximum context length is {self.max_model_len} tokens; the prompt has {n} "
                 f"tokens and max_tokens is {sp.max_tokens}", param="max_tokens", code="context_length_exceeded")
         decode = request.spec.decode
-        if decode.method == "quest" and decode.params.get("page_size", self.pool.page_size) != self.pool.page_size:
+        if DECODE_METHODS[decode.method].selects_pages and decode.params["page_size"] != self.pool.page_size:
             raise RequestRejected(f"the native engine runs Quest on its KV page size ({self.pool.page_size})",
                                   param="sparse_pattern.decode.params.page_size")
         need = self.scheduler.need_alone(request)

@@ -43,8 +43,8 @@ def page_fill(lengths: Tensor, num_pages: int, page_size: int) -> Tensor:
     return (lengths.unsqueeze(-1) - starts).clamp(0, page_size)
 
 
-def quest_select(q: Tensor, key_min: Tensor, key_max: Tensor, tables: Tensor, lengths: Tensor,
-                 budget_pages: Tensor, page_size: int) -> tuple[Tensor, Tensor]:
+def choose_quest_pages(q: Tensor, key_min: Tensor, key_max: Tensor, tables: Tensor, lengths: Tensor,
+                       budget_pages: Tensor, page_size: int) -> tuple[Tensor, Tensor]:
     """Quest's page choice for a batch of decode queries.
 
     ``q [B, h, d]``; pool ``key_min``/``key_max`` ``[num_pages, d]``; ``tables [B, h_kv, P]``; ``lengths

@@ -17,15 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attention_backends import PrefillReport, prepare_decode, sparse_prefill
-from attention_backends.cost import ModelShape, flops_per_cell
+from attention_backends import PrefillCallReport, prepare_decode, sparse_prefill
+from attention_backends.cost import ModelShape, causal_cells, flops_per_cell
 from attention_backends.decode.quest import budget_pages
-from attention_backends.prefill.common import causal_cells
-from attention_backends.spec import SparseSpec
+from attention_backends.spec import DECODE_METHODS
 from server.contract.engine import TokenLogprob
 
 from .page_pool import PagePool
-from .paged_attention import page_fill, paged_decode_attention, quest_select, selected_pages, token_mask
+from .paged_attention import choose_quest_pages, page_fill, paged_decode_attention, selected_pages, token_mask
 from .request_state import EngineRequest
 from .sampler import token_logprobs
 
@@ -35,19 +34,18 @@ except Exception:  # pragma: no cover
     triton_paged_decode = None
 from .sequence_kv import SequenceKV
 
-EVICTING_METHODS = ("snapkv", "ada_snapkv")
 # Prompt logprobs compute float32 logits this many bytes at a time, never all [n, vocab] of a long prompt.
 PROMPT_LOGITS_CHUNK_BYTES = 64 << 20
 
 
-def dense_prefill_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, PrefillReport]:
+def dense_prefill_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, PrefillCallReport]:
     """Dense causal attention through SDPA (the fast path; same result as the dense reference)."""
     h, n, d = q.shape
     out = F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), is_causal=True,
                                          enable_gqa=True)[0]
     cells = causal_cells(n) * h
     flops = float(cells * flops_per_cell(d))
-    return out, PrefillReport("dense", 1.0, cells, cells, flops, flops)
+    return out, PrefillCallReport("dense", 1.0, cells, cells, flops, flops)
 
 
 def prompt_logprobs(model, hidden: Tensor, ids: Tensor, k: int) -> list[TokenLogprob | None]:
@@ -64,11 +62,6 @@ def prompt_logprobs(model, hidden: Tensor, ids: Tensor, k: int) -> list[TokenLog
         logits -= torch.logsumexp(logits, dim=-1, keepdim=True)  # log-softmax in place: one chunk in memory
         out += token_logprobs(logits, ids[start + 1 : end + 1], k)
     return out
-
-
-def quest_budget_pages(spec: SparseSpec, prompt_len: int, max_pages: int) -> int:
-    """Pages Quest reads per step (every page at ratio 1, see :func:`attention_backends.decode.quest.budget_pages`)."""
-    return budget_pages(prompt_len, spec.decode) or max_pages
 
 
 class ModelRunner:
@@ -111,7 +104,7 @@ class ModelRunner:
                 out, report = sparse_prefill(qh, kh, vh, spec)
             cost.add_prefill(report)
             kv.write_prompt(layer, kh, vh)
-            if spec.decode.method in EVICTING_METHODS:
+            if DECODE_METHODS[spec.decode.method].evicts:
                 keep = prepare_decode(qh, kh, vh, spec).kept_positions
                 kv.keep_only(layer, keep)
             return out.transpose(0, 1)
@@ -143,12 +136,12 @@ class ModelRunner:
         prompt_kept = torch.stack([s.prompt_kept for s in seqs]).to(self.device)
         n_pages = int(-(-int(lengths.max()) // ps))
         tables = torch.stack([s.table_view(n_pages) for s in seqs])  # [B, layers, h_kv, P]
-        quest_rows = [i for i, r in enumerate(batch) if r.request.spec.decode.method == "quest"]
+        quest_rows = [i for i, r in enumerate(batch) if DECODE_METHODS[r.request.spec.decode.method].selects_pages]
         full_rows = [i for i in range(len(batch)) if i not in set(quest_rows)]
         q_idx = torch.tensor(quest_rows, dtype=torch.long, device=self.device)
         f_idx = torch.tensor(full_rows, dtype=torch.long, device=self.device)
         budgets = torch.tensor(
-            [quest_budget_pages(batch[i].request.spec, batch[i].prompt_len, n_pages) for i in quest_rows],
+            [budget_pages(batch[i].prompt_len, batch[i].request.spec.decode) or n_pages for i in quest_rows],
             dtype=torch.long, device=self.device)
         quest_prompt_read = torch.zeros(len(quest_rows), dtype=torch.long, device=self.device)
         quest_total_read = torch.zeros(len(quest_rows), dtype=torch.long, device=self.device)
@@ -172,7 +165,7 @@ class ModelRunner:
                 out[f_idx] = attend(q[f_idx], tbl[f_idx], lens[f_idx],
                                     None if valid_all is None else valid_all[f_idx, layer])
             qt, ql = tbl[q_idx], lens[q_idx]
-            chosen, count = quest_select(q[q_idx], pool.key_min, pool.key_max, qt, ql, budgets, ps)
+            chosen, count = choose_quest_pages(q[q_idx], pool.key_min, pool.key_max, qt, ql, budgets, ps)
             sel_tables, sel_lengths = selected_pages(qt, ql, chosen, count, ps)
             out[q_idx] = attend(q[q_idx], sel_tables, sel_lengths, None)
             _, prompt_lengths = selected_pages(qt, prompt_kept[q_idx, layer], chosen, count, ps)

@@ -27,12 +27,12 @@ import itertools
 import time
 from collections import deque
 
+from attention_backends import DECODE_METHODS
 from attention_backends.decode.state import eviction_capacity
 from server.contract.engine import EngineOverloaded, GenerationRequest
 
 from .page_pool import PagePool
 from .request_state import EngineRequest
-from .runner import EVICTING_METHODS
 
 FALLBACK_RATE = 1.0  # completions per second assumed before any request has finished
 MAX_RETRY_AFTER = 300.0
@@ -63,7 +63,7 @@ class Scheduler:
         and its kept copy, every earlier layer only its kept tokens; afterwards every layer holds its kept
         tokens and the generated ones."""
         n = len(request.prompt_token_ids)
-        if request.spec.decode.method not in EVICTING_METHODS:
+        if not DECODE_METHODS[request.spec.decode.method].evicts:
             return self.pages_for_tokens(n + generated)
         h_kv, ps = self.num_kv_heads, self.pool.page_size
         layers = self.heads_total // h_kv

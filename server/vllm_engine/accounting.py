@@ -21,7 +21,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from attention_backends import PrefillReport, SparseSpec
+from attention_backends import PrefillCallReport, SparseSpec
 from attention_backends.cost import ModelShape, causal_cells, flops_per_cell
 from server.contract.cost import PhaseCost, RequestCost
 
@@ -56,7 +56,7 @@ def dense_cost(spec: SparseSpec, shape: ModelShape, prompt_len: int, completion_
     cost = RequestCost.for_spec(spec)
     cells = causal_cells(prompt_len) * shape.num_heads * shape.num_layers
     flops = float(cells * flops_per_cell(shape.head_dim))
-    cost.add_prefill(PrefillReport("dense", 1.0, cells, cells, flops, flops))
+    cost.add_prefill(PrefillCallReport("dense", 1.0, cells, cells, flops, flops))
     per_step = shape.num_kv_heads * shape.num_layers  # one token in every layer's KV heads
     token_bytes = 2 * shape.head_dim * element_bytes
     for generated in range(1, completion_tokens):

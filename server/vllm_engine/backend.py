@@ -30,9 +30,8 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from attention_backends import prepare_decode, sparse_decode, sparse_prefill
-from attention_backends.cost import flops_per_cell
-from attention_backends.prefill.common import causal_cells
-from attention_backends.reports import PrefillReport
+from attention_backends.cost import causal_cells, flops_per_cell
+from attention_backends.reports import PrefillCallReport
 
 from . import worker_state as ws
 
@@ -156,7 +155,7 @@ class SparseImplMixin:
                             st.key, st.spec.prefill.method)
             cells = (n * ctx + causal_cells(n)) * h
             flops = float(cells * flops_per_cell(d))
-            report = PrefillReport("dense", 1.0, cells, cells, flops, flops)
+            report = PrefillCallReport("dense", 1.0, cells, cells, flops, flops)
         st.cost.add_prefill(report)
         st.dirty = True
         if st.spec.decode.is_dense:

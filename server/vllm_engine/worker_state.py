@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attention_backends import DecodeReport, DecodeState, InvalidSparsePattern, SparseSpec, parse_pattern
+from attention_backends import DecodeCallReport, DecodeState, InvalidSparsePattern, SparseSpec, parse_pattern
 from attention_backends.cost import ModelShape
 from server.contract.cost import RequestCost
 
@@ -89,7 +89,7 @@ class RequestState:
     step_read: int = 0
     step_dense: int = 0
 
-    def add_decode(self, report: DecodeReport, generated_dense: int) -> None:
+    def add_decode(self, report: DecodeCallReport, generated_dense: int) -> None:
         """One layer of one decode step. ``generated_dense``: generated tokens a dense step reads in this layer
         (summed over KV heads)."""
         self.cost.add_decode_report(report)
