@@ -1,50 +1,21 @@
-"""Cost accounting (attention_backends/cost.py): the paper's sanity anchor, the causal convention, decode bytes."""
+"""Cost accounting (attention_backends/cost.py): the causal convention and decode FLOPs, and the one reading of
+a Hugging Face config.json's shape (``ModelShape.from_hf_config``, which ``ModelConfig.from_hf_dict`` builds on).
+The paper's accounting is an analysis: tests/test_paper_flops.py."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 
 from attention_backends import cost
-from attention_backends.cost import (
-    PRESETS,
-    QWEN2_5_7B,
-    ModelShape,
-    attention_share,
-    decode_step_bytes,
-    decode_token_flops,
-    dense_kv_tokens,
-    parameter_count,
-    prefill_flops,
-    quest_metadata_bytes,
-    quest_metadata_elements,
-)
+from attention_backends.cost import ModelShape, decode_token_flops, prefill_flops
+from server.engine.model_config import ModelConfig
 
-QWENS = [PRESETS[k] for k in ("qwen2.5-7b", "qwen2.5-14b", "qwen2.5-32b", "qwen2.5-72b")]
-ANCHORS = {16384: 0.40, 65536: 0.68, 131072: 0.80}
+# Qwen2.5-7B's shape (config.json: 28 layers, 28 heads, 4 KV heads, hidden 3584, MLP 18944, vocab 152064)
+QWEN2_5_7B = ModelShape(28, 28, 4, 128, 3584, 18944, 152064)
 
 
-@pytest.mark.parametrize("logits_positions", ["all", "one"])
-def test_paper_convention_attention_share(logits_positions: str) -> None:
-    for n, target in ANCHORS.items():
-        shares = [attention_share(s, n, "paper", n if logits_positions == "all" else 1) for s in QWENS]
-        avg = sum(shares) / len(shares)
-        detail = ", ".join(f"{k}={v:.1%}" for k, v in zip(("7B", "14B", "32B", "72B"), shares, strict=True))
-        assert abs(avg - target) <= 0.03, f"n={n} logits={logits_positions}: avg {avg:.1%} vs {target:.0%} ({detail})"
-
-
-def test_causal_convention_is_not_the_papers() -> None:
-    # The causal count halves the core: the anchor only holds with the paper's accounting.
-    avg = sum(attention_share(s, 65536, "causal") for s in QWENS) / 4
-    assert avg < 0.60, f"{avg:.1%}"
-
-
-def test_presets_parameter_counts() -> None:
-    # Published sizes: 7.61B, 14.7B, 32.5B, 72.7B.
-    for shape, billions in zip(QWENS, (7.61, 14.7, 32.5, 72.7), strict=True):
-        got = parameter_count(shape) / 1e9
-        assert abs(got - billions) / billions < 0.01, f"{got:.2f}B vs {billions}B"
+def dense_kv_tokens(s: ModelShape, ctx: int) -> int:
+    return s.num_layers * s.num_kv_heads * ctx
 
 
 def test_causal_dense_cells_and_sparse_scaling() -> None:
@@ -76,30 +47,6 @@ def test_projection_and_mlp_formulas() -> None:
     assert f.mlp == s.num_layers * 2 * n * s.intermediate_size * 3 * D
 
 
-def test_decode_bytes_and_quest_metadata() -> None:
-    s = QWEN2_5_7B
-    ctx, bpe = 10_000, 2
-    dense_tokens = dense_kv_tokens(s, ctx)
-    # variable per-(layer, KV head) kept lengths: just their sum
-    kept = [[1000 + 10 * h + layer for h in range(s.num_kv_heads)] for layer in range(s.num_layers)]
-    kept_sum = sum(map(sum, kept))
-    b = decode_step_bytes(s, kept_sum, dense_tokens, metadata_elements=0, bytes_per_element=bpe)
-    assert b.kv_dense == 2 * s.num_layers * ctx * s.head_dim * s.num_kv_heads * bpe
-    assert b.kv_actual == 2 * kept_sum * s.head_dim * bpe
-    assert b.kv_actual / b.kv_dense == pytest.approx(kept_sum / dense_tokens)
-    assert b.weights == parameter_count(s) * 2
-    assert decode_step_bytes(s, kept_sum, dense_tokens, batch_size=4).weights == b.weights / 4
-
-    page = 16
-    elements = quest_metadata_elements(s, ctx + 5, page)
-    assert elements == 2 * s.num_layers * s.num_kv_heads * s.head_dim * math.ceil((ctx + 5) / page)
-    assert quest_metadata_bytes(s, ctx + 5, page, bpe) == elements * bpe
-    q = decode_step_bytes(s, dense_tokens // 8, dense_tokens, metadata_elements=elements, bytes_per_element=bpe)
-    assert q.metadata == elements * bpe
-    assert q.total_actual == q.kv_actual + q.metadata + q.weights
-    assert q.total_dense == q.kv_dense + q.weights
-
-
 def test_decode_token_flops() -> None:
     s = QWEN2_5_7B
     ctx = 4096
@@ -126,8 +73,6 @@ def test_from_hf_config() -> None:
     llama = ModelShape.from_hf_config(LLAMA_CFG)
     assert (llama.num_layers, llama.num_heads, llama.num_kv_heads, llama.head_dim) == (32, 32, 8, 128)
     assert (llama.hidden_size, llama.intermediate_size, llama.vocab_size) == (4096, 14336, 128256)
-    assert not llama.attention_bias
-    assert abs(parameter_count(llama) / 1e9 - 8.03) < 0.02
     assert ModelShape.from_hf_config(QWEN2_CFG) == QWEN2_5_7B
     # explicit head_dim (h d != D) is respected; null falls back to D / h; missing kv heads = MHA
     explicit = ModelShape.from_hf_config({**QWEN2_CFG, "head_dim": 256})
@@ -137,3 +82,16 @@ def test_from_hf_config() -> None:
     assert ModelShape.from_hf_config(mha).num_kv_heads == 32
     f = prefill_flops(explicit, 10)
     assert f.projections == 28 * 2 * 10 * 3584 * (2 * 28 * 256 + 2 * 256 * 4)
+
+
+def test_one_reading_of_config_json() -> None:
+    # The engine's config reads the shape the way cost accounting does, wrapped or not.
+    for hf in (LLAMA_CFG, QWEN2_CFG, {**QWEN2_CFG, "head_dim": 256}):
+        assert ModelConfig.from_hf_dict(hf).to_model_shape() == ModelShape.from_hf_config(hf)
+    # a multimodal wrapper nests the language model under text_config: both readers take it
+    wrapped = {"model_type": "llava", "text_config": QWEN2_CFG, "vision_config": {"hidden_size": 1024}}
+    assert ModelShape.from_hf_config(wrapped) == QWEN2_5_7B
+    assert ModelConfig.from_hf_dict(wrapped) == ModelConfig.from_hf_dict(QWEN2_CFG)
+    # Qwen2 has q/k/v biases whatever its attention_bias key says (one rule, in the engine's config)
+    assert ModelConfig.from_hf_dict({**QWEN2_CFG, "attention_bias": False}).attention_bias
+    assert not ModelConfig.from_hf_dict(LLAMA_CFG).attention_bias

@@ -8,24 +8,20 @@ in 5.x).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from attention_backends.cost import ModelShape
+from attention_backends.cost import ModelShape, hf_text_config
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 @dataclass
-class ModelConfig:
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    hidden_size: int
-    intermediate_size: int
-    vocab_size: int
+class ModelConfig(ModelShape):
+    """The shape (:class:`~attention_backends.cost.ModelShape`'s fields, first) and everything else the
+    engine needs to build and run the model."""
+
     max_position_embeddings: int = 4096
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
@@ -42,8 +38,7 @@ class ModelConfig:
     name: str = ""
 
     def __post_init__(self) -> None:
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        super().__post_init__()
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
         if self.rope_scaling is not None:
@@ -66,29 +61,23 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     def to_model_shape(self) -> ModelShape:
-        """The dimensions cost accounting needs (:class:`attention_backends.cost.ModelShape`)."""
-        return ModelShape(
-            num_layers=self.num_layers, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-            vocab_size=self.vocab_size, tie_word_embeddings=self.tie_word_embeddings,
-            attention_bias=self.attention_bias,
-        )
+        """The dimensions cost accounting needs, alone (:class:`attention_backends.cost.ModelShape`)."""
+        return ModelShape(**{f.name: getattr(self, f.name) for f in fields(ModelShape)})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any], name: str = "") -> ModelConfig:
-        """Build from a Hugging Face ``config.json`` dict (transformers 4.x or 5.x layout)."""
+        """Build from a Hugging Face ``config.json`` dict (transformers 4.x or 5.x layout; a multimodal wrapper's
+        ``text_config``): the shape as :meth:`ModelShape.from_hf_config` reads it, then the rest."""
+        cfg = dict(hf_text_config(cfg))
         model_type = cfg.get("model_type", "llama")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"unsupported model_type {model_type!r}; supported: {SUPPORTED_MODEL_TYPES}")
         act = cfg.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise ValueError(f"unsupported hidden_act {act!r} (only silu)")
-        num_heads = cfg["num_attention_heads"]
-        hidden = cfg["hidden_size"]
-        head_dim = cfg.get("head_dim") or hidden // num_heads
         rope_params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
         rope_theta = float(rope_params.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0)
         if float(rope_params.pop("partial_rotary_factor", cfg.get("partial_rotary_factor") or 1.0)) != 1.0:
@@ -109,13 +98,7 @@ class ModelConfig:
         if model_type == "mistral" or cfg.get("use_sliding_window"):
             sliding_window = cfg.get("sliding_window")
         return cls(
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=num_heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
-            head_dim=head_dim,
-            hidden_size=hidden,
-            intermediate_size=cfg["intermediate_size"],
-            vocab_size=cfg["vocab_size"],
+            **asdict(ModelShape.from_hf_config(cfg)),
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
