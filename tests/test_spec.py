@@ -84,3 +84,16 @@ def test_describe_methods_lists_every_method_with_ranges():
     assert {m["name"] for m in d["decode"]} == {"dense", "snapkv", "ada_snapkv", "quest"}
     bs = next(m for m in d["prefill"] if m["name"] == "block_sparse")
     assert bs["params"]["block_size"]["choices"] == [16, 32, 64, 128]
+
+
+def test_parse_resolves_every_parameter_once():
+    # The methods read phase.params as they are: parse_pattern must hand them every parameter, defaults filled.
+    from attention_backends.spec import METHODS
+
+    for phase, methods in METHODS.items():
+        for name, info in methods.items():
+            for pattern in (f"{name}:2" if name != "dense" else name, {phase: {"method": name}}):
+                got = getattr(parse_pattern(pattern), phase).params
+                assert set(got) == set(info.defaults()), (phase, name, pattern)
+    assert parse_pattern({"decode": {"method": "quest", "params": {"budget": 64}}}).decode.params == \
+        {"page_size": 16, "budget": 64}

@@ -17,6 +17,6 @@ Entry points (layouts in each module's docstring):
   cells, budget search); :func:`.index_vertical_slash.block_scores` + :func:`.topk.causal_block_topk`
   (block_sparse index).
 * :func:`.snapkv_select.snapkv_keep` / :func:`.snapkv_select.ada_snapkv_keep` -- keep sets after prefill.
-* :mod:`.methods` -- every method behind the references' contract (``prefill`` / ``prepare``), used by
-  ``attention_backends.sparse_prefill(..., impl="triton")`` and ``prepare_decode(..., impl="triton")``.
+* :mod:`.methods` -- every method behind the references' contract (registries ``PREFILL`` / ``DECODE``), used
+  by ``attention_backends.sparse_prefill(..., impl="triton")`` and ``prepare_decode(..., impl="triton")``.
 """
