@@ -11,7 +11,7 @@ Methods (``docs/methods.md``): prefill ``dense``, ``vertical_slash``, ``flexpref
 ``block_sparse``; decode ``dense``, ``snapkv``, ``ada_snapkv``, ``quest``.
 """
 
-from .api import prepare_decode, sparse_decode, sparse_prefill
+from .api import engine_impl, prepare_decode, sparse_decode, sparse_prefill
 from .decode.state import DecodeState
 from .reports import DecodeCallReport, PrefillCallReport
 from .spec import (
@@ -36,6 +36,7 @@ __all__ = [
     "PrefillCallReport",
     "SparseSpec",
     "describe_methods",
+    "engine_impl",
     "parse_pattern",
     "prepare_decode",
     "sparse_decode",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 from .cost import causal_cells, flops_per_cell
@@ -50,11 +51,20 @@ def implementations(impl: str) -> tuple[dict[str, PrefillFn], dict[str, PrepareF
     raise ValueError(f"unknown impl {impl!r}; expected 'reference' or 'triton'")
 
 
+def engine_impl(device: torch.device) -> str:
+    """The implementation an engine runs on ``device``: the Triton kernels on CUDA, the references elsewhere (on
+    the CPU, Triton runs only in its interpreter, for tests)."""
+    return "triton" if device.type == "cuda" else "reference"
+
+
 def sparse_prefill(q: Tensor, k: Tensor, v: Tensor, spec: SparseSpec, *, impl: str = "reference"
                    ) -> tuple[Tensor, PrefillCallReport]:
-    """Causal attention over the prompt with ``spec.prefill``; returns ``out [h, n, d]`` and its report."""
+    """Causal attention over the prompt with ``spec.prefill``; returns ``out [h, n, d]`` and its report.
+    ``q``/``k``/``v`` may be views (e.g. ``[n, h, d]`` transposed): the Triton kernels get contiguous rows."""
     check_shapes(q, k, v)
     h, n, d = q.shape
+    if impl == "triton":
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     phase = spec.prefill
     outcome = implementations(impl)[0][phase.method](q, k, v, phase)
     dense = causal_cells(n) * h

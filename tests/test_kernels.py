@@ -318,6 +318,18 @@ def test_api_prefill_triton_matches_reference(method, params):
     assert rep.computed_cells >= rep_ref.computed_cells
 
 
+@pytest.mark.parametrize("pattern", ["vertical_slash:3", "flexprefill:3", "block_sparse:3"])
+def test_api_prefill_triton_takes_views_of_the_engines_layout(pattern):
+    """Engines hold q/k/v as ``[n, h, d]`` and pass transposed views (vLLM's backend does): the Triton path gives
+    the reference's output for them (it asserted contiguous rows, so the vLLM backend ran the slow reference)."""
+    q, k, v = (t.transpose(0, 1).contiguous().transpose(0, 1) for t in qkv(4, 2, 200, 16, torch.float32, seed=33))
+    assert not q.is_contiguous()
+    spec = parse_pattern(pattern)
+    out_ref, _ = sparse_prefill(q, k, v, spec)
+    out, _ = sparse_prefill(q, k, v, spec, impl="triton")
+    assert_close(out, out_ref, torch.float32)
+
+
 @pytest.mark.parametrize("block", [16, 32, 64])
 def test_block_sparse_triton_computes_only_the_kept_blocks(block):
     """The kernel's tiles are the blocks, so the achieved ratio is the reference's (16-blocks packed into 64-row

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attention_backends import PrefillCallReport, prepare_decode, sparse_prefill
+from attention_backends import PrefillCallReport, engine_impl, prepare_decode, sparse_prefill
 from attention_backends.cost import ModelShape, causal_cells, flops_per_cell
 from attention_backends.decode.quest import budget_pages
 from attention_backends.spec import DECODE_METHODS
@@ -71,7 +71,7 @@ class ModelRunner:
         self.shape = shape
         self.device = pool.device
         # On CUDA the Triton kernels run prefill methods and paged decode; elsewhere the PyTorch paths do.
-        self.use_triton = pool.device.type == "cuda" and triton_paged_decode is not None
+        self.use_triton = engine_impl(pool.device) == "triton" and triton_paged_decode is not None
 
     def _attend_paged(self, q: Tensor, tables: Tensor, lengths: Tensor, valid: Tensor | None) -> Tensor:
         """Decode attention over each (row, KV head)'s first ``lengths`` tokens of the pages in ``tables``."""
@@ -97,11 +97,8 @@ class ModelRunner:
             qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
             if spec.prefill.is_dense:
                 out, report = dense_prefill_attention(qh, kh, vh)
-            elif self.use_triton:  # the kernels read rows of [h, n, d] contiguously
-                out, report = sparse_prefill(qh.contiguous(), kh.contiguous(), vh.contiguous(), spec,
-                                             impl="triton")
             else:
-                out, report = sparse_prefill(qh, kh, vh, spec)
+                out, report = sparse_prefill(qh, kh, vh, spec, impl="triton" if self.use_triton else "reference")
             cost.add_prefill(report)
             kv.write_prompt(layer, kh, vh)
             if DECODE_METHODS[spec.decode.method].evicts:

@@ -29,7 +29,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from attention_backends import prepare_decode, sparse_decode, sparse_prefill
+from attention_backends import engine_impl, prepare_decode, sparse_decode, sparse_prefill
 from attention_backends.cost import causal_cells, flops_per_cell
 from attention_backends.reports import PrefillCallReport
 
@@ -147,7 +147,7 @@ class SparseImplMixin:
         h, d = q.shape[0], q.shape[2]
         whole_prompt = ctx == 0 and n >= st.prompt_len
         if not st.spec.prefill.is_dense and whole_prompt:
-            res, report = sparse_prefill(q, k, v, st.spec)
+            res, report = sparse_prefill(q, k, v, st.spec, impl=engine_impl(q.device))
             out[row.start:row.end] = res.transpose(0, 1).to(out.dtype)
         else:  # dense (the parent's output stands): a chunk of a chunked prefill, or a dense prefill method
             if not st.spec.prefill.is_dense and not ls.k:
