@@ -309,13 +309,31 @@ class Bench:
             log(f"decode {pattern:<16} B={batch:<3} ctx={context:>7}: {r['tokens_per_s'] or 0:.1f} tok/s "
                 f"({r['window_tokens']} tokens in {r['window_s']:.2f} s)  {r['report'] or ''} {r['error'] or ''}")
 
+    def submit(self, requests: int, context: int, pattern: str) -> tuple[list[Stream], list[asyncio.Task]]:
+        """``requests`` fresh prompts of ``context`` tokens, all at once, each to generate until aborted."""
+        streams = [Stream(uuid.uuid4().hex, time.monotonic()) for _ in range(requests)]
+        tasks = [asyncio.create_task(self.engine.run(self.prompt(context), self.p.decode_max_tokens, pattern, s))
+                 for s in streams]
+        return streams, tasks
+
+    async def window(self, streams: list[Stream]) -> tuple[list[int], float]:
+        """Tokens each stream delivered during a ``decode_window_s`` window, and the window's length in seconds."""
+        before, t0 = [len(s.tokens) for s in streams], time.monotonic()
+        await asyncio.sleep(self.p.decode_window_s)
+        return [len(s.tokens) - b for s, b in zip(streams, before, strict=True)], time.monotonic() - t0
+
+    async def abort_all(self, streams: list[Stream], tasks: list[asyncio.Task]) -> str | None:
+        """Abort every request, wait for them to end; the first error any of them reported."""
+        for s in streams:
+            await self.engine.abort(s.request_id)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return next((s.error for s in streams if s.error), None)
+
     async def steady_decode(self, batch: int, context: int, pattern: str) -> dict:
         """Tokens/s of ``batch`` concurrent requests once every one of them decodes: the tokens delivered during a
         fixed window that opens when the last request has its first token; then the requests are aborted. A window
         in time, not in tokens, so that engines that deliver several tokens in one delta are counted alike."""
-        streams = [Stream(uuid.uuid4().hex, time.monotonic()) for _ in range(batch)]
-        tasks = [asyncio.create_task(self.engine.run(self.prompt(context), self.p.decode_max_tokens, pattern, s))
-                 for s in streams]
+        streams, tasks = self.submit(batch, context, pattern)
         result = {"window_tokens": 0, "window_s": 0.0, "tokens_per_s": None, "report": None, "error": None}
         try:
             while not all(s.tokens for s in streams):
@@ -323,15 +341,10 @@ class Bench:
                     break
                 await asyncio.sleep(0.005)
             else:
-                t0, n0 = time.monotonic(), sum(len(s.tokens) for s in streams)
-                await asyncio.sleep(self.p.decode_window_s)
-                t1, n1 = time.monotonic(), sum(len(s.tokens) for s in streams)
-                result.update(window_tokens=n1 - n0, window_s=t1 - t0, tokens_per_s=(n1 - n0) / (t1 - t0))
+                delivered, seconds = await self.window(streams)
+                result.update(window_tokens=sum(delivered), window_s=seconds, tokens_per_s=sum(delivered) / seconds)
         finally:
-            for s in streams:
-                await self.engine.abort(s.request_id)
-            await asyncio.gather(*tasks, return_exceptions=True)
-        result["error"] = next((s.error for s in streams if s.error), None)
+            result["error"] = await self.abort_all(streams, tasks)
         if result["tokens_per_s"] is None and result["error"] is None:
             result["error"] = "a request finished before every request of the batch had its first token"
         result["report"] = streams[0].report
@@ -350,9 +363,7 @@ class Bench:
     async def steady_capacity(self, requests: int, context: int, pattern: str) -> dict:
         """Submit ``requests`` at once; when no request has started (first token) for ``plateau_s``, count the
         requests that deliver tokens during a ``decode_window_s`` window and their tokens/s; then abort all."""
-        streams = [Stream(uuid.uuid4().hex, time.monotonic()) for _ in range(requests)]
-        tasks = [asyncio.create_task(self.engine.run(self.prompt(context), self.p.decode_max_tokens, pattern, s))
-                 for s in streams]
+        streams, tasks = self.submit(requests, context, pattern)
         result = {"requests": requests, "concurrent": 0, "tokens_per_s": None, "report": None, "error": None}
         try:
             started, last_change = 0, time.monotonic()
@@ -363,18 +374,10 @@ class Bench:
                 if now_started != started:
                     started, last_change = now_started, time.monotonic()
                 await asyncio.sleep(0.01)
-            before = [len(s.tokens) for s in streams]
-            t0 = time.monotonic()
-            await asyncio.sleep(self.p.decode_window_s)
-            t1 = time.monotonic()
-            after = [len(s.tokens) for s in streams]
-            result.update(concurrent=sum(1 for a, b in zip(before, after, strict=True) if b > a),
-                          tokens_per_s=(sum(after) - sum(before)) / (t1 - t0))
+            delivered, seconds = await self.window(streams)
+            result.update(concurrent=sum(1 for d in delivered if d > 0), tokens_per_s=sum(delivered) / seconds)
         finally:
-            for s in streams:
-                await self.engine.abort(s.request_id)
-            await asyncio.gather(*tasks, return_exceptions=True)
-        result["error"] = next((s.error for s in streams if s.error), None)
+            result["error"] = await self.abort_all(streams, tasks)
         result["report"] = next((s.report for s in streams if s.report), None)
         return result
 
