@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per KV-cache page (native default: 16; with --engine vllm, vLLM's block size, "
                    "default vLLM's). The native engine runs Quest on its pages, so Quest requests must then name "
                    "this page_size")
+    g.add_argument("--enforce-eager", action="store_true", default=None,
+                   help="run every decode step eagerly: no CUDA graphs (default on CUDA: the native engine replays "
+                   "decode steps as CUDA graphs captured per batch-size bucket; vLLM uses its own graphs)")
     g.add_argument("--served-model-name", default=None,
                    help="the model name clients send and /v1/models lists (default: the model's name)")
 
@@ -102,6 +105,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_num_seqs=args.max_num_seqs,
         max_queue=args.max_queue,
         page_size=args.page_size,
+        enforce_eager=args.enforce_eager,
         host=args.host,
         port=args.port,
         served_model_name=args.served_model_name,

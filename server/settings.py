@@ -58,6 +58,8 @@ class EngineSettings(BaseModel):
     page_size: int | None = Field(None, ge=1, description="tokens per KV-cache page (vLLM: block); None = the "
                                   "engine's default (native 16, vLLM its own)")
     served_model_name: str | None = Field(None, description="the name clients use; None = the model's")
+    enforce_eager: bool | None = Field(None, description="True: no CUDA graphs; None = graphs on CUDA (native: "
+                                       "decode steps; vLLM: its own), eager on the CPU")
 
     @classmethod
     def from_settings(cls, settings: EngineSettings, **own: Any) -> Self:

@@ -16,7 +16,8 @@ selected pages only, see :mod:`.quest_select`) all call :func:`paged_decode`.
 Split-K: grid ``(B * h_kv, splits)``; each program takes the g query heads of one KV head together (one
 ``[g, d] x [d, block_n]`` product per key tile, so K/V are read once per KV head, never repeated), keeps an
 online softmax over its share of the tokens in float32 and writes a partial (max, sum, acc); a second kernel
-merges the splits. No host sync: ``max_len`` (an upper bound of ``lengths``) only sizes the grid.
+merges the splits. No host sync: ``max_len`` (an upper bound of ``lengths``) only sizes the grid; each row
+divides its own length among the splits, so one grid serves any lengths (CUDA-graph replay).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ _NEG = tl.constexpr(-1.0e30)
 def _paged_decode_split_kernel(
     Q, KP, VP, PT, LEN, MP, LP, AP,
     sqb, sqh, skp, skt, svp, svt, spt_b, spt_h, slen_b,
-    h_kv, group, qk_scale, tokens_per_split, num_splits,
+    h_kv, group, qk_scale, num_splits,
     HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, G_PAD: tl.constexpr,
 ):
     bh = tl.program_id(0)
@@ -45,6 +46,9 @@ def _paged_decode_split_kernel(
     b = bh // h_kv
     kvh = bh % h_kv
     length = tl.load(LEN + b * slen_b + kvh)
+    # each row spreads its own tokens over the splits: the grid never depends on the lengths (a CUDA graph
+    # replays it for any), and a short row beside a long one does not idle most of its programs
+    tokens_per_split = tl.cdiv(tl.cdiv(length, num_splits), BLOCK_N) * BLOCK_N
     start = s * tokens_per_split
     end = tl.minimum(start + tokens_per_split, length)
     g = tl.arange(0, G_PAD)
@@ -126,7 +130,8 @@ def paged_decode(
 ) -> Tensor:
     """Decode attention of ``q [B, h, d]`` over paged K/V (layout in the module docstring) -> ``[B, h, d]``.
 
-    ``max_len`` bounds ``lengths`` (default: ``max_pages * page_size``); it only sizes the grid.
+    ``max_len`` bounds ``lengths`` (default: ``max_pages * page_size``); it only sizes the grid. A row of
+    length 0 writes zeros.
     """
     B, h, d = q.shape
     _, page, d2 = k_pages.shape
@@ -145,7 +150,6 @@ def paged_decode(
     assert block_n % page == 0 or page % block_n == 0
     if num_splits is None:
         num_splits = choose_splits(B * h_kv, max_len, block_n, dev)
-    tps = triton.cdiv(triton.cdiv(max(max_len, 1), num_splits), block_n) * block_n
     g_pad = max(16, triton.next_power_of_2(group))
     mp = torch.empty(B * h * num_splits, dtype=torch.float32, device=dev)
     lp = torch.empty_like(mp)
@@ -157,7 +161,7 @@ def paged_decode(
         q, k_pages, v_pages, page_table, lengths, mp, lp, ap,
         q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1), v_pages.stride(0), v_pages.stride(1),
         page_table.stride(0), page_table.stride(1), lengths.stride(0),
-        h_kv, group, scale * LOG2E, tps, num_splits,
+        h_kv, group, scale * LOG2E, num_splits,
         HEAD_DIM=d, PAGE=page, BLOCK_N=block_n, G_PAD=g_pad,
         num_warps=num_warps, num_stages=num_stages,
     )

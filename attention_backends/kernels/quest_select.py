@@ -60,13 +60,13 @@ def _quest_scores_kernel(
     mn = tl.load(PMIN + pid[:, None] * smin_p + offs_d[None, :], mask=live[:, None], other=0.0).to(tl.float32)
     mx = tl.load(PMAX + pid[:, None] * smax_p + offs_d[None, :], mask=live[:, None], other=0.0).to(tl.float32)
     score = tl.sum(mx * qpos[None, :] + mn * qneg[None, :], 1)
-    tl.store(S + bh * s_r + p, score, mask=p < max_pages)
+    tl.store(S + bh * s_r + p, score, mask=live)  # the selection reads a row's first npages only
 
 
 @triton.jit
 def _quest_select_kernel(
-    S, PT, LEN, OPT, OLEN, s_r, spt_b, spt_h, slen_b, so_r, h_kv, k_req,
-    PAGE: tl.constexpr, BLOCK: tl.constexpr,
+    S, PT, LEN, BUD, KEPT, OPT, OLEN, OPROMPT, s_r, spt_b, spt_h, slen_b, skept_b, so_r, h_kv, width,
+    PAGE: tl.constexpr, BLOCK: tl.constexpr, COUNT_PROMPT: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b, kvh, length, npages = _row_pages(bh, h_kv, LEN, slen_b, PAGE)
@@ -75,12 +75,16 @@ def _quest_select_kernel(
     x = tl.load(S + bh * s_r + j, mask=valid, other=0.0)
     x = tl.where(j == npages - 1, float("inf"), x)
     key = _order_key(x)
-    kk = tl.minimum(k_req, npages)
+    kk = tl.minimum(tl.minimum(tl.load(BUD + b), width), npages)  # a row of budget 0 selects nothing
     thr = _kth_largest_key(key, tl.maximum(kk, 1), valid)
     page_id = tl.load(PT + b * spt_b + kvh * spt_h + j, mask=valid, other=0)
-    _select_write(key, page_id, valid, kk, thr, OPT + bh * so_r)  # the winners' page ids, in position order
+    sel = _select_write(key, page_id, valid, kk, thr, OPT + bh * so_r)  # the winners' page ids, in position order
     last_len = length - (npages - 1) * PAGE
     tl.store(OLEN + bh, tl.where(kk > 0, (kk - 1) * PAGE + last_len, 0))
+    if COUNT_PROMPT:  # prompt tokens among the selected: the head's first KEPT tokens are its prompt's
+        kept = tl.load(KEPT + b * skept_b + kvh)
+        fill = tl.minimum(tl.maximum(kept - j * PAGE, 0), PAGE)
+        tl.store(OPROMPT + bh, tl.sum(tl.where(sel, fill, 0), 0))
 
 
 def quest_page_scores(q: Tensor, page_min: Tensor, page_max: Tensor, page_table: Tensor, lengths: Tensor,
@@ -101,23 +105,38 @@ def quest_page_scores(q: Tensor, page_min: Tensor, page_max: Tensor, page_table:
 
 
 def quest_select(q: Tensor, page_min: Tensor, page_max: Tensor, page_table: Tensor, lengths: Tensor,
-                 budget_pages: int, page_size: int, *, scores: Tensor | None = None,
-                 num_warps: int | None = None) -> tuple[Tensor, Tensor]:
-    """Top ``budget_pages`` pages per (sequence, KV head), the last page forced -> ``(table [B, h_kv,
-    budget_pages] int32 page ids ascending in position, lengths [B, h_kv] int32 tokens to read)``."""
+                 budget_pages: int | Tensor, page_size: int, *, width: int | None = None,
+                 prompt_kept: Tensor | None = None, prompt_read: Tensor | None = None,
+                 scores: Tensor | None = None, num_warps: int | None = None) -> tuple[Tensor, Tensor]:
+    """Top ``budget_pages`` pages per (sequence, KV head), the last page forced -> ``(table [B, h_kv, width]
+    int32 page ids ascending in position, lengths [B, h_kv] int32 tokens to read)``.
+
+    ``budget_pages``: one budget, or one per sequence (``[B]`` int32 on the device; 0 selects nothing, length
+    0); ``width`` (default: the budget, which must then be an int) bounds every budget. With ``prompt_kept
+    [B, h_kv]`` (each head's prompt tokens, which come first), ``prompt_read [B, h_kv]`` int32 receives the
+    prompt tokens among the selected pages. No host sync."""
     B, h, d = q.shape
     h_kv, max_pages = page_table.shape[1], page_table.shape[2]
+    if width is None:
+        width = int(budget_pages)
+    if not isinstance(budget_pages, Tensor):
+        budget_pages = torch.full((B,), int(budget_pages), dtype=torch.int32, device=q.device)
     if scores is None:  # (given: precomputed page scores, e.g. to time the selection alone)
         scores = quest_page_scores(q, page_min, page_max, page_table, lengths, page_size)
-    k = int(min(budget_pages, max_pages))
+    k = int(min(width, max_pages))
     sel = torch.zeros(B, h_kv, k, dtype=torch.int32, device=q.device)
     sel_len = torch.empty(B, h_kv, dtype=torch.int32, device=q.device)
+    count_prompt = prompt_kept is not None
+    if count_prompt:
+        assert prompt_read is not None and prompt_read.is_contiguous() and prompt_kept.stride(-1) == 1
     block = max(16, triton.next_power_of_2(max_pages))
     # 8192 pages: 8 warps 20.6 us, 16 warps 22.1 us, 32 warps 27.9 us (H200, graph replay)
     warps = num_warps or (4 if block <= 2048 else 8)
     _quest_select_kernel[(B * h_kv,)](
-        scores, page_table, lengths, sel, sel_len, scores.stride(0), page_table.stride(0), page_table.stride(1),
-        lengths.stride(0), sel.stride(1), h_kv, k, PAGE=page_size, BLOCK=block, num_warps=warps)
+        scores, page_table, lengths, budget_pages, prompt_kept if count_prompt else lengths, sel, sel_len,
+        prompt_read if count_prompt else sel_len, scores.stride(0), page_table.stride(0), page_table.stride(1),
+        lengths.stride(0), prompt_kept.stride(0) if count_prompt else 0, sel.stride(1), h_kv, k,
+        PAGE=page_size, BLOCK=block, COUNT_PROMPT=count_prompt, num_warps=warps)
     return sel, sel_len
 
 

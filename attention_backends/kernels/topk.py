@@ -71,6 +71,7 @@ def _select_write(key, idx, valid, kk, thr, OUT_ROW):
     sel = above | (tie & (tie_rank <= kk - n_above))
     pos = tl.cumsum(sel.to(tl.int32), 0) - 1
     tl.store(OUT_ROW + pos, idx, mask=sel)
+    return sel
 
 
 @triton.jit

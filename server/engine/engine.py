@@ -79,6 +79,8 @@ class NativeEngine:
         self.scheduler = Scheduler(self.pool, cfg.num_layers, cfg.num_kv_heads, options.max_num_seqs,
                                    options.max_queue)
         self.max_model_len = self._served_context(cfg.max_position_embeddings, cfg.sliding_window)
+        if device.type == "cuda" and not options.enforce_eager:
+            self.runner.enable_cuda_graphs(options.max_num_seqs, self.max_model_len)
         self.stop_token_ids = set(getattr(tokenizer, "stop_token_ids", None) or [])
         if tokenizer.eos_token_id is not None:
             self.stop_token_ids.add(int(tokenizer.eos_token_id))

@@ -24,6 +24,11 @@ from torch import nn
 from .model_config import ModelConfig
 from .rope import RotaryEmbedding, apply_rotary
 
+try:  # Triton is a dependency, but a broken install must not take the CPU path down with it
+    from . import fused_ops
+except Exception:  # pragma: no cover
+    fused_ops = None
+
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -81,6 +86,9 @@ class LlamaModel(nn.Module):
         )
         if device is not None and torch.device(device).type != "meta":
             self.rotary.to(device)
+        # The small ops as fused Triton kernels (:mod:`.fused_ops`): None = on CUDA; True also runs them on the
+        # CPU (Triton's interpreter, for tests)
+        self.fused: bool | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -91,8 +99,13 @@ class LlamaModel(nn.Module):
         return self.embed_tokens.device
 
     # ------------------------------------------------------------------ forward
+    def _use_fused(self, x: torch.Tensor) -> bool:
+        return fused_ops is not None and (x.is_cuda if self.fused is None else self.fused)
+
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         eps = self.config.rms_norm_eps
+        if self._use_fused(x):
+            return fused_ops.rms_norm(x, weight, eps)
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), weight, eps)
         # like transformers: normalise in float32, round, then scale in the model dtype
@@ -125,17 +138,19 @@ class LlamaModel(nn.Module):
         t = input_ids.shape[0]
         hidden = F.embedding(input_ids, self.embed_tokens)
         cos, sin = self.rotary.cos_sin(positions, hidden.dtype)
+        fused = self._use_fused(hidden)
+        rotate = fused_ops.apply_rotary if fused else apply_rotary
         for idx, layer in enumerate(self.layers):
             x = self._rms_norm(hidden, layer.input_norm)
             qkv = F.linear(x, layer.qkv_weight, layer.qkv_bias)
-            qk = apply_rotary(qkv[:, : q_size + kv_size].view(t, nq + nkv, d), cos, sin)
+            qk = rotate(qkv[:, : q_size + kv_size].view(t, nq + nkv, d), cos, sin)
             q, k = qk[:, :nq], qk[:, nq:]
             v = qkv[:, q_size + kv_size :].view(t, nkv, d)
             out = attention(idx, q, k, v)
             hidden = _residual_linear(hidden, out.reshape(t, q_size), layer.o_weight, layer.o_bias)
             x = self._rms_norm(hidden, layer.post_norm)
             gate_up = F.linear(x, layer.gate_up_weight, layer.gate_up_bias)
-            x = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+            x = fused_ops.silu_mul(gate_up) if fused else F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
             hidden = _residual_linear(hidden, x, layer.down_weight, layer.down_bias)
         return hidden
 

@@ -6,9 +6,10 @@ cache and each request's sparse methods meet:
 * prefill (one request, ``T = n``): the request's prefill method computes attention and reports its cost;
   the layer's keys/values go into fresh pages; SnapKV/Ada-SnapKV then keep only their chosen tokens and
   the evicted pages go straight back to the pool.
-* decode (``T = B``, one token per request): the new key/value is written into each (layer, KV head)'s
-  last page, then one batched paged attention reads, per row, either the whole per-head page table (dense,
-  SnapKV, Ada-SnapKV) or the pages Quest selects from the page key min/max.
+* decode (``T = B``, one token per request): :mod:`.decode_step` (the new key/value goes into each (layer,
+  KV head)'s last page, then one batched paged attention reads, per row, either the whole per-head page
+  table (dense, SnapKV, Ada-SnapKV) or the pages Quest selects from the page key min/max), replayed as a
+  CUDA graph on CUDA.
 """
 
 from __future__ import annotations
@@ -23,15 +24,10 @@ from attention_backends.decode.quest import budget_pages
 from attention_backends.spec import DECODE_METHODS
 from server.contract.engine import TokenLogprob
 
+from .decode_step import DecodeStepper, bucket_sizes, triton_paged_decode
 from .page_pool import PagePool
-from .paged_attention import choose_quest_pages, page_fill, paged_decode_attention, selected_pages, token_mask
 from .request_state import EngineRequest
 from .sampler import token_logprobs
-
-try:  # Triton is a dependency, but a broken install must not take the CPU path down with it
-    from attention_backends.kernels.paged_decode import paged_decode as triton_paged_decode
-except Exception:  # pragma: no cover
-    triton_paged_decode = None
 from .sequence_kv import SequenceKV
 
 # Prompt logprobs compute float32 logits this many bytes at a time, never all [n, vocab] of a long prompt.
@@ -72,14 +68,7 @@ class ModelRunner:
         self.device = pool.device
         # On CUDA the Triton kernels run prefill methods and paged decode; elsewhere the PyTorch paths do.
         self.use_triton = engine_impl(pool.device) == "triton" and triton_paged_decode is not None
-
-    def _attend_paged(self, q: Tensor, tables: Tensor, lengths: Tensor, valid: Tensor | None) -> Tensor:
-        """Decode attention over each (row, KV head)'s first ``lengths`` tokens of the pages in ``tables``."""
-        if self.use_triton:
-            return triton_paged_decode(q, self.pool.keys, self.pool.values, tables.int(), lengths.int(),
-                                       max_len=tables.shape[-1] * self.pool.page_size)
-        fill = page_fill(lengths, tables.shape[-1], self.pool.page_size)
-        return paged_decode_attention(q, self.pool.keys, self.pool.values, tables, fill, valid)
+        self.stepper = DecodeStepper(model, pool, shape.num_layers, shape.num_kv_heads, use_triton=self.use_triton)
 
     def new_sequence(self) -> SequenceKV:
         return SequenceKV(self.pool, self.shape.num_layers, self.shape.num_kv_heads)
@@ -121,78 +110,53 @@ class ModelRunner:
         return logits
 
     # -- decode -----------------------------------------------------------------------------------------
+    def enable_cuda_graphs(self, max_rows: int, max_model_len: int) -> None:
+        """Replay decode steps as CUDA graphs (batches up to ``max_rows``, contexts up to ``max_model_len``)."""
+        pages = -(-(max_model_len + 1) // self.pool.page_size)
+        self.stepper = DecodeStepper(self.model, self.pool, self.shape.num_layers, self.shape.num_kv_heads,
+                                     use_triton=self.use_triton, buckets=bucket_sizes(max_rows), max_pages=pages,
+                                     capture=True)
+
     @torch.inference_mode()
     def decode(self, batch: list[EngineRequest]) -> Tensor:
-        """One decode step for every request of ``batch``; returns logits ``[B, V]``."""
-        ps = self.pool.page_size
+        """One decode step for every request of ``batch``; returns logits ``[B, V]`` (float32, on the device,
+        valid until the next step)."""
         seqs = [r.kv for r in batch]
-        appends = [s.prepare_append() for s in seqs]  # type: ignore[union-attr]
-        pids = torch.stack([a[0] for a in appends])  # [B, layers, h_kv]
-        slots = torch.stack([a[1] for a in appends])
-        lengths = torch.stack([s.lengths for s in seqs]).to(self.device) + 1  # after this step's append
-        prompt_kept = torch.stack([s.prompt_kept for s in seqs]).to(self.device)
-        n_pages = int(-(-int(lengths.max()) // ps))
-        tables = torch.stack([s.table_view(n_pages) for s in seqs])  # [B, layers, h_kv, P]
-        quest_rows = [i for i, r in enumerate(batch) if DECODE_METHODS[r.request.spec.decode.method].selects_pages]
-        full_rows = [i for i in range(len(batch)) if i not in set(quest_rows)]
-        q_idx = torch.tensor(quest_rows, dtype=torch.long, device=self.device)
-        f_idx = torch.tensor(full_rows, dtype=torch.long, device=self.device)
-        budgets = torch.tensor(
-            [budget_pages(batch[i].prompt_len, batch[i].request.spec.decode) or n_pages for i in quest_rows],
-            dtype=torch.long, device=self.device)
-        quest_prompt_read = torch.zeros(len(quest_rows), dtype=torch.long, device=self.device)
-        quest_total_read = torch.zeros(len(quest_rows), dtype=torch.long, device=self.device)
-        pool = self.pool
-        attend = self._attend_paged
-        valid_all = None if self.use_triton else token_mask(page_fill(lengths, n_pages, ps), ps)
-
-        def attention(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            p, s = pids[:, layer], slots[:, layer]
-            pool.keys[p, s] = k.to(pool.dtype)
-            pool.values[p, s] = v.to(pool.dtype)
-            tbl, lens = tables[:, layer], lengths[:, layer]
-            if not quest_rows:
-                return attend(q, tbl, lens, None if valid_all is None else valid_all[:, layer])
-            # Only Quest reads page summaries: keep them current for its rows' pages.
-            pq, kq = p[q_idx], k[q_idx].to(pool.dtype)
-            pool.key_min[pq] = torch.minimum(pool.key_min[pq], kq)
-            pool.key_max[pq] = torch.maximum(pool.key_max[pq], kq)
-            out = torch.empty_like(q)
-            if full_rows:
-                out[f_idx] = attend(q[f_idx], tbl[f_idx], lens[f_idx],
-                                    None if valid_all is None else valid_all[f_idx, layer])
-            qt, ql = tbl[q_idx], lens[q_idx]
-            chosen, count = choose_quest_pages(q[q_idx], pool.key_min, pool.key_max, qt, ql, budgets, ps)
-            sel_tables, sel_lengths = selected_pages(qt, ql, chosen, count, ps)
-            out[q_idx] = attend(q[q_idx], sel_tables, sel_lengths, None)
-            _, prompt_lengths = selected_pages(qt, prompt_kept[q_idx, layer], chosen, count, ps)
-            quest_prompt_read.add_(prompt_lengths.sum(-1))
-            quest_total_read.add_(sel_lengths.sum(-1))
-            return out
-
-        ids = torch.tensor([r.next_input for r in batch], dtype=torch.long, device=self.device)
-        positions = torch.tensor([r.next_position for r in batch], dtype=torch.long, device=self.device)
-        logits = self.model(ids, positions, attention).float().cpu()
+        for s in seqs:
+            s.prepare_append()  # type: ignore[union-attr]
+        lengths = torch.stack([s.lengths for s in seqs]) + 1  # [B, layers, h_kv] after this step's append
+        prompt_kept = torch.stack([s.prompt_kept for s in seqs])
+        budgets = [self._quest_budget(r) for r in batch]
+        logits, quest_read = self.stepper.run(seqs, [r.next_input for r in batch],  # type: ignore[arg-type]
+                                              [r.next_position for r in batch], budgets, lengths, prompt_kept)
         for r in batch:
             r.kv.commit_append()  # type: ignore[union-attr]
             r.cached_outputs += 1
-        self._account_decode(batch, lengths, prompt_kept, quest_rows, quest_prompt_read, quest_total_read)
+        self._account_decode(batch, lengths, prompt_kept, budgets, quest_read)
         return logits
 
+    @staticmethod
+    def _quest_budget(req: EngineRequest) -> int:
+        """Pages per KV head the request's Quest reads this step; 0 (its whole tables) for other methods, and
+        for Quest at ratio 1 (every page: dense)."""
+        decode = req.request.spec.decode
+        if not DECODE_METHODS[decode.method].selects_pages:
+            return 0
+        return budget_pages(req.prompt_len, decode) or 0
+
     def _account_decode(self, batch: list[EngineRequest], lengths: Tensor, prompt_kept: Tensor,
-                        quest_rows: list[int], quest_prompt: Tensor, quest_total: Tensor) -> None:
+                        budgets: list[int], quest_read: Tensor) -> None:
         shape = self.shape
         per_step_dense = shape.num_layers * shape.num_kv_heads
         element_bytes = self.pool.keys.element_size()
         token_bytes = 2 * shape.head_dim * element_bytes  # K and V of one token of one KV head
-        quest_pos = {row: i for i, row in enumerate(quest_rows)}
         lengths_sum = lengths.sum(dim=(1, 2)).tolist()
         kept_sum = prompt_kept.sum(dim=(1, 2)).tolist()
+        quest_prompt, quest_total = quest_read.tolist()
         for row, req in enumerate(batch):
             metadata_bytes = 0
-            if row in quest_pos:
-                prompt_read = int(quest_prompt[quest_pos[row]])
-                total_read = int(quest_total[quest_pos[row]])
+            if budgets[row]:
+                prompt_read, total_read = int(quest_prompt[row]), int(quest_total[row])
                 pages = -(-lengths[row] // self.pool.page_size)
                 metadata_bytes = int(2 * shape.head_dim * pages.sum()) * element_bytes  # each page's key min/max
             else:

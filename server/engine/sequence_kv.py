@@ -3,9 +3,15 @@
 ``tables[l, j, i]`` is the pool page holding tokens ``i*page_size .. (i+1)*page_size-1`` of layer ``l``, KV
 head ``j`` (``-1`` past the end); ``lengths[l, j]`` the tokens that head holds. Each head's tokens are its
 kept prompt tokens (``prompt_kept[l, j]`` of them, in prompt order) followed by every generated token.
+
+The tables live on the pool's device; their bookkeeping (``lengths``, ``prompt_kept``, ``pages_held``) on the
+host, so a decode step decides which heads need a new page without reading the device. ``version`` changes
+whenever the tables do: a decode step copies a sequence's tables to its static buffers only then.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 
@@ -17,13 +23,18 @@ def _pages(tokens: int, page_size: int) -> int:
 
 
 class SequenceKV:
+    _uids = itertools.count()
+
     def __init__(self, pool: PagePool, num_layers: int, num_kv_heads: int):
         self.pool = pool
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
+        self.uid = next(self._uids)
+        self.version = 0
         self.tables = torch.full((num_layers, num_kv_heads, 4), -1, dtype=torch.long, device=pool.device)
         self.lengths = torch.zeros(num_layers, num_kv_heads, dtype=torch.long)
         self.prompt_kept = torch.zeros(num_layers, num_kv_heads, dtype=torch.long)
+        self.pages_held = torch.zeros(num_layers, num_kv_heads, dtype=torch.long)  # pages listed per head
         self.prompt_len = 0
 
     # -- bookkeeping ------------------------------------------------------------------------------------
@@ -45,6 +56,8 @@ class SequenceKV:
         self.tables.fill_(-1)
         self.lengths.zero_()
         self.prompt_kept.zero_()
+        self.pages_held.zero_()
+        self.version += 1
         return int(ids.numel())
 
     # -- prefill ----------------------------------------------------------------------------------------
@@ -56,6 +69,8 @@ class SequenceKV:
         ids = self.pool.allocate(h_kv * pages).view(h_kv, pages)
         self._grow(pages)
         self.tables[layer, :, :pages] = ids  # recorded first, so a failure below still frees them
+        self.pages_held[layer] = pages
+        self.version += 1
         self._write_tokens(ids, k, v, n)
         self.lengths[layer] = n
         self.prompt_kept[layer] = n
@@ -108,33 +123,35 @@ class SequenceKV:
         self.tables[layer].fill_(-1)
         for j, ids in enumerate(new_tables):
             self.tables[layer, j, : ids.numel()] = ids
+            self.pages_held[layer, j] = ids.numel()
+        self.version += 1
         return old_pages - sum(int(t.numel()) for t in new_tables)
 
     # -- decode -----------------------------------------------------------------------------------------
+    def _heads_needing_a_page(self) -> torch.Tensor:
+        """Bool ``[layers, h_kv]``: heads whose next token starts a page they do not hold yet."""
+        return self.lengths // self.pool.page_size >= self.pages_held
+
     def pages_needed_for_append(self) -> int:
-        """New pages one more token needs (heads whose last page is full)."""
-        return int((self.lengths % self.pool.page_size == 0).sum())
+        """New pages one more token needs."""
+        return int(self._heads_needing_a_page().sum())
 
-    def prepare_append(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Make room for one token in every (layer, head); returns its page ids and slots ``[layers, h_kv]``.
-        Idempotent until :meth:`commit_append`: a retried step reuses the pages a failed one allocated."""
-        ps = self.pool.page_size
-        page_index = self.lengths // ps
-        self._grow(int(page_index.max()) + 1)
-        dev = self.tables.device
-        pages = self.tables.gather(2, page_index.to(dev).unsqueeze(-1)).squeeze(-1)
-        need = pages < 0
+    def prepare_append(self) -> None:
+        """Make room for one token in every (layer, head): a fresh page where the last one is full. The token
+        goes to slot ``lengths % page_size`` of page ``lengths // page_size``. Decided on the host (no device
+        read); idempotent until :meth:`commit_append`: a retried step reuses the pages a failed one allocated."""
+        need = self._heads_needing_a_page()
         count = int(need.sum())
-        if count:
-            pages[need] = self.pool.allocate(count)
-            rows = need.nonzero(as_tuple=True)
-            self.tables[rows[0], rows[1], page_index.to(dev)[need]] = pages[need]
-        return pages, (self.lengths % ps).to(dev)
-
-    def table_view(self, num_pages: int) -> torch.Tensor:
-        """The page tables ``[layers, h_kv, num_pages]``, cut or padded with -1 to ``num_pages``."""
-        self._grow(num_pages)
-        return self.tables[:, :, :num_pages]
+        if not count:
+            return
+        page_index = self.lengths // self.pool.page_size
+        self._grow(int(page_index.max()) + 1)
+        ids = self.pool.allocate(count)
+        rows, heads = need.nonzero(as_tuple=True)
+        dev = self.tables.device
+        self.tables[rows.to(dev), heads.to(dev), page_index[need].to(dev)] = ids
+        self.pages_held[need] += 1
+        self.version += 1
 
     def commit_append(self) -> None:
         self.lengths += 1

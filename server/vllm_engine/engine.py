@@ -50,7 +50,6 @@ class VllmOptions(EngineSettings):
     tensor_parallel_size: int = 1
     enable_prefix_caching: bool = False  # a prefix-cache hit makes a sparse request run dense (docs/vllm.md)
     max_num_batched_tokens: int | None = None  # default: max_model_len, so prompts prefill in one chunk
-    enforce_eager: bool | None = None  # None: eager on the CPU (no compile in tests), vLLM's CUDA graphs on CUDA
     seed: int = 0
     gpu_memory_utilization: float | None = None
     self_test: bool = True

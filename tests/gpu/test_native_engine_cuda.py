@@ -23,11 +23,11 @@ def model_path() -> str:
 class Served:
     """A started native engine and the event loop it serves on (an engine does not restart after shutdown)."""
 
-    def __init__(self, device: str, dtype: str):
+    def __init__(self, device: str, dtype: str, **options):
         from server.engine.engine import EngineOptions, NativeEngine
 
         self.engine = NativeEngine.from_options(EngineOptions(model=model_path(), device=device, dtype=dtype,
-                                                              kv_cache_memory=2 << 30, max_num_seqs=16))
+                                                              kv_cache_memory=2 << 30, max_num_seqs=16, **options))
         self.tokenizer = self.engine.tokenizer
         self.loop = asyncio.new_event_loop()
         self.loop.run_until_complete(self.engine.start())
@@ -101,3 +101,18 @@ def test_sparse_requests_report_the_ratio_they_achieved(cuda_bf16):
         phase = cost.prefill if p in PATTERNS[:3] else cost.decode
         assert phase.method == p
         assert 2.5 <= phase.achieved_compression_ratio <= 6.0, (p, phase.achieved_compression_ratio)
+
+
+def test_cuda_graph_replay_gives_the_eager_steps_tokens():
+    """Decode steps replayed as CUDA graphs (the default on CUDA; batches padded to their bucket) against eager
+    steps: a lone request, then a mixed batch of 3 (padded to 4), each request's tokens equal."""
+    graphs, eager = Served("cuda", "float32"), Served("cuda", "float32", enforce_eager=True)
+    try:
+        ids = prompt(graphs, 150)
+        mixed = ["dense", "quest:4", "snapkv:4"]
+        for patterns in (["dense"], ["quest:4"], mixed, mixed):  # the last batch replays what the third captured
+            assert greedy(graphs, ids, patterns) == greedy(eager, ids, patterns), patterns
+        assert graphs.engine.runner.stepper.graphs and not eager.engine.runner.stepper.graphs
+    finally:
+        graphs.close()
+        eager.close()

@@ -1,0 +1,250 @@
+"""One decode step of a batch over the paged cache, written as a function of static device buffers, so that
+CUDA graphs can capture it (per batch bucket) and replay it with no host work per layer.
+
+The host fills the step's inputs (:class:`StepBuffers`), all int32 and packed into one copy: each row's
+input token and position, Quest page budget (0: the row reads its whole tables), and per (layer, KV head) the
+tokens held after this step's append and the prompt tokens kept; each row's page tables are copied only when
+its sequence's tables changed (a new page every ``page_size`` tokens). :func:`decode_forward` then runs the
+model; its attention callback, per layer:
+
+1. writes this token's key/value at slot ``(length - 1) % page_size`` of page ``tables[(length - 1) //
+   page_size]`` and updates that page's key min/max (Quest's page summary; every page keeps one);
+2. Quest rows: selects pages with a budget per row (:class:`DecodeKernels`' ``select``) and attends over them;
+   the other rows (dense, SnapKV, Ada-SnapKV: their eviction already shaped the tables) attend over their
+   whole tables; a batch with both kinds runs both and keeps each row's own;
+3. adds the prompt and total tokens Quest read to per-row counters on the device, read once after the step.
+
+Rows past the batch (a bucket's padding) hold one token in a scratch page: they write and read only there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .page_pool import PagePool
+from .paged_attention import choose_quest_pages, page_fill, paged_decode_attention, selected_pages
+from .sequence_kv import SequenceKV
+
+try:  # Triton is a dependency, but a broken install must not take the CPU path down with it
+    from attention_backends.kernels.paged_decode import paged_decode as triton_paged_decode
+    from attention_backends.kernels.quest_select import quest_select as triton_quest_select
+
+    from .fused_ops import append_token as triton_append_token
+except Exception:  # pragma: no cover
+    triton_paged_decode = triton_quest_select = triton_append_token = None
+
+# Batch buckets CUDA graphs are captured for; a batch runs in the smallest bucket that holds it.
+GRAPH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+class DecodeKernels:
+    """The cache update, paged attention and Quest selection in PyTorch (the portable path, and the reference
+    of the Triton one)."""
+
+    def __init__(self, pool: PagePool):
+        self.pool = pool
+
+    def append(self, k: Tensor, v: Tensor, page: Tensor, slot: Tensor) -> None:
+        """Write ``k``/``v [B, h_kv, d]`` at ``slot`` of ``page`` (``[B, h_kv]``); fold k into the page's min/max."""
+        pool = self.pool
+        k = k.to(pool.dtype)
+        pool.keys[page, slot] = k
+        pool.values[page, slot] = v.to(pool.dtype)
+        pool.key_min[page] = torch.minimum(pool.key_min[page], k)
+        pool.key_max[page] = torch.maximum(pool.key_max[page], k)
+
+    def attend(self, q: Tensor, tables: Tensor, lengths: Tensor) -> Tensor:
+        """``q [B, h, d]`` over each (row, KV head)'s first ``lengths [B, h_kv]`` tokens of ``tables [B, h_kv, P]``.
+        A row of length 0 gives NaN here and zeros in Triton: callers discard it."""
+        fill = page_fill(lengths, tables.shape[-1], self.pool.page_size)
+        return paged_decode_attention(q, self.pool.keys, self.pool.values, tables, fill)
+
+    def select(self, q: Tensor, tables: Tensor, lengths: Tensor, budgets: Tensor, prompt_kept: Tensor, width: int
+               ) -> tuple[Tensor, Tensor, Tensor]:
+        """Quest: each row's top ``budgets [B]`` pages per KV head (0: none), the current page forced ->
+        (page tables ``[B, h_kv, <= width]``, token lengths ``[B, h_kv]``, prompt tokens among them ``[B, h_kv]``)."""
+        ps = self.pool.page_size
+        chosen, count = choose_quest_pages(q, self.pool.key_min, self.pool.key_max, tables, lengths, budgets, ps)
+        sel, sel_len = selected_pages(tables, lengths, chosen, count, ps)
+        _, prompt_read = selected_pages(tables, prompt_kept, chosen, count, ps)
+        return sel, sel_len, prompt_read
+
+
+class TritonDecodeKernels(DecodeKernels):
+    """The same operations as Triton kernels: no host sync, fixed grids (CUDA-graph safe)."""
+
+    def append(self, k: Tensor, v: Tensor, page: Tensor, slot: Tensor) -> None:
+        pool = self.pool
+        triton_append_token(k, v, pool.keys, pool.values, pool.key_min, pool.key_max, page, slot)
+
+    def attend(self, q: Tensor, tables: Tensor, lengths: Tensor) -> Tensor:
+        return triton_paged_decode(q, self.pool.keys, self.pool.values, tables, lengths,
+                                   max_len=tables.shape[-1] * self.pool.page_size)
+
+    def select(self, q: Tensor, tables: Tensor, lengths: Tensor, budgets: Tensor, prompt_kept: Tensor, width: int
+               ) -> tuple[Tensor, Tensor, Tensor]:
+        prompt_read = torch.empty(lengths.shape, dtype=torch.int32, device=q.device)
+        sel, sel_len = triton_quest_select(q, self.pool.key_min, self.pool.key_max, tables, lengths, budgets,
+                                           self.pool.page_size, width=width, prompt_kept=prompt_kept,
+                                           prompt_read=prompt_read)
+        return sel, sel_len, prompt_read
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What a captured step is specialised to (the CUDA-graph key)."""
+
+    rows: int  # batch rows, padding included
+    table_pages: int  # table columns attention may read (the buffers' width under graphs: lengths bound reads)
+    full_rows: bool  # some row reads its whole tables
+    quest_width: int = 0  # largest Quest budget in pages (a power of two); 0: no Quest row
+    quest_pages: int = 0  # table columns Quest scores (a power of two >= every row's pages)
+
+
+class StepBuffers:
+    """The device inputs of decode steps of up to ``rows`` rows; a step of ``n`` rows uses the first ``n``."""
+
+    def __init__(self, rows: int, layers: int, kv_heads: int, pages: int, device: torch.device):
+        lh = layers * kv_heads
+        self.rows, self.layers, self.kv_heads, self.pages = rows, layers, kv_heads, pages
+        self.tables = torch.zeros(rows, layers, kv_heads, pages, dtype=torch.int32, device=device)
+        # ids | positions | budgets | lengths [L, H] | prompt_kept [L, H], one int32 row per batch row
+        self.packed = torch.zeros(rows, 3 + 2 * lh, dtype=torch.int32, device=device)
+        self.host = torch.zeros(self.packed.shape, dtype=torch.int32, pin_memory=device.type == "cuda")
+        self.ids, self.positions, self.budgets = self.packed[:, 0], self.packed[:, 1], self.packed[:, 2]
+        self.lengths = self.packed[:, 3 : 3 + lh].view(rows, layers, kv_heads)
+        self.prompt_kept = self.packed[:, 3 + lh :].view(rows, layers, kv_heads)
+        self.quest_read = torch.zeros(2, rows, dtype=torch.int64, device=device)  # prompt, total tokens
+        self._owner: list[tuple[int, int] | None] = [None] * rows  # (uid, version) of the tables a row holds
+
+    def load(self, seqs: list[SequenceKV], ids: list[int], positions: list[int], budgets: list[int],
+             lengths: Tensor, prompt_kept: Tensor, rows: int, pad_page: int) -> None:
+        """Fill rows ``[0, rows)``: the batch, then padding rows (one token in ``pad_page``)."""
+        b, lh = len(seqs), self.layers * self.kv_heads
+        host = self.host[:rows]
+        host[:b, 0] = torch.tensor(ids, dtype=torch.int32)
+        host[:b, 1] = torch.tensor(positions, dtype=torch.int32)
+        host[:b, 2] = torch.tensor(budgets, dtype=torch.int32)
+        host[:b, 3 : 3 + lh] = lengths.view(b, lh)
+        host[:b, 3 + lh :] = prompt_kept.view(b, lh)
+        host[b:] = 0
+        host[b:, 3 : 3 + lh] = 1
+        self.packed[:rows].copy_(host, non_blocking=True)
+        for i, seq in enumerate(seqs):
+            if self._owner[i] != (seq.uid, seq.version):
+                width = min(seq.tables.shape[2], self.pages)
+                self.tables[i, :, :, :width].copy_(seq.tables[:, :, :width])
+                self._owner[i] = (seq.uid, seq.version)
+        for i in range(b, rows):
+            if self._owner[i] != (-1, pad_page):
+                self.tables[i].fill_(pad_page)
+                self._owner[i] = (-1, pad_page)
+
+
+def decode_forward(model: torch.nn.Module, pool: PagePool, kernels: DecodeKernels, buf: StepBuffers,
+                   shape: StepShape) -> Tensor:
+    """Run one decode step over rows ``[0, shape.rows)`` of ``buf``; returns logits ``[rows, V]`` and leaves
+    Quest's per-row token counts in ``buf.quest_read``. Device work only (capturable)."""
+    n, ps = shape.rows, pool.page_size
+    tables = buf.tables[:n, :, :, : shape.table_pages]
+    lengths, prompt_kept, budgets = buf.lengths[:n], buf.prompt_kept[:n], buf.budgets[:n]
+    last = lengths.long() - 1  # [n, L, H] this token's index in each head
+    write_page = tables.gather(3, (last // ps).unsqueeze(-1)).squeeze(-1).long()
+    write_slot = last % ps
+    quest_read = buf.quest_read[:, :n]
+    quest_read.zero_()
+    is_quest = (budgets > 0).view(n, 1, 1)
+    full_lengths = torch.where(is_quest, 0, lengths)  # Quest rows skip the whole-table pass
+
+    def attention(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        kernels.append(k, v, write_page[:, layer], write_slot[:, layer])
+        tbl = tables[:, layer]
+        if not shape.quest_width:
+            return kernels.attend(q, tbl, lengths[:, layer])
+        sel, sel_len, prompt_read = kernels.select(q, tbl[..., : shape.quest_pages], lengths[:, layer], budgets,
+                                                   prompt_kept[:, layer], shape.quest_width)
+        quest_read[0] += prompt_read.sum(-1)
+        quest_read[1] += sel_len.sum(-1)
+        out = kernels.attend(q, sel, sel_len)
+        if shape.full_rows:
+            out = torch.where(is_quest, out, kernels.attend(q, tbl, full_lengths[:, layer]))
+        return out
+
+    return model(buf.ids[:n].long(), buf.positions[:n].long(), attention)
+
+
+def bucket_sizes(max_rows: int) -> tuple[int, ...]:
+    """The batch buckets of an engine running at most ``max_rows`` requests."""
+    return tuple(b for b in GRAPH_BUCKETS if b < max_rows) + (max_rows,)
+
+
+class DecodeStepper:
+    """Runs decode steps.
+
+    Exact (default; the CPU): buffers sized to each batch, tables cut to its longest row. Bucketed (``buckets``
+    given; CUDA): one set of static buffers of ``max(buckets)`` rows and ``max_pages`` table columns, each
+    batch padded to its bucket; with ``capture``, the first step of each :class:`StepShape` runs eagerly and is
+    then captured as a CUDA graph, which every later step of that shape replays."""
+
+    def __init__(self, model: torch.nn.Module, pool: PagePool, num_layers: int, num_kv_heads: int, *,
+                 use_triton: bool, buckets: tuple[int, ...] = (), max_pages: int = 0, capture: bool = False):
+        self.model, self.pool = model, pool
+        self.num_layers, self.num_kv_heads = num_layers, num_kv_heads
+        self.kernels = TritonDecodeKernels(pool) if use_triton else DecodeKernels(pool)
+        self.buckets, self.capture = buckets, capture
+        self.graphs: dict[StepShape, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        if buckets:
+            self.buffers = StepBuffers(max(buckets), num_layers, num_kv_heads, max_pages, pool.device)
+            self.pad_page = int(pool.allocate(1)[0])  # padding rows write and read here, never a request's page
+        if capture:
+            self._mempool = torch.cuda.graph_pool_handle()
+
+    @staticmethod
+    def shape_of(budgets: list[int], max_pages: int, rows: int, table_pages: int) -> StepShape:
+        quest = [b for b in budgets if b > 0]
+        if not quest:
+            return StepShape(rows, table_pages, True)
+        return StepShape(rows, table_pages, len(quest) < len(budgets), _pow2(max(quest)),
+                         min(_pow2(max_pages), table_pages))
+
+    def run(self, seqs: list[SequenceKV], ids: list[int], positions: list[int], budgets: list[int],
+            lengths: Tensor, prompt_kept: Tensor) -> tuple[Tensor, Tensor]:
+        """One step; ``lengths``/``prompt_kept [B, L, H]`` (host) include this step's token. Returns logits
+        ``[B, V]`` (on the device; valid until the next step) and Quest's counts ``[2, B]`` (prompt, total tokens
+        read, summed over layers and heads; zeros for other rows) on the host."""
+        b = len(seqs)
+        max_pages = -(-int(lengths.max()) // self.pool.page_size)
+        if not self.buckets:
+            buf = StepBuffers(b, self.num_layers, self.num_kv_heads, max_pages, self.pool.device)
+            buf.load(seqs, ids, positions, budgets, lengths, prompt_kept, b, 0)
+            shape = self.shape_of(budgets, max_pages, b, max_pages)
+            logits = decode_forward(self.model, self.pool, self.kernels, buf, shape)
+            return logits, buf.quest_read.cpu()
+        rows = next(r for r in self.buckets if r >= b)
+        buf = self.buffers
+        buf.load(seqs, ids, positions, budgets, lengths, prompt_kept, rows, self.pad_page)
+        shape = self.shape_of(budgets, max_pages, rows, buf.pages)
+        graph = self.graphs.get(shape)
+        if graph is None:
+            logits = decode_forward(self.model, self.pool, self.kernels, buf, shape)  # this step's result
+            if self.capture:
+                self._capture(shape)
+        else:
+            graph[0].replay()
+            logits = graph[1]
+        counts = buf.quest_read[:, :b].cpu() if shape.quest_width else torch.zeros(2, b, dtype=torch.long)
+        return logits[:b], counts
+
+    def _capture(self, shape: StepShape) -> None:
+        """Record the step for ``shape`` (capture runs nothing: the pool and buffers are not touched)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._mempool):
+            logits = decode_forward(self.model, self.pool, self.kernels, self.buffers, shape)
+        self.graphs[shape] = (graph, logits)
