@@ -35,9 +35,20 @@ class SequenceKV:
         self.lengths = torch.zeros(num_layers, num_kv_heads, dtype=torch.long)
         self.prompt_kept = torch.zeros(num_layers, num_kv_heads, dtype=torch.long)
         self.pages_held = torch.zeros(num_layers, num_kv_heads, dtype=torch.long)  # pages listed per head
+        self._room: int | None = 0  # tokens every head takes before one needs a page (None: to recompute)
         self.prompt_len = 0
 
     # -- bookkeeping ------------------------------------------------------------------------------------
+    def _tables_changed(self) -> None:
+        self.version += 1
+        self._room = None
+
+    def _free_slots(self) -> int:
+        """Tokens every (layer, head) can still take in the pages it holds (most decode steps need no page)."""
+        if self._room is None:
+            self._room = int((self.pages_held * self.pool.page_size - self.lengths).min())
+        return self._room
+
     @property
     def num_pages(self) -> int:
         return int((self.tables >= 0).sum())
@@ -57,7 +68,7 @@ class SequenceKV:
         self.lengths.zero_()
         self.prompt_kept.zero_()
         self.pages_held.zero_()
-        self.version += 1
+        self._tables_changed()
         return int(ids.numel())
 
     # -- prefill ----------------------------------------------------------------------------------------
@@ -70,7 +81,7 @@ class SequenceKV:
         self._grow(pages)
         self.tables[layer, :, :pages] = ids  # recorded first, so a failure below still frees them
         self.pages_held[layer] = pages
-        self.version += 1
+        self._tables_changed()
         self._write_tokens(ids, k, v, n)
         self.lengths[layer] = n
         self.prompt_kept[layer] = n
@@ -124,7 +135,7 @@ class SequenceKV:
         for j, ids in enumerate(new_tables):
             self.tables[layer, j, : ids.numel()] = ids
             self.pages_held[layer, j] = ids.numel()
-        self.version += 1
+        self._tables_changed()
         return old_pages - sum(int(t.numel()) for t in new_tables)
 
     # -- decode -----------------------------------------------------------------------------------------
@@ -134,12 +145,14 @@ class SequenceKV:
 
     def pages_needed_for_append(self) -> int:
         """New pages one more token needs."""
-        return int(self._heads_needing_a_page().sum())
+        return 0 if self._free_slots() > 0 else int(self._heads_needing_a_page().sum())
 
     def prepare_append(self) -> None:
         """Make room for one token in every (layer, head): a fresh page where the last one is full. The token
         goes to slot ``lengths % page_size`` of page ``lengths // page_size``. Decided on the host (no device
         read); idempotent until :meth:`commit_append`: a retried step reuses the pages a failed one allocated."""
+        if self._free_slots() > 0:
+            return
         need = self._heads_needing_a_page()
         count = int(need.sum())
         if not count:
@@ -151,7 +164,9 @@ class SequenceKV:
         dev = self.tables.device
         self.tables[rows.to(dev), heads.to(dev), page_index[need].to(dev)] = ids
         self.pages_held[need] += 1
-        self.version += 1
+        self._tables_changed()
 
     def commit_append(self) -> None:
         self.lengths += 1
+        if self._room is not None:
+            self._room -= 1
