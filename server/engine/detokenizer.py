@@ -1,8 +1,11 @@
 """Incremental detokenization with stop strings.
 
-Text is produced by decoding all generated ids (tokenizers merge bytes and spaces across tokens, so
-per-token decoding would be wrong). A suffix that could still become a stop string, or an incomplete UTF-8
-sequence, is held back until it is decided; the stop string itself is never returned.
+Tokenizers merge bytes and spaces across tokens, so decoding token by token would be wrong, and decoding all
+generated ids at every token costs O(n) per token (O(n^2) per request: a host cost every decode step pays,
+per request). So each token decodes a short window: the ids from ``prefix`` (a few tokens before the last
+emitted text) to the end, against the same window without the new tokens; the difference is the new text.
+A window ending in an incomplete UTF-8 sequence (U+FFFD) waits for the next token. A suffix that could still
+become a stop string is held back until it is decided; the stop string itself is never returned.
 """
 
 from __future__ import annotations
@@ -16,12 +19,25 @@ class IncrementalDetokenizer:
         self.stop = [s for s in (stop or []) if s]
         self.ids: list[int] = []
         self.emitted = 0  # characters of the decoded text already returned
-        self.text = ""
+        self.text = ""  # the decoded text so far
+        self._prefix = 0  # ids[_prefix:_read] decode to the end of ``text``: the window's context
+        self._read = 0  # ids before it are in ``text``
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _extend_text(self, final: bool = False) -> None:
+        """Move the window's new text into ``text`` (``final``: even an incomplete character)."""
+        before = self._decode(self.ids[self._prefix : self._read])
+        window = self._decode(self.ids[self._prefix :])
+        if len(window) > len(before) and (final or not window.endswith("\ufffd")):
+            self.text += window[len(before) :]
+            self._prefix, self._read = self._read, len(self.ids)
 
     def add(self, token_id: int) -> tuple[str, bool]:
         """Add a token; returns (new text, stopped). After ``stopped`` no more tokens should be added."""
         self.ids.append(token_id)
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self._extend_text()
         if self.stop:
             search_from = max(0, self.emitted - max(len(s) for s in self.stop))
             hits = [(i, s) for s in self.stop if (i := self.text.find(s, search_from)) >= 0]
@@ -31,8 +47,6 @@ class IncrementalDetokenizer:
                 self.emitted = max(self.emitted, cut)
                 return delta, True
         safe = len(self.text)
-        if self.text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
-            safe -= 1
         for s in self.stop:
             for k in range(min(len(s) - 1, safe), 0, -1):
                 if self.text[safe - k : safe] == s[:k]:
@@ -43,7 +57,9 @@ class IncrementalDetokenizer:
         return delta, False
 
     def flush(self) -> str:
-        """Text held back so far (the request ended without a stop string)."""
+        """Text held back so far (the request ended without a stop string), an incomplete character included."""
+        if self._read < len(self.ids):  # tokens still waiting for the rest of a character
+            self._extend_text(final=True)
         delta = self.text[self.emitted :]
         self.emitted = len(self.text)
         return delta
