@@ -94,3 +94,63 @@ def test_bucketed_steps_give_the_exact_steps_tokens_and_costs():
         assert a.final.cost.decode.kv_bytes_read == b.final.cost.decode.kv_bytes_read
     assert bucketed[1].final.cost.decode.achieved_compression_ratio > 1.5  # Quest really selected
     assert engine.pool.free_pages == engine.pool.num_pages - 1  # the scratch page is the stepper's for good
+
+
+def test_outputs_stream_every_token_once_in_order_while_steps_overlap():
+    """Decode tokens are streamed while the next step runs (engine._publish): each output still carries the
+    tokens accepted so far, nothing is lost or repeated, and a request that ends (length, stop string, abort)
+    first streams what it generated."""
+    model = tiny_model()
+    engine = tiny_engine(model, max_num_seqs=4)
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, 96, (40,), generator=g).tolist() for _ in range(3)]
+
+    async def body(e):
+        async def stream(req, abort_after=None):
+            outs = []
+            async for out in e.generate(req):
+                outs.append(out)
+                if abort_after is not None and sum(len(o.token_ids) for o in outs) >= abort_after:
+                    await e.abort(req.request_id)
+                    abort_after = None
+            return outs
+
+        plain = make_request("plain", prompts[0], max_tokens=25, ignore_eos=True)
+        free = await collect(e, make_request("probe", prompts[1], max_tokens=25, ignore_eos=True))
+        stop = make_request("stop", prompts[1], max_tokens=25, ignore_eos=True, stop=[free.text[8:10]])
+        aborted = make_request("aborted", prompts[2], max_tokens=200, ignore_eos=True)
+        return free, await asyncio.gather(stream(plain), stream(stop), stream(aborted, abort_after=6))
+
+    free, (plain, stop, aborted) = asyncio.run(with_engine(engine, body))
+    for outs in (plain, stop, aborted):
+        counted = 0
+        for out in outs:
+            counted += len(out.token_ids)
+            assert out.completion_tokens == counted
+        assert outs[-1].finished and sum(1 for o in outs if o.finished) == 1
+    assert sum(len(o.token_ids) for o in plain) == 25 and plain[-1].finish_reason == "length"
+    stop_text = free.text[8:10]
+    assert stop[-1].finish_reason == "stop" and "".join(o.text for o in stop) == free.text[: free.text.find(stop_text)]
+    assert aborted[-1].finish_reason == "abort" and 6 <= aborted[-1].completion_tokens < 200
+
+
+def test_a_request_that_ends_streams_its_accepted_tokens_first():
+    """The deterministic half of the above: a token accepted but not streamed yet (the next step is running)
+    goes out before the request's final output, whatever ends it."""
+    from server.engine.detokenizer import IncrementalDetokenizer
+    from server.engine.request_state import EngineRequest
+    from server.engine.sampler import SamplerState
+
+    engine = tiny_engine(tiny_model())
+    for reason in ("abort", "error"):
+        outs = []
+        req = EngineRequest(make_request(reason, [1, 2, 3], max_tokens=10, ignore_eos=True), outs.append,
+                            SamplerState(), IncrementalDetokenizer(engine.tokenizer))
+        engine._requests[req.request_id] = req
+        with engine._lock:
+            engine._on_token(req, 40, None)  # the first token streams at once
+            engine._on_token(req, 41, None, defer=True)
+            assert len(outs) == 1
+            engine._finish(req, reason)
+        assert [o.token_ids for o in outs] == [[40], [41], []]
+        assert [o.completion_tokens for o in outs] == [1, 2, 2] and outs[-1].finish_reason == reason

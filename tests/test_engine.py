@@ -177,7 +177,7 @@ def test_fault_in_one_request_fails_only_that_request(loaded, monkeypatch):
     _, tok = loaded
     ids = chat_ids(tok, "Name three colours.")
     engine = new_engine(loaded)
-    real_prefill, real_decode = engine.runner.prefill, engine.runner.decode
+    real_prefill, real_decode = engine.runner.prefill, engine.runner.launch_decode
 
     def bad_prefill(req):
         if req.request_id == "bad-prefill":
@@ -190,7 +190,7 @@ def test_fault_in_one_request_fails_only_that_request(loaded, monkeypatch):
         return real_decode(batch)
 
     monkeypatch.setattr(engine.runner, "prefill", bad_prefill)
-    monkeypatch.setattr(engine.runner, "decode", bad_decode)
+    monkeypatch.setattr(engine.runner, "launch_decode", bad_decode)
 
     async def body(engine):
         names = ["ok-1", "bad-prefill", "ok-2", "bad-decode", "ok-3"]

@@ -216,9 +216,9 @@ class DecodeStepper:
 
     def run(self, seqs: list[SequenceKV], ids: list[int], positions: list[int], budgets: list[int],
             lengths: Tensor, prompt_kept: Tensor) -> tuple[Tensor, Tensor]:
-        """One step; ``lengths``/``prompt_kept [B, L, H]`` (host) include this step's token. Returns logits
-        ``[B, V]`` (on the device; valid until the next step) and Quest's counts ``[2, B]`` (prompt, total tokens
-        read, summed over layers and heads; zeros for other rows) on the host."""
+        """Start one step; ``lengths``/``prompt_kept [B, L, H]`` (host) include this step's token. Returns logits
+        ``[B, V]`` and Quest's counts ``[2, B]`` (prompt, total tokens read, summed over layers and heads; zeros
+        for other rows), both on the device and valid until the next step. Nothing waits for the device."""
         b = len(seqs)
         max_pages = -(-int(lengths.max()) // self.pool.page_size)
         if not self.buckets:
@@ -226,7 +226,7 @@ class DecodeStepper:
             buf.load(seqs, ids, positions, budgets, lengths, prompt_kept, b, 0)
             shape = self.shape_of(budgets, max_pages, b, max_pages)
             logits = decode_forward(self.model, self.pool, self.kernels, buf, shape)
-            return logits, buf.quest_read.cpu()
+            return logits, buf.quest_read
         rows = next(r for r in self.buckets if r >= b)
         buf = self.buffers
         buf.load(seqs, ids, positions, budgets, lengths, prompt_kept, rows, self.pad_page)
@@ -239,8 +239,7 @@ class DecodeStepper:
         else:
             graph[0].replay()
             logits = graph[1]
-        counts = buf.quest_read[:, :b].cpu() if shape.quest_width else torch.zeros(2, b, dtype=torch.long)
-        return logits[:b], counts
+        return logits[:b], buf.quest_read[:, :b]
 
     def _capture(self, shape: StepShape) -> None:
         """Record the step for ``shape`` (capture runs nothing: the pool and buffers are not touched)."""

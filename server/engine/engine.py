@@ -24,6 +24,7 @@ from server.contract.engine import (
     GenerationRequest,
     RequestRejected,
     Tokenizer,
+    TokenLogprob,
     wait_drained,
 )
 from server.settings import EngineSettings
@@ -89,6 +90,9 @@ class NativeEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._accepting = True
+        # Decode tokens accepted but not streamed yet: their text and output are made while the next step runs
+        # on the GPU (:meth:`_publish`), so the host's per-token work does not sit between two steps.
+        self._unpublished: list[tuple[EngineRequest, int, TokenLogprob | None]] = []
         self.decode_retries = 0  # batched decode steps that failed and were retried one request at a time
         self.preemptions = 0  # requests whose cache was dropped to make room, to be recomputed
 
@@ -241,6 +245,7 @@ class NativeEngine:
             self.scheduler.admit()
             pending = self.scheduler.next_prefill()
         if pending is not None:
+            self._publish()
             self._prefill(pending)
         with self._lock:
             batch, preempted = self.scheduler.decode_batch()
@@ -251,6 +256,8 @@ class NativeEngine:
                              req.request_id, req.prompt_len + len(req.output_ids) - 1)
         if batch:
             self._decode(batch)
+        else:
+            self._publish()
 
     def _prefill(self, req: EngineRequest) -> None:
         """Prefill a new request and sample its first token, or rebuild a preempted request's prompt cache."""
@@ -282,8 +289,11 @@ class NativeEngine:
     def _decode(self, batch: list[EngineRequest]) -> None:
         rows = [i for i, r in enumerate(batch) if r.samples_next]  # the others recompute a known token
         try:
-            logits = self.runner.decode(batch)
+            step = self.runner.launch_decode(batch)
+            self._publish()  # the previous step's outputs, while this step runs on the GPU
+            logits = step.logits()
         except Exception:
+            self._publish()
             if len(batch) == 1:
                 log.exception("decode failed for request %s", batch[0].request_id)
                 with self._lock:
@@ -299,14 +309,36 @@ class NativeEngine:
         with self._lock:
             for req, sampled in zip(live, tokens, strict=True):
                 if not req.aborted:
-                    self._on_token(req, sampled.token_id, sampled.logprob)
+                    self._on_token(req, sampled.token_id, sampled.logprob, defer=True)
             for req in batch:
                 req.catch_up()
 
+    def _publish(self, only: EngineRequest | None = None) -> None:
+        """Stream the accepted tokens not streamed yet (``only``: that request's)."""
+        with self._lock:
+            keep = [u for u in self._unpublished if only is not None and u[0] is not only]
+            todo = [u for u in self._unpublished if only is None or u[0] is only]
+            self._unpublished = keep
+            for req, token, logprob in todo:
+                if req.request_id in self._requests:
+                    self._stream_token(req, token, logprob)
+
     # -- outputs (called with the lock held) ------------------------------------------------------------
-    def _on_token(self, req: EngineRequest, token: int, logprob) -> None:
+    def _on_token(self, req: EngineRequest, token: int, logprob, defer: bool = False) -> None:
+        """Accept a sampled token. ``defer``: a token that cannot end the request (no stop strings to look for,
+        not a stop token, not the last) is streamed by the next :meth:`_publish`."""
         sp = req.request.sampling
         req.output_ids.append(token)
+        ends = (token in self.stop_token_ids and not sp.ignore_eos or token in sp.stop_token_ids
+                or len(req.output_ids) >= sp.max_tokens)
+        if defer and not ends and not req.detok.stop:
+            self._unpublished.append((req, token, logprob))
+        else:
+            self._stream_token(req, token, logprob)
+
+    def _stream_token(self, req: EngineRequest, token: int, logprob) -> None:
+        """Text and output of the request's token ``token`` (already in ``output_ids``); finish it if it ends."""
+        sp = req.request.sampling
         reason: FinishReason | None = None
         if token in self.stop_token_ids and not sp.ignore_eos or token in sp.stop_token_ids:
             text = req.detok.flush()
@@ -328,8 +360,10 @@ class NativeEngine:
 
     def _finish(self, req: EngineRequest, reason: FinishReason, error: str | None = None,
                 last: GenerationOutput | None = None) -> None:
-        if self._requests.pop(req.request_id, None) is None:
+        if req.request_id not in self._requests:
             return
+        self._publish(only=req)  # what it generated before it ends
+        del self._requests[req.request_id]
         self.scheduler.remove(req)  # first: whatever fails below, the request never runs again
         req.timings.finished = time.monotonic()
         if req.kv is not None:

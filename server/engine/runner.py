@@ -14,6 +14,8 @@ cache and each request's sparse methods meet:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -58,6 +60,20 @@ def prompt_logprobs(model, hidden: Tensor, ids: Tensor, k: int) -> list[TokenLog
         logits -= torch.logsumexp(logits, dim=-1, keepdim=True)  # log-softmax in place: one chunk in memory
         out += token_logprobs(logits, ids[start + 1 : end + 1], k)
     return out
+
+
+class PendingDecode:
+    """A decode step the device is working on: :meth:`logits` waits for it (and, for Quest rows, accounts what
+    their selection read, which only the device knows)."""
+
+    def __init__(self, logits: Tensor, account: Callable[[], None] | None):
+        self._logits, self._account = logits, account
+
+    def logits(self) -> Tensor:
+        if self._account is not None:
+            self._account()
+            self._account = None
+        return self._logits
 
 
 class ModelRunner:
@@ -118,9 +134,9 @@ class ModelRunner:
                                      capture=True)
 
     @torch.inference_mode()
-    def decode(self, batch: list[EngineRequest]) -> Tensor:
-        """One decode step for every request of ``batch``; returns logits ``[B, V]`` (float32, on the device,
-        valid until the next step)."""
+    def launch_decode(self, batch: list[EngineRequest]) -> PendingDecode:
+        """Start one decode step for every request of ``batch`` (the device works on it when this returns);
+        :meth:`PendingDecode.logits` finishes it."""
         seqs = [r.kv for r in batch]
         for s in seqs:
             s.prepare_append()  # type: ignore[union-attr]
@@ -132,8 +148,11 @@ class ModelRunner:
         for r in batch:
             r.kv.commit_append()  # type: ignore[union-attr]
             r.cached_outputs += 1
-        self._account_decode(batch, lengths, prompt_kept, budgets, quest_read)
-        return logits
+        if not any(budgets):  # no Quest row: the costs follow from the host's lengths now
+            self._account_decode(batch, lengths, prompt_kept, budgets, None)
+            return PendingDecode(logits, None)
+        return PendingDecode(logits, lambda: self._account_decode(batch, lengths, prompt_kept, budgets,
+                                                                   quest_read.cpu()))
 
     @staticmethod
     def _quest_budget(req: EngineRequest) -> int:
@@ -145,14 +164,14 @@ class ModelRunner:
         return budget_pages(req.prompt_len, decode) or 0
 
     def _account_decode(self, batch: list[EngineRequest], lengths: Tensor, prompt_kept: Tensor,
-                        budgets: list[int], quest_read: Tensor) -> None:
+                        budgets: list[int], quest_read: Tensor | None) -> None:
         shape = self.shape
         per_step_dense = shape.num_layers * shape.num_kv_heads
         element_bytes = self.pool.keys.element_size()
         token_bytes = 2 * shape.head_dim * element_bytes  # K and V of one token of one KV head
         lengths_sum = lengths.sum(dim=(1, 2)).tolist()
         kept_sum = prompt_kept.sum(dim=(1, 2)).tolist()
-        quest_prompt, quest_total = quest_read.tolist()
+        quest_prompt, quest_total = quest_read.tolist() if quest_read is not None else ([], [])
         for row, req in enumerate(batch):
             metadata_bytes = 0
             if budgets[row]:
