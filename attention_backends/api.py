@@ -18,6 +18,7 @@ from .decode.state import DecodeState
 from .prefill import block_sparse, flexprefill, vertical_slash
 from .prefill import dense as dense_prefill
 from .prefill.common import PrefillOutcome, check_shapes
+from .prefill_cost import prefill_fallback
 from .reports import DecodeCallReport, PrefillCallReport
 from .spec import PhaseSpec, SparseSpec
 
@@ -60,12 +61,20 @@ def engine_impl(device: torch.device) -> str:
 def sparse_prefill(q: Tensor, k: Tensor, v: Tensor, spec: SparseSpec, *, impl: str = "reference"
                    ) -> tuple[Tensor, PrefillCallReport]:
     """Causal attention over the prompt with ``spec.prefill``; returns ``out [h, n, d]`` and its report.
-    ``q``/``k``/``v`` may be views (e.g. ``[n, h, d]`` transposed): the Triton kernels get contiguous rows."""
+    ``q``/``k``/``v`` may be views (e.g. ``[n, h, d]`` transposed): the Triton kernels get contiguous rows.
+
+    Where the device's profile predicts that the method costs more than dense attention at this length
+    (:mod:`.prefill_cost`; unless ``spec.prefill.fallback == "never"``), dense attention (SDPA) runs instead and
+    the report says ``fallback="dense"`` with every cell computed."""
     check_shapes(q, k, v)
     h, n, d = q.shape
+    phase = spec.prefill
+    fallback = prefill_fallback(phase, q.shape, q.device, impl)
+    if fallback is not None:  # the method would not pay at this length (prefill_cost): dense, reported as such
+        report = PrefillCallReport.dense(causal_cells(n) * h, d, phase.method, phase.compression_ratio, fallback)
+        return dense_prefill.sdpa(q, k, v), report
     if impl == "triton":
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    phase = spec.prefill
     outcome = implementations(impl)[0][phase.method](q, k, v, phase)
     dense = causal_cells(n) * h
     report = PrefillCallReport(

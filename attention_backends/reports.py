@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .cost import flops_per_cell
+
 
 def ratio(dense: float, actual: float) -> float:
     """dense / actual, with 1.0 for an empty call (nothing dense either) and inf guarded."""
@@ -29,6 +31,15 @@ class PrefillCallReport:
     dense_attention_flops: float
     indexing_flops: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)  # method parameters actually used (k, top_k, ...)
+    fallback: str | None = None  # "dense": the method would not pay at this length, dense attention ran instead
+
+    @classmethod
+    def dense(cls, cells: int, head_dim: int, method: str = "dense", target_compression_ratio: float = 1.0,
+              fallback: str | None = None) -> PrefillCallReport:
+        """Dense attention over ``cells`` causal cells (summed over query heads): every cell computed. ``method``
+        and ``target_compression_ratio`` are the request's when its method fell back to dense."""
+        flops = float(cells * flops_per_cell(head_dim))
+        return cls(method, target_compression_ratio, cells, cells, flops, flops, fallback=fallback)
 
     @property
     def achieved_compression_ratio(self) -> float:

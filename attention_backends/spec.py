@@ -6,7 +6,9 @@ A pattern names at most one prefill method and one decode method, each with a ta
 
 * string: ``METHOD[:RATIO]`` or ``PREFILL[:RATIO]+DECODE[:RATIO]``, e.g. ``"vertical_slash:8+quest:20"``;
   a lone method applies to its own phase and the other phase stays dense;
-* object: ``{"prefill": {"method": ..., "compression_ratio": ..., "params": {...}}, "decode": {...}}``.
+* object: ``{"prefill": {"method": ..., "compression_ratio": ..., "params": {...}, "fallback": ...},
+  "decode": {...}}`` (``fallback``, prefill only: ``"auto"``, the default, or ``"never"``; see
+  :mod:`.prefill_cost`).
 
 A ``compression_ratio`` given beside the pattern applies to any phase that names no ratio. Every error
 raises :class:`InvalidSparsePattern` whose ``param`` names the offending field, so the HTTP layer can
@@ -95,6 +97,9 @@ class MethodInfo:
     # decode: keeps every token but reads a query-chosen subset of pages each step, from per-page key bounds
     # (an engine keeps those bounds current; the ``page_size`` parameter is the page)
     selects_pages: bool = False
+    # prefill: the parameters that, all given, set the budget instead of the ratio (then the computed cells are
+    # known only once the index is built, and the dense-fallback rule of :mod:`.prefill_cost` cannot predict)
+    budget_params: tuple[str, ...] = ()
 
     def param(self, name: str) -> ParamSpec:
         for p in self.params:
@@ -149,6 +154,7 @@ _METHOD_LIST: tuple[MethodInfo, ...] = (
             ParamSpec("num_slash", int, None, 1, _INT_MAX, doc="slash lines per head (default: from r)"),
             *_PREFILL_FORCED,
         ),
+        budget_params=("num_vertical", "num_slash"),
     ),
     MethodInfo(
         "flexprefill",
@@ -163,6 +169,7 @@ _METHOD_LIST: tuple[MethodInfo, ...] = (
                       "(default 512, capped by the target budget when a ratio is given)"),
             *_PREFILL_FORCED,
         ),
+        budget_params=("alpha",),
     ),
     MethodInfo(
         "block_sparse",
@@ -172,6 +179,7 @@ _METHOD_LIST: tuple[MethodInfo, ...] = (
             ParamSpec("block_size", int, 16, choices=(16, 32, 64, 128), doc="block edge B in tokens"),
             ParamSpec("top_k", int, None, 1, _INT_MAX, doc="key blocks per query block (default: from r)"),
         ),
+        budget_params=("top_k",),
     ),
     MethodInfo("dense", "decode", "Reads the whole KV cache."),
     _snapkv_family("snapkv", "SnapKV: after prefill, keep the top ceil(n/r) prompt tokens per KV head by "
@@ -211,16 +219,20 @@ class PhaseSpec:
     method: str = "dense"
     compression_ratio: float = 1.0
     params: dict[str, Any] = field(default_factory=dict)
+    # prefill only: "auto" runs dense where the method's predicted cost exceeds dense attention's
+    # (:mod:`.prefill_cost`); "never" runs the method regardless (for experiments)
+    fallback: str = "auto"
 
     @property
     def is_dense(self) -> bool:
         return self.method == "dense"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "compression_ratio": self.compression_ratio, "params": dict(self.params)}
+        return {"method": self.method, "compression_ratio": self.compression_ratio, "params": dict(self.params),
+                "fallback": self.fallback}
 
     def __hash__(self) -> int:  # params is a dict; hash its items so specs can key batches
-        return hash((self.method, self.compression_ratio, tuple(sorted(self.params.items()))))
+        return hash((self.method, self.compression_ratio, tuple(sorted(self.params.items())), self.fallback))
 
 
 @dataclass(frozen=True)
@@ -308,15 +320,23 @@ def _resolve_params(info: MethodInfo, overrides: Any, param: str) -> dict[str, A
     return values
 
 
-def _phase(info: MethodInfo, ratio: float | None, params: Any, param: str) -> PhaseSpec:
+FALLBACK_MODES = ("auto", "never")
+
+
+def _phase(info: MethodInfo, ratio: float | None, params: Any, param: str, fallback: Any = None) -> PhaseSpec:
     resolved = _resolve_params(info, params, f"{param}.params")
+    if fallback is None:
+        fallback = "auto"
+    elif fallback not in FALLBACK_MODES:
+        raise InvalidSparsePattern(f"{param}.fallback", f"fallback must be one of {list(FALLBACK_MODES)}, "
+                                   f"got {fallback!r}")
     if info.name == "dense":
-        return PhaseSpec("dense", 1.0, resolved)
+        return PhaseSpec("dense", 1.0, resolved, fallback)
     if info.name == "flexprefill" and ratio is None and resolved.get("alpha") is None:
         # FlexPrefill is defined by its coverage alpha, not a ratio: named alone it runs its own default
         # (alpha 0.9), while an explicit ratio (1 included) sets the target as for every other method.
         resolved["alpha"] = 0.9
-    return PhaseSpec(info.name, 1.0 if ratio is None else ratio, resolved)
+    return PhaseSpec(info.name, 1.0 if ratio is None else ratio, resolved, fallback)
 
 
 def _parse_string(text: str, default_ratio: float | None, param: str) -> SparseSpec:
@@ -354,14 +374,14 @@ def _parse_object(obj: dict[str, Any], default_ratio: float | None, param: str) 
             entry = {"method": entry}
         if not isinstance(entry, dict):
             raise InvalidSparsePattern(where, f"{phase} must be an object or a method name, got {entry!r}")
-        extra = set(entry) - {"method", "compression_ratio", "params"}
+        extra = set(entry) - {"method", "compression_ratio", "params"} - ({"fallback"} if phase == "prefill" else set())
         if extra:
             key = sorted(extra)[0]
             raise InvalidSparsePattern(f"{where}.{key}", f"unknown field {key!r} in {phase}")
         info = _lookup(entry.get("method"), f"{where}.method", phase)  # type: ignore[arg-type]
         ratio = entry.get("compression_ratio")
         ratio = default_ratio if ratio is None else validate_ratio(ratio, f"{where}.compression_ratio")
-        phases[phase] = _phase(info, ratio, entry.get("params"), where)
+        phases[phase] = _phase(info, ratio, entry.get("params"), where, entry.get("fallback"))
     return SparseSpec(prefill=phases["prefill"], decode=phases["decode"])
 
 

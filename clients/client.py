@@ -187,11 +187,15 @@ def _f(d: Mapping[str, Any] | None, key: str, default: float = 0.0) -> float:
 
 def _scalars_from(cls: Any, d: Mapping[str, Any] | None) -> Any:
     """``cls`` (a dataclass of str / int / float fields, all with defaults) from a JSON object: a missing or
-    mistyped number falls back to the field's default, a string field takes ``str`` of the value."""
+    mistyped number falls back to the field's default, a string field takes ``str`` of the value, an optional
+    string (default None) the value when it is a string."""
     d = d or {}
     kw: dict[str, Any] = {}
     for f in fields(cls):
-        if isinstance(f.default, str):
+        if f.default is None:
+            value = d.get(f.name)
+            kw[f.name] = value if isinstance(value, str) else None
+        elif isinstance(f.default, str):
             kw[f.name] = str(d.get(f.name, f.default))
         else:
             kw[f.name] = type(f.default)(_f(d, f.name, f.default))
@@ -227,6 +231,7 @@ class PrefillReport(_PhaseReport):
     attention_flops: float = 0.0
     dense_attention_flops: float = 0.0
     indexing_flops: float = 0.0
+    fallback: str | None = None  # "dense": the method would not have paid at this length; dense attention ran
 
 
 @dataclass

@@ -72,6 +72,9 @@ METRIC_DEFS: tuple[MetricDef, ...] = (
               "Time from arrival to the last token.", E2E_BUCKETS),
     MetricDef("queue_time_seconds", "histogram", (), "Time spent in the waiting queue.", QUEUE_BUCKETS),
     MetricDef("prompt_tokens_total", "counter", ("prefill_method",), "Prompt tokens processed."),
+    MetricDef("prefill_fallbacks_total", "counter", ("prefill_method",),
+              "Requests whose sparse prefill method ran as dense attention because it would not have paid at "
+              "the prompt's length (the response's sparse.prefill.fallback)."),
     MetricDef("generation_tokens_total", "counter", ("decode_method",), "Tokens generated."),
     MetricDef("attention_flops_total", "counter", ("phase", "method", "kind"),
               "Attention FLOPs: kind=actual (computed), dense_equivalent (dense attention would have), "
@@ -216,6 +219,9 @@ class ServerMetrics:
         self._observe("queue_time_seconds", queue_s)
         if cost is None:
             return
+        fallbacks = self._child("prefill_fallbacks_total", prefill_method=pm)  # the series exists from 0 on
+        if cost.prefill.fallback is not None:
+            fallbacks.inc()
         for phase, pc, method in (("prefill", cost.prefill, pm), ("decode", cost.decode, dm)):
             if pc.attention_flops or pc.dense_attention_flops or pc.indexing_flops:
                 self._inc("attention_flops_total", pc.attention_flops, phase=phase, method=method, kind="actual")

@@ -107,6 +107,11 @@ def test_counters_grow_by_exactly_the_recorded_amounts():
     assert delta("requests_total", status="ok", prefill_method="vertical_slash", decode_method="quest") == 2
     assert delta("prompt_tokens_total", prefill_method="vertical_slash") == 2000
     assert delta("generation_tokens_total", decode_method="quest") == 24
+    assert delta("prefill_fallbacks_total", prefill_method="vertical_slash") == 0  # both ran the method
+    fell_back = make_cost()
+    fell_back.prefill.fallback = "dense"
+    record(m, fell_back)
+    assert samples(m)[key("prefill_fallbacks_total", prefill_method="vertical_slash")] == 1
     p, d = cost.prefill, cost.decode
     for kind, v in (("actual", p.attention_flops), ("dense_equivalent", p.dense_attention_flops),
                     ("indexing", p.indexing_flops)):
@@ -184,7 +189,7 @@ def test_metric_names_and_buckets_match_the_spec():
     exported = {base_metric_name(s.name) for f in text_string_to_metric_families(m.render().decode())
                 for s in f.samples}
     assert exported == set(METRIC_NAMES)
-    assert len(METRIC_NAMES) == 18 and all(n.startswith(PREFIX) for n in METRIC_NAMES)
+    assert len(METRIC_NAMES) == 19 and all(n.startswith(PREFIX) for n in METRIC_NAMES)
     assert METRIC_TYPES["sparse_serve_requests_total"] == "counter"
     assert base_metric_name("sparse_serve_requests_created") == "sparse_serve_requests_total"
     assert base_metric_name("sparse_serve_time_to_first_token_seconds_bucket") == (

@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..cost import causal_cells
@@ -29,6 +28,7 @@ from ..decode.state import DecodeState, eviction_capacity
 from ..prefill.block_sparse import indexing_flops as block_sparse_indexing_flops
 from ..prefill.block_sparse import kept_cells, resolve_top_k
 from ..prefill.common import PrefillOutcome
+from ..prefill.dense import sdpa as dense_prefill
 from ..prefill.flexprefill import search_alpha
 from ..prefill.vertical_slash_index import estimation_flops
 from ..spec import PhaseSpec
@@ -39,11 +39,6 @@ from .sparse_prefill import slash_chunks, sparse_prefill_attention, vertical_col
 from .topk import causal_block_topk
 
 VS_BLOCK = 64  # query-block rows of the vertical-slash kernel (bands are this wide)
-
-
-def dense_prefill(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal dense attention ``[h, n, d]`` (SDPA, GQA without repeating K/V)."""
-    return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, enable_gqa=True)[0]
 
 
 def _dense(q: Tensor, k: Tensor, v: Tensor, details: dict) -> PrefillOutcome:

@@ -18,6 +18,7 @@ def cost_report(cost: RequestCost) -> dict[str, Any]:
             "attention_flops": p.attention_flops,
             "dense_attention_flops": p.dense_attention_flops,
             "indexing_flops": p.indexing_flops,
+            "fallback": p.fallback,
         },
         "decode": {
             "method": d.method,

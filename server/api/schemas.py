@@ -238,6 +238,10 @@ class PrefillCostReport(BaseModel):
     attention_flops: float
     dense_attention_flops: float
     indexing_flops: float
+    fallback: Literal["dense"] | None = Field(
+        None, description='"dense" when the method would not have paid at this prompt length and dense attention '
+        "ran (achieved ratio 1); null when the method ran. Turn it off with the prefill phase's "
+        '"fallback": "never"')
     prompt_logprobs: bool | None = Field(
         None, description="present (true) when the echoed prompt logprobs are this prefill's, sparse or dense")
 

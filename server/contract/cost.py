@@ -43,15 +43,18 @@ class PhaseCost:
     # the whole model's FLOPs in this phase (attention, projections, MLP, logits)
     model_flops: float = 0.0
     dense_model_flops: float = 0.0
+    # prefill: "dense" when the method would not have paid at the prompt's length and dense attention ran
+    # (attention_backends.prefill_cost); for several engine requests, only when every one of them fell back
+    fallback: str | None = None
 
     @property
     def achieved_compression_ratio(self) -> float:
         return achieved_ratio(self.dense_units, self.actual_units)
 
     def add(self, other: PhaseCost) -> None:
-        """Add ``other``'s sums to these (method and target stay this phase's)."""
+        """Add ``other``'s sums to these (method, target and fallback stay this phase's)."""
         for f in fields(self):
-            if f.name not in ("method", "target_compression_ratio"):
+            if f.name not in ("method", "target_compression_ratio", "fallback"):
                 setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
@@ -78,6 +81,7 @@ class RequestCost:
     def add_prefill(self, report: PrefillCallReport) -> None:
         """One layer's prefill attention."""
         p = self.prefill
+        p.fallback = report.fallback  # the same in every layer (one decision per request and length)
         p.dense_units += report.dense_cells
         p.actual_units += report.computed_cells
         p.attention_flops += report.attention_flops
@@ -129,4 +133,6 @@ class RequestCost:
         for c in costs:
             total.prefill.add(c.prefill)
             total.decode.add(c.decode)
+        if all(c.prefill.fallback == "dense" for c in costs):
+            total.prefill.fallback = "dense"
         return total

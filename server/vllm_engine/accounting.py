@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from attention_backends import PrefillCallReport, SparseSpec
-from attention_backends.cost import ModelShape, causal_cells, flops_per_cell
+from attention_backends.cost import ModelShape, causal_cells
 from server.contract.cost import PhaseCost, RequestCost
 
 COST_DIR_ENV = "SPARSE_SERVE_VLLM_COST_DIR"
@@ -54,9 +54,8 @@ def dense_cost(spec: SparseSpec, shape: ModelShape, prompt_len: int, completion_
     steps that each read every cached token (the prefill's whole-model FLOPs are the caller's
     :meth:`~server.contract.cost.RequestCost.end_prefill`, as for a measured cost)."""
     cost = RequestCost.for_spec(spec)
-    cells = causal_cells(prompt_len) * shape.num_heads * shape.num_layers
-    flops = float(cells * flops_per_cell(shape.head_dim))
-    cost.add_prefill(PrefillCallReport("dense", 1.0, cells, cells, flops, flops))
+    cost.add_prefill(PrefillCallReport.dense(causal_cells(prompt_len) * shape.num_heads * shape.num_layers,
+                                             shape.head_dim))
     per_step = shape.num_kv_heads * shape.num_layers  # one token in every layer's KV heads
     token_bytes = 2 * shape.head_dim * element_bytes
     for generated in range(1, completion_tokens):

@@ -30,7 +30,8 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from attention_backends import engine_impl, prepare_decode, sparse_decode, sparse_prefill
-from attention_backends.cost import causal_cells, flops_per_cell
+from attention_backends.cost import causal_cells
+from attention_backends.prefill_cost import prefill_fallback
 from attention_backends.reports import PrefillCallReport
 
 from . import worker_state as ws
@@ -146,16 +147,19 @@ class SparseImplMixin:
         n, ctx = row.end - row.start, row.context
         h, d = q.shape[0], q.shape[2]
         whole_prompt = ctx == 0 and n >= st.prompt_len
-        if not st.spec.prefill.is_dense and whole_prompt:
-            res, report = sparse_prefill(q, k, v, st.spec, impl=engine_impl(q.device))
+        phase, impl = st.spec.prefill, engine_impl(q.device)
+        # the dense-fallback rule, asked here so that the parent's dense output stands (sparse_prefill would
+        # compute dense attention a second time)
+        fallback = prefill_fallback(phase, q.shape, q.device, impl) if whole_prompt else None
+        if fallback is not None:
+            report = PrefillCallReport.dense(causal_cells(n) * h, d, phase.method, phase.compression_ratio, fallback)
+        elif not phase.is_dense and whole_prompt:
+            res, report = sparse_prefill(q, k, v, st.spec, impl=impl)
             out[row.start:row.end] = res.transpose(0, 1).to(out.dtype)
         else:  # dense (the parent's output stands): a chunk of a chunked prefill, or a dense prefill method
-            if not st.spec.prefill.is_dense and not ls.k:
-                log.warning("request %s: prompt prefilled in chunks; its %s prefill runs dense",
-                            st.key, st.spec.prefill.method)
-            cells = (n * ctx + causal_cells(n)) * h
-            flops = float(cells * flops_per_cell(d))
-            report = PrefillCallReport("dense", 1.0, cells, cells, flops, flops)
+            if not phase.is_dense and not ls.k:
+                log.warning("request %s: prompt prefilled in chunks; its %s prefill runs dense", st.key, phase.method)
+            report = PrefillCallReport.dense((n * ctx + causal_cells(n)) * h, d)
         st.cost.add_prefill(report)
         st.dirty = True
         if st.spec.decode.is_dense:

@@ -33,13 +33,14 @@ REQUEST_KEY = "sparse_serve_key"  # SamplingParams.extra_args key: the cost side
 
 
 def encode_spec(spec: SparseSpec) -> dict[str, Any]:
-    """A SparseSpec as the object form ``parse_pattern`` reads back (flat JSON; unset params left out)."""
+    """A SparseSpec as the object form ``parse_pattern`` reads back (flat JSON; unset params left out; the
+    prefill phase's dense-fallback mode included)."""
 
     def phase(p) -> dict[str, Any]:
         params = {k: v for k, v in p.params.items() if v is not None}
         return {"method": p.method, "compression_ratio": p.compression_ratio, "params": params}
 
-    return {"prefill": phase(spec.prefill), "decode": phase(spec.decode)}
+    return {"prefill": {**phase(spec.prefill), "fallback": spec.prefill.fallback}, "decode": phase(spec.decode)}
 
 
 def spec_from_extra_args(extra_args: dict[str, Any] | None) -> SparseSpec | None:

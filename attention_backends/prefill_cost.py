@@ -1,0 +1,158 @@
+"""Does a sparse prefill method pay at this length? One cost model and the dense-fallback rule built on it
+(``docs/performance.md``, "Dense fallback").
+
+The model predicts the seconds one attention layer of one sequence takes, for a method and for dense attention,
+from a per-device *profile* of measured constants (:class:`PrefillProfile`; ``benchmarks/calibrate_fallback.py``
+measures them). Every method (and dense) has the same four terms::
+
+    t(n) = fixed + per_token * n * h + per_cell * cells + per_dense_cell * dense_cells
+
+with ``h`` query heads, ``dense_cells = h n (n + 1) / 2`` and ``cells`` the cells the method computes at its
+target ratio ``r`` (``dense_cells / r``; dense: ``dense_cells``). ``fixed``: kernel launches and host syncs of
+the index (the vertical-slash budget search); ``per_token``: the last-window estimate and the index build;
+``per_cell``: the attention kernel per computed cell (dense SDPA is the fastest per cell, 16-token block tiles
+are ~9x slower); ``per_dense_cell``: index work quadratic in ``n`` (block_sparse's block score matrix). What
+is not attention (projections, MLP) costs the same either way and is left out. The cell terms are scaled by
+``flops_per_cell(d) / flops_per_cell(profile head_dim)`` for a model whose head dim differs from the profile's.
+
+The rule (:func:`decide`): a prefill phase falls back to dense when its predicted time exceeds dense's. It
+does not apply (the method runs as asked) when the request says ``"fallback": "never"``, when the device has
+no profile for the implementation that runs (the CPU: it is for correctness and accuracy work, where the method
+itself is the point), when the ratio is 1 (the method is dense already), or when the method's own parameters
+set its budget instead of the ratio (``MethodInfo.budget_params``: the cells are known only once the index is
+built). The decision depends on the request and the prompt length only, so it is the same in every layer.
+
+Profiles: ``attention_backends/profiles/prefill-<card>.json`` for a CUDA card (``torch.cuda.get_device_name``
+with every run of non-alphanumerics made ``-``), or the file named by ``$SPARSE_SERVE_PREFILL_PROFILE`` for
+every device (tests; a card without a shipped profile). A profile applies only to the ``impl`` it measured.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .cost import causal_cells, flops_per_cell
+from .spec import PREFILL_METHODS, PhaseSpec
+
+PROFILE_ENV = "SPARSE_SERVE_PREFILL_PROFILE"
+PROFILE_DIR = Path(__file__).parent / "profiles"
+
+
+@dataclass(frozen=True)
+class Terms:
+    """The four constants of one method's (or dense's) per-layer time, in seconds per unit."""
+
+    fixed_s: float = 0.0
+    per_token_s: float = 0.0  # per prompt token per query head
+    per_cell_s: float = 0.0  # per computed cell (one query head's query-key product)
+    per_dense_cell_s: float = 0.0  # per causal cell of the prompt, computed or not
+
+    def seconds(self, n: int, heads: int, cells: float, dense_cells: float, cell_scale: float = 1.0) -> float:
+        return (self.fixed_s + self.per_token_s * n * heads
+                + cell_scale * (self.per_cell_s * cells + self.per_dense_cell_s * dense_cells))
+
+
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: profiles are loaded once per file
+class PrefillProfile:
+    card: str  # the device it was measured on
+    impl: str  # the implementation measured ("triton" on CUDA)
+    head_dim: int  # of the measured layer shape (the cell terms scale to another head dim)
+    dense: Terms
+    methods: dict[str, Terms]  # by :func:`profile_key`
+    source: str = ""  # how the constants were obtained
+    extra: dict[str, Any] = field(default_factory=dict)  # measured shape, lengths, fit residuals, ...
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PrefillProfile:
+        return cls(card=str(d["card"]), impl=str(d["impl"]), head_dim=int(d["head_dim"]), dense=Terms(**d["dense"]),
+                   methods={k: Terms(**v) for k, v in d["methods"].items()}, source=str(d.get("source", "")),
+                   extra=dict(d.get("extra", {})))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"card": self.card, "impl": self.impl, "head_dim": self.head_dim, "dense": asdict(self.dense),
+                "methods": {k: asdict(v) for k, v in self.methods.items()}, "source": self.source,
+                "extra": self.extra}
+
+
+def profile_key(phase: PhaseSpec) -> str:
+    """The profile entry of a prefill phase: its method, plus ``/b<block_size>`` for a method with a block size
+    (block_sparse's kernel cost per cell depends on its tile)."""
+    block = phase.params.get("block_size")
+    return phase.method if block is None else f"{phase.method}/b{block}"
+
+
+def card_slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
+
+
+@functools.lru_cache(maxsize=16)
+def load_profile(path: str) -> PrefillProfile:
+    return PrefillProfile.from_dict(json.loads(Path(path).read_text()))
+
+
+@functools.lru_cache(maxsize=16)
+def _shipped_profile(device: torch.device) -> PrefillProfile | None:
+    if device.type != "cuda":
+        return None
+    path = PROFILE_DIR / f"prefill-{card_slug(torch.cuda.get_device_name(device))}.json"
+    return load_profile(str(path)) if path.exists() else None
+
+
+def device_profile(device: torch.device, impl: str) -> PrefillProfile | None:
+    """The profile that applies to ``impl`` running on ``device``, or None (then nothing falls back)."""
+    path = os.environ.get(PROFILE_ENV)
+    profile = load_profile(path) if path else _shipped_profile(device)
+    return profile if profile is not None and profile.impl == impl else None
+
+
+def expected_cells(phase: PhaseSpec, n: int, heads: int) -> float | None:
+    """Cells ``phase`` computes over an n-token prompt at its target ratio, or None when they cannot be known
+    before the index is built (the method's own parameters set the budget, not the ratio)."""
+    dense = causal_cells(n) * heads
+    if phase.is_dense:
+        return float(dense)
+    info = PREFILL_METHODS[phase.method]
+    if info.budget_params and all(phase.params.get(p) is not None for p in info.budget_params):
+        return None
+    return dense / phase.compression_ratio
+
+
+def predict(profile: PrefillProfile, phase: PhaseSpec, n: int, heads: int, head_dim: int
+            ) -> tuple[float, float] | None:
+    """(method, dense) predicted seconds of one layer, or None when the profile has no entry for the method or
+    its cells cannot be predicted."""
+    terms = profile.methods.get(profile_key(phase))
+    cells = expected_cells(phase, n, heads)
+    if terms is None or cells is None:
+        return None
+    dense_cells = float(causal_cells(n) * heads)
+    scale = flops_per_cell(head_dim) / flops_per_cell(profile.head_dim)
+    return (terms.seconds(n, heads, cells, dense_cells, scale),
+            profile.dense.seconds(n, heads, dense_cells, dense_cells, scale))
+
+
+@functools.lru_cache(maxsize=4096)  # once per (request spec, length): every layer asks the same question
+def decide(phase: PhaseSpec, n: int, heads: int, head_dim: int, profile: PrefillProfile | None) -> str | None:
+    """``"dense"`` when ``phase`` should run as dense attention at length ``n``, else None (see the module
+    docstring for when the rule does not apply)."""
+    if profile is None or phase.is_dense or phase.fallback == "never" or phase.compression_ratio <= 1.0:
+        return None
+    times = predict(profile, phase, n, heads, head_dim)
+    return "dense" if times is not None and times[0] > times[1] else None
+
+
+def prefill_fallback(phase: PhaseSpec, q_shape: torch.Size | tuple[int, ...], device: torch.device, impl: str
+                     ) -> str | None:
+    """The rule for one layer's call: ``q_shape`` is ``[h, n, d]``, ``impl`` the implementation that would run."""
+    if phase.is_dense or phase.fallback == "never":  # no file or device lookup for what cannot fall back
+        return None
+    h, n, d = q_shape
+    return decide(phase, n, h, d, device_profile(device, impl))
