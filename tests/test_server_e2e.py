@@ -24,6 +24,7 @@ from openapi_fuzz import pattern_objects, pattern_strings
 from server_harness import ThreadedServer, metric_samples, parse_sse, wait_until
 from test_deploy import used_metric_names
 
+from attention_backends.prefill_cost import PROFILE_ENV
 from server.api import create_app
 from server.cli import build_engine
 from server.contract.engine import GenerationRequest, SamplingParams
@@ -38,6 +39,10 @@ LONG_PROMPT = ("The history of the city is long and full of small events that no
                + "\nQuestion: what is the capital of France?\nAnswer:")
 
 
+# block_sparse with 32-token blocks never pays under it (no other test asks for that block size); every other
+# method has no entry, so it runs as asked
+FALLBACK_PROFILE = Path(__file__).parent / "fixtures" / "prefill-profile-test.json"
+
 # The engine-side settings of the e2e server (the vLLM variant adds engine="vllm" and an HF model directory).
 E2E_SETTINGS = dict(device="cpu", dtype="float32", max_model_len=640, kv_cache_memory=192 << 20, max_num_seqs=16,
                     max_queue=64, max_prompt_logprobs_tokens=320,
@@ -50,13 +55,17 @@ def serve_engine(settings_: ServerSettings, *, kv_stats: bool = True,
     """A real server (uvicorn in a thread) on the engine ``settings_`` asks for; ``srv.engine`` is that engine.
     Capability flags for assertions that only some engines can support:
     ``kv_stats``: ``stats()`` reports KV usage and free/total pages;
-    ``quest_page_size_fixed``: Quest must use the engine's KV page size (other ``page_size`` values get 400)."""
-    engine = build_engine(settings_)
-    with ThreadedServer(create_app(engine, settings_)) as s:
-        s.engine = engine
-        s.kv_stats = kv_stats
-        s.quest_page_size_fixed = quest_page_size_fixed
-        yield s
+    ``quest_page_size_fixed``: Quest must use the engine's KV page size (other ``page_size`` values get 400).
+    The server runs under the dense-fallback profile :data:`FALLBACK_PROFILE`."""
+    with pytest.MonkeyPatch.context() as mp:
+        # before the engine starts: vLLM's engine core process inherits it
+        mp.setenv(PROFILE_ENV, str(FALLBACK_PROFILE))
+        engine = build_engine(settings_)
+        with ThreadedServer(create_app(engine, settings_)) as s:
+            s.engine = engine
+            s.kv_stats = kv_stats
+            s.quest_page_size_fixed = quest_page_size_fixed
+            yield s
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +164,33 @@ def test_greedy_http_equals_engine(srv, http, pattern):
     assert r["usage"]["completion_tokens"] == len(direct.token_ids)
     http_tokens = r["choices"][0]["logprobs"]["tokens"]
     assert http_tokens == [srv.engine.tokenizer.decode([t], skip_special_tokens=False) for t in direct.token_ids]
+
+
+def test_prefill_fallback_runs_dense_and_says_so(http):
+    """A method that cannot pay at the prompt's length runs as dense attention: the report says fallback dense
+    with achieved ratio 1, the tokens are dense's, the metric counts it; "fallback": "never" runs the method."""
+    def run(pattern):
+        r = http.post("/v1/completions", json={"prompt": LONG_PROMPT, "max_tokens": 8, "temperature": 0,
+                                               "ignore_eos": True, "sparse_pattern": pattern})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def fallbacks():
+        return sum(value for (name, labels), value in metric_samples(http.get("/metrics").text).items()
+                   if name == "sparse_serve_prefill_fallbacks_total" and ("prefill_method", "block_sparse") in labels)
+
+    block32 = {"method": "block_sparse", "compression_ratio": 2, "params": {"block_size": 32}}
+    before = fallbacks()
+    dense, auto, never = run("dense"), run({"prefill": block32}), run({"prefill": {**block32, "fallback": "never"}})
+    p = auto["sparse"]["prefill"]
+    assert (p["method"], p["target_compression_ratio"], p["fallback"]) == ("block_sparse", 2, "dense")
+    assert p["achieved_compression_ratio"] == 1 and p["attention_flops"] == p["dense_attention_flops"]
+    assert auto["choices"][0]["text"] == dense["choices"][0]["text"]
+    assert fallbacks() == before + 1
+    p = never["sparse"]["prefill"]
+    assert p["fallback"] is None and p["achieved_compression_ratio"] > 1.2
+    e = http.post("/v1/completions", json={"prompt": "x", "sparse_pattern": {"prefill": {**block32, "fallback": 1}}})
+    assert e.status_code == 400 and e.json()["error"]["param"] == "sparse_pattern.prefill.fallback"
 
 
 def test_echo_logprobs_are_the_engines_prompt_logprobs(srv, http):

@@ -42,6 +42,7 @@ from test_server_e2e import (  # noqa: E402, F401 - the imported tests and fixtu
     test_metrics_after_traffic,
     test_openai_sdk_chat,
     test_openai_sdk_completions,
+    test_prefill_fallback_runs_dense_and_says_so,
     test_responses_match_the_documented_schema,
 )
 

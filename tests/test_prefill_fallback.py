@@ -1,0 +1,167 @@
+"""The dense-fallback rule (attention_backends/prefill_cost.py): when a sparse prefill method would cost more than
+dense attention at a length, dense runs and the report says so; ``"fallback": "never"`` turns it off."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from attention_backends import InvalidSparsePattern, parse_pattern, sparse_prefill
+from attention_backends.cost import causal_cells
+from attention_backends.prefill.dense import sdpa
+from attention_backends.prefill_cost import (
+    PROFILE_DIR,
+    PROFILE_ENV,
+    PrefillProfile,
+    decide,
+    device_profile,
+    load_profile,
+    predict,
+)
+from attention_backends.reports import PrefillCallReport
+from clients.client import SparseReport
+from server.api.cost_report import cost_report
+from server.contract.cost import RequestCost
+from server.vllm_engine.worker_state import encode_spec, spec_from_extra_args
+
+H, D = 28, 128  # Qwen2.5-7B-shaped layer
+
+# Vertical-slash pays only at long prompts: a 20 ms index per layer against dense's 1e-12 s per cell
+# (8K: 20.1 ms vs 0.9 ms dense; 128K: 20 + 24 ms vs 240 ms dense).
+PROFILE = {
+    "card": "test", "impl": "reference", "head_dim": D,
+    "dense": {"per_cell_s": 1e-12},
+    "methods": {"vertical_slash": {"fixed_s": 0.02, "per_cell_s": 1e-12},
+                "block_sparse/b64": {"fixed_s": 0.02, "per_cell_s": 1e-12}},
+}
+
+
+def profile(**changes) -> PrefillProfile:
+    return PrefillProfile.from_dict({**PROFILE, **changes})
+
+
+def prefill_phase(method: str = "vertical_slash", ratio: float = 10, **extra):
+    return parse_pattern({"prefill": {"method": method, "compression_ratio": ratio, **extra}}).prefill
+
+
+def test_falls_back_where_the_method_cannot_pay_and_never_overrides():
+    prof = profile()
+    assert decide(prefill_phase(), 8192, H, D, prof) == "dense"
+    assert decide(prefill_phase(), 131072, H, D, prof) is None
+    method_s, dense_s = predict(prof, prefill_phase(), 8192, H, D)
+    assert method_s > dense_s
+    assert decide(prefill_phase(fallback="never"), 8192, H, D, prof) is None
+    assert decide(prefill_phase(fallback="auto"), 8192, H, D, prof) == "dense"
+
+
+def test_where_the_rule_does_not_apply():
+    prof = profile()
+    assert decide(prefill_phase(), 8192, H, D, None) is None  # no profile for the device (the CPU)
+    assert decide(prefill_phase(ratio=1), 8192, H, D, prof) is None  # ratio 1: the method is dense already
+    assert decide(prefill_phase("dense"), 8192, H, D, prof) is None
+    # the method's own parameters set the budget: its cells are unknown before the index is built
+    pinned = prefill_phase(params={"num_vertical": 64, "num_slash": 64})
+    assert decide(pinned, 8192, H, D, prof) is None
+    assert decide(prefill_phase(params={"num_vertical": 64}), 8192, H, D, prof) == "dense"  # ratio sets the other
+    # no entry for the method or its block size
+    assert decide(prefill_phase("flexprefill"), 8192, H, D, prof) is None
+    assert decide(prefill_phase("block_sparse"), 8192, H, D, prof) is None  # block 16
+    assert decide(prefill_phase("block_sparse", params={"block_size": 64}), 8192, H, D, prof) == "dense"
+
+
+def test_profile_applies_only_to_its_impl_and_comes_from_the_environment(tmp_path, monkeypatch):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(PROFILE))
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(PROFILE_ENV, raising=False)
+    assert device_profile(cpu, "reference") is None  # the CPU ships no profile
+    monkeypatch.setenv(PROFILE_ENV, str(path))
+    assert device_profile(cpu, "reference").card == "test"
+    assert device_profile(cpu, "triton") is None
+
+
+def test_shipped_h200_profile_reproduces_the_recorded_orderings():
+    """benchmarks/results (H200, 7B layer): vertical_slash:10 and flexprefill:10 slower than dense at 8K and 32K,
+    faster at 128K; block_sparse with 16-token blocks slower than dense at r=4; block 64 faster at 32K."""
+    prof = load_profile(str(PROFILE_DIR / "prefill-NVIDIA-H200.json"))
+    assert (prof.card, prof.impl) == ("NVIDIA H200", "triton")
+    for method in ("vertical_slash", "flexprefill"):
+        assert [decide(prefill_phase(method), n, H, D, prof) for n in (8192, 32768, 131072)] == ["dense", "dense", None]
+    for n in (8192, 32768, 131072):
+        assert decide(prefill_phase("block_sparse", 4), n, H, D, prof) == "dense"
+    assert decide(prefill_phase("block_sparse", params={"block_size": 64}), 32768, H, D, prof) is None
+
+
+def test_sparse_prefill_runs_dense_and_says_so(tmp_path, monkeypatch):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({**PROFILE, "head_dim": 16, "methods": {"vertical_slash": {"fixed_s": 1.0}}}))
+    monkeypatch.setenv(PROFILE_ENV, str(path))
+    g = torch.Generator().manual_seed(0)
+    h, n = 4, 256
+    q, k, v = (torch.randn(heads, n, 16, generator=g) for heads in (h, 2, 2))
+    spec = parse_pattern("vertical_slash:4")
+    out, report = sparse_prefill(q, k, v, spec)
+    assert report.fallback == "dense" and report.method == "vertical_slash" and report.target_compression_ratio == 4
+    assert report.computed_cells == report.dense_cells == causal_cells(n) * h
+    assert report.achieved_compression_ratio == 1 and report.indexing_flops == 0
+    assert torch.equal(out, sdpa(q, k, v))
+
+    never = parse_pattern({"prefill": {"method": "vertical_slash", "compression_ratio": 4, "fallback": "never"}})
+    out, report = sparse_prefill(q, k, v, never)
+    assert report.fallback is None and report.achieved_compression_ratio > 1.5
+
+
+def test_fallback_field_is_validated_and_prefill_only():
+    assert parse_pattern("vertical_slash:4").prefill.fallback == "auto"
+    with pytest.raises(InvalidSparsePattern) as e:
+        parse_pattern({"prefill": {"method": "vertical_slash", "fallback": "always"}})
+    assert e.value.param == "sparse_pattern.prefill.fallback"
+    with pytest.raises(InvalidSparsePattern) as e:
+        parse_pattern({"decode": {"method": "quest", "fallback": "never"}})
+    assert e.value.param == "sparse_pattern.decode.fallback"
+
+
+def test_the_vllm_side_channel_keeps_the_fallback_mode():
+    never = parse_pattern({"prefill": {"method": "block_sparse", "compression_ratio": 4, "fallback": "never"},
+                           "decode": "quest"})
+    for spec in (never, parse_pattern("vertical_slash:4")):
+        assert spec_from_extra_args({"sparse_pattern": json.dumps(encode_spec(spec))}) == spec
+
+
+def test_cost_report_and_client_carry_the_fallback():
+    spec = parse_pattern("vertical_slash:8")
+    fell_back, ran = RequestCost.for_spec(spec), RequestCost.for_spec(spec)
+    for _ in range(2):  # two layers
+        fell_back.add_prefill(PrefillCallReport.dense(100, 64, "vertical_slash", 8.0, "dense"))
+        ran.add_prefill(PrefillCallReport("vertical_slash", 8.0, 20, 100, 1.0, 5.0))
+    report = cost_report(fell_back)["prefill"]
+    assert report["fallback"] == "dense" and report["achieved_compression_ratio"] == 1
+    assert report["method"] == "vertical_slash" and report["target_compression_ratio"] == 8
+    assert cost_report(ran)["prefill"]["fallback"] is None
+    assert SparseReport.from_dict({"prefill": report, "decode": {}}).prefill.fallback == "dense"
+    assert SparseReport.from_dict({"prefill": {"fallback": None}, "decode": {}}).prefill.fallback is None
+    # several engine requests (prompts or choices): "dense" only when every one fell back
+    assert RequestCost.combine([fell_back, fell_back]).prefill.fallback == "dense"
+    mixed = RequestCost.combine([fell_back, ran]).prefill
+    assert mixed.fallback is None and mixed.achieved_compression_ratio == 200 / 120
+
+
+@pytest.mark.slow
+def test_calibration_tiny_smoke_run_writes_a_profile_the_rule_loads(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import calibrate_fallback
+
+    out = calibrate_fallback.main(["--tiny", "--out", str(tmp_path / "p.json"), "--lengths", "128,192"])
+    prof = load_profile(str(out))
+    assert prof.impl == "triton" and prof.head_dim == 16
+    assert set(prof.methods) == {"vertical_slash", "flexprefill", "block_sparse/b16"}
+    timings = prof.extra["timings"]
+    assert len(timings["dense"]) == 2 and all(len(timings[key]) == 4 for key in prof.methods)  # 2 lengths x 2 ratios
+    for terms in (prof.dense, *prof.methods.values()):
+        values = (terms.fixed_s, terms.per_token_s, terms.per_cell_s, terms.per_dense_cell_s)
+        assert min(values) >= 0 and max(values) > 0
+    assert predict(prof, prefill_phase(), 192, 2, 16) is not None
