@@ -417,4 +417,8 @@ def describe_methods() -> dict[str, Any]:
         "prefill": [m.describe() for m in PREFILL_METHODS.values()],
         "decode": [m.describe() for m in DECODE_METHODS.values()],
         "grammar": "METHOD[:RATIO] | PREFILL[:RATIO]+DECODE[:RATIO]",
+        "prefill_fallback": {"choices": list(FALLBACK_MODES), "default": "auto",
+                             "description": "object form, prefill phase: 'auto' runs dense attention where the "
+                             "method is predicted to cost more than dense at the prompt's length (reported as "
+                             "sparse.prefill.fallback 'dense'); 'never' always runs the method"},
     }

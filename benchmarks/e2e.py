@@ -530,7 +530,8 @@ def ratios(engines: dict) -> list[dict]:
             b = base_ttft.get(r["length"])
             rows.append({"engine": name, "pattern": r["pattern"], "case": f"TTFT {tokens_label(r['length'])}",
                          "value": r["ttft_s"], "unit": "s",
-                         "speedup": b / r["ttft_s"] if b and r["ttft_s"] else None})
+                         "speedup": b / r["ttft_s"] if b and r["ttft_s"] else None,
+                         "fallback": (r.get("report") or {}).get("fallback")})
         for r in e["decode"]:
             b = base_dec.get((r["batch"], r["context"]))
             rows.append({"engine": name, "pattern": r["pattern"],
@@ -571,7 +572,8 @@ def pivot(rows: list[dict], kind: str) -> list[str]:
                 cells.append("-")
                 continue
             value = f"{r['value']:.3f} s" if r["unit"] == "s" else f"{r['value']:.1f}"
-            cells.append(value + (f" ({r['speedup']:.2f}x)" if r["speedup"] else ""))
+            cells.append(value + (f" ({r['speedup']:.2f}x)" if r["speedup"] else "")
+                         + (f" [{r['fallback']} fallback]" if r.get("fallback") else ""))
         out.append(f"| {engine} | {pattern} | " + " | ".join(cells) + " |")
     return out
 

@@ -70,11 +70,14 @@ def test_native_tiny_run_and_report(model_dir, tmp_path):
 
     # a later part re-measuring a case replaces it in the report; the other cases stay
     remeasured = tmp_path / "native-again.json"
-    again = {**part, "ttft": [{**part["ttft"][0], "ttft_s": 123.0}], "decode": [], "agree": part["agree"]}
+    fell_back = {**(part["ttft"][0]["report"] or {}), "fallback": "dense"}  # as the dense-fallback rule reports
+    again = {**part, "ttft": [{**part["ttft"][0], "ttft_s": 123.0, "report": fell_back}], "decode": [],
+             "agree": part["agree"]}
     remeasured.write_text(json.dumps(again))
     stem = REPORT([str(out), str(remeasured)], str(tmp_path / "results"))
     md = stem.with_suffix(".md").read_text()
-    assert "| native | block_sparse:10 |" in md and "decode B=2 512" in md and "123.000 s" in md
+    assert "| native | block_sparse:10 |" in md and "decode B=2 512" in md and "123.000 s [dense fallback]" in md
+    assert md.count("fallback]") == 1  # the CPU has no profile: nothing else fell back
     assert stem.with_suffix(".png").stat().st_size > 1000
     merged = load(stem.with_suffix(".json"))["engines"]["native"]
     assert [r["ttft_s"] for r in merged["ttft"]] == [123.0] + [r["ttft_s"] for r in part["ttft"][1:]]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from attention_backends import InvalidSparsePattern, parse_pattern, sparse_prefill
+from attention_backends import InvalidSparsePattern, describe_methods, parse_pattern, sparse_prefill
 from attention_backends.cost import causal_cells
 from attention_backends.prefill.dense import sdpa
 from attention_backends.prefill_cost import (
@@ -117,6 +117,7 @@ def test_sparse_prefill_runs_dense_and_says_so(tmp_path, monkeypatch):
 
 def test_fallback_field_is_validated_and_prefill_only():
     assert parse_pattern("vertical_slash:4").prefill.fallback == "auto"
+    assert describe_methods()["prefill_fallback"]["choices"] == ["auto", "never"]  # GET /v1/sparse/patterns
     with pytest.raises(InvalidSparsePattern) as e:
         parse_pattern({"prefill": {"method": "vertical_slash", "fallback": "always"}})
     assert e.value.param == "sparse_pattern.prefill.fallback"
