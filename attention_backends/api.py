@@ -69,10 +69,9 @@ def sparse_prefill(q: Tensor, k: Tensor, v: Tensor, spec: SparseSpec, *, impl: s
     check_shapes(q, k, v)
     h, n, d = q.shape
     phase = spec.prefill
-    fallback = prefill_fallback(phase, q.shape, q.device, impl)
-    if fallback is not None:  # the method would not pay at this length (prefill_cost): dense, reported as such
-        report = PrefillCallReport.dense(causal_cells(n) * h, d, phase.method, phase.compression_ratio, fallback)
-        return dense_prefill.sdpa(q, k, v), report
+    fallback = prefill_fallback(phase, q.shape, q.device, impl)  # the dense run's report, or None
+    if fallback is not None:  # the method would not pay at this length (prefill_cost)
+        return dense_prefill.sdpa(q, k, v), fallback
     if impl == "triton":
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     outcome = implementations(impl)[0][phase.method](q, k, v, phase)

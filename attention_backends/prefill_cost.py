@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from .cost import causal_cells, flops_per_cell
+from .reports import PrefillCallReport
 from .spec import PREFILL_METHODS, PhaseSpec
 
 PROFILE_ENV = "SPARSE_SERVE_PREFILL_PROFILE"
@@ -150,9 +151,13 @@ def decide(phase: PhaseSpec, n: int, heads: int, head_dim: int, profile: Prefill
 
 
 def prefill_fallback(phase: PhaseSpec, q_shape: torch.Size | tuple[int, ...], device: torch.device, impl: str
-                     ) -> str | None:
-    """The rule for one layer's call: ``q_shape`` is ``[h, n, d]``, ``impl`` the implementation that would run."""
+                     ) -> PrefillCallReport | None:
+    """The rule for one layer's call (``q_shape`` is ``[h, n, d]``, ``impl`` the implementation that would run):
+    None when the method runs, else the report of the dense attention that runs instead."""
     if phase.is_dense or phase.fallback == "never":  # no file or device lookup for what cannot fall back
         return None
     h, n, d = q_shape
-    return decide(phase, n, h, d, device_profile(device, impl))
+    fallback = decide(phase, n, h, d, device_profile(device, impl))
+    if fallback is None:
+        return None
+    return PrefillCallReport.dense(causal_cells(n) * h, d, phase.method, phase.compression_ratio, fallback)

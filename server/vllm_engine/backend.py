@@ -149,10 +149,10 @@ class SparseImplMixin:
         whole_prompt = ctx == 0 and n >= st.prompt_len
         phase, impl = st.spec.prefill, engine_impl(q.device)
         # the dense-fallback rule, asked here so that the parent's dense output stands (sparse_prefill would
-        # compute dense attention a second time)
+        # compute dense attention a second time); its report, or None when the method runs
         fallback = prefill_fallback(phase, q.shape, q.device, impl) if whole_prompt else None
         if fallback is not None:
-            report = PrefillCallReport.dense(causal_cells(n) * h, d, phase.method, phase.compression_ratio, fallback)
+            report = fallback
         elif not phase.is_dense and whole_prompt:
             res, report = sparse_prefill(q, k, v, st.spec, impl=impl)
             out[row.start:row.end] = res.transpose(0, 1).to(out.dtype)
