@@ -190,7 +190,7 @@ class ServingEngine:
                     p, d = out.cost.prefill, out.cost.decode
                     s.report = {"prefill_method": p.method, "prefill_ratio": p.achieved_compression_ratio,
                                 "decode_method": d.method, "decode_ratio": d.achieved_compression_ratio,
-                                "fallback": getattr(p, "fallback", None)}
+                                "fallback": p.fallback}
         return s
 
 
