@@ -24,7 +24,8 @@ built). The decision depends on the request and the prompt length only, so it is
 
 Profiles: ``attention_backends/profiles/prefill-<card>.json`` for a CUDA card (``torch.cuda.get_device_name``
 with every run of non-alphanumerics made ``-``), or the file named by ``$SPARSE_SERVE_PREFILL_PROFILE`` for
-every device (tests; a card without a shipped profile). A profile applies only to the ``impl`` it measured.
+every device (tests; a card without a shipped profile; ``none`` turns the rule off everywhere, for checks of the
+methods themselves on a GPU). A profile applies only to the ``impl`` it measured.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from .reports import PrefillCallReport
 from .spec import PREFILL_METHODS, PhaseSpec
 
 PROFILE_ENV = "SPARSE_SERVE_PREFILL_PROFILE"
+PROFILE_OFF = "none"  # $SPARSE_SERVE_PREFILL_PROFILE=none: no profile anywhere (checks of the methods themselves)
 PROFILE_DIR = Path(__file__).parent / "profiles"
 
 
@@ -110,6 +112,8 @@ def _shipped_profile(device: torch.device) -> PrefillProfile | None:
 def device_profile(device: torch.device, impl: str) -> PrefillProfile | None:
     """The profile that applies to ``impl`` running on ``device``, or None (then nothing falls back)."""
     path = os.environ.get(PROFILE_ENV)
+    if path == PROFILE_OFF:
+        return None
     profile = load_profile(path) if path else _shipped_profile(device)
     return profile if profile is not None and profile.impl == impl else None
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import time
 
 import torch
 
 from attention_backends import parse_pattern
+from attention_backends.prefill_cost import PROFILE_ENV, PROFILE_OFF
 from server.contract.engine import GenerationRequest, SamplingParams
 from server.engine.engine import EngineOptions, NativeEngine
 from server.engine.llama import LlamaModel
@@ -82,6 +84,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--out", help="write JSON results here")
     args = ap.parse_args()
+    # the CUDA path's methods against the PyTorch path's: the dense-fallback rule (CUDA only) stays off
+    os.environ[PROFILE_ENV] = PROFILE_OFF
     cuda = torch.cuda.is_available()
     n = args.prompt_tokens or (8192 if cuda else 300)
     model = random_model(cuda)

@@ -469,7 +469,8 @@ def smoke_references():
     for pat, params in (("vertical_slash:8", {"num_vertical": 100, "num_slash": 120}),
                         ("flexprefill:8", {"alpha": 0.5, "min_budget": 64}),
                         ("block_sparse:8", {"block_size": 64}), ("block_sparse:8", {"block_size": 16})):
-        spec = parse_pattern({"prefill": {"method": pat.split(":")[0], "compression_ratio": 8, "params": params}})
+        spec = parse_pattern({"prefill": {"method": pat.split(":")[0], "compression_ratio": 8, "params": params,
+                                          "fallback": "never"}})  # the kernels, not the dense-fallback rule
         o_ref, r_ref = sparse_prefill(q, k, v, spec)
         o_tri, r_tri = sparse_prefill(q, k, v, spec, impl="triton")
         check(f"api {pat} {params} triton vs reference n={n}", rel(o_tri, o_ref), 1e-2,

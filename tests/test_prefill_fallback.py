@@ -16,6 +16,7 @@ from attention_backends.prefill.dense import sdpa
 from attention_backends.prefill_cost import (
     PROFILE_DIR,
     PROFILE_ENV,
+    PROFILE_OFF,
     PrefillProfile,
     decide,
     device_profile,
@@ -82,6 +83,8 @@ def test_profile_applies_only_to_its_impl_and_comes_from_the_environment(tmp_pat
     monkeypatch.setenv(PROFILE_ENV, str(path))
     assert device_profile(cpu, "reference").card == "test"
     assert device_profile(cpu, "triton") is None
+    monkeypatch.setenv(PROFILE_ENV, PROFILE_OFF)  # the rule off everywhere (the GPU checks of the methods)
+    assert device_profile(cpu, "reference") is None
 
 
 def test_shipped_h200_profile_reproduces_the_recorded_orderings():

@@ -11,6 +11,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: engine_helpers
 
 
+@pytest.fixture(autouse=True)
+def methods_run_as_asked(monkeypatch):
+    """These tests check the methods themselves (ratios, agreement at short prompts): the dense-fallback rule,
+    which would run them as dense on a card with a profile, is off."""
+    from attention_backends.prefill_cost import PROFILE_ENV, PROFILE_OFF
+
+    monkeypatch.setenv(PROFILE_ENV, PROFILE_OFF)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
