@@ -22,7 +22,7 @@ from .prefill_cost import prefill_fallback
 from .reports import DecodeCallReport, PrefillCallReport
 from .spec import PhaseSpec, SparseSpec
 
-PrefillFn = Callable[[Tensor, Tensor, Tensor, PhaseSpec], PrefillOutcome]
+PrefillFn = Callable[..., PrefillOutcome]  # (q, k, v, phase, q_offset=0)
 PrepareFn = Callable[[Tensor, Tensor, Tensor, PhaseSpec], DecodeState]
 
 # The plain PyTorch reference of every method in the table (:data:`.spec.METHODS`).
@@ -58,24 +58,30 @@ def engine_impl(device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "reference"
 
 
-def sparse_prefill(q: Tensor, k: Tensor, v: Tensor, spec: SparseSpec, *, impl: str = "reference"
-                   ) -> tuple[Tensor, PrefillCallReport]:
+def sparse_prefill(q: Tensor, k: Tensor, v: Tensor, spec: SparseSpec, *, impl: str = "reference",
+                   q_offset: int = 0) -> tuple[Tensor, PrefillCallReport]:
     """Causal attention over the prompt with ``spec.prefill``; returns ``out [h, n, d]`` and its report.
     ``q``/``k``/``v`` may be views (e.g. ``[n, h, d]`` transposed): the Triton kernels get contiguous rows.
 
     Where the device's profile predicts that the method costs more than dense attention at this length
     (:mod:`.prefill_cost`; unless ``spec.prefill.fallback == "never"``), dense attention (SDPA) runs instead and
-    the report says ``fallback="dense"`` with every cell computed."""
-    check_shapes(q, k, v)
-    h, n, d = q.shape
+    the report says ``fallback="dense"`` with every cell computed.
+
+    Chunked prefill: ``q [h, m, d]`` holds the queries of positions ``[q_offset, n)`` and ``k``/``v`` all ``n``
+    keys; the method runs on that chunk (``docs/methods.md``, "Chunked prefill"; the fallback is decided at the
+    chunk's context length ``n``) and the report covers the chunk's causal cells (a request's reports sum over
+    its chunks)."""
+    check_shapes(q, k, v, q_offset)
+    h, _, d = q.shape
+    n = k.shape[1]
     phase = spec.prefill
-    fallback = prefill_fallback(phase, q.shape, q.device, impl)  # the dense run's report, or None
+    fallback = prefill_fallback(phase, (h, n, d), q.device, impl, q_offset)  # the dense run's report, or None
     if fallback is not None:  # the method would not pay at this length (prefill_cost)
-        return dense_prefill.sdpa(q, k, v), fallback
+        return dense_prefill.sdpa(q, k, v, q_offset), fallback
     if impl == "triton":
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    outcome = implementations(impl)[0][phase.method](q, k, v, phase)
-    dense = causal_cells(n) * h
+    outcome = implementations(impl)[0][phase.method](q, k, v, phase, q_offset=q_offset)
+    dense = causal_cells(n, q_offset) * h
     report = PrefillCallReport(
         method=phase.method,
         target_compression_ratio=phase.compression_ratio,

@@ -93,9 +93,10 @@ def flops_per_cell(head_dim: int) -> int:
     return 4 * head_dim + 3
 
 
-def causal_cells(n: int) -> int:
-    """Causal cells of one head over an n-token prompt: n (n + 1) / 2."""
-    return n * (n + 1) // 2
+def causal_cells(n: int, q_offset: int = 0) -> int:
+    """Causal cells of one head over an n-token prompt: n (n + 1) / 2; with ``q_offset``, those of the query
+    rows ``[q_offset, n)`` only (one prefill chunk)."""
+    return n * (n + 1) // 2 - q_offset * (q_offset + 1) // 2
 
 
 def dense_prefill_cells(shape: ModelShape, n: int) -> int:

@@ -154,14 +154,16 @@ def decide(phase: PhaseSpec, n: int, heads: int, head_dim: int, profile: Prefill
     return "dense" if times is not None and times[0] > times[1] else None
 
 
-def prefill_fallback(phase: PhaseSpec, q_shape: torch.Size | tuple[int, ...], device: torch.device, impl: str
-                     ) -> PrefillCallReport | None:
-    """The rule for one layer's call (``q_shape`` is ``[h, n, d]``, ``impl`` the implementation that would run):
-    None when the method runs, else the report of the dense attention that runs instead."""
+def prefill_fallback(phase: PhaseSpec, q_shape: torch.Size | tuple[int, ...], device: torch.device, impl: str,
+                     q_offset: int = 0) -> PrefillCallReport | None:
+    """The rule for one layer's call (``q_shape`` is ``[h, n, d]``, ``impl`` the implementation that would run;
+    a prefill chunk's queries start at ``q_offset``, its keys are all ``n``): None when the method runs, else the
+    report of the dense attention that runs instead."""
     if phase.is_dense or phase.fallback == "never":  # no file or device lookup for what cannot fall back
         return None
     h, n, d = q_shape
     fallback = decide(phase, n, h, d, device_profile(device, impl))
     if fallback is None:
         return None
-    return PrefillCallReport.dense(causal_cells(n) * h, d, phase.method, phase.compression_ratio, fallback)
+    return PrefillCallReport.dense(causal_cells(n, q_offset) * h, d, phase.method, phase.compression_ratio,
+                                   fallback)

@@ -29,7 +29,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..cost import causal_cells
 from ..prefill.block_sparse import mean_pool
+from ..prefill.vertical_slash_index import covered_cells
 from .sparse_prefill import _NEG, LOG2E
 
 
@@ -45,9 +47,9 @@ def _window_stats_kernel(
     kvh = head // group
     w = wb * BW + tl.arange(0, BW)
     w_ok = w < W
-    pos = n - W + w  # absolute query positions
+    pos = n - W + w  # absolute query positions (Q points at the window's first row)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + head * sqh + pos[:, None] * sqn + offs_d[None, :], mask=w_ok[:, None], other=0.0)
+    q = tl.load(Q + head * sqh + w[:, None] * sqn + offs_d[None, :], mask=w_ok[:, None], other=0.0)
     m_i = tl.full([BW], _NEG, tl.float32)
     l_i = tl.zeros([BW], tl.float32)
     start = s * keys_per_split
@@ -90,7 +92,7 @@ def _window_colsum_kernel(
         w = wb * BW + wl
         w_ok = w < W
         pos = n - W + w
-        q = tl.load(Q + head * sqh + pos[:, None] * sqn + offs_d[None, :], mask=w_ok[:, None], other=0.0)
+        q = tl.load(Q + head * sqh + w[:, None] * sqn + offs_d[None, :], mask=w_ok[:, None], other=0.0)
         m = tl.load(M + head * W + w, mask=w_ok, other=0.0)
         inv_l = 1.0 / tl.load(L + head * W + w, mask=w_ok, other=1.0)
         qk = tl.dot(q, tl.trans(k)) * qk_scale
@@ -113,14 +115,16 @@ def _window_colsum_kernel(
 
 def window_scores(q: Tensor, k: Tensor, window: int, *, col_reduce: str = "sum", diagonal: bool = True,
                   block: int = 64) -> tuple[Tensor, Tensor | None, int]:
-    """Per query head, over the last ``W = min(window, n)`` queries' causal softmax (float32):
-    ``(columns [h, n], slash [h, n] or None, W)`` where ``columns`` is the sum (or max, ``col_reduce="max"``)
-    over the window rows of each key column and ``slash[o]`` the sum over the rows of the cells at offset
-    ``o = i - j``."""
-    h, n, d = q.shape
-    h_kv = k.shape[0]
+    """Per query head, over the last ``W = min(window, m)`` of the ``m`` queries of ``q``, causal softmax over
+    all ``n`` keys of ``k`` (float32): ``(columns [h, n], slash [h, n] or None, W)`` where ``columns`` is the
+    sum (or max, ``col_reduce="max"``) over the window rows of each key column and ``slash[o]`` the sum over
+    the rows of the cells at offset ``o = i - j``. ``q``'s rows are the positions ``[n - m, n)`` (a chunk, or
+    the whole prompt)."""
+    h, m, d = q.shape
+    h_kv, n = k.shape[0], k.shape[1]
     group = h // h_kv
-    W = min(window, n)
+    W = min(window, m)
+    q = q[:, m - W:]  # the kernels read the window rows only
     dev = q.device
     scale = LOG2E / math.sqrt(d)
     BW = BN = block
@@ -163,7 +167,7 @@ def keep_ranks(scores: Tensor, forced: int) -> tuple[Tensor, Tensor]:
 
 
 def computed_cells(sel_slash: Tensor, sel_vert: Tensor | None, block_m: int = 64,
-                   vert_pos: Tensor | None = None, vert_live: Tensor | None = None) -> Tensor:
+                   vert_pos: Tensor | None = None, vert_live: Tensor | None = None, q_offset: int = 0) -> Tensor:
     """Cells :func:`~.sparse_prefill.sparse_prefill_attention` computes for a vertical/slash index with
     ``block_m``-row query blocks: the merged slash bands plus the verticals outside them. ``sel_*`` are
     ``[h, n]`` bool (or give the verticals as positions ``vert_pos [h, k]`` with ``vert_live [h, k]`` bool,
@@ -172,7 +176,18 @@ def computed_cells(sel_slash: Tensor, sel_vert: Tensor | None, block_m: int = 64
     With ``x = qs - key``, the bands of a head cover ``X = U_o [o - block_m + 1, o]``; row ``i`` (block start
     ``qs``, ``r = i - qs``) computes the band keys with ``x in [-r, qs]``, and a vertical ``v`` is computed as
     a column in query block ``qb`` iff ``qs - v`` is not in ``X``.
+
+    ``q_offset`` (a multiple of ``block_m``): only the query blocks of rows ``[q_offset, n)`` (a chunk). Rows
+    below ``q_offset`` see only offsets and columns below it, and ``X(x)`` depends only on the offsets in
+    ``[x, x + block_m)``, so the chunk's cells are those of all rows minus those of the prefix's index.
     """
+    if q_offset:
+        assert q_offset % block_m == 0, "chunks start at a query block boundary"
+        prefix = computed_cells(
+            sel_slash[:, :q_offset], None if sel_vert is None else sel_vert[:, :q_offset], block_m,
+            None if vert_pos is None else vert_pos.clamp(max=q_offset - 1),
+            None if vert_live is None else vert_live & (vert_pos < q_offset))
+        return computed_cells(sel_slash, sel_vert, block_m, vert_pos, vert_live) - prefix
     h, n = sel_slash.shape
     BM = block_m
     dev = sel_slash.device
@@ -228,20 +243,16 @@ def computed_cells(sel_slash: Tensor, sel_vert: Tensor | None, block_m: int = 64
     return band + vert
 
 
-def exact_cells(sel_slash: Tensor, sel_vert: Tensor) -> Tensor:
+def exact_cells(sel_slash: Tensor, sel_vert: Tensor, q_offset: int = 0) -> Tensor:
     """Causal cells of the exact union of the selected columns and diagonals (the reference's count), [h]."""
-    n = sel_slash.shape[-1]
-    length = torch.arange(n, 0, -1, device=sel_slash.device)
-    v, s = sel_vert.long(), sel_slash.long()
-    offsets_up_to = s.cumsum(-1).flip(-1)
-    return (v * length).sum(-1) + (s * length).sum(-1) - (v * offsets_up_to).sum(-1)
+    return covered_cells(sel_vert, sel_slash, q_offset)
 
 
 class VSCandidates:
     """Ranked vertical/slash candidates of one call (GPU twin of the reference's ``Candidates``)."""
 
     def __init__(self, vertical: Tensor, slash: Tensor, window: int, sink_tokens: int, local_window: int,
-                 block_m: int = 64):
+                 block_m: int = 64, q_offset: int = 0):
         self.vertical_scores, self.slash_scores, self.window = vertical, slash, window
         self.h, self.n = vertical.shape
         self.forced_vertical = min(sink_tokens, self.n)
@@ -249,7 +260,8 @@ class VSCandidates:
         self.vertical_order, self.vertical_rank = keep_ranks(vertical, self.forced_vertical)
         self.slash_order, self.slash_rank = keep_ranks(slash, self.forced_slash)
         self.block_m = block_m
-        self.dense = self.h * self.n * (self.n + 1) // 2
+        self.q_offset = q_offset  # the query rows served are [q_offset, n) (a chunk)
+        self.dense = self.h * causal_cells(self.n, q_offset)
 
     def counts(self, count: Tensor | int, forced: int) -> Tensor:
         count = torch.as_tensor(count, device=self.vertical_rank.device).expand(self.h)
@@ -270,8 +282,8 @@ class VSCandidates:
             kv_max = max(kv_max, self.forced_vertical)
             pos = self.vertical_order[:, :kv_max]
             live = torch.arange(kv_max, device=pos.device)[None, :] < kv[:, None]
-            return computed_cells(sel_s, None, self.block_m, pos, live).sum()
-        return computed_cells(sel_s, self.vertical_rank < kv[:, None], self.block_m).sum()
+            return computed_cells(sel_s, None, self.block_m, pos, live, self.q_offset).sum()
+        return computed_cells(sel_s, self.vertical_rank < kv[:, None], self.block_m, q_offset=self.q_offset).sum()
 
     def fraction(self, num_vertical: Tensor | int, num_slash: Tensor | int) -> float:
         return float(self.computed(num_vertical, num_slash)) / self.dense
@@ -358,33 +370,36 @@ def triton_mean_pool(x: Tensor, block: int) -> Tensor:
 
 
 @triton.jit
-def _block_scores_kernel(PQ, PK, S, nb, group, s_qh, s_kh, s_sh, s_sr,
+def _block_scores_kernel(PQ, PK, S, nqb, nb, row0, group, s_qh, s_kh, s_sh, s_sr,
                          D: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr, PREC: tl.constexpr):
-    """S[h, r, c] = pooled_q[h, r] . pooled_k[h // g, c] (float32) for the causal tiles only."""
+    """S[h, r, c] = pooled_q[h, r] . pooled_k[h // g, c] (float32) for the causal tiles only (query block r is
+    the absolute block row0 + r)."""
     tm = tl.program_id(0)
     tn = tl.program_id(1)
     head = tl.program_id(2)
-    if tn > (tm * TM + TM - 1) // TN:
+    if tn * TN > row0 + tm * TM + TM - 1:
         return
     r = tm * TM + tl.arange(0, TM)
     c = tn * TN + tl.arange(0, TN)
     dd = tl.arange(0, D)
-    a = tl.load(PQ + head * s_qh + r[:, None] * D + dd[None, :], mask=(r < nb)[:, None], other=0.0)
+    a = tl.load(PQ + head * s_qh + r[:, None] * D + dd[None, :], mask=(r < nqb)[:, None], other=0.0)
     b = tl.load(PK + (head // group) * s_kh + c[:, None] * D + dd[None, :], mask=(c < nb)[:, None], other=0.0)
     s = tl.dot(a, tl.trans(b), input_precision=PREC)
-    tl.store(S + head * s_sh + r[:, None] * s_sr + c[None, :], s, mask=(r < nb)[:, None] & (c < nb)[None, :])
+    tl.store(S + head * s_sh + r[:, None] * s_sr + c[None, :], s, mask=(r < nqb)[:, None] & (c < nb)[None, :])
 
 
-def block_scores(q: Tensor, k: Tensor, block: int) -> Tensor:
-    """Pooled block scores ``[h, nb, nb]`` float32 (only the causal half, ``col <= row``, is written)."""
-    h, n, d = q.shape
+def block_scores(q: Tensor, k: Tensor, block: int, q_offset: int = 0) -> Tensor:
+    """Pooled block scores ``[h, nqb, nb]`` float32 of ``q``'s query blocks (the first is the absolute block
+    ``q_offset / block``) against every key block of ``k``; only the causal part (key block ``<=`` query
+    block) is written."""
+    h, _, d = q.shape
     pq = triton_mean_pool(q, block).contiguous()
     pk = triton_mean_pool(k, block).contiguous()
-    nb = pq.shape[1]
-    s = torch.empty(h, nb, nb, dtype=torch.float32, device=q.device)
+    nqb, nb = pq.shape[1], pk.shape[1]
+    s = torch.empty(h, nqb, nb, dtype=torch.float32, device=q.device)
     TM = TN = 64 if nb >= 64 else 16
     prec = "ieee" if q.device.type != "cuda" else "tf32x3"
-    _block_scores_kernel[(triton.cdiv(nb, TM), triton.cdiv(nb, TN), h)](
-        pq, pk, s, nb, h // k.shape[0], pq.stride(0), pk.stride(0), s.stride(0), s.stride(1),
-        D=d, TM=TM, TN=TN, PREC=prec, num_warps=4)
+    _block_scores_kernel[(triton.cdiv(nqb, TM), triton.cdiv(nb, TN), h)](
+        pq, pk, s, nqb, nb, q_offset // block, h // k.shape[0], pq.stride(0), pk.stride(0), s.stride(0),
+        s.stride(1), D=d, TM=TM, TN=TN, PREC=prec, num_warps=4)
     return s

@@ -41,9 +41,15 @@ from .topk import causal_block_topk
 VS_BLOCK = 64  # query-block rows of the vertical-slash kernel (bands are this wide)
 
 
-def _dense(q: Tensor, k: Tensor, v: Tensor, details: dict) -> PrefillOutcome:
-    h, n, _ = q.shape
-    return PrefillOutcome(dense_prefill(q, k, v), causal_cells(n) * h, 0.0, details)
+def _dense(q: Tensor, k: Tensor, v: Tensor, details: dict, q_offset: int = 0) -> PrefillOutcome:
+    return PrefillOutcome(dense_prefill(q, k, v, q_offset), causal_cells(k.shape[1], q_offset) * q.shape[0], 0.0,
+                          details)
+
+
+def _check_offset(q_offset: int, block: int) -> None:
+    """Chunks start at a query-block boundary of the kernels, so their blocks are the whole prompt's."""
+    if q_offset % block:
+        raise ValueError(f"prefill chunks must start at a multiple of {block} tokens; got q_offset {q_offset}")
 
 
 # --------------------------------------------------------------------------------------------- vertical-slash
@@ -51,15 +57,15 @@ def vs_attention(q: Tensor, k: Tensor, v: Tensor, cand: VSCandidates, kv: Tensor
                  kv_max: int, ks_max: int) -> tuple[Tensor, Tensor, Tensor]:
     """Attention over the index keeping the first ``kv[h]``/``ks[h]`` entries of each head's orders.
     Returns ``(out, computed_cells [], attended_cells [])`` (device scalars)."""
-    n = cand.n
+    n, c0 = cand.n, cand.q_offset
     sel_s = cand.slash_rank < ks[:, None]
     sel_v = cand.vertical_rank < kv[:, None]
     rel, width, count, cover = slash_chunks(cand.slash_order[:, :ks_max], ks, n, VS_BLOCK, VS_BLOCK)
-    pos, ccnt = vertical_columns(cand.vertical_order[:, :kv_max], kv, n, VS_BLOCK)
+    pos, ccnt = vertical_columns(cand.vertical_order[:, :kv_max], kv, n, VS_BLOCK, c0)
     out = sparse_prefill_attention(q, k, v, rel=(rel, width, count), cols=(pos, ccnt, cover),
                                    exact=(sel_s.view(torch.int8), sel_v.view(torch.int8)),
-                                   block_m=VS_BLOCK, block_n=VS_BLOCK)
-    return out, computed_cells(sel_s, sel_v, VS_BLOCK).sum(), exact_cells(sel_s, sel_v).sum()
+                                   block_m=VS_BLOCK, block_n=VS_BLOCK, q_offset=c0)
+    return out, computed_cells(sel_s, sel_v, VS_BLOCK, q_offset=c0).sum(), exact_cells(sel_s, sel_v, c0).sum()
 
 
 def vs_closest_budget(cand: VSCandidates, ratio: float, num_vertical: int | None = None,
@@ -73,14 +79,16 @@ def vs_closest_budget(cand: VSCandidates, ratio: float, num_vertical: int | None
     return search_budget(fraction, 1.0 / ratio, 1, cand.n, guess=guess)
 
 
-def vertical_slash_prefill(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec) -> PrefillOutcome:
-    h, n, d = q.shape
+def vertical_slash_prefill(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec, q_offset: int = 0) -> PrefillOutcome:
+    h, _, d = q.shape
+    n = k.shape[1]
     p = phase.params
     nv, ns = p["num_vertical"], p["num_slash"]
     if phase.compression_ratio <= 1.0 and nv is None and ns is None:
-        return _dense(q, k, v, {"num_vertical": n, "num_slash": n})
+        return _dense(q, k, v, {"num_vertical": n, "num_slash": n}, q_offset)
+    _check_offset(q_offset, VS_BLOCK)
     cols, slash, W = window_scores(q, k, p["window"])
-    cand = VSCandidates(cols, slash, W, p["sink_tokens"], p["local_window"], VS_BLOCK)
+    cand = VSCandidates(cols, slash, W, p["sink_tokens"], p["local_window"], VS_BLOCK, q_offset)
     if nv is None or ns is None:
         budget = vs_closest_budget(cand, phase.compression_ratio, nv, ns)
         nv = budget if nv is None else nv
@@ -99,16 +107,19 @@ def vertical_slash_prefill(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec) ->
 FLEX_ALPHA_STEPS = 20
 
 
-def flexprefill_prefill(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec) -> PrefillOutcome:
+def flexprefill_prefill(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec, q_offset: int = 0) -> PrefillOutcome:
     from ..prefill.flexprefill import DEFAULT_ALPHA, DEFAULT_MIN_BUDGET, Coverage  # noqa: F401
 
-    h, n, d = q.shape
+    h, _, d = q.shape
+    n = k.shape[1]
     p = phase.params
     alpha, min_budget, ratio = p["alpha"], p["min_budget"], phase.compression_ratio
     if ratio <= 1.0 and alpha is None:
-        return _dense(q, k, v, {"alpha": None, "min_budget": None, "num_vertical": [n] * h, "num_slash": [n] * h})
+        return _dense(q, k, v, {"alpha": None, "min_budget": None, "num_vertical": [n] * h, "num_slash": [n] * h},
+                      q_offset)
+    _check_offset(q_offset, VS_BLOCK)
     cols, slash, W = window_scores(q, k, p["window"])
-    cand = VSCandidates(cols, slash, W, p["sink_tokens"], p["local_window"], VS_BLOCK)
+    cand = VSCandidates(cols, slash, W, p["sink_tokens"], p["local_window"], VS_BLOCK, q_offset)
     vcov = Coverage(cols, W, cand.forced_vertical)
     scov = Coverage(slash, W, cand.forced_slash)
     if min_budget is None:
@@ -135,34 +146,38 @@ def flexprefill_prefill(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec) -> Pr
 
 
 # ----------------------------------------------------------------------------------------------- block-sparse
-def block_sparse_index(q: Tensor, k: Tensor, block: int, top_k: int) -> tuple[Tensor, Tensor]:
-    """``(ids [h, nb, top_k] ascending, counts [h, nb])`` of the kept key blocks per query block."""
-    return causal_block_topk(block_scores(q, k, block), top_k, force_prev=True)
+def block_sparse_index(q: Tensor, k: Tensor, block: int, top_k: int, q_offset: int = 0) -> tuple[Tensor, Tensor]:
+    """``(ids [h, nqb, top_k] ascending, counts [h, nqb])`` of the kept key blocks per query block of ``q``
+    (the first one starting at ``q_offset``)."""
+    return causal_block_topk(block_scores(q, k, block, q_offset), top_k, force_prev=True, row0=q_offset // block)
 
 
-def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, cnt: Tensor, block: int) -> Tensor:
+def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, cnt: Tensor, block: int,
+                           q_offset: int = 0) -> Tensor:
     """Exact ``block x block`` tiles: only the kept blocks are multiplied. (Packing 16-blocks into 64-row tiles
     multiplies each kept block against the whole tile, the union of four query blocks' choices: on the H200
     that computed nearly dense cells at r=4 and ran 2.1x slower than exact tiles;
     benchmarks/results/block-sparse-tiles-NVIDIA-H200-2026-11-30.txt.)"""
-    return sparse_prefill_attention(q, k, v, blocks=(ids, cnt, block), block_m=block)
+    return sparse_prefill_attention(q, k, v, blocks=(ids, cnt, block), block_m=block, q_offset=q_offset)
 
 
-def block_sparse_prefill(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec) -> PrefillOutcome:
-    h, n, d = q.shape
-    block, top_k = resolve_top_k(n, phase)
+def block_sparse_prefill(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec, q_offset: int = 0) -> PrefillOutcome:
+    h, _, d = q.shape
+    n = k.shape[1]
+    block, top_k = resolve_top_k(n, phase, q_offset)
     details = {"block_size": block, "top_k": top_k, "impl": "triton"}
     if top_k >= math.ceil(n / block):
-        return _dense(q, k, v, details)
-    ids, cnt = block_sparse_index(q, k, block, top_k)
-    out = block_sparse_attention(q, k, v, ids, cnt, block)
-    cells = kept_cells(n, block, top_k) * h  # exact tiles compute exactly the kept cells
-    return PrefillOutcome(out, cells, block_sparse_indexing_flops(h, k.shape[0], n, d, block, top_k), details)
+        return _dense(q, k, v, details, q_offset)
+    ids, cnt = block_sparse_index(q, k, block, top_k, q_offset)
+    out = block_sparse_attention(q, k, v, ids, cnt, block, q_offset)
+    cells = kept_cells(n, block, top_k, q_offset) * h  # exact tiles compute exactly the kept cells
+    flops = block_sparse_indexing_flops(h, k.shape[0], n, d, block, top_k, q_offset)
+    return PrefillOutcome(out, cells, flops, details)
 
 
 # Every prefill method's fast path.
 PREFILL = {
-    "dense": lambda q, k, v, phase: _dense(q, k, v, {}),
+    "dense": lambda q, k, v, phase, q_offset=0: _dense(q, k, v, {}, q_offset),
     "vertical_slash": vertical_slash_prefill,
     "flexprefill": flexprefill_prefill,
     "block_sparse": block_sparse_prefill,

@@ -35,6 +35,11 @@ sub-block tiles run without software pipelining, which miscomputed them on Trito
 
 Every row must reach at least one key (the methods always keep the diagonal); a row that reaches none is
 written as zeros. Outputs are written for every row ``< n``.
+
+Chunked prefill: with ``q_offset = c0`` the ``m`` rows of ``q`` are the absolute positions ``[c0, c0 + m)`` and
+``k``/``v`` hold all ``n = c0 + m`` keys. Query blocks, relative chunks, block lists, column counts and the
+causal mask all use absolute positions (query block ``qb`` of the call starts at ``c0 + qb * block_m``); only
+the loads of q and the stores of the output are local.
 """
 
 from __future__ import annotations
@@ -92,7 +97,7 @@ def _sparse_prefill_kernel(
     COL, scol_h, COL_CNT, scc_h, COVER, scov_h,
     SBITS, ssb_h, VON, svon_h,
     PRE, spre_h, LSE,
-    n, n_qb, group, qk_scale,
+    n, n_qb, q_off, group, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_REL: tl.constexpr, HAS_BLK: tl.constexpr, SUB: tl.constexpr, HAS_COL: tl.constexpr,
     EXACT: tl.constexpr, PAD_WORDS: tl.constexpr, WRITE_LSE: tl.constexpr, MERGE: tl.constexpr,
@@ -101,12 +106,14 @@ def _sparse_prefill_kernel(
     # into constants plus one offset per row, which keeps the gathered K/V tiles cheap in registers
     head, qb = _kv_major_block(tl.program_id(0), n_qb, group)
     kvh = head // group
-    qs = qb * BLOCK_M
+    qs = q_off + qb * BLOCK_M  # absolute position of the block's first row
     offs_m = qs + tl.arange(0, BLOCK_M)
+    local_m = offs_m - q_off  # rows of q, out, PRE and LSE
+    n_q = n - q_off
     offs_d = tl.arange(0, HEAD_DIM)
     lane = tl.arange(0, BLOCK_N)
     row_ok = offs_m < n
-    q = tl.load(Q + head * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q = tl.load(Q + head * sqh + local_m[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     K_h = K + kvh * skh
     V_h = V + kvh * svh
     m_i = tl.full([BLOCK_M], _NEG, tl.float32)
@@ -115,8 +122,8 @@ def _sparse_prefill_kernel(
     if MERGE:
         # continue from a previous pass over other keys: its normalised output (float32) and log2-sum-exp
         # are an equivalent online-softmax state (m = lse, l = 1, acc = out)
-        lse_prev = tl.load(LSE + head * n + offs_m, mask=row_ok, other=_NEG)
-        acc = tl.load(PRE + head * spre_h + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None],
+        lse_prev = tl.load(LSE + head * n_q + local_m, mask=row_ok, other=_NEG)
+        acc = tl.load(PRE + head * spre_h + local_m[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None],
                       other=0.0)
         m_i = lse_prev
         l_i = tl.where(lse_prev > -1.0e29, 1.0, 0.0)
@@ -207,8 +214,8 @@ def _sparse_prefill_kernel(
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
     if WRITE_LSE:
-        tl.store(LSE + head * n + offs_m, tl.where(l_i > 0, m_i + tl.math.log2(l_safe), _NEG), mask=row_ok)
-    tl.store(Out + head * soh + offs_m[:, None] * son + offs_d[None, :], out.to(Out.dtype.element_ty),
+        tl.store(LSE + head * n_q + local_m, tl.where(l_i > 0, m_i + tl.math.log2(l_safe), _NEG), mask=row_ok)
+    tl.store(Out + head * soh + local_m[:, None] * son + offs_d[None, :], out.to(Out.dtype.element_ty),
              mask=row_ok[:, None])
 
 
@@ -235,9 +242,12 @@ def sparse_prefill_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     split: bool = True,
+    q_offset: int = 0,
 ) -> Tensor:
     """Causal attention of ``q [h, n, d]`` over ``k``/``v`` ``[h_kv, n, d]`` restricted to the union of the
-    given key sources (see the module docstring); returns ``out [h, n, d]`` in q's dtype.
+    given key sources (see the module docstring); returns ``out [h, n, d]`` in q's dtype. With ``q_offset``,
+    ``q``/``out`` are ``[h, n - q_offset, d]``: the rows of positions ``[q_offset, n)`` (per-query-block index
+    tensors then have ``ceil((n - q_offset) / block_m)`` blocks, the first at ``q_offset``).
 
     * ``rel = (rel [h, c], width [h, c], count [h])`` int32 relative chunks;
     * ``blocks = (ids [h, n_sub, k], count [h, n_sub], sb)`` int32 key-block lists of block size ``sb``
@@ -250,9 +260,9 @@ def sparse_prefill_attention(
     With both ``rel`` and ``cols`` (and ``split``), two launches: the bands write a float32 output and its
     log-sum-exp, the columns pass continues that online softmax and writes the result.
     """
-    h, n, d = q.shape
-    h_kv = k.shape[0]
-    assert h % h_kv == 0 and k.shape == v.shape and k.shape[1:] == (n, d)
+    h, n_q, d = q.shape
+    h_kv, n = k.shape[0], k.shape[1]
+    assert h % h_kv == 0 and k.shape == v.shape and n == q_offset + n_q and k.shape[2] == d
     for t in (q, k, v):
         assert t.stride(-1) == 1 and t.stride(-2) == d, "rows of q/k/v must be contiguous ([.., n, d] layout)"
     assert d in (16, 32, 64, 128, 256)
@@ -273,7 +283,7 @@ def sparse_prefill_attention(
     c_, cc, cov = cols if cols is not None else (dz.view(1, 1), dz.view(1, 1), dz.view(1, 1).to(torch.int8))
     if rel is not None:
         r_, rw = r_.contiguous(), rw.contiguous()
-        rq = rel_block_counts(r_, rc, n, block_m, block_n)
+        rq = rel_block_counts(r_, rc, n, block_m, block_n, q_offset)
     else:
         rq = dz.view(1, 1)
     if exact is not None:
@@ -285,7 +295,7 @@ def sparse_prefill_attention(
         s_bits = dz.view(1, 1).to(torch.int64)
         v_on = dz.view(1, 1).to(torch.int8)
     scale = (1.0 / math.sqrt(d)) if sm_scale is None else sm_scale
-    n_qb = triton.cdiv(n, block_m)
+    n_qb = triton.cdiv(n_q, block_m)
     cuda = dev.type == "cuda"
 
     def config(use_col: bool) -> tuple[int, int]:
@@ -311,7 +321,7 @@ def sparse_prefill_attention(
             c_, c_.stride(0), cc, cc.stride(0), cov, cov.stride(0),
             s_bits, s_bits.stride(0), v_on, v_on.stride(0),
             pre, pre.stride(0), lse,
-            n, n_qb, h // h_kv, scale * LOG2E,
+            n, n_qb, q_offset, h // h_kv, scale * LOG2E,
             HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
             HAS_REL=use_rel, HAS_BLK=use_blk, SUB=sub, HAS_COL=use_col,
             EXACT=use_exact, PAD_WORDS=_PAD_WORDS, WRITE_LSE=write_lse, MERGE=merge,
@@ -322,8 +332,8 @@ def sparse_prefill_attention(
     no_lse = torch.zeros(1, dtype=torch.float32, device=dev)
     if rel is not None and cols is not None and split:
         # two single-loop passes (each fits the registers of 4 warps): bands, then columns merged in
-        pre = torch.empty(h, n, d, dtype=torch.float32, device=dev)
-        lse = torch.empty(h, n, dtype=torch.float32, device=dev)
+        pre = torch.empty(h, n_q, d, dtype=torch.float32, device=dev)
+        lse = torch.empty(h, n_q, dtype=torch.float32, device=dev)
         launch(pre, use_rel=True, use_blk=False, use_col=False, use_exact=exact is not None, write_lse=True,
                merge=False, pre=no_pre, lse=lse)
         launch(out, use_rel=False, use_blk=False, use_col=True, use_exact=False, write_lse=False, merge=True,
@@ -353,14 +363,20 @@ def pack_bits(sel: Tensor) -> Tensor:
     return (padded.view(h, -1, 64) << shifts).sum(-1)
 
 
-def rel_block_counts(rel: Tensor, count: Tensor, n: int, block_m: int = 64, block_n: int = 64) -> Tensor:
+def query_block_starts(n: int, block_m: int, q_offset: int, device) -> Tensor:
+    """Absolute first rows of the query blocks of the rows ``[q_offset, n)``."""
+    return q_offset + torch.arange(triton.cdiv(n - q_offset, block_m), device=device) * block_m
+
+
+def rel_block_counts(rel: Tensor, count: Tensor, n: int, block_m: int = 64, block_n: int = 64,
+                     q_offset: int = 0) -> Tensor:
     """``[h, n_qb]``: how many of a head's chunks (sorted by ``rel``) can reach a key ``>= 0`` from each query
     block (``rel <= qs + block_n - 1``), so a block never visits chunks that lie wholly before key 0."""
     h, c = rel.shape
     live = torch.arange(c, device=rel.device)[None, :] < count.to(rel.device).long()[:, None]
     r = torch.where(live, rel.long(), torch.full_like(rel, _SENTINEL, dtype=torch.long))
-    n_qb = triton.cdiv(n, block_m)
-    lim = (torch.arange(n_qb, device=rel.device) * block_m + block_n - 1).expand(h, n_qb).contiguous()
+    qs = query_block_starts(n, block_m, q_offset, rel.device)
+    lim = (qs + block_n - 1).expand(h, qs.numel()).contiguous()
     return torch.searchsorted(r, lim, right=True).to(torch.int32)
 
 
@@ -421,15 +437,15 @@ def slash_chunks(offsets: Tensor, counts: Tensor | None, n: int, block_m: int = 
     return rel, width, total.to(torch.int32), cover
 
 
-def vertical_columns(verticals: Tensor, counts: Tensor | None, n: int, block_m: int = 64
+def vertical_columns(verticals: Tensor, counts: Tensor | None, n: int, block_m: int = 64, q_offset: int = 0
                      ) -> tuple[Tensor, Tensor]:
     """Vertical key positions ``[h, k_v]`` (entries ``>= counts[h]`` ignored) to ``(sorted pos [h, k_v],
-    per-query-block counts [h, n_qb])`` for :func:`sparse_prefill_attention`."""
+    per-query-block counts [h, n_qb])`` for :func:`sparse_prefill_attention` (query rows ``[q_offset, n)``)."""
     h = verticals.shape[0]
     dev = verticals.device
     pos = _sorted_live(verticals, counts)
-    n_qb = triton.cdiv(n, block_m)
-    last = (torch.arange(n_qb, device=dev) * block_m + block_m - 1).expand(h, n_qb).contiguous()
+    qs = query_block_starts(n, block_m, q_offset, dev)
+    last = (qs + block_m - 1).expand(h, qs.numel()).contiguous()
     cnt = torch.searchsorted(pos, last, right=True).to(torch.int32)
     pos = torch.where(pos < _SENTINEL, pos, torch.zeros_like(pos)).to(torch.int32)
     return pos, cnt

@@ -76,44 +76,47 @@ def _select_write(key, idx, valid, kk, thr, OUT_ROW):
 
 @triton.jit
 def _causal_block_topk_kernel(
-    S, OUT, CNT, s_h, s_r, o_h, o_r, c_h, nb, k_req,
+    S, OUT, CNT, s_h, s_r, o_h, o_r, c_h, nb, row0, k_req,
     BLOCK: tl.constexpr, FORCE_PREV: tl.constexpr,
 ):
-    """Row r of head h: entries j <= r of S[h, r, :]; 0, r (and r - 1) forced. Writes min(k, r + 1) ids."""
+    """Row r of head h (absolute query block a = row0 + r): entries j <= a of S[h, r, :]; 0, a (and a - 1)
+    forced. Writes min(k, a + 1) ids."""
     r = tl.program_id(0)
     h = tl.program_id(1)
+    a = row0 + r
     j = tl.arange(0, BLOCK)
-    valid = j <= r
+    valid = j <= a
     x = tl.load(S + h * s_h + r * s_r + j, mask=valid, other=0.0)
-    forced = (j == 0) | (j == r)
+    forced = (j == 0) | (j == a)
     if FORCE_PREV:
-        forced = forced | (j == r - 1)
+        forced = forced | (j == a - 1)
     x = tl.where(forced, float("inf"), x)
     key = _order_key(x)
-    kk = tl.minimum(k_req, r + 1)
+    kk = tl.minimum(k_req, a + 1)
     thr = _kth_largest_key(key, kk, valid)
     _select_write(key, j, valid, kk, thr, OUT + h * o_h + r * o_r)
     tl.store(CNT + h * c_h + r, kk)
 
 
-def causal_block_topk(scores: Tensor, k: int, force_prev: bool = True, *, num_warps: int | None = None
-                      ) -> tuple[Tensor, Tensor]:
-    """``scores [h, nb, nb]`` float32 (row = query block, column = key block; only ``j <= row`` read) ->
-    ``(ids [h, nb, k] int32 ascending, counts [h, nb] int32)`` keeping block 0, the diagonal and (if
-    ``force_prev``) the block before it, then the highest scores; a row keeps ``min(k, row + 1)`` blocks."""
-    h, nb, nb2 = scores.shape
-    assert nb == nb2 and scores.stride(-1) == 1 and scores.dtype == torch.float32
+def causal_block_topk(scores: Tensor, k: int, force_prev: bool = True, *, num_warps: int | None = None,
+                      row0: int = 0) -> tuple[Tensor, Tensor]:
+    """``scores [h, nqb, nb]`` float32 (row = query block, the absolute block ``row0 + row``; column = key
+    block; only ``j <= row0 + row`` read) -> ``(ids [h, nqb, k] int32 ascending, counts [h, nqb] int32)``
+    keeping block 0, the diagonal and (if ``force_prev``) the block before it, then the highest scores; a row
+    keeps ``min(k, row0 + row + 1)`` blocks."""
+    h, nqb, nb = scores.shape
+    assert row0 + nqb == nb and scores.stride(-1) == 1 and scores.dtype == torch.float32
     k = int(min(k, nb))
-    ids = torch.zeros(h, nb, k, dtype=torch.int32, device=scores.device)
-    cnt = torch.empty(h, nb, dtype=torch.int32, device=scores.device)
+    ids = torch.zeros(h, nqb, k, dtype=torch.int32, device=scores.device)
+    cnt = torch.empty(h, nqb, dtype=torch.int32, device=scores.device)
     block = max(16, triton.next_power_of_2(nb))
     # H100, block-sparse index: 512 columns (32K) 1 warp 0.074 ms vs 4 warps 0.120; 2048 columns (128K)
     # 4 warps 1.17 ms vs 1 / 2 / 8 warps 2.13 / 1.52 / 1.49 (1024 columns: 2 warps, in between, not measured)
     warps = num_warps or (1 if block <= 512 else 2 if block <= 1024 else 4 if block <= 2048 else
                           8 if block <= 8192 else 16)
-    _causal_block_topk_kernel[(nb, h)](
+    _causal_block_topk_kernel[(nqb, h)](
         scores, ids, cnt, scores.stride(0), scores.stride(1), ids.stride(0), ids.stride(1), cnt.stride(0),
-        nb, k, BLOCK=block, FORCE_PREV=force_prev, num_warps=warps,
+        nb, row0, k, BLOCK=block, FORCE_PREV=force_prev, num_warps=warps,
     )
     return ids, cnt
 

@@ -133,25 +133,26 @@ def search_alpha(fraction: Callable[[float], float], ratio: float, steps: int, r
     return lo if abs(f_lo - target) < abs(f_hi - target) else hi
 
 
-def build_index(q: Tensor, k: Tensor, phase: PhaseSpec) -> FlexBudget | None:
+def build_index(q: Tensor, k: Tensor, phase: PhaseSpec, q_offset: int = 0) -> FlexBudget | None:
     """The budgets and index :func:`prefill` attends over, or ``None`` when it runs dense."""
     params = phase.params
     if phase.compression_ratio <= 1.0 and params["alpha"] is None:
         return None
     candidates = Candidates(estimate_scores(q, k, params["window"]), params["sink_tokens"],
-                            params["local_window"])
+                            params["local_window"], q_offset)
     return choose(candidates, params["alpha"], params["min_budget"], phase.compression_ratio)
 
 
-def prefill(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec) -> PrefillOutcome:
-    h, n, d = q.shape
-    budget = build_index(q, k, phase)
+def prefill(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec, q_offset: int = 0) -> PrefillOutcome:
+    h, m, d = q.shape
+    n = k.shape[1]
+    budget = build_index(q, k, phase, q_offset)
     if budget is None:
-        out, cells = masked_causal_attention(q, k, v)
+        out, cells = masked_causal_attention(q, k, v, q_offset=q_offset)
         return PrefillOutcome(out, cells, 0.0, {"alpha": None, "min_budget": None,
                                                 "num_vertical": [n] * h, "num_slash": [n] * h})
-    out, cells = masked_causal_attention(q, k, v, budget.index.row_mask())
-    window = min(phase.params["window"], n)
+    out, cells = masked_causal_attention(q, k, v, budget.index.row_mask(), q_offset)
+    window = min(phase.params["window"], m)
     details = {
         "alpha": budget.alpha,
         "min_budget": budget.min_budget,

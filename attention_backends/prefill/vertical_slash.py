@@ -41,14 +41,14 @@ def closest_budget(candidates: Candidates, ratio: float, num_vertical: int | Non
     return closest_budget_search(fraction, 1.0 / ratio, candidates.n)
 
 
-def build_index(q: Tensor, k: Tensor, phase: PhaseSpec) -> VerticalSlashIndex | None:
+def build_index(q: Tensor, k: Tensor, phase: PhaseSpec, q_offset: int = 0) -> VerticalSlashIndex | None:
     """The index :func:`prefill` attends over, or ``None`` when it runs dense (``r = 1``, no budgets)."""
     params = phase.params
     num_vertical, num_slash = params["num_vertical"], params["num_slash"]
     if phase.compression_ratio <= 1.0 and num_vertical is None and num_slash is None:
         return None
     scores = estimate_scores(q, k, params["window"])
-    candidates = Candidates(scores, params["sink_tokens"], params["local_window"])
+    candidates = Candidates(scores, params["sink_tokens"], params["local_window"], q_offset)
     if num_vertical is None or num_slash is None:
         budget = closest_budget(candidates, phase.compression_ratio, num_vertical, num_slash)
         num_vertical = budget if num_vertical is None else num_vertical
@@ -56,13 +56,14 @@ def build_index(q: Tensor, k: Tensor, phase: PhaseSpec) -> VerticalSlashIndex | 
     return candidates.select(num_vertical, num_slash)
 
 
-def prefill(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec) -> PrefillOutcome:
-    h, n, d = q.shape
-    index = build_index(q, k, phase)
+def prefill(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec, q_offset: int = 0) -> PrefillOutcome:
+    h, m, d = q.shape
+    n = k.shape[1]
+    index = build_index(q, k, phase, q_offset)
     if index is None:
-        out, cells = masked_causal_attention(q, k, v)
+        out, cells = masked_causal_attention(q, k, v, q_offset=q_offset)
         return PrefillOutcome(out, cells, 0.0, {"num_vertical": n, "num_slash": n})
-    out, cells = masked_causal_attention(q, k, v, index.row_mask())
-    window = min(phase.params["window"], n)
+    out, cells = masked_causal_attention(q, k, v, index.row_mask(), q_offset)
+    window = min(phase.params["window"], m)
     details = {"num_vertical": int(index.num_vertical[0]), "num_slash": int(index.num_slash[0])}
     return PrefillOutcome(out, cells, estimation_flops(h, n, d, window), details)

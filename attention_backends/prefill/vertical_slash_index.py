@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..cost import causal_cells
+
 
 @dataclass
 class SlashScores:
@@ -36,14 +38,16 @@ class SlashScores:
 
 
 def estimate_scores(q: Tensor, k: Tensor, window: int) -> SlashScores:
-    """Vertical and slash scores from the last ``W = min(window, n)`` queries (float32, per query head)."""
-    h, n, d = q.shape
-    h_kv = k.shape[0]
+    """Vertical and slash scores from the last ``W = min(window, m)`` of the ``m`` queries in ``q`` (float32, per
+    query head) against all ``n`` keys. ``q`` holds the queries of positions ``[n - m, n)`` (a chunk; ``m = n``
+    for a whole prompt), so its last rows are the last queries before key ``n``."""
+    h, m, d = q.shape
+    h_kv, n = k.shape[0], k.shape[1]
     g = h // h_kv
-    w = min(window, n)
+    w = min(window, m)
     # Group the query heads of a KV head together so the product needs no expanded copy of k:
     # query head i = kv * g + j, so [h_kv, g * W, d] reshapes back to [h, W, n].
-    q_last = q[:, n - w:].float().reshape(h_kv, g * w, d)
+    q_last = q[:, m - w:].float().reshape(h_kv, g * w, d)
     scores = torch.matmul(q_last, k.float().transpose(1, 2)).reshape(h, w, n) / math.sqrt(d)
     rows = torch.arange(n - w, n, device=q.device)  # absolute positions of the window queries
     cols = torch.arange(n, device=q.device)
@@ -78,19 +82,25 @@ def ranks(order: Tensor) -> Tensor:
     return rank.scatter_(-1, order, place)
 
 
-def covered_cells(vertical: Tensor, slash: Tensor) -> Tensor:
-    """Causal cells covered by each head's union of verticals and slashes, counted once. ``[h]`` int64.
+def covered_cells(vertical: Tensor, slash: Tensor, q_offset: int = 0) -> Tensor:
+    """Causal cells of query rows ``[q_offset, n)`` covered by each head's union of verticals and slashes,
+    counted once. ``[h]`` int64.
 
     ``vertical``/``slash`` are ``[h, n]`` bool selections (column ``j`` / offset ``o``). Column ``j`` holds
     ``n - j`` causal cells and diagonal ``o`` holds ``n - o``; a cell ``(i, j)`` lies on both a selected
     column and a selected diagonal iff ``j + o = i <= n - 1``, so the overlap is, summed over selected
-    columns ``j``, the number of selected offsets ``o <= n - 1 - j``.
+    columns ``j``, the number of selected offsets ``o <= n - 1 - j``. A selection does not depend on the
+    rows, so the rows ``[q_offset, n)`` of a chunk cover the cells of rows ``[0, n)`` minus those of rows
+    ``[0, q_offset)`` (which only reach columns and offsets below ``q_offset``).
     """
     n = vertical.shape[-1]
     length = torch.arange(n, 0, -1, device=vertical.device)  # n - p: cells on column p or diagonal p
     v, s = vertical.long(), slash.long()
     offsets_up_to = s.cumsum(-1).flip(-1)  # [h, j] -> number of selected offsets <= n - 1 - j
-    return (v * length).sum(-1) + (s * length).sum(-1) - (v * offsets_up_to).sum(-1)
+    cells = (v * length).sum(-1) + (s * length).sum(-1) - (v * offsets_up_to).sum(-1)
+    if q_offset:
+        cells = cells - covered_cells(vertical[:, :q_offset], slash[:, :q_offset])
+    return cells
 
 
 @dataclass
@@ -99,6 +109,7 @@ class VerticalSlashIndex:
 
     vertical: Tensor  # [h, n] bool, True on kept key columns j
     slash: Tensor  # [h, n] bool, True on kept offsets o = i - j
+    q_offset: int = 0  # the first query row it serves (a chunk's start)
 
     @property
     def num_vertical(self) -> Tensor:
@@ -118,10 +129,11 @@ class VerticalSlashIndex:
 
     def covered_cells(self) -> Tensor:
         """Causal cells each head's index covers (``[h]``): exactly what the masked attention computes."""
-        return covered_cells(self.vertical, self.slash)
+        return covered_cells(self.vertical, self.slash, self.q_offset)
 
     def row_mask(self):
-        """``row_mask(start, stop) -> [h, stop - start, n]`` for :func:`~.common.masked_causal_attention`."""
+        """``row_mask(start, stop) -> [h, stop - start, n]`` for :func:`~.common.masked_causal_attention`
+        (absolute rows)."""
         h, n = self.slash.shape
         # Row i needs slash[i - j] for every key j. With padded[m] = slash[n - 1 - m] (and False for m >= n,
         # i.e. above the diagonal), that is padded[n - 1 - i + j]: window n - 1 - i of length n.
@@ -145,9 +157,10 @@ class Candidates:
     searches rely on.
     """
 
-    def __init__(self, scores: SlashScores, sink_tokens: int, local_window: int):
+    def __init__(self, scores: SlashScores, sink_tokens: int, local_window: int, q_offset: int = 0):
         self.scores = scores
         self.n = scores.vertical.shape[-1]
+        self.q_offset = q_offset  # the index serves query rows [q_offset, n) (a chunk)
         self.forced_vertical = min(sink_tokens, self.n)
         self.forced_slash = min(local_window, self.n)
         self.vertical_rank = ranks(keep_order(scores.vertical, self.forced_vertical))
@@ -165,9 +178,9 @@ class Candidates:
         """The index keeping, per head, the first ``num_vertical`` columns and ``num_slash`` offsets."""
         kv = self._counts(num_vertical, self.forced_vertical)
         ks = self._counts(num_slash, self.forced_slash)
-        return VerticalSlashIndex(self.vertical_rank < kv[:, None], self.slash_rank < ks[:, None])
+        return VerticalSlashIndex(self.vertical_rank < kv[:, None], self.slash_rank < ks[:, None], self.q_offset)
 
     def covered_fraction(self, num_vertical: Tensor | int, num_slash: Tensor | int) -> float:
-        """Covered causal cells over all heads / dense causal cells: the density ``1 / r`` of that index."""
+        """Covered causal cells over all heads / dense causal cells (of the rows served): the density ``1 / r``."""
         covered = self.select(num_vertical, num_slash).covered_cells().sum()
-        return float(covered) / (self.num_heads * self.n * (self.n + 1) / 2)
+        return float(covered) / (self.num_heads * causal_cells(self.n, self.q_offset))
