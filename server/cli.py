@@ -19,7 +19,7 @@ from types import FrameType
 from pydantic import ValidationError
 
 from clients.cli_help import HelpFormatter
-from server.settings import API_KEY_ENV, ServerSettings, parse_size
+from server.settings import API_KEY_ENV, PREFILL_CHUNK_ALIGN, ServerSettings, parse_size
 
 log = logging.getLogger("sparse_serve")
 
@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--enforce-eager", action="store_true", default=None,
                    help="run every decode step eagerly: no CUDA graphs (default on CUDA: the native engine replays "
                    "decode steps as CUDA graphs captured per batch-size bucket; vLLM uses its own graphs)")
+    g.add_argument("--max-prefill-chunk", type=int, default=d.max_prefill_chunk,
+                   help="native engine: prefill long prompts in chunks of at most this many tokens (a multiple of "
+                   f"{PREFILL_CHUNK_ALIGN}), each engine step one chunk then one decode step of the running "
+                   "requests, so a long prompt does not stall them; 0 = whole prompts in one step")
     g.add_argument("--served-model-name", default=None,
                    help="the model name clients send and /v1/models lists (default: the model's name)")
 
@@ -106,6 +110,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_queue=args.max_queue,
         page_size=args.page_size,
         enforce_eager=args.enforce_eager,
+        max_prefill_chunk=args.max_prefill_chunk,
         host=args.host,
         port=args.port,
         served_model_name=args.served_model_name,

@@ -18,6 +18,14 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 from attention_backends import InvalidSparsePattern, parse_pattern
 
 API_KEY_ENV = "SPARSE_SERVE_API_KEY"
+# Chunked prefill: a chunk starts at a multiple of the prefill kernels' query blocks (64) and of every
+# block_sparse block size (<= 128), so each chunk's blocks are the whole prompt's. The default, 4096 tokens,
+# keeps a chunk's GEMMs thousands of rows tall (full GPU efficiency; every chunk also re-reads the prompt's
+# earlier K/V) while a running decode waits for one chunk instead of a whole prompt: a 128K prompt becomes 32
+# steps. A smaller chunk shortens the longest inter-token gap (it grows with the context a chunk attends to)
+# at the cost of prefill time.
+PREFILL_CHUNK_ALIGN = 128
+DEFAULT_PREFILL_CHUNK = 4096
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
@@ -60,6 +68,10 @@ class EngineSettings(BaseModel):
     served_model_name: str | None = Field(None, description="the name clients use; None = the model's")
     enforce_eager: bool | None = Field(None, description="True: no CUDA graphs; None = graphs on CUDA (native: "
                                        "decode steps; vLLM: its own), eager on the CPU")
+    max_prefill_chunk: int = Field(
+        DEFAULT_PREFILL_CHUNK, ge=0, multiple_of=PREFILL_CHUNK_ALIGN,
+        description="native engine: longest prompt piece prefilled in one engine step, between decode steps of "
+                    "the running requests; 0 = whole prompts (docs/deployment.md)")
 
     @classmethod
     def from_settings(cls, settings: EngineSettings, **own: Any) -> Self:

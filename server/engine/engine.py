@@ -78,7 +78,7 @@ class NativeEngine:
         self.pool = PagePool(pages, page_size, cfg.head_dim, dtype, device)
         self.runner = ModelRunner(model, self.pool, self.shape)
         self.scheduler = Scheduler(self.pool, cfg.num_layers, cfg.num_kv_heads, options.max_num_seqs,
-                                   options.max_queue)
+                                   options.max_queue, options.max_prefill_chunk)
         self.max_model_len = self._served_context(cfg.max_position_embeddings, cfg.sliding_window)
         if device.type == "cuda" and not options.enforce_eager:
             self.runner.enable_cuda_graphs(options.max_num_seqs, self.max_model_len)
@@ -260,13 +260,17 @@ class NativeEngine:
             self._publish()
 
     def _prefill(self, req: EngineRequest) -> None:
-        """Prefill a new request and sample its first token, or rebuild a preempted request's prompt cache."""
+        """Prefill the next chunk of a request's prompt; after its last chunk, sample the first token of a new
+        request, or go on decoding a preempted one (its prompt cache rebuilt)."""
         resuming = bool(req.output_ids)
-        if not resuming:
+        if not resuming and req.prefill_pos == 0:
             req.timings.scheduled = time.monotonic()
         try:
-            req.kv = self.runner.new_sequence()
-            logits = self.runner.prefill(req)
+            if req.kv is None:
+                req.kv = self.runner.new_sequence()
+            logits = self.runner.prefill(req, self.scheduler.chunk_end(req.request, req.prefill_pos))
+            if logits is None:  # more chunks to come; decodes run in between
+                return
             sp = req.request.sampling
             sampled = None if resuming or not sp.max_tokens else sample(logits, [sp], [req.sampler])[0]
         except Exception as exc:

@@ -28,6 +28,7 @@ class EngineRequest:
     aborted: bool = False
     arrival: int = 0  # arrival order, set by the scheduler (preemption takes the youngest)
     prefilled: bool = False  # the cache holds the prompt (set after each prefill, cleared by preemption)
+    prefill_pos: int = 0  # prompt tokens in the cache so far (chunked prefill), cleared by preemption
     cached_outputs: int = 0  # generated tokens whose keys/values are in the cache
     _cost_at_preemption: RequestCost | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None  # set by the first prefill when requested
@@ -66,9 +67,12 @@ class EngineRequest:
             self.kv.release()
             self.kv = None
         self.prefilled = False
+        self.prefill_pos = 0
         self.cached_outputs = 0
         if self.output_ids and self._cost_at_preemption is None:
             self._cost_at_preemption = copy.deepcopy(self.cost)
+        elif not self.output_ids:  # preempted between prefill chunks: its prefill starts over, and so does its cost
+            self.cost = RequestCost.for_spec(self.request.spec)
 
     def catch_up(self) -> None:
         """After a prefill or decode step: once a resumed request's cache is whole again, restore its cost."""

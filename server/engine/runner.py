@@ -3,9 +3,11 @@
 The model delegates attention to a callback (``AttentionFn``); the callbacks here are where the paged KV
 cache and each request's sparse methods meet:
 
-* prefill (one request, ``T = n``): the request's prefill method computes attention and reports its cost;
-  the layer's keys/values go into fresh pages; SnapKV/Ada-SnapKV then keep only their chosen tokens and
-  the evicted pages go straight back to the pool.
+* prefill (one chunk of one request's prompt, ``T = c1 - c0``; the whole prompt when it is one chunk): the
+  request's prefill method computes the chunk's attention over the layer's keys so far (the earlier chunks'
+  read back from its pages) and reports its cost; the chunk's keys/values are appended to the layer's pages;
+  after the last chunk SnapKV/Ada-SnapKV keep only their chosen tokens and the evicted pages go straight
+  back to the pool.
 * decode (``T = B``, one token per request): :mod:`.decode_step` (the new key/value goes into each (layer,
   KV head)'s last page, then one batched paged attention reads, per row, either the whole per-head page
   table (dense, SnapKV, Ada-SnapKV) or the pages Quest selects from the page key min/max), replayed as a
@@ -17,11 +19,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from attention_backends import PrefillCallReport, engine_impl, prepare_decode, sparse_prefill
 from attention_backends.cost import ModelShape, causal_cells, flops_per_cell
+from attention_backends.prefill.common import sdpa_causal
 from attention_backends.decode.quest import budget_pages
 from attention_backends.spec import DECODE_METHODS
 from server.contract.engine import TokenLogprob
@@ -36,30 +38,44 @@ from .sequence_kv import SequenceKV
 PROMPT_LOGITS_CHUNK_BYTES = 64 << 20
 
 
-def dense_prefill_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, PrefillCallReport]:
+def dense_prefill_attention(q: Tensor, k: Tensor, v: Tensor, q_offset: int = 0) -> tuple[Tensor, PrefillCallReport]:
     """Dense causal attention through SDPA (the fast path; same result as the dense reference)."""
-    h, n, d = q.shape
-    out = F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), is_causal=True,
-                                         enable_gqa=True)[0]
-    cells = causal_cells(n) * h
+    h, _, d = q.shape
+    out = sdpa_causal(q, k, v, q_offset)
+    cells = causal_cells(k.shape[1], q_offset) * h
     flops = float(cells * flops_per_cell(d))
     return out, PrefillCallReport("dense", 1.0, cells, cells, flops, flops)
 
 
-def prompt_logprobs(model, hidden: Tensor, ids: Tensor, k: int) -> list[TokenLogprob | None]:
+def prompt_logprobs(model, hidden: Tensor, ids: Tensor, k: int, start: int = 0) -> list[TokenLogprob | None]:
     """Logprob (and top ``k``) of each prompt token given the ones before it; the first token has none.
 
-    ``hidden [n, hidden_size]`` are the prefill's last-layer states; position i scores token i + 1.
+    ``hidden [m, hidden_size]`` are the prefill's last-layer states of positions ``[start, start + m)`` (a
+    chunk; ``ids`` is the whole prompt); position i scores token i + 1.
     """
     rows = max(1, PROMPT_LOGITS_CHUNK_BYTES // (4 * model.config.vocab_size))
-    out: list[TokenLogprob | None] = [None]
-    scored = ids.numel() - 1  # the last position predicts the first generated token, not a prompt token
-    for start in range(0, scored, rows):
-        end = min(start + rows, scored)
-        logits = model.compute_logits(hidden[start:end])
+    out: list[TokenLogprob | None] = [None] if start == 0 else []
+    # the prompt's last position predicts the first generated token, not a prompt token
+    scored = min(start + hidden.shape[0], ids.numel() - 1)
+    for first in range(start, scored, rows):
+        end = min(first + rows, scored)
+        logits = model.compute_logits(hidden[first - start : end - start])
         logits -= torch.logsumexp(logits, dim=-1, keepdim=True)  # log-softmax in place: one chunk in memory
-        out += token_logprobs(logits, ids[start + 1 : end + 1], k)
+        out += token_logprobs(logits, ids[first + 1 : end + 1], k)
     return out
+
+
+def observation_queries(q: Tensor, n: int) -> Tensor:
+    """The prompt's queries ``[h, n, d]`` as the decode methods' keep step takes them, from the last chunk's
+    ``q [h, m, d]``: SnapKV and Ada-SnapKV read only the last ``window`` queries (the observation window),
+    which the scheduler keeps inside the last chunk (:meth:`.scheduler.Scheduler.chunk_end`); the earlier rows
+    are zeros they never read."""
+    h, m, d = q.shape
+    if m == n:
+        return q
+    full = q.new_zeros(h, n, d)
+    full[:, n - m :] = q
+    return full
 
 
 class PendingDecode:
@@ -91,37 +107,51 @@ class ModelRunner:
 
     # -- prefill ----------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, req: EngineRequest) -> Tensor:
-        """Prefill one request; returns the logits of its last prompt position ``[1, V]``."""
+    def prefill(self, req: EngineRequest, end: int | None = None) -> Tensor | None:
+        """Prefill one request's prompt from ``req.prefill_pos`` up to ``end`` (default: the whole rest) -- one
+        chunk. Returns the logits of the last prompt position ``[1, V]`` after the last chunk, else ``None``."""
         spec = req.request.spec
         kv = req.kv
         assert kv is not None
         cost = req.cost
+        n, c0 = req.prompt_len, req.prefill_pos
+        c1 = n if end is None else end
+        last_chunk = c1 == n
+        evicts = DECODE_METHODS[spec.decode.method].evicts
 
         def attention(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+            if c0:  # the chunk attends to the earlier chunks' keys too
+                k_prev, v_prev = kv.prompt_kv(layer)
+                kh, vh = torch.cat([k_prev, kh.to(k_prev.dtype)], dim=1), torch.cat([v_prev, vh.to(v_prev.dtype)], dim=1)
             if spec.prefill.is_dense:
-                out, report = dense_prefill_attention(qh, kh, vh)
+                out, report = dense_prefill_attention(qh, kh, vh, c0)
             else:
-                out, report = sparse_prefill(qh, kh, vh, spec, impl="triton" if self.use_triton else "reference")
+                out, report = sparse_prefill(qh, kh, vh, spec, impl="triton" if self.use_triton else "reference",
+                                             q_offset=c0)
             cost.add_prefill(report)
-            kv.write_prompt(layer, kh, vh)
-            if DECODE_METHODS[spec.decode.method].evicts:
-                keep = prepare_decode(qh, kh, vh, spec).kept_positions
+            kv.append_prompt(layer, kh[:, c0:], vh[:, c0:])
+            if last_chunk and evicts:  # eviction sees the whole prompt's keys; its window is the last chunk's
+                keep = prepare_decode(observation_queries(qh, n), kh, vh, spec).kept_positions
                 kv.keep_only(layer, keep)
             return out.transpose(0, 1)
 
-        ids = torch.tensor(req.request.prompt_token_ids, dtype=torch.long, device=self.device)
-        positions = torch.arange(ids.numel(), device=self.device)
+        prompt = torch.tensor(req.request.prompt_token_ids, dtype=torch.long, device=self.device)
+        ids = prompt[c0:c1]
+        positions = torch.arange(c0, c1, device=self.device)
         k = req.request.sampling.prompt_logprobs
         if k is None or req.output_ids:  # a preempted request resuming sent its prompt logprobs already
-            last = torch.tensor([ids.numel() - 1], device=self.device)
-            logits = self.model(ids, positions, attention, logits_indices=last).float().cpu()
+            tail = torch.tensor([c1 - c0 - 1], device=self.device)
+            logits = self.model(ids, positions, attention, logits_indices=tail).float().cpu()
         else:
             # the same (sparse) prefill's hidden states score the prompt: what the pattern costs is what is measured
             hidden = self.model.hidden_states(ids, positions, attention)
-            req.prompt_logprobs = prompt_logprobs(self.model, hidden, ids, k)
+            scored = prompt_logprobs(self.model, hidden, prompt, k, c0)
+            req.prompt_logprobs = scored if c0 == 0 else (req.prompt_logprobs or []) + scored
             logits = self.model.compute_logits(hidden[-1:]).cpu()
+        req.prefill_pos = c1
+        if not last_chunk:
+            return None
         cost.end_prefill(self.shape, req.prompt_len)
         return logits
 

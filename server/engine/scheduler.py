@@ -15,9 +15,12 @@
 * Waiting queue: bounded by ``max_queue`` (the backlog of requests that do not fit yet); a full queue is an
   :class:`EngineOverloaded` error whose ``retry_after`` estimates when the queue will have drained, from its
   length and the recent completion rate.
-* Interleaving: each engine step prefills at most one admitted request (whole prompt), then runs one decode
-  step for every prefilled request. A running request thus waits for at most one prefill between two of its
-  tokens, and long prompts cannot starve decodes.
+* Interleaving (chunked prefill): each engine step prefills at most one chunk of at most ``max_prefill_chunk``
+  prompt tokens of the oldest admitted request still prefilling (:meth:`chunk_end`; 0 = the whole prompt),
+  then runs one decode step for every prefilled request. A running request thus waits for at most one chunk
+  between two of its tokens, and long prompts cannot stall decodes. A request between chunks holds the pages
+  of its prefix and the rest of its need stays promised (:meth:`_promised`); it can be aborted or preempted
+  there, and a preempted one prefills again from its first chunk.
 """
 
 from __future__ import annotations
@@ -39,8 +42,10 @@ MAX_RETRY_AFTER = 300.0
 
 
 class Scheduler:
-    def __init__(self, pool: PagePool, num_layers: int, num_kv_heads: int, max_num_seqs: int, max_queue: int):
+    def __init__(self, pool: PagePool, num_layers: int, num_kv_heads: int, max_num_seqs: int, max_queue: int,
+                 max_prefill_chunk: int = 0):
         self.pool = pool
+        self.max_prefill_chunk = max_prefill_chunk
         self.num_kv_heads = num_kv_heads
         self.heads_total = num_layers * num_kv_heads
         self.max_num_seqs = max_num_seqs
@@ -58,10 +63,11 @@ class Scheduler:
     def need_pages(self, request: GenerationRequest, generated: int = 0) -> int:
         """Pages a (re)prefill needs: the prompt and the ``generated`` tokens it will recompute, plus one token.
 
-        SnapKV/Ada-SnapKV evict layer by layer during the prefill, so they are counted at their footprint after
-        eviction (the memory they free is concurrency): the peak is while the last layer holds its whole prompt
-        and its kept copy, every earlier layer only its kept tokens; afterwards every layer holds its kept
-        tokens and the generated ones."""
+        SnapKV/Ada-SnapKV evict layer by layer after the prefill's last chunk, so they are counted at their
+        footprint after eviction (the memory they free is concurrency) and at their peak: prefilled whole, while
+        the last layer holds its whole prompt and its kept copy, every earlier layer only its kept tokens; in
+        chunks, every layer holds the whole prompt until the last chunk evicts them one by one. Afterwards every
+        layer holds its kept tokens and the generated ones."""
         n = len(request.prompt_token_ids)
         if not DECODE_METHODS[request.spec.decode.method].evicts:
             return self.pages_for_tokens(n + generated)
@@ -72,8 +78,23 @@ class Scheduler:
         def layer_pages(tokens: int) -> int:  # at most, however a layer's tokens are spread over its heads
             return -(-tokens // ps) + h_kv
 
-        peak = layers * layer_pages(kept) + h_kv * -(-n // ps)
+        if self.chunk_end(request, 0) < n:
+            peak = self.heads_total * -(-n // ps) + layer_pages(kept)
+        else:
+            peak = layers * layer_pages(kept) + h_kv * -(-n // ps)
         return max(peak, layers * layer_pages(kept + h_kv * (generated + 1)))
+
+    def chunk_end(self, request: GenerationRequest, start: int) -> int:
+        """Where the prefill chunk starting at prompt position ``start`` ends: ``max_prefill_chunk`` tokens on
+        (chunks start at multiples of it), or the prompt's end. A tail shorter than an eviction method's
+        observation window joins the chunk before it, so the last chunk holds the window's queries."""
+        n, size = len(request.prompt_token_ids), self.max_prefill_chunk
+        if not size or n - start <= size:
+            return n
+        decode = request.spec.decode
+        min_last = decode.params["window"] if DECODE_METHODS[decode.method].evicts else 1
+        end = start + size
+        return n if n - end < min_last else end
 
     def need_alone(self, request: GenerationRequest) -> int:
         """Pages the request needs at its peak: what it must be able to hold with the pool to itself."""
@@ -87,8 +108,10 @@ class Scheduler:
         return self.need_pages(req.request, len(req.output_ids))
 
     def _promised(self) -> int:
-        """Pages admitted requests will take when they are prefilled (counted until they are)."""
-        return sum(self._need(r) for r in self.running if not r.prefilled)
+        """Pages admitted requests will still take until they are prefilled (their need, less the pages of the
+        chunks they already prefilled)."""
+        return sum(max(0, self._need(r) - (r.kv.num_pages if r.kv is not None else 0))
+                   for r in self.running if not r.prefilled)
 
     def _fits(self, req: EngineRequest) -> bool:
         headroom = self.heads_total * sum(1 for r in self.running if r.prefilled)

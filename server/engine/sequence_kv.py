@@ -72,20 +72,40 @@ class SequenceKV:
         return int(ids.numel())
 
     # -- prefill ----------------------------------------------------------------------------------------
-    def write_prompt(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store a layer's prompt keys/values ``[h_kv, n, d]`` in fresh pages (all heads the same length)."""
-        h_kv, n, d = k.shape
+    def append_prompt(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append a chunk of a layer's prompt keys/values ``[h_kv, m, d]`` (before any eviction, so every head
+        holds the same tokens): it fills the layer's partly filled last page, then fresh pages. The first chunk
+        (or a whole prompt) starts on fresh pages."""
+        h_kv, m, d = k.shape
         ps = self.pool.page_size
-        pages = _pages(n, ps)
-        ids = self.pool.allocate(h_kv * pages).view(h_kv, pages)
-        self._grow(pages)
-        self.tables[layer, :, :pages] = ids  # recorded first, so a failure below still frees them
-        self.pages_held[layer] = pages
+        held = int(self.lengths[layer, 0])
+        first = held // ps  # the page the chunk starts in
+        fill = held - first * ps  # tokens already in it
+        total = _pages(held + m, ps)
+        new = total - _pages(held, ps)
+        ids = self.pool.allocate(h_kv * new).view(h_kv, new)
+        self._grow(total)
+        self.tables[layer, :, total - new : total] = ids  # recorded first, so a failure below still frees them
+        self.pages_held[layer] = total
         self._tables_changed()
-        self._write_tokens(ids, k, v, n)
-        self.lengths[layer] = n
-        self.prompt_kept[layer] = n
-        self.prompt_len = n
+        if fill:  # rewrite the partly filled page with its tokens and the chunk's first ones
+            last = self.tables[layer, :, first]
+            k = torch.cat([self.pool.keys[last, :fill], k.to(self.pool.dtype)], dim=1)
+            v = torch.cat([self.pool.values[last, :fill], v.to(self.pool.dtype)], dim=1)
+        self._write_tokens(self.tables[layer, :, first:total], k, v, fill + m)
+        self.lengths[layer] = held + m
+        self.prompt_kept[layer] = held + m
+        self.prompt_len = held + m
+
+    def prompt_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values ``[h_kv, n, d]`` a layer holds so far (before eviction: its prompt prefix)."""
+        n = int(self.lengths[layer, 0])
+        pages = _pages(n, self.pool.page_size)
+        ids = self.tables[layer, :, :pages]
+        h_kv, d = ids.shape[0], self.pool.keys.shape[-1]
+        k = self.pool.keys[ids].view(h_kv, pages * self.pool.page_size, d)[:, :n]
+        v = self.pool.values[ids].view(h_kv, pages * self.pool.page_size, d)[:, :n]
+        return k, v
 
     def _write_tokens(self, ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int) -> None:
         """Write ``n`` tokens of each head (``k`` ``[h, n, d]``) into page ids ``[h, pages]``, with min/max."""

@@ -1,0 +1,173 @@
+"""Chunked prefill in the native engine (``--max-prefill-chunk``): long prompts prefill in chunks between the
+decode steps of the running requests, and give what a whole prefill gives."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from engine_helpers import collect, make_request, tiny_engine, tiny_model, with_engine
+from test_engine import long_prompt_ids, new_engine
+
+from server.engine.engine import EngineOptions
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    from server.engine.model_loader import load_model
+
+    return load_model(None, "cpu", torch.float32)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(max_position_embeddings=2048)
+
+
+def record_calls(engine) -> list[tuple]:
+    """Wrap the runner: ``("prefill", request id, chunk start, chunk end)`` and ``("decode", request ids)`` in the
+    order the engine runs them."""
+    calls: list[tuple] = []
+    runner = engine.runner
+    prefill, decode = runner.prefill, runner.decode
+
+    def prefill_chunk(req, end=None):
+        calls.append(("prefill", req.request_id, req.prefill_pos, end))
+        return prefill(req, end)
+
+    def decode_step(batch):
+        calls.append(("decode", [r.request_id for r in batch]))
+        return decode(batch)
+
+    runner.prefill, runner.decode = prefill_chunk, decode_step
+    return calls
+
+
+def chunk_starts(calls, rid: str) -> list[int]:
+    return [c[2] for c in calls if c[0] == "prefill" and c[1] == rid]
+
+
+@pytest.mark.parametrize("pattern", ["dense", "snapkv:2"])
+def test_chunked_prefill_gives_the_whole_prefills_tokens_on_smollm2(loaded, pattern):
+    """Greedy tokens, prompt logprobs and cost equal; with SnapKV the eviction after the last chunk keeps what
+    the whole prefill keeps (same keys, same observation window)."""
+    _, tok = loaded
+    ids = long_prompt_ids(tok, 600)
+
+    def run(chunk: int):
+        engine = new_engine(loaded, max_prefill_chunk=chunk)
+        calls = record_calls(engine)
+        request = make_request("r", ids, pattern, max_tokens=12, prompt_logprobs=1)
+        return asyncio.run(with_engine(engine, lambda e: collect(e, request))), calls
+
+    (whole, whole_calls), (chunked, calls) = run(0), run(128)
+    assert chunk_starts(whole_calls, "r") == [0]
+    # SnapKV's observation window (256 queries) stays in the last chunk: 344 tokens from 256 on
+    assert chunk_starts(calls, "r") == ([0, 128, 256] if pattern == "snapkv:2" else [0, 128, 256, 384, 512])
+    assert chunked.token_ids == whole.token_ids
+    assert len(chunked.prompt_logprobs) == len(whole.prompt_logprobs) == len(ids)
+    for a, b in zip(chunked.prompt_logprobs[1:], whole.prompt_logprobs[1:], strict=True):
+        assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob, abs=1e-3)
+    c, w = chunked.final.cost, whole.final.cost
+    assert (c.prefill.dense_units, c.prefill.actual_units) == (w.prefill.dense_units, w.prefill.actual_units)
+    assert c.decode == w.decode
+    assert c.prefill.model_flops == pytest.approx(w.prefill.model_flops)
+
+
+def test_the_last_chunk_holds_the_observation_window(model):
+    engine = tiny_engine(model, max_prefill_chunk=128)
+    window = 64
+    snap = make_request("s", [1] * (256 + window - 1), {"decode": {"method": "snapkv", "compression_ratio": 2,
+                                                                   "params": {"window": window}}})
+    assert engine.scheduler.chunk_end(snap, 128) == 256 + window - 1
+    dense = make_request("d", [1] * (256 + window - 1))
+    assert engine.scheduler.chunk_end(dense, 128) == 256
+    assert engine.scheduler.chunk_end(dense, 256) == 256 + window - 1
+
+
+def test_decodes_keep_flowing_while_a_long_prompt_prefills(model):
+    """The engine interleaves: a decode step of the running request after every chunk of the long prompt."""
+    engine = tiny_engine(model, max_prefill_chunk=128)
+    calls = record_calls(engine)
+    long_prompt = [(5 * i + 1) % 96 for i in range(1000)]
+
+    async def body(engine):
+        first = engine.generate(make_request("short", [3, 4, 5], max_tokens=200, ignore_eos=True))
+        await first.__anext__()  # decoding now
+        long = asyncio.create_task(collect(engine, make_request("long", long_prompt, max_tokens=2)))
+        rest = [out async for out in first]
+        return await long, rest
+
+    long, _ = asyncio.run(with_engine(engine, body))
+    assert len(long.token_ids) == 2
+    starts = chunk_starts(calls, "long")
+    assert starts == list(range(0, 1000, 128))
+    i_first = calls.index(("prefill", "long", 0, 128))
+    i_last = calls.index(("prefill", "long", 896, 1000))
+    decodes = [c for c in calls[i_first:i_last] if c[0] == "decode" and "short" in c[1]]
+    assert len(decodes) == len(starts) - 1  # one decode step after every chunk but the last
+    assert engine.pool.counters().free_pages == engine.pool.num_pages
+
+
+def test_abort_between_chunks_frees_every_page(model):
+    engine = tiny_engine(model, max_prefill_chunk=128)
+    calls = record_calls(engine)
+    seen: dict[str, int] = {}
+    prefill = engine.runner.prefill
+
+    def abort_after_first_chunk(req, end=None):
+        out = prefill(req, end)
+        if req.request_id == "long" and req.prefill_pos == 128:
+            seen["held"] = req.kv.num_pages
+            engine._abort("long")  # what a client disconnect does, from the event loop
+        return out
+
+    engine.runner.prefill = abort_after_first_chunk
+
+    async def body(engine):
+        return await collect(engine, make_request("long", [7] * 900, max_tokens=5))
+
+    result = asyncio.run(with_engine(engine, body))
+    assert result.final.finish_reason == "abort" and result.token_ids == []
+    assert chunk_starts(calls, "long") == [0]  # no chunk after the abort
+    assert seen["held"] == 2 * 2 * (128 // 16)  # layers x KV heads x pages of the first chunk
+    c = engine.pool.counters()
+    assert c.free_pages == c.total_pages == engine.pool.num_pages
+
+
+def test_request_preempted_between_chunks_prefills_again_in_chunks(model):
+    """A decoding request outgrows the pool while a long prompt is between chunks: the long one (the youngest) is
+    preempted, its pages go back, and it prefills again from its first chunk once there is room; both give the
+    tokens and cost they give alone."""
+    page_size = 4  # a decode step needs new pages every 4 tokens: the squeeze comes within a few steps
+    options = dict(max_prefill_chunk=128, page_size=page_size)
+    old = make_request("old", [(3 * i + 2) % 96 for i in range(64)], max_tokens=40, ignore_eos=True)
+    young = make_request("young", [(5 * i + 1) % 96 for i in range(700)], max_tokens=5, ignore_eos=True)
+    probe = tiny_engine(model, pages=1, **options)
+    pages = probe.scheduler.need_pages(old) + probe.scheduler.need_pages(young)  # both admitted at once, exactly
+
+    def run(requests):
+        engine = tiny_engine(model, pages=pages, **options)
+        calls = record_calls(engine)
+
+        async def body(engine):
+            return await asyncio.gather(*(collect(engine, r) for r in requests))
+
+        return asyncio.run(with_engine(engine, body)), calls, engine
+
+    (old_res, young_res), calls, engine = run([old, young])
+    starts = chunk_starts(calls, "young")
+    restart = starts.index(0, 1)  # the second first chunk
+    assert 0 < restart < 6 and starts[restart:] == [0, 128, 256, 384, 512, 640]
+    assert engine.pool.counters().free_pages == engine.pool.num_pages
+    (old_alone,), _, _ = run([old])
+    (young_alone,), _, _ = run([young])
+    assert old_res.token_ids == old_alone.token_ids and young_res.token_ids == young_alone.token_ids
+    assert young_res.final.cost.prefill == young_alone.final.cost.prefill  # the lost chunks are not its cost
+
+
+def test_max_prefill_chunk_is_validated():
+    with pytest.raises(ValueError, match="multiple of 128"):
+        EngineOptions(max_prefill_chunk=100)
+    assert EngineOptions().max_prefill_chunk == 4096 and EngineOptions(max_prefill_chunk=0).max_prefill_chunk == 0
