@@ -15,6 +15,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from test_kernels import DEV, assert_close, nan_like, qkv  # noqa: E402
+from test_prefill_methods import naive_attention, structured_qkv, vertical_slash_mask  # noqa: E402
 
 from attention_backends import parse_pattern, sparse_prefill  # noqa: E402
 from attention_backends.cost import causal_cells  # noqa: E402
@@ -29,8 +31,6 @@ from attention_backends.kernels.sparse_prefill import (  # noqa: E402
 from attention_backends.kernels.topk import causal_block_topk  # noqa: E402
 from attention_backends.prefill import block_sparse, flexprefill, vertical_slash  # noqa: E402
 from attention_backends.prefill.common import masked_causal_attention  # noqa: E402
-from test_kernels import DEV, assert_close, nan_like, qkv  # noqa: E402
-from test_prefill_methods import naive_attention, structured_qkv, vertical_slash_mask  # noqa: E402
 
 CASES = [
     ("dense", {}),
@@ -167,4 +167,5 @@ def test_computed_cells_of_a_chunk_equal_the_kernel_count_of_its_blocks():
         live = torch.ones(h, 40, dtype=torch.bool)
         vpos = torch.sort(torch.randperm(n, generator=g)[:40]).values.expand(h, 40)
         sel_pos = torch.zeros(h, n, dtype=torch.bool).scatter_(1, vpos, True)
-        assert torch.equal(computed_cells(sel_s, None, bm, vpos, live, c0), computed_cells(sel_s, sel_pos, bm, q_offset=c0))
+        by_positions = computed_cells(sel_s, None, bm, vpos, live, c0)
+        assert torch.equal(by_positions, computed_cells(sel_s, sel_pos, bm, q_offset=c0))

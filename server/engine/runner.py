@@ -23,8 +23,8 @@ from torch import Tensor
 
 from attention_backends import PrefillCallReport, engine_impl, prepare_decode, sparse_prefill
 from attention_backends.cost import ModelShape, causal_cells, flops_per_cell
-from attention_backends.prefill.common import sdpa_causal
 from attention_backends.decode.quest import budget_pages
+from attention_backends.prefill.common import sdpa_causal
 from attention_backends.spec import DECODE_METHODS
 from server.contract.engine import TokenLogprob
 
@@ -123,7 +123,8 @@ class ModelRunner:
             qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
             if c0:  # the chunk attends to the earlier chunks' keys too
                 k_prev, v_prev = kv.prompt_kv(layer)
-                kh, vh = torch.cat([k_prev, kh.to(k_prev.dtype)], dim=1), torch.cat([v_prev, vh.to(v_prev.dtype)], dim=1)
+                kh = torch.cat([k_prev, kh.to(k_prev.dtype)], dim=1)
+                vh = torch.cat([v_prev, vh.to(v_prev.dtype)], dim=1)
             if spec.prefill.is_dense:
                 out, report = dense_prefill_attention(qh, kh, vh, c0)
             else:
