@@ -24,6 +24,12 @@ What each engine measures (``--part`` picks a subset, so a run fits the device's
                eviction frees pages); once no request has started for 3 s, the requests that deliver tokens in a 3 s
                window are counted. Give every engine the same KV memory with ``--kv-memory-mib`` (the same bytes
                for vLLM's pool and the native pool) and say it.
+* ``interference`` (dense) 8 requests decode at 32K; after a 3 s steady window one 128K prompt is submitted:
+               the 8 streams' inter-token latency p50/p99 while it prefills (every gap between two deliveries of a
+               stream that overlaps the time from its submission to its first token) against their steady p50/p99
+               before it, and the long request's TTFT. The native engine prefills it in chunks
+               (``--max-prefill-chunk``, default 4096; ``--prefill-chunk`` here sets it) between decode steps;
+               the bar is p99 during <= 2x steady.
 
 Prompts are random token ids (never reused, so no prefix cache hits). ``report`` merges the parts into
 ``benchmarks/results/e2e-<card>-<date>.{json,md,png}``: ratios against vLLM dense of the same run.
@@ -36,6 +42,8 @@ the first three, see its README; the model directory stays in /tmp for the lease
            --deadline 400 --out $OUT/native-a.json
     2. bash .vllm-bundle/stash && python3 benchmarks/e2e.py run --engine native --part decode:32,decode:long \
            --dir /tmp/e2e-model --deadline 420 --out $OUT/native-b.json
+       python3 benchmarks/e2e.py run --engine native --part interference --dir /tmp/e2e-model --deadline 150 \
+           --out $OUT/native-c.json   (about a minute: 8 x 32K prefills, a steady window, one 128K prefill)
     3. bash .vllm-bundle/stash && export PYTHONPATH=/tmp/vllm-site &&
        python3 benchmarks/e2e.py run --engine vllm --part all --dir /tmp/e2e-model --deadline 420 --out $OUT/vllm.json
     4. export PYTHONPATH=/tmp/vllm-site && pip install --no-deps --no-build-isolation --no-index -e . &&
@@ -92,11 +100,13 @@ class Protocol:
     warmup_prompt: int = 4096
     capacity_requests: int = 96
     plateau_s: float = 3.0  # capacity: no new request started for this long = the memory is full
+    interference_batch: int = 8  # decoding requests (at decode_context) while one long_context prompt prefills
+    prefill_chunk: int | None = None  # the native engine's --max-prefill-chunk; None: its default
 
 
 TINY_PROTOCOL = Protocol(ttft_lengths=(256, 512, 1024), decode_context=512, long_context=1024, batches=(1, 2, 4),
                          decode_window_s=0.5, decode_max_tokens=256, agree_prompt=128, agree_tokens=8,
-                         warmup_prompt=128, capacity_requests=12, plateau_s=1.0)
+                         warmup_prompt=128, capacity_requests=12, plateau_s=1.0, prefill_chunk=256)
 
 DENSE = "dense"
 # Patterns are the string grammar, or a label of SPECS for one that needs parameters. block_sparse's default block
@@ -232,8 +242,10 @@ class BareVllm:
         return s
 
 
-def make_engine(name: str, model: str, max_model_len: int, tiny: bool, kv_memory: int | None = None):
-    """``kv_memory``: bytes of KV cache (bare vLLM and native); default: each engine's own."""
+def make_engine(name: str, model: str, max_model_len: int, tiny: bool, kv_memory: int | None = None,
+                prefill_chunk: int | None = None):
+    """``kv_memory``: bytes of KV cache (bare vLLM and native); default: each engine's own. ``prefill_chunk``: the
+    native engine's ``max_prefill_chunk`` (default: its own)."""
     cpu = tiny
     if name == "vllm":
         return BareVllm(model, max_model_len, cpu, kv_memory)
@@ -252,9 +264,10 @@ def make_engine(name: str, model: str, max_model_len: int, tiny: bool, kv_memory
         # 80 GiB: room for 32 x (32K + decode_max_tokens) worst-case reservations, and for a 128K prefill's
         # activations beside it (96 GiB ran out of memory there on an H200)
         memory = kv_memory or ((256 << 20) if cpu else (80 << 30))
+        chunk = {} if prefill_chunk is None else {"max_prefill_chunk": prefill_chunk}
         return ServingEngine(NativeEngine.from_options(EngineOptions(model=model, max_model_len=max_model_len,
                                                                      kv_cache_memory=memory, max_num_seqs=128,
-                                                                     device="cpu" if cpu else "auto")))
+                                                                     device="cpu" if cpu else "auto", **chunk)))
     raise SystemExit(f"unknown engine {name!r}")
 
 
@@ -381,6 +394,36 @@ class Bench:
         result["report"] = next((s.report for s in streams if s.report), None)
         return result
 
+    async def interference(self) -> dict:
+        """Inter-token latency of ``interference_batch`` decoding requests before and while one long prompt
+        prefills, and the long request's TTFT (dense; the module docstring says what is measured)."""
+        p = self.p
+        await self.warmup(DENSE)
+        streams, tasks = self.submit(p.interference_batch, p.decode_context, DENSE)
+        long = Stream(uuid.uuid4().hex, 0.0)
+        result: dict = {"batch": p.interference_batch, "context": p.decode_context, "prompt": p.long_context,
+                        "error": None}
+        try:
+            while not all(s.tokens for s in streams) and not any(t.done() for t in tasks):
+                await asyncio.sleep(0.005)
+            steady_from = time.monotonic()
+            await asyncio.sleep(p.decode_window_s)
+            long.submitted = time.monotonic()
+            tasks.append(asyncio.create_task(self.engine.run(self.prompt(p.long_context), 1, DENSE, long)))
+            while not long.times and not tasks[-1].done():
+                await asyncio.sleep(0.002)
+            first = long.times[0] if long.times else time.monotonic()
+            await asyncio.sleep(0.2)  # the gaps that end just after the long request's first token
+            result.update(ttft_s=first - long.submitted if long.times else None,
+                          steady=latency_stats(streams, steady_from, long.submitted, inside=True),
+                          during=latency_stats(streams, long.submitted, first, inside=False))
+        finally:
+            result["error"] = await self.abort_all(streams + [long], tasks)
+        steady, during = result.get("steady", {}), result.get("during", {})
+        if steady.get("p99_s") and during.get("p99_s"):
+            result["p99_ratio"] = during["p99_s"] / steady["p99_s"]
+        return result
+
     async def agree(self) -> dict:
         # the same prompt in every engine's run (the other prompts only need to be fresh)
         prompt = [random.Random(1234).randrange(self.vocab) for _ in range(self.p.agree_prompt)]
@@ -400,6 +443,23 @@ class Bench:
         return result
 
 
+def latency_stats(streams: list[Stream], start: float, end: float, inside: bool) -> dict:
+    """p50/p99 of the gaps between successive deliveries of each stream: those inside ``[start, end]``
+    (``inside``), or those overlapping it (a decode stalled by a prefill shows as one gap spanning it)."""
+    gaps = []
+    for s in streams:
+        times = sorted(set(s.times))
+        for a, b in zip(times, times[1:], strict=False):
+            if (start <= a and b <= end) if inside else (b > start and a < end):
+                gaps.append(b - a)
+    gaps.sort()
+
+    def pct(q: float) -> float | None:
+        return gaps[min(len(gaps) - 1, int(q * len(gaps)))] if gaps else None
+
+    return {"gaps": len(gaps), "p50_s": pct(0.5), "p99_s": pct(0.99), "max_s": gaps[-1] if gaps else None}
+
+
 def agree_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
@@ -408,7 +468,8 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-PARTS = ("ttft", "agree", "decode:1", "decode:8", "decode:32", "decode:long")  # "all"; any decode:<batch> is valid
+PARTS = ("ttft", "agree", "decode:1", "decode:8", "decode:32", "decode:long",
+         "interference")  # "all"; any decode:<batch> is valid
 EXTRA_PARTS = ("capacity",)  # not in "all": run with --kv-memory-mib
 
 
@@ -423,7 +484,8 @@ async def run(args) -> None:
     config = json.loads((Path(args.dir) / "config.json").read_text())
     max_len = protocol.long_context + protocol.decode_max_tokens
     t0 = time.monotonic()
-    engine = make_engine(args.engine, args.dir, max_len, args.tiny, kv_memory)
+    engine = make_engine(args.engine, args.dir, max_len, args.tiny, kv_memory,
+                         args.prefill_chunk if args.prefill_chunk is not None else protocol.prefill_chunk)
     await engine.start()
     load_s = time.monotonic() - t0
     log(f"{args.engine} ready in {load_s:.0f} s")
@@ -464,6 +526,11 @@ async def run_part(bench: Bench, part: str, result: dict) -> None:
         await bench.ttft(result["ttft"])
     elif part == "agree":
         result["agree"] = await bench.agree()
+    elif part == "interference":
+        result["interference"] = await bench.interference()
+        r = result["interference"]
+        log(f"interference: ITL p50/p99 steady {r.get('steady')} during {r.get('during')}, "
+            f"long TTFT {r.get('ttft_s')} s {r['error'] or ''}")
     elif part == "capacity":
         patterns = CAPACITY_PATTERNS if result["engine"] == "native" else (DENSE,)
         await bench.capacity(result["capacity"], patterns)
@@ -511,8 +578,9 @@ def merge(paths: list[str]) -> dict:
             e["capacity"][(r["pattern"], r["context"], mib)] = r | {"kv_memory_mib": mib, "part": Path(path).name}
         e["load_s"].append(part["load_s"])
         e["parts"].append({"file": Path(path).name, "errors": part.get("errors"), "stopped": part.get("stopped")})
-        if "agree" in part:
-            e["agree"] = part["agree"]
+        for key in ("agree", "interference"):
+            if key in part:
+                e[key] = part[key]
     for e in engines.values():
         e["ttft"], e["decode"] = list(e["ttft"].values()), list(e["decode"].values())
         e["capacity"] = list(e["capacity"].values())
@@ -592,7 +660,7 @@ def report(paths: list[str], out_dir: str) -> Path:
              "same run (TTFT: vLLM's time over this time; decode: this rate over vLLM's).", "",
              "## Time to first token (one request alone)", "", *pivot(rows, "TTFT"), "",
              "## Decode tokens/s (all requests of the batch together)", "", *pivot(rows, "decode"), "",
-             *capacity_table(engines),
+             *capacity_table(engines), *interference_table(engines),
              "## Greedy agreement", "",
              "| engine | pattern | tokens | agreeing prefix with vLLM dense | batch of 8 vs alone |",
              "|---|---|---|---|---|"]
@@ -621,6 +689,28 @@ def capacity_table(engines: dict) -> list[str]:
         rate = "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.1f}"
         lines.append(f"| {name} | {r['pattern']} | {r['kv_memory_mib'] or 'default'} | {tokens_label(r['context'])} | "
                      f"{r['concurrent']} ({r['requests']}) | {rate} |")
+    return lines + [""]
+
+
+def interference_table(engines: dict) -> list[str]:
+    """Markdown lines of the interference part (none when no part measured it)."""
+    rows = [(name, e["interference"]) for name, e in engines.items() if "interference" in e]
+    if not rows:
+        return []
+
+    def ms(x: float | None) -> str:
+        return "-" if x is None else f"{1000 * x:.1f}"
+
+    lines = ["## Decode while a long prompt prefills (inter-token latency, ms)", "",
+             "| engine | decoding (context) | prompt | steady p50 | steady p99 | during p50 | during p99 | "
+             "p99 during / steady | long TTFT (s) |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in rows:
+        s, d = r.get("steady", {}), r.get("during", {})
+        ratio = "-" if r.get("p99_ratio") is None else f"{r['p99_ratio']:.2f}"
+        ttft = "-" if r.get("ttft_s") is None else f"{r['ttft_s']:.2f}"
+        lines.append(f"| {name} | {r['batch']} ({tokens_label(r['context'])}) | {tokens_label(r['prompt'])} | "
+                     f"{ms(s.get('p50_s'))} | {ms(s.get('p99_s'))} | {ms(d.get('p50_s'))} | {ms(d.get('p99_s'))} | "
+                     f"{ratio} | {ttft} |")
     return lines + [""]
 
 
@@ -664,6 +754,8 @@ def main() -> None:
     r.add_argument("--kv-memory-mib", type=int, default=None,
                    help="KV cache memory in MiB for the vllm and native engines (the capacity part compares "
                         "engines on the same memory); default: each engine's own")
+    r.add_argument("--prefill-chunk", type=int, default=None,
+                   help="the native engine's --max-prefill-chunk (default: the engine's; --tiny: 256)")
     r.add_argument("--deadline", type=float, default=None,
                    help="seconds after start (model load included) past which no new measurement starts, so a "
                         "device call ends inside its limit with what it measured")

@@ -52,10 +52,16 @@ def check_part(part: dict, engine: str, sparse: bool) -> None:
 
 def test_native_tiny_run_and_report(model_dir, tmp_path):
     out = tmp_path / "native.json"
-    e2e("run", "--engine", "native", "--tiny", "--dir", str(model_dir), "--part", "ttft,agree,decode:1,decode:2",
-        "--out", str(out))
+    e2e("run", "--engine", "native", "--tiny", "--dir", str(model_dir), "--part",
+        "ttft,agree,decode:1,decode:2,interference", "--out", str(out))
     part = load(out)
     check_part(part, "native", sparse=True)
+    # interference: the long prompt (1024 tokens, chunks of 256) prefills in 4 steps with a decode step after each
+    # of the first 3, so every decoding stream delivers tokens while it prefills (a whole prefill: none)
+    inter = part["interference"]
+    assert inter["error"] is None and inter["ttft_s"] > 0 and inter["steady"]["p99_s"] > 0
+    assert inter["during"]["gaps"] >= 3 * inter["batch"], inter
+    assert inter["p99_ratio"] == inter["during"]["p99_s"] / inter["steady"]["p99_s"]
     assert {(r["batch"], r["pattern"]) for r in part["decode"]} == {
         (b, p) for b in (1, 2) for p in ("dense", "quest:10", "snapkv:10", "ada_snapkv:10")}
     # sparse methods report what they computed; decode ratios follow the target
@@ -78,6 +84,7 @@ def test_native_tiny_run_and_report(model_dir, tmp_path):
     md = stem.with_suffix(".md").read_text()
     assert "| native | block_sparse:10 |" in md and "decode B=2 512" in md and "123.000 s [dense fallback]" in md
     assert md.count("fallback]") == 1  # the CPU has no profile: nothing else fell back
+    assert "## Decode while a long prompt prefills" in md and "| native | 8 (512) | 1K |" in md
     assert stem.with_suffix(".png").stat().st_size > 1000
     merged = load(stem.with_suffix(".json"))["engines"]["native"]
     assert [r["ttft_s"] for r in merged["ttft"]] == [123.0] + [r["ttft_s"] for r in part["ttft"][1:]]
