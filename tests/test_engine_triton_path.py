@@ -17,19 +17,25 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and no
                                 reason="Triton kernels need a GPU or TRITON_INTERPRET=1 (make test sets it)")
 
 
-@pytest.mark.parametrize("pattern", ["dense", "quest:3", "snapkv:2", "ada_snapkv:2", "block_sparse:2+quest:2",
-                                     "vertical_slash:2+snapkv:2"])
-def test_triton_path_matches_pytorch_path(pattern):
+@pytest.mark.parametrize(("pattern", "chunk", "length"), [
+    *((p, 0, 150) for p in ("dense", "quest:3", "snapkv:2", "ada_snapkv:2", "block_sparse:2+quest:2",
+                            "vertical_slash:2+snapkv:2")),
+    # chunked prefill: the Triton methods on chunks (q_offset) in the engine
+    # (vertical_slash with its budgets given: for a target ratio the two paths search them on different cell
+    # counts, docs/methods.md)
+    ("dense", 128, 400), ("block_sparse:2+snapkv:2", 128, 400),
+    ({"prefill": {"method": "vertical_slash", "params": {"num_vertical": 40, "num_slash": 60}}}, 128, 400)])
+def test_triton_path_matches_pytorch_path(pattern, chunk, length):
     model, tok = tiny_model(), ByteTokenizer()
-    prompt = [(7 * i + 3) % 96 for i in range(150)]
+    prompt = [(7 * i + 3) % 96 for i in range(length)]
 
     async def generate(use_triton: bool):
-        engine = NativeEngine(model, tok, EngineOptions(device="cpu", dtype="float32", kv_cache_memory=8 << 20),
-                              "tiny")
+        engine = NativeEngine(model, tok, EngineOptions(device="cpu", dtype="float32", kv_cache_memory=8 << 20,
+                                                        max_prefill_chunk=chunk), "tiny")
         engine.runner.use_triton = use_triton
         await engine.start()
         try:
-            return await collect(engine, make_request(pattern, prompt, pattern, max_tokens=6, logprobs=1,
+            return await collect(engine, make_request(str(pattern), prompt, pattern, max_tokens=6, logprobs=1,
                                                       ignore_eos=True))
         finally:
             await engine.shutdown(timeout=5)
