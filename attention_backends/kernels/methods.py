@@ -27,7 +27,7 @@ from ..decode.quest import budget_pages
 from ..decode.state import DecodeState, eviction_capacity
 from ..prefill.block_sparse import indexing_flops as block_sparse_indexing_flops
 from ..prefill.block_sparse import kept_cells, resolve_top_k
-from ..prefill.common import PrefillOutcome
+from ..prefill.common import PrefillOutcome, check_chunk_start
 from ..prefill.dense import sdpa as dense_prefill
 from ..prefill.flexprefill import search_alpha
 from ..prefill.vertical_slash_index import estimation_flops
@@ -44,12 +44,6 @@ VS_BLOCK = 64  # query-block rows of the vertical-slash kernel (bands are this w
 def _dense(q: Tensor, k: Tensor, v: Tensor, details: dict, q_offset: int = 0) -> PrefillOutcome:
     return PrefillOutcome(dense_prefill(q, k, v, q_offset), causal_cells(k.shape[1], q_offset) * q.shape[0], 0.0,
                           details)
-
-
-def _check_offset(q_offset: int, block: int) -> None:
-    """Chunks start at a query-block boundary of the kernels, so their blocks are the whole prompt's."""
-    if q_offset % block:
-        raise ValueError(f"prefill chunks must start at a multiple of {block} tokens; got q_offset {q_offset}")
 
 
 # --------------------------------------------------------------------------------------------- vertical-slash
@@ -86,7 +80,7 @@ def vertical_slash_prefill(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec, q_
     nv, ns = p["num_vertical"], p["num_slash"]
     if phase.compression_ratio <= 1.0 and nv is None and ns is None:
         return _dense(q, k, v, {"num_vertical": n, "num_slash": n}, q_offset)
-    _check_offset(q_offset, VS_BLOCK)
+    check_chunk_start(q_offset, VS_BLOCK)  # the kernel's query blocks
     cols, slash, W = window_scores(q, k, p["window"])
     cand = VSCandidates(cols, slash, W, p["sink_tokens"], p["local_window"], VS_BLOCK, q_offset)
     if nv is None or ns is None:
@@ -117,7 +111,7 @@ def flexprefill_prefill(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec, q_off
     if ratio <= 1.0 and alpha is None:
         return _dense(q, k, v, {"alpha": None, "min_budget": None, "num_vertical": [n] * h, "num_slash": [n] * h},
                       q_offset)
-    _check_offset(q_offset, VS_BLOCK)
+    check_chunk_start(q_offset, VS_BLOCK)  # the kernel's query blocks
     cols, slash, W = window_scores(q, k, p["window"])
     cand = VSCandidates(cols, slash, W, p["sink_tokens"], p["local_window"], VS_BLOCK, q_offset)
     vcov = Coverage(cols, W, cand.forced_vertical)

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from ..cost import causal_cells
 from ..spec import PhaseSpec
-from .common import PrefillOutcome, closest_budget_search, expand_kv, masked_causal_attention
+from .common import PrefillOutcome, check_chunk_start, closest_budget_search, expand_kv, masked_causal_attention
 
 FORCED_BLOCKS = 3  # sink, previous, diagonal
 
@@ -51,11 +51,6 @@ def mean_pool(x: Tensor, block: int) -> Tensor:
     counts = torch.full((nb,), float(block), device=x.device)
     counts[-1] = n - (nb - 1) * block
     return padded.reshape(heads, nb, block, d).sum(dim=2) / counts[None, :, None]
-
-
-def check_block_offset(q_offset: int, block: int) -> None:
-    if q_offset % block:
-        raise ValueError(f"block_sparse prefill chunks start at multiples of the block size ({block}); got {q_offset}")
 
 
 @functools.lru_cache(maxsize=1024)  # pure in its arguments; at 32K the host-side search cost ~10% of the GPU time
@@ -120,7 +115,7 @@ def resolve_top_k(n: int, phase: PhaseSpec, q_offset: int = 0) -> tuple[int, int
     """``(block_size, top_k)`` for this call: the given ``top_k``, else the one for the target ratio."""
     params = phase.params
     block = params["block_size"]
-    check_block_offset(q_offset, block)
+    check_chunk_start(q_offset, block)
     top_k = params["top_k"]
     if top_k is None:
         top_k = top_k_for_ratio(n, block, phase.compression_ratio, q_offset)
