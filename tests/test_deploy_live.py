@@ -278,10 +278,10 @@ def inject_prefill_fault(engine) -> None:
     """Requests with ``seed=FAULT_SEED`` fail in prefill, as a real engine fault would (HTTP 500)."""
     prefill = engine.runner.prefill
 
-    def faulty(req):
+    def faulty(req, end=None):
         if req.request.sampling.seed == FAULT_SEED:
             raise RuntimeError(INJECTED)
-        return prefill(req)
+        return prefill(req, end)
 
     engine.runner.prefill = faulty
 

@@ -179,10 +179,10 @@ def test_fault_in_one_request_fails_only_that_request(loaded, monkeypatch):
     engine = new_engine(loaded)
     real_prefill, real_decode = engine.runner.prefill, engine.runner.launch_decode
 
-    def bad_prefill(req):
+    def bad_prefill(req, end=None):
         if req.request_id == "bad-prefill":
             raise RuntimeError("injected prefill fault")
-        return real_prefill(req)
+        return real_prefill(req, end)
 
     def bad_decode(batch):
         if any(r.request_id == "bad-decode" for r in batch):

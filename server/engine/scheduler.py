@@ -110,7 +110,7 @@ class Scheduler:
     def _promised(self) -> int:
         """Pages admitted requests will still take until they are prefilled (their need, less the pages of the
         chunks they already prefilled)."""
-        return sum(max(0, self._need(r) - (r.kv.num_pages if r.kv is not None else 0))
+        return sum(max(0, self._need(r) - (int(r.kv.pages_held.sum()) if r.kv is not None else 0))
                    for r in self.running if not r.prefilled)
 
     def _fits(self, req: EngineRequest) -> bool:
