@@ -30,7 +30,7 @@ def record_calls(engine) -> list[tuple]:
     order the engine runs them."""
     calls: list[tuple] = []
     runner = engine.runner
-    prefill, decode = runner.prefill, runner.decode
+    prefill, decode = runner.prefill, runner.launch_decode
 
     def prefill_chunk(req, end=None):
         calls.append(("prefill", req.request_id, req.prefill_pos, end))
@@ -40,7 +40,7 @@ def record_calls(engine) -> list[tuple]:
         calls.append(("decode", [r.request_id for r in batch]))
         return decode(batch)
 
-    runner.prefill, runner.decode = prefill_chunk, decode_step
+    runner.prefill, runner.launch_decode = prefill_chunk, decode_step
     return calls
 
 
