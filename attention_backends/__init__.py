@@ -11,7 +11,7 @@ Methods (``docs/methods.md``): prefill ``dense``, ``vertical_slash``, ``flexpref
 ``block_sparse``; decode ``dense``, ``snapkv``, ``ada_snapkv``, ``quest``.
 """
 
-from .api import engine_impl, prepare_decode, sparse_decode, sparse_prefill
+from .api import decode_keep, engine_impl, prepare_decode, sparse_decode, sparse_prefill
 from .decode.state import DecodeState
 from .reports import DecodeCallReport, PrefillCallReport
 from .spec import (
@@ -35,6 +35,7 @@ __all__ = [
     "PhaseSpec",
     "PrefillCallReport",
     "SparseSpec",
+    "decode_keep",
     "describe_methods",
     "engine_impl",
     "parse_pattern",

@@ -14,7 +14,7 @@ from torch import Tensor
 from .cost import causal_cells, flops_per_cell
 from .decode import ada_snapkv, quest, snapkv
 from .decode import dense as dense_decode
-from .decode.state import DecodeState
+from .decode.state import DecodeState, check_impl
 from .prefill import block_sparse, flexprefill, vertical_slash
 from .prefill import dense as dense_prefill
 from .prefill.common import PrefillOutcome, check_shapes
@@ -24,6 +24,7 @@ from .spec import PhaseSpec, SparseSpec
 
 PrefillFn = Callable[..., PrefillOutcome]  # (q, k, v, phase, q_offset=0)
 PrepareFn = Callable[[Tensor, Tensor, Tensor, PhaseSpec], DecodeState]
+KeepFn = Callable[..., list[Tensor]]  # (q_window, k, phase, impl) -> sorted kept positions per KV head
 
 # The plain PyTorch reference of every method in the table (:data:`.spec.METHODS`).
 REFERENCE_PREFILL: dict[str, PrefillFn] = {
@@ -39,17 +40,18 @@ REFERENCE_DECODE: dict[str, PrepareFn] = {
     "quest": quest.prepare,
 }
 
+# The keep step of every evicting decode method (``MethodInfo.evicts``), reference and Triton behind ``impl``.
+KEEP: dict[str, KeepFn] = {"snapkv": snapkv.keep, "ada_snapkv": ada_snapkv.keep}
+
 
 def implementations(impl: str) -> tuple[dict[str, PrefillFn], dict[str, PrepareFn]]:
     """The (prefill, decode) registries of ``impl``: ``"reference"``, the plain PyTorch methods; ``"triton"``,
     the fast path (:mod:`.kernels.methods`, same contract; CUDA, or the CPU under ``TRITON_INTERPRET=1``)."""
-    if impl == "reference":
+    if check_impl(impl) == "reference":
         return REFERENCE_PREFILL, REFERENCE_DECODE
-    if impl == "triton":
-        from .kernels import methods  # imports Triton: only when asked for
+    from .kernels import methods  # imports Triton: only when asked for
 
-        return methods.PREFILL, methods.DECODE
-    raise ValueError(f"unknown impl {impl!r}; expected 'reference' or 'triton'")
+    return methods.PREFILL, methods.DECODE
 
 
 def engine_impl(device: torch.device) -> str:
@@ -101,6 +103,13 @@ def prepare_decode(q: Tensor, k: Tensor, v: Tensor, spec: SparseSpec, *, impl: s
     keeps its tokens in pages and every :func:`sparse_decode` step runs the paged Triton kernel."""
     check_shapes(q, k, v)
     return implementations(impl)[1][spec.decode.method](q, k, v, spec.decode)
+
+
+def decode_keep(q_window: Tensor, k: Tensor, phase: PhaseSpec, *, impl: str = "reference") -> list[Tensor]:
+    """An evicting decode method's keep-sets at the end of prefill: the sorted prompt positions each KV head
+    keeps. ``q_window [h, m, d]`` holds the queries of the prompt's last ``m`` positions, at least the method's
+    observation ``window`` of them (e.g. the last prefill chunk); ``k [h_kv, n, d]`` all the prompt's keys."""
+    return KEEP[phase.method](q_window, k, phase, impl)
 
 
 def sparse_decode(q_t: Tensor, k_t: Tensor, v_t: Tensor, state: DecodeState) -> tuple[Tensor, DecodeCallReport]:

@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from attention_backends import parse_pattern, prepare_decode, sparse_decode, sparse_prefill  # noqa: E402
+from attention_backends import decode_keep, parse_pattern, prepare_decode, sparse_decode, sparse_prefill  # noqa: E402
 from attention_backends.decode.quest import page_upper_bounds  # noqa: E402
 from attention_backends.decode.window_scores import token_importance as ref_token_importance  # noqa: E402
 from attention_backends.kernels.index_vertical_slash import (  # noqa: E402
@@ -178,6 +178,27 @@ def test_snapkv_token_importance_matches_reference(reduction):
     q, k, _ = qkv(4, 1, 70, 16, torch.float32, seed=4)
     ours = triton_token_importance(q, k, 24, reduction)
     assert rel_err(ours, ref_token_importance(q, k, 24, reduction)) < 1e-5
+
+
+@pytest.mark.parametrize("method", ["snapkv", "ada_snapkv"])
+@pytest.mark.parametrize("heads", GROUPS)
+@pytest.mark.parametrize("capacity", [6, 20, 90])  # below the protected count, typical, the whole prompt
+def test_keep_triton_matches_reference(method, heads, capacity):
+    # The keep step the engine runs at the end of prefill: exact keep-sets against the reference, given the
+    # whole prompt's queries or only the last ones (the observation window of a last prefill chunk).
+    h, h_kv = heads
+    n, window = 83, 24
+    q, k, _ = qkv(h, h_kv, n, 16, torch.float32, seed=capacity + h)
+    phase = parse_pattern({"decode": {"method": method, "compression_ratio": 4, "params": {
+        "window": window, "kernel_size": 5, "sink_tokens": 4, "local_window": 8, "capacity": capacity}}}).decode
+    ref = decode_keep(q, k, phase)
+    kept = min(capacity, n)
+    assert sum(p.numel() for p in ref) == kept * h_kv
+    assert all(torch.equal(p, p.sort().values) and p.unique().numel() == p.numel() for p in ref)
+    for q_window in (q, q[:, -window:], q[:, -40:]):
+        assert [p.tolist() for p in decode_keep(q_window, k, phase)] == [p.tolist() for p in ref]
+        ours = decode_keep(q_window, k, phase, impl="triton")
+        assert [p.cpu().tolist() for p in ours] == [p.cpu().tolist() for p in ref]
 
 
 @pytest.mark.parametrize(("n", "d", "block", "dtype"), [(1000, 64, 64, torch.float16), (130, 32, 16, torch.float32),

@@ -14,6 +14,9 @@
 
 Heads therefore keep different lengths that sum to ``T`` exactly; achieved compression is ``n / C``.
 Generated tokens are appended after prefill and never evicted.
+
+:func:`keep` is the method (the engine calls it once per layer at the end of prefill, then evicts);
+:func:`prepare` wraps its keep-sets in the public API's per-sequence decode state.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ import torch
 from torch import Tensor
 
 from ..spec import PhaseSpec
-from .keep_sets import keep_top, protected_in_priority
-from .state import DecodeState, eviction_capacity
+from .keep_sets import keep_top, protected_in_priority, unpad
+from .state import DecodeState, check_impl, eviction_capacity, state_class
 from .window_scores import max_pool_same, token_importance
 
 
@@ -34,28 +37,41 @@ def per_head_floor(capacity: int, floor_fraction: float, protected: int) -> int:
     return min(capacity, max(math.ceil(floor_fraction * capacity), protected))
 
 
-def prepare(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec) -> DecodeState:
+def keep(q_window: Tensor, k: Tensor, phase: PhaseSpec, impl: str = "reference") -> list[Tensor]:
+    """Sorted kept prompt positions of each KV head (as :func:`.snapkv.keep`; the heads' counts differ and sum
+    to ``C * h_kv``). ``impl="triton"``: :func:`..kernels.snapkv_select.ada_snapkv_keep`."""
     params = phase.params
     h_kv, n, _ = k.shape
     capacity = eviction_capacity(phase, n)
-    layer_budget = capacity * h_kv
+    if check_impl(impl) == "triton":
+        from ..kernels.snapkv_select import ada_snapkv_keep
 
-    scores = token_importance(q, k, params["window"], "max")
+        return unpad(*ada_snapkv_keep(q_window, k, capacity=capacity, window=params["window"],
+                                      kernel_size=params["kernel_size"], sink_tokens=params["sink_tokens"],
+                                      local_window=params["local_window"], floor_fraction=params["floor_fraction"]))
+    layer_budget = capacity * h_kv
+    scores = token_importance(q_window, k, params["window"], "max")
     scores = max_pool_same(scores, params["kernel_size"])
     protected = protected_in_priority(n, params["sink_tokens"], params["local_window"], device=k.device)
     floor = per_head_floor(capacity, params["floor_fraction"], protected.numel())
 
     # Each head's floor: its protected tokens, then its own top entries.
-    keep = [keep_top(scores[j], protected, floor) for j in range(h_kv)]
+    kept = [keep_top(scores[j], protected, floor) for j in range(h_kv)]
 
     # The rest of the layer budget: the globally best (head, token) pairs not kept yet.
     remaining = scores.clone()
     for j in range(h_kv):
-        remaining[j, keep[j]] = float("-inf")
+        remaining[j, kept[j]] = float("-inf")
     extra = remaining.flatten().topk(layer_budget - floor * h_kv).indices
-    for j in range(h_kv):
-        keep[j] = torch.cat([keep[j], extra[extra // n == j] % n]).sort().values
+    return [torch.cat([kept[j], extra[extra // n == j] % n]).sort().values for j in range(h_kv)]
 
-    per_head = [int(idx.numel()) for idx in keep]
-    details = {"capacity": capacity, "floor": floor, "per_head": per_head}
-    return DecodeState(phase, k, v, keep=keep, num_heads=q.shape[0], details=details)
+
+def prepare(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec, impl: str = "reference") -> DecodeState:
+    params = phase.params
+    n = k.shape[1]
+    capacity = eviction_capacity(phase, n)
+    protected = protected_in_priority(n, params["sink_tokens"], params["local_window"]).numel()
+    kept = keep(q, k, phase, impl)
+    details = {"capacity": capacity, "floor": per_head_floor(capacity, params["floor_fraction"], protected),
+               "per_head": [int(idx.numel()) for idx in kept]}
+    return state_class(impl)(phase, k, v, keep=kept, num_heads=q.shape[0], details=details)

@@ -34,3 +34,9 @@ def keep_top(scores: Tensor, protected: Tensor, count: int) -> Tensor:
         candidates[forced] = float("-inf")
         forced = torch.cat([forced, candidates.topk(rest).indices])
     return forced.sort().values
+
+
+def unpad(positions: Tensor, counts: Tensor) -> list[Tensor]:
+    """Per-head keep sets from the batched form ``positions [h_kv, max_keep]`` (row ``j`` valid up to
+    ``counts[j]``, then padding)."""
+    return [positions[j, :c] for j, c in enumerate(counts.tolist())]

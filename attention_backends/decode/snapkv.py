@@ -13,6 +13,9 @@
    prefill and never evicted.
 
 Achieved compression is ``n / C``.
+
+:func:`keep` is the method (the engine calls it once per layer at the end of prefill, then evicts);
+:func:`prepare` wraps its keep-sets in the public API's per-sequence decode state.
 """
 
 from __future__ import annotations
@@ -20,18 +23,30 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..spec import PhaseSpec
-from .keep_sets import keep_top, protected_in_priority
-from .state import DecodeState, eviction_capacity
+from .keep_sets import keep_top, protected_in_priority, unpad
+from .state import DecodeState, check_impl, eviction_capacity, state_class
 from .window_scores import avg_pool_same, token_importance
 
 
-def prepare(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec) -> DecodeState:
+def keep(q_window: Tensor, k: Tensor, phase: PhaseSpec, impl: str = "reference") -> list[Tensor]:
+    """Sorted kept prompt positions of each KV head. ``q_window [h, m, d]``: the queries of the last ``m``
+    prompt positions (at least the observation window; only its last ``window`` rows are read), ``k [h_kv,
+    n, d]`` the whole prompt's keys. ``impl="triton"``: :func:`..kernels.snapkv_select.snapkv_keep`."""
     params = phase.params
     h_kv, n, _ = k.shape
     capacity = eviction_capacity(phase, n)
+    if check_impl(impl) == "triton":
+        from ..kernels.snapkv_select import snapkv_keep
 
-    scores = token_importance(q, k, params["window"], "sum_of_group_mean")
+        return unpad(*snapkv_keep(q_window, k, capacity=capacity, window=params["window"],
+                                  kernel_size=params["kernel_size"], sink_tokens=params["sink_tokens"],
+                                  local_window=params["local_window"]))
+    scores = token_importance(q_window, k, params["window"], "sum_of_group_mean")
     scores = avg_pool_same(scores, params["kernel_size"])
     protected = protected_in_priority(n, params["sink_tokens"], params["local_window"], device=k.device)
-    keep = [keep_top(scores[j], protected, capacity) for j in range(h_kv)]
-    return DecodeState(phase, k, v, keep=keep, num_heads=q.shape[0], details={"capacity": capacity})
+    return [keep_top(scores[j], protected, capacity) for j in range(h_kv)]
+
+
+def prepare(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec, impl: str = "reference") -> DecodeState:
+    details = {"capacity": eviction_capacity(phase, k.shape[1])}
+    return state_class(impl)(phase, k, v, keep=keep(q, k, phase, impl), num_heads=q.shape[0], details=details)

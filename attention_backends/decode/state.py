@@ -121,3 +121,23 @@ def eviction_capacity(phase: PhaseSpec, n: int) -> int:
     ``n``), else :func:`capacity_for` of the target ratio."""
     capacity = phase.params.get("capacity")
     return capacity_for(n, phase.compression_ratio) if capacity is None else min(int(capacity), n)
+
+
+IMPLS = ("reference", "triton")
+
+
+def check_impl(impl: str) -> str:
+    """``impl`` if it names an implementation (``"reference"``: PyTorch; ``"triton"``: the kernels)."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; expected 'reference' or 'triton'")
+    return impl
+
+
+def state_class(impl: str) -> type[DecodeState]:
+    """The keep-set decode state of ``impl``: this reference (a tensor list per head), or the Triton path's
+    paged one (:class:`..kernels.paged_state.PagedDecodeState`)."""
+    if check_impl(impl) == "triton":
+        from ..kernels.paged_state import PagedDecodeState  # imports Triton: only when asked for
+
+        return PagedDecodeState
+    return DecodeState

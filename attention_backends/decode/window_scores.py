@@ -7,7 +7,9 @@ votes are then reduced to one score per (KV head, token), over the window querie
 GQA group of ``g`` query heads, and smoothed along the sequence by a 1-D pool (stride 1, "same" output
 length).
 
-Shapes: ``q [h, n, d]``, ``k [h_kv, n, d]``; query head ``i`` uses KV head ``i // g``.
+Shapes: ``q [h, m, d]`` the queries of the last ``m <= n`` prompt positions (the observation window, a last
+chunk, or the whole prompt; only the last ``W = min(window, m)`` rows are read), ``k [h_kv, n, d]``; query
+head ``i`` uses KV head ``i // g``.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ Reduction = Literal["sum_of_group_mean", "max"]
 def window_attention(q_group: Tensor, k_head: Tensor, window: int) -> Tensor:
     """Causal attention probabilities of the last ``window`` queries of one GQA group over all keys.
 
-    ``q_group [g, n, d]``, ``k_head [n, d]`` -> ``[g, W, n]`` float32 with ``W = min(window, n)``."""
-    g, n, d = q_group.shape
-    w = min(window, n)
-    logits = q_group[:, n - w :].float() @ k_head.float().T / math.sqrt(d)  # [g, W, n]
+    ``q_group [g, m, d]`` (positions ``[n - m, n)``), ``k_head [n, d]`` -> ``[g, W, n]`` float32 with
+    ``W = min(window, m)``."""
+    g, m, d = q_group.shape
+    n = k_head.shape[0]
+    w = min(window, m)
+    logits = q_group[:, m - w :].float() @ k_head.float().T / math.sqrt(d)  # [g, W, n]
     query_pos = torch.arange(n - w, n, device=q_group.device)[:, None]
     key_pos = torch.arange(n, device=q_group.device)[None, :]
     logits = logits.masked_fill(key_pos > query_pos, float("-inf"))
@@ -42,8 +46,8 @@ def token_importance(q: Tensor, k: Tensor, window: int, reduction: Reduction) ->
     * ``"max"`` (Ada-SnapKV): max over window queries and over the group's query heads.
 
     Computed one KV head at a time so memory stays ``O(g * W * n)``."""
-    h, n, _ = q.shape
-    h_kv = k.shape[0]
+    h = q.shape[0]
+    h_kv, n = k.shape[0], k.shape[1]
     group = h // h_kv
     scores = torch.empty(h_kv, n, dtype=torch.float32, device=k.device)
     for j in range(h_kv):

@@ -16,15 +16,15 @@ What differs is *how* cells are computed, and the report says so honestly:
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import Tensor
 
 from ..cost import causal_cells
-from ..decode.ada_snapkv import per_head_floor
-from ..decode.keep_sets import protected_in_priority
+from ..decode import ada_snapkv, snapkv
 from ..decode.quest import budget_pages
-from ..decode.state import DecodeState, eviction_capacity
+from ..decode.state import DecodeState
 from ..prefill.block_sparse import indexing_flops as block_sparse_indexing_flops
 from ..prefill.block_sparse import kept_cells, resolve_top_k
 from ..prefill.common import PrefillOutcome, check_chunk_start
@@ -34,7 +34,6 @@ from ..prefill.vertical_slash_index import estimation_flops
 from ..spec import PhaseSpec
 from .index_vertical_slash import VSCandidates, block_scores, computed_cells, exact_cells, search_budget, window_scores
 from .paged_state import PagedDecodeState, QuestPagedState
-from .snapkv_select import ada_snapkv_keep, snapkv_keep
 from .sparse_prefill import slash_chunks, sparse_prefill_attention, vertical_columns
 from .topk import causal_block_topk
 
@@ -179,36 +178,6 @@ PREFILL = {
 
 
 # ---------------------------------------------------------------------------------------------------- decode
-def _paged(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec, pos: Tensor, cnt: Tensor, details: dict
-           ) -> DecodeState:
-    """The keep-set state of positions ``pos [h_kv, max_keep]`` (first ``cnt[j]`` valid per head)."""
-    counts = cnt.tolist()
-    keep = [pos[j, : counts[j]] for j in range(k.shape[0])]
-    return PagedDecodeState(phase, k, v, keep=keep, num_heads=q.shape[0], details=details)
-
-
-def _keep_args(n: int, phase: PhaseSpec) -> dict:
-    """The keyword arguments SnapKV and Ada-SnapKV keep sets share, the capacity resolved for ``n``."""
-    p = phase.params
-    return dict(capacity=eviction_capacity(phase, n), window=p["window"], kernel_size=p["kernel_size"],
-                sink_tokens=p["sink_tokens"], local_window=p["local_window"])
-
-
-def snapkv_prepare(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec) -> DecodeState:
-    args = _keep_args(k.shape[1], phase)
-    pos, cnt = snapkv_keep(q, k, **args)
-    return _paged(q, k, v, phase, pos, cnt, {"capacity": args["capacity"]})
-
-
-def ada_snapkv_prepare(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec) -> DecodeState:
-    args = _keep_args(k.shape[1], phase)
-    fraction = phase.params["floor_fraction"]
-    pos, cnt = ada_snapkv_keep(q, k, floor_fraction=fraction, **args)
-    protected = protected_in_priority(k.shape[1], args["sink_tokens"], args["local_window"])
-    floor = per_head_floor(args["capacity"], fraction, protected.numel())
-    return _paged(q, k, v, phase, pos, cnt, {"capacity": args["capacity"], "floor": floor, "per_head": cnt.tolist()})
-
-
 def quest_prepare(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec) -> DecodeState:
     page_size = int(phase.params["page_size"])
     pages = budget_pages(k.shape[1], phase)
@@ -217,10 +186,11 @@ def quest_prepare(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec) -> DecodeSt
                            details=details)
 
 
-# Every decode method's state: its prompt tokens in pages, every step the paged kernel.
+# Every decode method's state: its prompt tokens in pages, every step the paged kernel (SnapKV and Ada-SnapKV:
+# their method module's state over the Triton keep path).
 DECODE = {
     "dense": lambda q, k, v, phase: PagedDecodeState(phase, k, v, num_heads=q.shape[0]),
-    "snapkv": snapkv_prepare,
-    "ada_snapkv": ada_snapkv_prepare,
+    "snapkv": partial(snapkv.prepare, impl="triton"),
+    "ada_snapkv": partial(ada_snapkv.prepare, impl="triton"),
     "quest": quest_prepare,
 }

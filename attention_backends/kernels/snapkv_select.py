@@ -21,8 +21,8 @@ from .index_vertical_slash import window_scores
 
 def triton_token_importance(q: Tensor, k: Tensor, window: int, reduction: Reduction) -> Tensor:
     """:func:`.window_scores.token_importance` (``[h_kv, n]`` float32) without the ``[g, W, n]`` probabilities."""
-    h, n, _ = q.shape
-    h_kv = k.shape[0]
+    h = q.shape[0]
+    h_kv, n = k.shape[0], k.shape[1]
     cols, _, _ = window_scores(q, k, window, col_reduce="max" if reduction == "max" else "sum", diagonal=False)
     cols = cols.view(h_kv, h // h_kv, n)
     return cols.amax(1) if reduction == "max" else cols.mean(1)

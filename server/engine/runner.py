@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from attention_backends import PrefillCallReport, engine_impl, prepare_decode, sparse_prefill
+from attention_backends import PrefillCallReport, decode_keep, engine_impl, sparse_prefill
 from attention_backends.cost import ModelShape, causal_cells, flops_per_cell
 from attention_backends.decode.quest import budget_pages
 from attention_backends.prefill.dense import sdpa
@@ -65,19 +65,6 @@ def prompt_logprobs(model, hidden: Tensor, ids: Tensor, k: int, start: int = 0) 
     return out
 
 
-def observation_queries(q: Tensor, n: int) -> Tensor:
-    """The prompt's queries ``[h, n, d]`` as the decode methods' keep step takes them, from the last chunk's
-    ``q [h, m, d]``: SnapKV and Ada-SnapKV read only the last ``window`` queries (the observation window),
-    which the scheduler keeps inside the last chunk (:meth:`.scheduler.Scheduler.chunk_end`); the earlier rows
-    are zeros they never read."""
-    h, m, d = q.shape
-    if m == n:
-        return q
-    full = q.new_zeros(h, n, d)
-    full[:, n - m :] = q
-    return full
-
-
 class PendingDecode:
     """A decode step the device is working on: :meth:`logits` waits for it (and, for Quest rows, accounts what
     their selection read, which only the device knows)."""
@@ -118,6 +105,7 @@ class ModelRunner:
         c1 = n if end is None else end
         last_chunk = c1 == n
         evicts = DECODE_METHODS[spec.decode.method].evicts
+        impl = "triton" if self.use_triton else "reference"
 
         def attention(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
@@ -128,13 +116,11 @@ class ModelRunner:
             if spec.prefill.is_dense:
                 out, report = dense_prefill_attention(qh, kh, vh, c0)
             else:
-                out, report = sparse_prefill(qh, kh, vh, spec, impl="triton" if self.use_triton else "reference",
-                                             q_offset=c0)
+                out, report = sparse_prefill(qh, kh, vh, spec, impl=impl, q_offset=c0)
             cost.add_prefill(report)
             kv.append_prompt(layer, kh[:, c0:], vh[:, c0:])
-            if last_chunk and evicts:  # eviction sees the whole prompt's keys; its window is the last chunk's
-                keep = prepare_decode(observation_queries(qh, n), kh, vh, spec).kept_positions
-                kv.keep_only(layer, keep)
+            if last_chunk and evicts:  # the keep step sees the whole prompt's keys; its window is the last chunk's
+                kv.keep_only(layer, decode_keep(qh, kh, spec.decode, impl=impl))
             return out.transpose(0, 1)
 
         prompt = torch.tensor(req.request.prompt_token_ids, dtype=torch.long, device=self.device)
