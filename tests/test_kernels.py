@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from attention_backends import decode_keep, parse_pattern, prepare_decode, sparse_decode, sparse_prefill  # noqa: E402
-from attention_backends.decode.quest import page_upper_bounds  # noqa: E402
+from attention_backends.decode.quest import page_upper_bounds, select_pages  # noqa: E402
 from attention_backends.decode.window_scores import token_importance as ref_token_importance  # noqa: E402
 from attention_backends.kernels.index_vertical_slash import (  # noqa: E402
     VSCandidates,
@@ -319,6 +319,33 @@ def test_quest_select_and_decode_match_reference(heads):
             s = q[b, j * grp:(j + 1) * grp].double() @ k[b, j, toks].double().T / math.sqrt(d)
             expect[b, j * grp:(j + 1) * grp] = torch.softmax(s, -1) @ v[b, j, toks].double()
     assert_close(out, expect, dtype)
+
+
+@pytest.mark.parametrize("heads", GROUPS)
+def test_quest_select_matches_reference_select_pages(heads):
+    # The one Quest selection: the Triton kernel against its PyTorch reference (the engine's portable path and
+    # QuestState), batched with a budget per row: 0 (a non-Quest row), below, at and above the row's pages.
+    h, h_kv = heads
+    B, d, page, P = 5, 16, 8, 9
+    g = torch.Generator().manual_seed(60 + h)
+    q = torch.randn(B, h, d, generator=g).to(DEV)
+    lo = torch.randn(B * h_kv * P, d, generator=g)
+    page_min, page_max = lo.to(DEV), (lo + torch.rand(lo.shape, generator=g)).to(DEV)
+    tables = torch.randperm(B * h_kv * P, generator=g).view(B, h_kv, P).to(DEV, torch.int32)
+    lengths = torch.randint(1, P * page + 1, (B, h_kv), generator=g).to(DEV, torch.int32)
+    prompt_kept = (lengths - torch.randint(0, page, (B, h_kv), generator=g).to(DEV)).clamp(min=0).to(torch.int32)
+    budgets = torch.tensor([0, 1, 3, 6, 9], dtype=torch.int32, device=DEV)
+    prompt_read = torch.full((B, h_kv), -1, dtype=torch.int32, device=DEV)
+    sel, sel_len = quest_select(q, page_min, page_max, tables, lengths, budgets, page, width=16,
+                                prompt_kept=prompt_kept, prompt_read=prompt_read)
+    ref_sel, ref_len, ref_prompt = select_pages(q, page_min, page_max, tables, lengths, budgets, page, prompt_kept)
+    assert torch.equal(sel_len.long().cpu(), ref_len.long().cpu())
+    assert torch.equal(prompt_read.long().cpu(), ref_prompt.long().cpu())
+    assert int(ref_len[1:].min()) > 0 and int(ref_len[0].max()) == 0
+    for b in range(B):
+        for j in range(h_kv):
+            used = -(-int(ref_len[b, j]) // page)
+            assert sel[b, j, :used].tolist() == ref_sel[b, j, :used].tolist(), (b, j)
 
 
 # ---------------------------------------------------------------------------------- public API, impl="triton"

@@ -19,6 +19,10 @@ with no explicit ``budget`` the budget is unbounded, so ``quest:1`` stays dense 
 generation. Indexing cost: ``2 * d`` elements per page per KV head each step the pages are scored.
 Achieved compression counts prompt tokens only, so once generated tokens fill pages that win selection,
 fewer prompt tokens are read and the achieved ratio rises above the target.
+
+:func:`select_pages` is the one page selection (batched, a budget per row): the reference of the Triton
+:func:`..kernels.quest_select.quest_select`; :class:`QuestState` (the public API's per-sequence state) and the
+engine's portable decode step call it, their Triton counterparts call the kernel.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 from torch import Tensor
 
 from ..spec import PhaseSpec
+from .paged import page_fill
 from .state import DecodeState
 
 
@@ -45,16 +50,62 @@ def page_bounds(keys: Tensor, page_size: int) -> tuple[Tensor, Tensor]:
 
 
 def page_upper_bounds(q_t: Tensor, page_min: Tensor, page_max: Tensor) -> Tensor:
-    """``ub[i, p] = sum_d max(q_d * min_pd, q_d * max_pd)`` for query head ``i`` (``q_t [h, d]``) over the
-    pages of its KV head (``page_min/max [h_kv, P, d]``) -> ``[h, P]`` float32.
+    """``ub[..., i, p] = sum_d max(q_d * min_pd, q_d * max_pd)`` for query head ``i`` (``q_t [..., h, d]``)
+    over the pages of its KV head (``page_min/max [..., h_kv, P, d]``) -> ``[..., h, P]`` float32.
 
     ``max(q * lo, q * hi)`` is ``q * hi`` where ``q >= 0`` and ``q * lo`` where ``q < 0``, so the sum is two
     matrix products: ``relu(q) . max + min(q, 0) . min``."""
-    h = q_t.shape[0]
-    group = h // page_min.shape[0]
-    q = q_t.float().view(page_min.shape[0], group, -1)  # [h_kv, g, d]
-    ub = q.clamp(min=0) @ page_max.float().transpose(1, 2) + q.clamp(max=0) @ page_min.float().transpose(1, 2)
-    return ub.reshape(h, -1)
+    *lead, h, d = q_t.shape
+    h_kv = page_min.shape[-3]
+    q = q_t.float().view(*lead, h_kv, h // h_kv, d)  # [..., h_kv, g, d]
+    ub = (q.clamp(min=0) @ page_max.float().transpose(-1, -2)
+          + q.clamp(max=0) @ page_min.float().transpose(-1, -2))  # [..., h_kv, g, P]
+    return ub.reshape(*lead, h, -1)
+
+
+def choose_pages(q: Tensor, key_min: Tensor, key_max: Tensor, tables: Tensor, lengths: Tensor,
+                 budget_pages: Tensor, page_size: int) -> tuple[Tensor, Tensor]:
+    """Quest's page choice for a batch of decode queries (steps 1-3 above, a budget per row).
+
+    ``q [B, h, d]``; pool ``key_min``/``key_max`` ``[num_pages, d]``; ``tables [B, h_kv, P]``; ``lengths
+    [B, h_kv]`` tokens held (the current token included); ``budget_pages [B]`` pages to read per head (0:
+    none). Returns the chosen logical page indices ``[B, h_kv, S]`` in ascending order, real choices first,
+    and the number of real choices ``[B, h_kv]`` (rows with a smaller budget, or fewer pages, pad). Because
+    the only partial page is the last one, the chosen pages hold their tokens as one contiguous prefix."""
+    b, h, _ = q.shape
+    h_kv, p = tables.shape[1], tables.shape[2]
+    ids = tables.clamp(min=0)
+    ub = page_upper_bounds(q, key_min[ids], key_max[ids])  # [B, h, P]
+    ub = ub.view(b, h_kv, h // h_kv, p).sum(2)  # a GQA group shares its pages
+    n_pages = -(-lengths // page_size)  # [B, h_kv]
+    logical = torch.arange(p, device=q.device).view(1, 1, p)
+    ub = ub.masked_fill(logical >= n_pages.unsqueeze(-1), float("-inf"))
+    ub = ub.masked_fill(logical == (n_pages - 1).unsqueeze(-1), float("inf"))  # the current page
+    s = int(min(p, int(budget_pages.max())))
+    chosen = ub.topk(s, dim=-1).indices  # [B, h_kv, S]
+    count = torch.minimum(budget_pages.view(b, 1).clamp(max=s), n_pages)
+    rank = torch.arange(s, device=q.device).view(1, 1, s)
+    chosen = torch.where(rank < count.unsqueeze(-1), chosen, p).sort(dim=-1).values  # pads sort last
+    return chosen.clamp(max=p - 1), count
+
+
+def _chosen_tokens(tables: Tensor, lengths: Tensor, chosen: Tensor, count: Tensor, page_size: int) -> Tensor:
+    """Tokens ``[B, h_kv]`` among the first ``lengths`` of each head that the chosen pages hold."""
+    fill = page_fill(lengths, tables.shape[2], page_size).gather(2, chosen)
+    real = torch.arange(chosen.shape[2], device=chosen.device).view(1, 1, -1) < count.unsqueeze(-1)
+    return (fill * real).sum(-1)
+
+
+def select_pages(q: Tensor, key_min: Tensor, key_max: Tensor, tables: Tensor, lengths: Tensor,
+                 budget_pages: Tensor, page_size: int, prompt_kept: Tensor | None = None
+                 ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The reference of :func:`..kernels.quest_select.quest_select`: the chosen pages as a page table ``[B,
+    h_kv, S]`` (ascending; padding past the token length), the tokens to read ``[B, h_kv]``, and, given
+    ``prompt_kept [B, h_kv]`` (each head's prompt tokens, which come first), the prompt tokens among them."""
+    chosen, count = choose_pages(q, key_min, key_max, tables, lengths, budget_pages, page_size)
+    sel_len = _chosen_tokens(tables, lengths, chosen, count, page_size)
+    prompt_read = None if prompt_kept is None else _chosen_tokens(tables, prompt_kept, chosen, count, page_size)
+    return tables.gather(2, chosen), sel_len, prompt_read
 
 
 class QuestState(DecodeState):
@@ -83,24 +134,22 @@ class QuestState(DecodeState):
             self.page_max[:, -1] = torch.maximum(self.page_max[:, -1], k_t)
 
     def select(self, q_t: Tensor) -> list[Tensor] | None:
-        num_pages = self.page_min.shape[1]
+        h_kv, num_pages, d = self.page_min.shape
         if self.budget_pages is None or self.budget_pages >= num_pages:
             self._scored_pages = 0
             self.details["pages_selected"] = num_pages
             return None
         self._scored_pages = num_pages
-        group = self.num_heads // self.num_kv_heads
-        ub = page_upper_bounds(q_t, self.page_min, self.page_max)  # [h, P]
-        scores = ub.view(self.num_kv_heads, group, num_pages).sum(dim=1)  # [h_kv, P]
-        scores[:, -1] = float("inf")  # the current page is always read
-        pages = scores.topk(self.budget_pages, dim=1).indices.sort(dim=1).values  # [h_kv, K]
+        # this state's bounds as a page pool with one table per head (what select_pages takes)
+        tables = torch.arange(h_kv * num_pages, device=q_t.device).view(1, h_kv, num_pages)
+        lengths = torch.full((1, h_kv), self.cache_len, device=q_t.device)
+        budget = torch.tensor([self.budget_pages], device=q_t.device)
+        chosen, _ = choose_pages(q_t[None], self.page_min.reshape(-1, d), self.page_max.reshape(-1, d), tables,
+                                 lengths, budget, self.page_size)
         self.details["pages_selected"] = self.budget_pages
-        offsets = torch.arange(self.page_size, device=pages.device)
-        chosen = []
-        for j in range(self.num_kv_heads):
-            tokens = (pages[j, :, None] * self.page_size + offsets).flatten()
-            chosen.append(tokens[tokens < self.cache_len])
-        return chosen
+        offsets = torch.arange(self.page_size, device=q_t.device)
+        tokens = (chosen[0, :, :, None] * self.page_size + offsets).flatten(1)  # [h_kv, K * page_size]
+        return [row[row < self.cache_len] for row in tokens]
 
     def metadata_elements_read(self) -> int:
         return 2 * self.head_dim * self._scored_pages * self.num_kv_heads

@@ -152,18 +152,13 @@ class QuestPagedState(PagedDecodeState):
         self._scored_pages = npg
         self.details["pages_selected"] = self.budget_pages
         q = q_t[None].contiguous()
+        prompt_kept = torch.tensor([self.prompt_kept], dtype=torch.int32, device=q.device)
+        prompt_read = torch.empty_like(prompt_kept)
         sel, sel_len = quest_select(q, self.page_min, self.page_max, self.page_table, self.lengths,
-                                    self.budget_pages, self.page_size)
+                                    self.budget_pages, self.page_size, prompt_kept=prompt_kept,
+                                    prompt_read=prompt_read)
         out = paged_decode(q, self.k_pages, self.v_pages, sel, sel_len, max_len=self.budget_pages * self.page_size)[0]
-        # which selected pages hold prompt tokens (report only)
-        slots = (sel[0].long() - self.page_table[0, :, :1].long())  # pool pages of a head are contiguous
-        starts = slots * self.page_size
-        prompt_tok = (self.prompt_len - starts).clamp(0, self.page_size)
-        total = sel_len[0].long()
-        prompt = prompt_tok.sum(1).clamp(max=total)
-        prompt_l = prompt.tolist()
-        gen_l = (total - prompt).tolist()
-        return out, prompt_l, gen_l
+        return out, prompt_read[0].tolist(), (sel_len[0] - prompt_read[0]).tolist()
 
     def metadata_elements_read(self) -> int:
         return 2 * self.head_dim * self._scored_pages * self.num_kv_heads

@@ -24,8 +24,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from attention_backends.decode.paged import page_fill, paged_decode_attention
+from attention_backends.decode.quest import select_pages
+
 from .page_pool import PagePool
-from .paged_attention import choose_quest_pages, page_fill, paged_decode_attention, selected_pages
 from .sequence_kv import SequenceKV
 
 try:  # Triton is a dependency, but a broken install must not take the CPU path down with it
@@ -70,11 +72,8 @@ class DecodeKernels:
                ) -> tuple[Tensor, Tensor, Tensor]:
         """Quest: each row's top ``budgets [B]`` pages per KV head (0: none), the current page forced ->
         (page tables ``[B, h_kv, <= width]``, token lengths ``[B, h_kv]``, prompt tokens among them ``[B, h_kv]``)."""
-        ps = self.pool.page_size
-        chosen, count = choose_quest_pages(q, self.pool.key_min, self.pool.key_max, tables, lengths, budgets, ps)
-        sel, sel_len = selected_pages(tables, lengths, chosen, count, ps)
-        _, prompt_read = selected_pages(tables, prompt_kept, chosen, count, ps)
-        return sel, sel_len, prompt_read
+        pool = self.pool
+        return select_pages(q, pool.key_min, pool.key_max, tables, lengths, budgets, pool.page_size, prompt_kept)
 
 
 class TritonDecodeKernels(DecodeKernels):
