@@ -6,6 +6,7 @@ calls cover one attention layer of one sequence; an engine calls them per layer 
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 import torch
@@ -20,7 +21,7 @@ from .prefill import dense as dense_prefill
 from .prefill.common import PrefillOutcome, check_shapes
 from .prefill_cost import prefill_fallback
 from .reports import DecodeCallReport, PrefillCallReport
-from .spec import PhaseSpec, SparseSpec
+from .spec import DECODE_METHODS, PhaseSpec, SparseSpec
 
 PrefillFn = Callable[..., PrefillOutcome]  # (q, k, v, phase, q_offset=0)
 PrepareFn = Callable[[Tensor, Tensor, Tensor, PhaseSpec], DecodeState]
@@ -40,8 +41,12 @@ REFERENCE_DECODE: dict[str, PrepareFn] = {
     "quest": quest.prepare,
 }
 
-# The keep step of every evicting decode method (``MethodInfo.evicts``), reference and Triton behind ``impl``.
-KEEP: dict[str, KeepFn] = {"snapkv": snapkv.keep, "ada_snapkv": ada_snapkv.keep}
+
+def method_step(name: str) -> Callable:
+    """A decode method's step that its table entry names (``MethodInfo.keep`` / ``.plan``, e.g.
+    ``"snapkv.keep"``): the function in ``attention_backends/decode/<module>.py``."""
+    module, function = name.rsplit(".", 1)
+    return getattr(importlib.import_module(f"{__package__}.decode.{module}"), function)
 
 
 def implementations(impl: str) -> tuple[dict[str, PrefillFn], dict[str, PrepareFn]]:
@@ -109,7 +114,11 @@ def decode_keep(q_window: Tensor, k: Tensor, phase: PhaseSpec, *, impl: str = "r
     """An evicting decode method's keep-sets at the end of prefill: the sorted prompt positions each KV head
     keeps. ``q_window [h, m, d]`` holds the queries of the prompt's last ``m`` positions, at least the method's
     observation ``window`` of them (e.g. the last prefill chunk); ``k [h_kv, n, d]`` all the prompt's keys."""
-    return KEEP[phase.method](q_window, k, phase, impl)
+    name = DECODE_METHODS[phase.method].keep
+    if name is None:
+        raise ValueError(f"decode method {phase.method!r} keeps every token (it has no keep step)")
+    keep: KeepFn = method_step(name)
+    return keep(q_window, k, phase, impl)
 
 
 def sparse_decode(q_t: Tensor, k_t: Tensor, v_t: Tensor, state: DecodeState) -> tuple[Tensor, DecodeCallReport]:

@@ -92,14 +92,26 @@ class MethodInfo:
     phase: Phase
     summary: str
     params: tuple[ParamSpec, ...] = ()
-    # decode: keeps a subset of the prompt's KV after prefill and drops the rest (an engine frees those pages)
-    evicts: bool = False
-    # decode: keeps every token but reads a query-chosen subset of pages each step, from per-page key bounds
-    # (an engine keeps those bounds current; the ``page_size`` parameter is the page)
-    selects_pages: bool = False
+    # decode, ``"<module>.<function>"`` in ``attention_backends/decode/`` (resolved by :func:`.api.method_step`):
+    # ``keep``, once at the end of prefill, the prompt positions each KV head keeps (the engine evicts the rest);
+    # ``plan``, every step, the pages each KV head reads. Neither: every token is kept and read.
+    keep: str | None = None
+    plan: str | None = None
     # prefill: the parameters that, all given, set the budget instead of the ratio (then the computed cells are
     # known only once the index is built, and the dense-fallback rule of :mod:`.prefill_cost` cannot predict)
     budget_params: tuple[str, ...] = ()
+
+    @property
+    def evicts(self) -> bool:
+        """Decode: keeps a subset of the prompt's KV after prefill and drops the rest (an engine frees those
+        pages)."""
+        return self.keep is not None
+
+    @property
+    def selects_pages(self) -> bool:
+        """Decode: keeps every token but reads a query-chosen subset of pages each step, from per-page key bounds
+        (an engine keeps those bounds current; the ``page_size`` parameter is the page)."""
+        return self.plan is not None
 
     def param(self, name: str) -> ParamSpec:
         for p in self.params:
@@ -138,7 +150,7 @@ _OBSERVATION = (
 def _snapkv_family(name: str, summary: str, *extra: ParamSpec, capacity_doc: str) -> MethodInfo:
     """An eviction method scored by the observation window: its parameters, ``extra``, then its capacity."""
     capacity = ParamSpec("capacity", int, None, 1, _INT_MAX, doc=f"{capacity_doc} (default ceil(n/r))")
-    return MethodInfo(name, "decode", summary, (*_OBSERVATION, *extra, capacity), evicts=True)
+    return MethodInfo(name, "decode", summary, (*_OBSERVATION, *extra, capacity), keep=f"{name}.keep")
 
 
 _METHOD_LIST: tuple[MethodInfo, ...] = (
@@ -198,7 +210,7 @@ _METHOD_LIST: tuple[MethodInfo, ...] = (
             ParamSpec("budget", int, None, 1, _INT_MAX, doc="tokens read per step (default ceil(n/r), "
                       "rounded to a page)"),
         ),
-        selects_pages=True,
+        plan="quest.plan",
     ),
 )
 

@@ -320,6 +320,30 @@ def test_capabilities_match_behaviour(method, impl):
     assert not (info.selects_pages and "page_size" not in state.phase.params)
 
 
+@pytest.mark.parametrize("method", ("dense", *METHODS))
+def test_table_entry_names_the_methods_keep_and_plan_steps(method):
+    # A decode method is its table entry plus its module: the entry names the module's keep / plan step, and the
+    # engine's eviction runs the named keep (decode_keep) -- the same keep-sets the public state holds.
+    import importlib
+
+    from attention_backends.api import decode_keep, method_step
+    from attention_backends.spec import DECODE_METHODS
+
+    info = DECODE_METHODS[method]
+    module = importlib.import_module(f"attention_backends.decode.{method}")
+    assert (method_step(info.keep) is module.keep) if info.keep else not hasattr(module, "keep")
+    assert (method_step(info.plan) is module.plan) if info.plan else not hasattr(module, "plan")
+    q, k, v = random_qkv(4, 2, 96, 16, seed=5)
+    spec = spec_for(method, 4, **({"window": 32, "local_window": 8} if info.keep else {}))
+    if info.keep:
+        kept = decode_keep(q[:, -40:], k, spec.decode)  # the window's queries suffice
+        assert [p.tolist() for p in kept] == [p.tolist() for p in prepare_decode(q, k, v, spec).kept_positions]
+        assert [p.tolist() for p in kept] != [p.tolist() for p in decode_keep(q[:, -16:], k, spec.decode)]
+    else:
+        with pytest.raises(ValueError):
+            decode_keep(q, k, spec.decode)
+
+
 def test_every_method_of_the_table_has_both_implementations():
     from attention_backends.api import implementations
     from attention_backends.spec import DECODE_METHODS, PREFILL_METHODS

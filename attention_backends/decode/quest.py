@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ..spec import PhaseSpec
 from .paged import page_fill
-from .state import DecodeState
+from .state import DecodeState, check_impl
 
 
 def page_bounds(keys: Tensor, page_size: int) -> tuple[Tensor, Tensor]:
@@ -106,6 +106,24 @@ def select_pages(q: Tensor, key_min: Tensor, key_max: Tensor, tables: Tensor, le
     sel_len = _chosen_tokens(tables, lengths, chosen, count, page_size)
     prompt_read = None if prompt_kept is None else _chosen_tokens(tables, prompt_kept, chosen, count, page_size)
     return tables.gather(2, chosen), sel_len, prompt_read
+
+
+def plan(q: Tensor, key_min: Tensor, key_max: Tensor, tables: Tensor, lengths: Tensor, budget_pages: Tensor,
+         page_size: int, prompt_kept: Tensor, *, width: int, impl: str = "reference") -> tuple[Tensor, Tensor, Tensor]:
+    """Quest's per-step plan for a batch (the engine's decode step calls it every layer): the pages each (row,
+    KV head) reads -> ``(page table [B, h_kv, <= width], tokens to read [B, h_kv], prompt tokens among them
+    [B, h_kv])``. ``width`` bounds every row's budget. ``impl="triton"``: the kernel (no host sync, CUDA-graph
+    safe); else :func:`select_pages`."""
+    if check_impl(impl) == "reference":
+        sel, sel_len, prompt_read = select_pages(q, key_min, key_max, tables, lengths, budget_pages, page_size,
+                                                 prompt_kept)
+        return sel, sel_len, prompt_read  # type: ignore[return-value]
+    from ..kernels.quest_select import quest_select  # imports Triton: only when asked for
+
+    prompt_read = torch.empty(lengths.shape, dtype=torch.int32, device=q.device)
+    sel, sel_len = quest_select(q, key_min, key_max, tables, lengths, budget_pages, page_size, width=width,
+                                prompt_kept=prompt_kept, prompt_read=prompt_read)
+    return sel, sel_len, prompt_read
 
 
 class QuestState(DecodeState):

@@ -24,19 +24,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from attention_backends.decode import quest
 from attention_backends.decode.paged import page_fill, paged_decode_attention
-from attention_backends.decode.quest import select_pages
 
 from .page_pool import PagePool
 from .sequence_kv import SequenceKV
 
 try:  # Triton is a dependency, but a broken install must not take the CPU path down with it
     from attention_backends.kernels.paged_decode import paged_decode as triton_paged_decode
-    from attention_backends.kernels.quest_select import quest_select as triton_quest_select
 
     from .fused_ops import append_token as triton_append_token
 except Exception:  # pragma: no cover
-    triton_paged_decode = triton_quest_select = triton_append_token = None
+    triton_paged_decode = triton_append_token = None
 
 # Batch buckets CUDA graphs are captured for; a batch runs in the smallest bucket that holds it.
 GRAPH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -49,6 +48,8 @@ def _pow2(n: int) -> int:
 class DecodeKernels:
     """The cache update, paged attention and Quest selection in PyTorch (the portable path, and the reference
     of the Triton one)."""
+
+    impl = "reference"  # the implementation of the methods' plan step (attention_backends.decode.quest.plan)
 
     def __init__(self, pool: PagePool):
         self.pool = pool
@@ -72,12 +73,15 @@ class DecodeKernels:
                ) -> tuple[Tensor, Tensor, Tensor]:
         """Quest: each row's top ``budgets [B]`` pages per KV head (0: none), the current page forced ->
         (page tables ``[B, h_kv, <= width]``, token lengths ``[B, h_kv]``, prompt tokens among them ``[B, h_kv]``)."""
-        pool = self.pool
-        return select_pages(q, pool.key_min, pool.key_max, tables, lengths, budgets, pool.page_size, prompt_kept)
+        pool = self.pool  # (the step carries one page budget per row: Quest's, the one method with a plan step)
+        return quest.plan(q, pool.key_min, pool.key_max, tables, lengths, budgets, pool.page_size, prompt_kept,
+                          width=width, impl=self.impl)
 
 
 class TritonDecodeKernels(DecodeKernels):
     """The same operations as Triton kernels: no host sync, fixed grids (CUDA-graph safe)."""
+
+    impl = "triton"
 
     def append(self, k: Tensor, v: Tensor, page: Tensor, slot: Tensor) -> None:
         pool = self.pool
@@ -86,14 +90,6 @@ class TritonDecodeKernels(DecodeKernels):
     def attend(self, q: Tensor, tables: Tensor, lengths: Tensor) -> Tensor:
         return triton_paged_decode(q, self.pool.keys, self.pool.values, tables, lengths,
                                    max_len=tables.shape[-1] * self.pool.page_size)
-
-    def select(self, q: Tensor, tables: Tensor, lengths: Tensor, budgets: Tensor, prompt_kept: Tensor, width: int
-               ) -> tuple[Tensor, Tensor, Tensor]:
-        prompt_read = torch.empty(lengths.shape, dtype=torch.int32, device=q.device)
-        sel, sel_len = triton_quest_select(q, self.pool.key_min, self.pool.key_max, tables, lengths, budgets,
-                                           self.pool.page_size, width=width, prompt_kept=prompt_kept,
-                                           prompt_read=prompt_read)
-        return sel, sel_len, prompt_read
 
 
 @dataclass(frozen=True)
