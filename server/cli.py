@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-prefill-chunk", type=int, default=d.max_prefill_chunk,
                    help="native engine: prefill long prompts in chunks of at most this many tokens (a multiple of "
                    f"{PREFILL_CHUNK_ALIGN}), each engine step one chunk then one decode step of the running "
-                   "requests, so a long prompt does not stall them; 0 = whole prompts in one step")
+                   "requests, so a long prompt does not stall them (with nothing decoding, a dense prompt "
+                   "prefills whole); 0 = whole prompts in one step")
     g.add_argument("--served-model-name", default=None,
                    help="the model name clients send and /v1/models lists (default: the model's name)")
 

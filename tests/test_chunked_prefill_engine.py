@@ -48,6 +48,19 @@ def chunk_starts(calls, rid: str) -> list[int]:
     return [c[2] for c in calls if c[0] == "prefill" and c[1] == rid]
 
 
+async def while_decoding(engine, body):
+    """Run ``await body(engine)`` while another request decodes (a dense prefill with nothing decoding runs
+    whole), then abort that one."""
+    background = engine.generate(make_request("bg", [9, 8, 7], max_tokens=1000, ignore_eos=True))
+    await background.__anext__()
+    try:
+        return await body(engine)
+    finally:
+        await engine.abort("bg")
+        async for _ in background:
+            pass
+
+
 @pytest.mark.parametrize("pattern", ["dense", "snapkv:2"])
 def test_chunked_prefill_gives_the_whole_prefills_tokens_on_smollm2(loaded, pattern):
     """Greedy tokens, prompt logprobs and cost equal; with SnapKV the eviction after the last chunk keeps what
@@ -59,7 +72,8 @@ def test_chunked_prefill_gives_the_whole_prefills_tokens_on_smollm2(loaded, patt
         engine = new_engine(loaded, max_prefill_chunk=chunk)
         calls = record_calls(engine)
         request = make_request("r", ids, pattern, max_tokens=12, prompt_logprobs=1)
-        return asyncio.run(with_engine(engine, lambda e: collect(e, request))), calls
+        body = lambda e: while_decoding(e, lambda e: collect(e, request))  # noqa: E731
+        return asyncio.run(with_engine(engine, body)), calls
 
     (whole, whole_calls), (chunked, calls) = run(0), run(128)
     assert chunk_starts(whole_calls, "r") == [0]
@@ -128,7 +142,7 @@ def test_abort_between_chunks_frees_every_page(model):
     async def body(engine):
         return await collect(engine, make_request("long", [7] * 900, max_tokens=5))
 
-    result = asyncio.run(with_engine(engine, body))
+    result = asyncio.run(with_engine(engine, lambda e: while_decoding(e, body)))
     assert result.final.finish_reason == "abort" and result.token_ids == []
     assert chunk_starts(calls, "long") == [0]  # no chunk after the abort
     assert seen["held"] == 2 * 2 * (128 // 16)  # layers x KV heads x pages of the first chunk
@@ -136,10 +150,11 @@ def test_abort_between_chunks_frees_every_page(model):
     assert c.free_pages == c.total_pages == engine.pool.num_pages
 
 
-def test_request_preempted_between_chunks_prefills_again_in_chunks(model):
+def test_request_preempted_between_chunks_prefills_again_from_its_start(model):
     """A decoding request outgrows the pool while a long prompt is between chunks: the long one (the youngest) is
-    preempted, its pages go back, and it prefills again from its first chunk once there is room; both give the
-    tokens and cost they give alone."""
+    preempted, its pages go back, and it prefills again from its first token once there is room (when the other
+    has finished: then nothing decodes, and its dense prompt prefills whole); both give the tokens and cost they
+    give alone."""
     page_size = 4  # a decode step needs new pages every 4 tokens: the squeeze comes within a few steps
     options = dict(max_prefill_chunk=128, page_size=page_size)
     old = make_request("old", [(3 * i + 2) % 96 for i in range(64)], max_tokens=40, ignore_eos=True)
@@ -159,15 +174,38 @@ def test_request_preempted_between_chunks_prefills_again_in_chunks(model):
     (old_res, young_res), calls, engine = run([old, young])
     starts = chunk_starts(calls, "young")
     restart = starts.index(0, 1)  # the second first chunk
-    assert 0 < restart < 6 and starts[restart:] == [0, 128, 256, 384, 512, 640]
+    assert 0 < restart < 6 and starts[restart:] == [0]
     assert engine.pool.counters().free_pages == engine.pool.num_pages
     (old_alone,), _, _ = run([old])
     (young_alone,), _, _ = run([young])
     assert old_res.token_ids == old_alone.token_ids and young_res.token_ids == young_alone.token_ids
-    assert young_res.final.cost.prefill == young_alone.final.cost.prefill  # the lost chunks are not its cost
+    chunked, whole = young_res.final.cost.prefill, young_alone.final.cost.prefill  # alone: one whole prefill
+    assert (chunked.dense_units, chunked.actual_units) == (whole.dense_units, whole.actual_units)  # lost chunks
+    assert chunked.model_flops == pytest.approx(whole.model_flops)  # are not its cost
 
 
 def test_max_prefill_chunk_is_validated():
     with pytest.raises(ValueError, match="multiple of 128"):
         EngineOptions(max_prefill_chunk=100)
     assert EngineOptions().max_prefill_chunk == 4096 and EngineOptions(max_prefill_chunk=0).max_prefill_chunk == 0
+
+
+def test_a_dense_prompt_prefills_whole_when_nothing_decodes_and_in_chunks_when_something_does(model):
+    """Chunks are for the decodes: alone, a dense prompt prefills in one step (a chunked dense prefill computes the
+    same attention, slower); while a request decodes it prefills in chunks; a sparse prefill method, defined per
+    chunk, is chunked either way (its answer must not depend on the load)."""
+    prompt = [(7 * i + 3) % 96 for i in range(600)]
+
+    def starts(pattern: str, decoding: bool) -> list[int]:
+        engine = tiny_engine(model, max_prefill_chunk=128)
+        calls = record_calls(engine)
+
+        async def body(e):
+            return await collect(e, make_request("p", prompt, pattern, max_tokens=2))
+
+        asyncio.run(with_engine(engine, (lambda e: while_decoding(e, body)) if decoding else body))
+        return chunk_starts(calls, "p")
+
+    assert starts("dense", decoding=False) == [0]
+    assert starts("dense", decoding=True) == [0, 128, 256, 384, 512]
+    assert starts("vertical_slash:2", decoding=False) == [0, 128, 256, 384, 512]

@@ -20,10 +20,10 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and no
 @pytest.mark.parametrize(("pattern", "chunk", "length"), [
     *((p, 0, 150) for p in ("dense", "quest:3", "snapkv:2", "ada_snapkv:2", "block_sparse:2+quest:2",
                             "vertical_slash:2+snapkv:2")),
-    # chunked prefill: the Triton methods on chunks (q_offset) in the engine
+    # chunked prefill: the Triton methods on chunks (q_offset) in the engine (a lone dense prompt prefills whole)
     # (vertical_slash with its budgets given: for a target ratio the two paths search them on different cell
     # counts, docs/methods.md)
-    ("dense", 128, 400), ("block_sparse:2+snapkv:2", 128, 400),
+    ("block_sparse:2+snapkv:2", 128, 400),
     ({"prefill": {"method": "vertical_slash", "params": {"num_vertical": 40, "num_slash": 60}}}, 128, 400)])
 def test_triton_path_matches_pytorch_path(pattern, chunk, length):
     model, tok = tiny_model(), ByteTokenizer()

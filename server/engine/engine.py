@@ -268,7 +268,7 @@ class NativeEngine:
         try:
             if req.kv is None:
                 req.kv = self.runner.new_sequence()
-            logits = self.runner.prefill(req, self.scheduler.chunk_end(req.request, req.prefill_pos))
+            logits = self.runner.prefill(req, self.scheduler.prefill_end(req))
             if logits is None:  # more chunks to come; decodes run in between
                 return
             sp = req.request.sampling

@@ -18,9 +18,10 @@
 * Interleaving (chunked prefill): each engine step prefills at most one chunk of at most ``max_prefill_chunk``
   prompt tokens of the oldest admitted request still prefilling (:meth:`chunk_end`; 0 = the whole prompt),
   then runs one decode step for every prefilled request. A running request thus waits for at most one chunk
-  between two of its tokens, and long prompts cannot stall decodes. A request between chunks holds the pages
-  of its prefix and the rest of its need stays promised (:meth:`_promised`); it can be aborted or preempted
-  there, and a preempted one prefills again from its first chunk.
+  between two of its tokens, and long prompts cannot stall decodes. Chunks exist for the decodes: a dense
+  prefill with no request decoding runs the rest of its prompt at once (:meth:`prefill_end`). A request
+  between chunks holds the pages of its prefix and the rest of its need stays promised (:meth:`_promised`);
+  it can be aborted or preempted there, and a preempted one prefills again from its first chunk.
 """
 
 from __future__ import annotations
@@ -95,6 +96,16 @@ class Scheduler:
         min_last = decode.params["window"] if DECODE_METHODS[decode.method].evicts else 1
         end = start + size
         return n if n - end < min_last else end
+
+    def prefill_end(self, req: EngineRequest) -> int:
+        """Where this engine step's prefill of ``req`` ends. With no request decoding there is nothing to let
+        through, and a dense prefill runs the rest of its prompt at once: a dense chunk computes what the whole
+        prompt would, only slower (PyTorch's flash kernel does about half the cells per ms on a chunk's queries
+        against all earlier keys as on a whole causal prompt, benchmarks/sdpa_chunk.py). Sparse prefill methods
+        are defined per chunk, so they follow ``max_prefill_chunk`` alone: an answer must not depend on load."""
+        if req.request.spec.prefill.is_dense and not any(r.prefilled for r in self.running):
+            return len(req.request.prompt_token_ids)
+        return self.chunk_end(req.request, req.prefill_pos)
 
     def need_alone(self, request: GenerationRequest) -> int:
         """Pages the request needs at its peak: what it must be able to hold with the pool to itself."""
