@@ -34,28 +34,9 @@ What each engine measures (``--part`` picks a subset, so a run fits the device's
 Prompts are random token ids (never reused, so no prefix cache hits). ``report`` merges the parts into
 ``benchmarks/results/e2e-<card>-<date>.{json,md,png}``: ratios against vLLM dense of the same run.
 
-On the device (one lease, four calls back to back; the vLLM bundle of ``../shared/tools/vllm-gpu`` travels in
-the first three, see its README; the model directory stays in /tmp for the lease)::
-
-    1. bash .vllm-bundle/stash && python3 benchmarks/e2e.py write-model --dir /tmp/e2e-model &&
-       python3 benchmarks/e2e.py run --engine native --part ttft,agree,decode:1,decode:8 --dir /tmp/e2e-model \
-           --deadline 400 --out $OUT/native-a.json
-    2. bash .vllm-bundle/stash && python3 benchmarks/e2e.py run --engine native --part decode:32,decode:long \
-           --dir /tmp/e2e-model --deadline 420 --out $OUT/native-b.json
-       python3 benchmarks/e2e.py run --engine native --part interference --dir /tmp/e2e-model --deadline 150 \
-           --out $OUT/native-c.json   (about a minute: 8 x 32K prefills, a steady window, one 128K prefill)
-    3. bash .vllm-bundle/stash && export PYTHONPATH=/tmp/vllm-site &&
-       python3 benchmarks/e2e.py run --engine vllm --part all --dir /tmp/e2e-model --deadline 420 --out $OUT/vllm.json
-    4. export PYTHONPATH=/tmp/vllm-site && pip install --no-deps --no-build-isolation --no-index -e . &&
-       python3 benchmarks/e2e.py run --engine sparse-vllm --part all --dir /tmp/e2e-model --deadline 420 \
-           --out $OUT/sparse-vllm.json
-
-    5. capacity on one stated KV memory (16 GiB holds 8 dense 32K requests), in the same lease as 3 or 4:
-       python3 benchmarks/e2e.py run --engine vllm --part capacity --kv-memory-mib 16384 ... --out $OUT/vllm-cap.json
-       python3 benchmarks/e2e.py run --engine native --part capacity --kv-memory-mib 16384 ... --out $OUT/nat-cap.json
-
-(``pip install -e .`` installs the plugin's entry point, which vLLM's engine process needs; ``--deadline`` stops
-starting measurements in time for the call to end inside its limit, and keeps what was measured.)
+On the device: ``benchmarks/e2e_device.sh`` runs it in steps that fit the 10-minute calls of one lease (the vLLM
+bundle of ``../shared/tools/vllm-gpu`` travels in three of them; the model directory stays in /tmp for the lease).
+``--deadline`` stops starting measurements in time for a call to end inside its limit, and keeps what was measured.
 
 then here: ``python benchmarks/e2e.py report PARTS.json... --out-dir benchmarks/results``. ``--tiny`` runs the
 same protocol on a tiny model with short prompts on the CPU (a smoke test; the test suite runs it).

@@ -4,11 +4,14 @@
 # Steps: model (write the Qwen2.5-7B-shaped model to /tmp; once per lease), native-a (TTFT 8K/32K/128K, agreement,
 # decode at batch 1 and 8), native-b (decode at batch 32 and at 128K, inter-token latency while a 128K prompt
 # prefills), native-cap (capacity on 8 GiB of KV), vllm (bare vLLM, dense: TTFT, agreement, decode at batch
-# 1/4/8/32/128K; batch 4 at 32K is the most 8 GiB holds for vLLM: its best batch on the capacity memory), sdpa
+# 1/4/8/32/128K; batch 4 at 32K is the most 8 GiB holds for vLLM: its best batch on the capacity memory),
+# sparse-vllm (`sparse-serve --engine vllm`: dense and each method; needs vllm's three parts), sdpa
 # (benchmarks/sdpa_chunk.py). Every call first runs the vLLM bundle's stash (../shared/tools/vllm-gpu/README.md:
 # three calls of one lease carry deps.tar + vllm.00, vllm.01, vllm.02; the vllm step needs all three), e.g.
 #   call 1: model native-a    call 2: native-b native-cap    call 3: vllm
 # then here: python benchmarks/e2e.py report PARTS.json... --out-dir benchmarks/results
+# A call carries at most 64 MiB, the working tree included: with deps.tar + vllm.00 (60 MB) the tracked files
+# must stay under about 7 MB; on 2026-11-30 the accuracy results (4.5 MB) were moved aside for the calls.
 set -eu
 dir=/tmp/e2e-model
 out=${OUT:-/tmp/e2e-out}
@@ -23,6 +26,9 @@ for step in "$@"; do
     native-b) e2e native-b --engine native --part decode:32,decode:long,interference --deadline 330 ;;
     native-cap) e2e native-cap --engine native --part capacity --kv-memory-mib 8192 --deadline 170 ;;
     vllm) e2e vllm --engine vllm --part ttft,agree,decode:1,decode:4,decode:8,decode:32,decode:long --deadline 420 ;;
+    sparse-vllm)  # the plugin's entry point must be installed for vLLM's engine process to load it
+      python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$out/pip.log" 2>&1
+      e2e sparse-vllm --engine sparse-vllm --part ttft,agree,decode:1,decode:8,decode:32 --deadline 420 ;;
     sdpa) python3 benchmarks/sdpa_chunk.py 2>&1 | tee "$out/sdpa-chunk.log" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
