@@ -275,3 +275,42 @@ def test_native_and_vllm_agree(engine, loop, model_dir, pattern):
         tokens, final = run_one(engine, loop, f"vs-native-{pattern}-{i}", p, pattern)
         assert tokens == expected[i][0], (pattern, i)
         assert final.cost.decode.method == expected[i][1].cost.decode.method
+
+
+def test_chunked_sparse_prefill_agrees_with_native_chunks(model_dir, loop):
+    """vLLM splits a prompt into chunks (max_num_batched_tokens 128): each chunk runs the prefill method on the
+    chunk against every earlier key, as the native engine's 128-token chunks do: the same achieved ratio and the
+    same prompt logprobs, and not the dense ones."""
+    from server.engine.engine import EngineOptions, NativeEngine
+    from server.vllm_engine.engine import VllmEngine, VllmOptions
+
+    ids, pattern = prompt(7, 230), "block_sparse:4"  # chunks [0, 128), [128, 230): both start on a block
+    native = NativeEngine.from_options(EngineOptions(model=str(model_dir), device="cpu", dtype="float32",
+                                                     max_model_len=MAX_LEN, kv_cache_memory=64 << 20,
+                                                     max_prefill_chunk=128))
+    chunked = VllmEngine(VllmOptions(model=str(model_dir), max_model_len=MAX_LEN, max_num_seqs=4,
+                                     max_num_batched_tokens=128, self_test=False))
+
+    async def run(engine, rid, pattern):
+        await engine.start()
+        try:
+            return await score(engine, rid, ids, pattern, max_tokens=2)
+        finally:
+            await engine.shutdown(timeout=5)
+
+    expected, expected_final = loop.run_until_complete(run(native, "native-chunks", pattern))
+
+    async def both():
+        await chunked.start()
+        try:
+            return (await score(chunked, "vllm-chunks", ids, pattern, max_tokens=2),
+                    await score(chunked, "vllm-chunks-dense", ids, "dense"))
+        finally:
+            await chunked.shutdown(timeout=5)
+
+    (sparse, final), (dense, _) = loop.run_until_complete(both())
+    ratio = final.cost.prefill.achieved_compression_ratio
+    assert ratio > 1.2 and ratio == pytest.approx(expected_final.cost.prefill.achieved_compression_ratio)
+    ours = torch.tensor([lp.logprob for lp in sparse[1:]])
+    assert (ours - torch.tensor([lp.logprob for lp in expected[1:]])).abs().max() < 1e-4
+    assert (ours - torch.tensor([lp.logprob for lp in dense[1:]])).abs().max() > 1e-3

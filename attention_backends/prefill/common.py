@@ -66,10 +66,16 @@ def check_shapes(q: Tensor, k: Tensor, v: Tensor, q_offset: int = 0) -> None:
         raise ValueError(f"query heads ({q.shape[0]}) must be a multiple of KV heads ({k.shape[0]})")
 
 
+class ChunkNotAligned(ValueError):
+    """A prefill chunk starts inside one of its method's blocks (an engine whose chunks it does not choose, such
+    as vLLM's, then runs that chunk dense)."""
+
+
 def check_chunk_start(q_offset: int, block: int) -> None:
     """A chunk of a blocked method starts on a block boundary, so its blocks are the whole prompt's."""
     if q_offset % block:
-        raise ValueError(f"prefill chunks start at multiples of the block size ({block}); got q_offset {q_offset}")
+        raise ChunkNotAligned(f"prefill chunks start at multiples of the block size ({block}); got q_offset "
+                              f"{q_offset}")
 
 
 def masked_causal_attention(

@@ -7,8 +7,8 @@ sparse methods for the rows of sparse requests and leave everything else to the 
 * The impl runs the parent kernel for the whole batch (it also writes the paged KV cache), then
   recomputes the rows of sparse requests from the fresh ``query``/``key``/``value`` of the step and
   overwrites them in ``output``:
-  - prefill rows (the prompt's chunk): the prefill method (``attention_backends.sparse_prefill``) when the
-    whole prompt is in this chunk; the fresh q/k/v are kept until prefill ends;
+  - prefill rows (the prompt's chunk): the prefill method (``attention_backends.sparse_prefill``) on the
+    chunk's queries against every key so far; the fresh q/k/v are kept until prefill ends;
   - at the end of prefill: ``attention_backends.prepare_decode`` builds the decode state from the fresh
     prompt q/k/v (Quest page min/max, the SnapKV / Ada-SnapKV read-sets, fixed from then on);
   - decode rows: ``attention_backends.sparse_decode`` over that state, which appends the step's fresh key
@@ -31,6 +31,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 
 from attention_backends import engine_impl, prepare_decode, sparse_decode, sparse_prefill
 from attention_backends.cost import causal_cells
+from attention_backends.prefill.common import ChunkNotAligned
 from attention_backends.prefill_cost import prefill_fallback
 from attention_backends.reports import PrefillCallReport
 
@@ -141,40 +142,42 @@ class SparseImplMixin:
         if st.fallback is not None:
             return
         ls = st.layers.setdefault(name, ws.LayerState())
-        q = query[row.start:row.end].transpose(0, 1)  # [h, n, d]
+        q = query[row.start:row.end].transpose(0, 1)  # [h, n, d]: this chunk's queries, positions ctx .. ctx+n-1
         k = key[row.start:row.end].transpose(0, 1)
         v = value[row.start:row.end].transpose(0, 1)
         n, ctx = row.end - row.start, row.context
         h, d = q.shape[0], q.shape[2]
-        whole_prompt = ctx == 0 and n >= st.prompt_len
         phase, impl = st.spec.prefill, engine_impl(q.device)
-        # the dense-fallback rule, asked here so that the parent's dense output stands (sparse_prefill would
-        # compute dense attention a second time); its report, or None when the method runs
-        fallback = prefill_fallback(phase, q.shape, q.device, impl) if whole_prompt else None
-        if fallback is not None:
-            report = fallback
-        elif not phase.is_dense and whole_prompt:
-            res, report = sparse_prefill(q, k, v, st.spec, impl=impl)
-            out[row.start:row.end] = res.transpose(0, 1).to(out.dtype)
-        else:  # dense (the parent's output stands): a chunk of a chunked prefill, or a dense prefill method
-            if not phase.is_dense and not ls.k:
-                log.warning("request %s: prompt prefilled in chunks; its %s prefill runs dense", st.key, phase.method)
+        report = None
+        if not phase.is_dense:
+            # a chunk attends to the earlier chunks' keys too (kept fresh below); docs/methods.md, chunked prefill
+            k_all, v_all = (ws.cat(ls.k + [k]), ws.cat(ls.v + [v])) if ctx else (k, v)
+            # the dense-fallback rule, asked here so that the parent's dense output stands (sparse_prefill would
+            # compute dense attention a second time); its report, or None when the method runs
+            report = prefill_fallback(phase, (h, ctx + n, d), q.device, impl, ctx)
+            if report is None:
+                try:
+                    res, report = sparse_prefill(q, k_all, v_all, st.spec, impl=impl, q_offset=ctx)
+                    out[row.start:row.end] = res.transpose(0, 1).to(out.dtype)
+                except ChunkNotAligned as e:  # vLLM chose where this chunk starts: it runs dense
+                    log.warning("request %s: a prefill chunk of its %s runs dense: %s", st.key, phase.method, e)
+        if report is None:  # dense (the parent's output stands)
             report = PrefillCallReport.dense((n * ctx + causal_cells(n)) * h, d)
         st.cost.add_prefill(report)
         st.dirty = True
-        if st.spec.decode.is_dense:
-            if ctx + n >= st.prompt_len:
-                st.layers.pop(name, None)
+        st.seen = ctx + n  # per-request tokens; every layer sees the same chunk, so set, not add
+        prefill_ends = ctx + n >= st.prompt_len
+        if st.spec.decode.is_dense and (phase.is_dense or prefill_ends):
+            st.layers.pop(name, None)
             return
-        ls.q.append(q.detach().clone())
+        if not st.spec.decode.is_dense:
+            ls.q.append(q.detach().clone())
         ls.k.append(k.detach().clone())
         ls.v.append(v.detach().clone())
-        if ctx + n >= st.prompt_len:  # prefill ends: fix the read-sets / build the page summaries
+        if prefill_ends and not st.spec.decode.is_dense:  # fix the read-sets / build the page summaries
             qa, ka, va = ws.cat(ls.q), ws.cat(ls.k), ws.cat(ls.v)
             ls.decode = prepare_decode(qa, ka, va, st.spec)
             ls.q, ls.k, ls.v = [], [], []
-        # ``seen`` counts per-request tokens; every layer sees the same chunk, so set, not add
-        st.seen = ctx + n
 
     def _decode_row(self, name, row: SparseRow, query, key, value, out) -> None:
         st = row.state
