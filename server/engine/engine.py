@@ -331,29 +331,30 @@ class NativeEngine:
     def _on_token(self, req: EngineRequest, token: int, logprob, defer: bool = False) -> None:
         """Accept a sampled token. ``defer``: a token that cannot end the request (no stop strings to look for,
         not a stop token, not the last) is streamed by the next :meth:`_publish`."""
-        sp = req.request.sampling
         req.output_ids.append(token)
-        ends = (token in self.stop_token_ids and not sp.ignore_eos or token in sp.stop_token_ids
-                or len(req.output_ids) >= sp.max_tokens)
-        if defer and not ends and not req.detok.stop:
+        if defer and self._token_end(req, token) is None and not req.detok.stop:
             self._unpublished.append((req, token, logprob))
         else:
             self._stream_token(req, token, logprob)
 
+    def _token_end(self, req: EngineRequest, token: int) -> FinishReason | None:
+        """How the request's latest token ``token`` ends it without looking at text: a stop token, or its last."""
+        sp = req.request.sampling
+        if token in self.stop_token_ids and not sp.ignore_eos or token in sp.stop_token_ids:
+            return "stop"
+        return "length" if len(req.output_ids) >= sp.max_tokens else None
+
     def _stream_token(self, req: EngineRequest, token: int, logprob) -> None:
         """Text and output of the request's token ``token`` (already in ``output_ids``); finish it if it ends."""
-        sp = req.request.sampling
-        reason: FinishReason | None = None
-        if token in self.stop_token_ids and not sp.ignore_eos or token in sp.stop_token_ids:
+        reason = self._token_end(req, token)
+        if reason == "stop":
             text = req.detok.flush()
-            reason = "stop"
         else:
             text, stopped = req.detok.add(token)
             if stopped:
                 reason = "stop"
-            elif len(req.output_ids) >= sp.max_tokens:
+            elif reason == "length":
                 text += req.detok.flush()
-                reason = "length"
         out = GenerationOutput(req.request_id, [token], text, logprobs=[logprob] if logprob is not None else None,
                                prompt_tokens=req.prompt_len, completion_tokens=len(req.output_ids),
                                prompt_logprobs=req.prompt_logprobs if len(req.output_ids) == 1 else None)

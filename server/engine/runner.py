@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from attention_backends import PrefillCallReport, decode_keep, engine_impl, sparse_prefill
-from attention_backends.cost import ModelShape, causal_cells, flops_per_cell
+from attention_backends.cost import ModelShape, causal_cells
 from attention_backends.decode.quest import budget_pages
 from attention_backends.prefill.dense import sdpa
 from attention_backends.spec import DECODE_METHODS
@@ -41,10 +41,7 @@ PROMPT_LOGITS_CHUNK_BYTES = 64 << 20
 def dense_prefill_attention(q: Tensor, k: Tensor, v: Tensor, q_offset: int = 0) -> tuple[Tensor, PrefillCallReport]:
     """Dense causal attention through SDPA (the fast path; same result as the dense reference)."""
     h, _, d = q.shape
-    out = sdpa(q, k, v, q_offset)
-    cells = causal_cells(k.shape[1], q_offset) * h
-    flops = float(cells * flops_per_cell(d))
-    return out, PrefillCallReport("dense", 1.0, cells, cells, flops, flops)
+    return sdpa(q, k, v, q_offset), PrefillCallReport.dense(causal_cells(k.shape[1], q_offset) * h, d)
 
 
 def prompt_logprobs(model, hidden: Tensor, ids: Tensor, k: int, start: int = 0) -> list[TokenLogprob | None]:

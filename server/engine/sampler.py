@@ -55,22 +55,18 @@ def _filtered_probs(logits: Tensor, params: SamplingParams) -> Tensor:
 def sample(logits: Tensor, params: list[SamplingParams], states: list[SamplerState]) -> list[Sampled]:
     """``logits [B, V]`` (float32, on any device) -> one token per row.
 
-    Greedy rows without logprobs take their argmax where the logits are (one small copy back); only the
-    other rows' logits come to the host, where the seeded generators live."""
-    plain = [i for i, (p, st) in enumerate(zip(params, states, strict=True)) if st.generator is None
-             and p.logprobs is None]
-    greedy = dict(zip(plain, logits[plain].argmax(dim=-1).tolist(), strict=True)) if plain else {}
-    if len(plain) == len(params):
+    Greedy rows take their argmax where the logits are (one small copy back); the logits come to the host only
+    for logprobs and for sampled rows, whose seeded generators live there."""
+    greedy_rows = [i for i, st in enumerate(states) if st.generator is None]
+    greedy = dict(zip(greedy_rows, logits[greedy_rows].argmax(dim=-1).tolist(), strict=True)) if greedy_rows else {}
+    if len(greedy_rows) == len(params) and all(p.logprobs is None for p in params):
         return [Sampled(greedy[row]) for row in range(len(params))]
     logits = logits.cpu()
     logprobs = torch.log_softmax(logits, dim=-1)
     out: list[Sampled] = []
     for row, (p, st) in enumerate(zip(params, states, strict=True)):
         if row in greedy:
-            out.append(Sampled(greedy[row]))
-            continue
-        if st.generator is None:
-            token = int(torch.argmax(logits[row]))
+            token = greedy[row]
         else:
             probs = _filtered_probs(logits[row], p)
             token = int(torch.multinomial(probs, 1, generator=st.generator))

@@ -162,7 +162,7 @@ class SparseImplMixin:
                 except ChunkNotAligned as e:  # vLLM chose where this chunk starts: it runs dense
                     log.warning("request %s: a prefill chunk of its %s runs dense: %s", st.key, phase.method, e)
         if report is None:  # dense (the parent's output stands)
-            report = PrefillCallReport.dense((n * ctx + causal_cells(n)) * h, d)
+            report = PrefillCallReport.dense(causal_cells(ctx + n, ctx) * h, d)
         st.cost.add_prefill(report)
         st.dirty = True
         st.seen = ctx + n  # per-request tokens; every layer sees the same chunk, so set, not add
