@@ -3,8 +3,9 @@
 #   bash benchmarks/e2e_device.sh STEP...      (parts go to $OUT, logs beside them)
 # Steps: model (write the Qwen2.5-7B-shaped model to /tmp; once per lease), native-a (TTFT 8K/32K/128K, agreement,
 # decode at batch 1 and 8), native-b (decode at batch 32 and at 128K, inter-token latency while a 128K prompt
-# prefills), native-cap (capacity on 8 GiB of KV), vllm (bare vLLM, dense: TTFT, agreement, decode at batch
-# 1/4/8/32/128K; batch 4 at 32K is the most 8 GiB holds for vLLM: its best batch on the capacity memory),
+# prefills; native-decode: the same without it), native-cap (capacity on 8 GiB of KV), vllm (bare vLLM, dense:
+# TTFT, agreement, decode at batch 1/4/8/32/128K; batch 4 at 32K is the most 8 GiB holds for vLLM: its best
+# batch on the capacity memory),
 # sparse-vllm (`sparse-serve --engine vllm`: dense and each method; needs vllm's three parts), sdpa
 # (benchmarks/sdpa_chunk.py). Every call first runs the vLLM bundle's stash (../shared/tools/vllm-gpu/README.md:
 # three calls of one lease carry deps.tar + vllm.00, vllm.01, vllm.02; the vllm step needs all three), e.g.
@@ -12,18 +13,25 @@
 # then here: python benchmarks/e2e.py report PARTS.json... --out-dir benchmarks/results
 # A call carries at most 64 MiB, the working tree included: with deps.tar + vllm.00 (60 MB) the tracked files
 # must stay under about 7 MB; on 2026-11-30 the accuracy results (4.5 MB) were moved aside for the calls.
+# Native steps alone need only .device-bundle/stash and deps.tar (the server's wheels) in the first call.
 set -eu
 dir=/tmp/e2e-model
 out=${OUT:-/tmp/e2e-out}
 mkdir -p "$out"
-bash .vllm-bundle/stash > "$out/stash.log" 2>&1 || { tail -5 "$out/stash.log"; exit 1; }
-export PYTHONPATH=/tmp/vllm-site  # the server's packages once deps.tar came, vLLM itself once all three parts did
+if [ -f .vllm-bundle/stash ]; then
+  bash .vllm-bundle/stash > "$out/stash.log" 2>&1 || { tail -5 "$out/stash.log"; exit 1; }
+fi
+if [ -f .device-bundle/deps.tar ]; then bash .device-bundle/stash > "$out/dev-stash.log" 2>&1 || true; fi
+# the server's packages: the vLLM bundle's (once its deps.tar came; vLLM itself once all three parts did), else
+# the smaller device bundle's (.device-bundle/deps.tar, 8 MB: enough for the native steps)
+if [ -d /tmp/vllm-site/fastapi ]; then export PYTHONPATH=/tmp/vllm-site; else export PYTHONPATH=/tmp/dev-site; fi
 e2e() { name=$1; shift; python3 benchmarks/e2e.py run --dir $dir --out "$out/$name.json" "$@" 2>&1 | tee "$out/$name.log" | grep -E "^\[" || true; }
 for step in "$@"; do
   case $step in
     model) [ -f $dir/config.json ] || python3 benchmarks/e2e.py write-model --dir $dir 2>&1 | tail -1 ;;
     native-a) e2e native-a --engine native --part ttft,agree,decode:1,decode:8 --deadline 420 ;;
     native-b) e2e native-b --engine native --part decode:32,decode:long,interference --deadline 330 ;;
+    native-decode) e2e native-decode --engine native --part decode:32,decode:long --deadline 300 ;;
     native-cap) e2e native-cap --engine native --part capacity --kv-memory-mib 8192 --deadline 170 ;;
     vllm) e2e vllm --engine vllm --part ttft,agree,decode:1,decode:4,decode:8,decode:32,decode:long --deadline 420 ;;
     sparse-vllm)  # the plugin's entry point must be installed for vLLM's engine process to load it

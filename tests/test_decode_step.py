@@ -42,8 +42,9 @@ def test_triton_quest_selection_takes_a_budget_per_row():
     prompt_kept = torch.tensor([[30, 30], [20, 8], [17, 29], [5, 5]], dtype=torch.int32)
     pool, tables = _pool_with_tables(lengths, page, d, seed=3)
     q = torch.randn(4, h, d, generator=torch.Generator().manual_seed(4))
-    ref = DecodeKernels(pool).select(q, tables, lengths, budgets, prompt_kept, 8)
-    fast = TritonDecodeKernels(pool).select(q, tables, lengths, budgets, prompt_kept, 8)
+    counts = {k: torch.full((2, 4), 5, dtype=torch.int64) for k in ("ref", "fast")}  # added to, not overwritten
+    ref = DecodeKernels(pool).select(q, tables, lengths, budgets, prompt_kept, 8, counts["ref"])
+    fast = TritonDecodeKernels(pool).select(q, tables, lengths, budgets, prompt_kept, 8, counts["fast"])
     for row in range(4):
         for head in range(2):
             count = min(int(budgets[row]), -(-int(lengths[row, head]) // page))
@@ -51,6 +52,8 @@ def test_triton_quest_selection_takes_a_budget_per_row():
     assert torch.equal(fast[1].long(), ref[1].long())  # tokens read
     assert torch.equal(fast[2].long(), ref[2].long())  # prompt tokens among them
     assert int(fast[1][1].sum()) == 0 and int(fast[1][0, 0]) == 2 * page + 37 - 9 * page  # 2 full pages + the last
+    for name, (_, sel_len, prompt_read) in (("ref", ref), ("fast", fast)):  # each row's running counts
+        assert torch.equal(counts[name], 5 + torch.stack([prompt_read.sum(-1), sel_len.sum(-1)]).long()), name
 
 
 def test_triton_attention_over_a_whole_table_matches_the_reference():

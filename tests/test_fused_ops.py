@@ -74,6 +74,8 @@ def test_append_writes_the_token_and_folds_it_into_the_page_summary():
     for name in ("keys", "values", "key_min", "key_max"):
         assert torch.equal(getattr(fast, name), getattr(ref, name)), name
     assert torch.equal(fast.keys[4, 1], k[1, 0])
+    # page 2 gets its first token (slot 0): its summary is that token, whatever the page's last owner left
+    assert torch.equal(fast.key_min[2], k[0, 0]) and torch.equal(fast.key_max[2], k[0, 0])
 
 
 def test_the_model_with_fused_ops_gives_the_eager_logits():

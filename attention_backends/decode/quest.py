@@ -109,20 +109,25 @@ def select_pages(q: Tensor, key_min: Tensor, key_max: Tensor, tables: Tensor, le
 
 
 def plan(q: Tensor, key_min: Tensor, key_max: Tensor, tables: Tensor, lengths: Tensor, budget_pages: Tensor,
-         page_size: int, prompt_kept: Tensor, *, width: int, impl: str = "reference") -> tuple[Tensor, Tensor, Tensor]:
+         page_size: int, prompt_kept: Tensor, *, width: int, impl: str = "reference",
+         read_counts: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Quest's per-step plan for a batch (the engine's decode step calls it every layer): the pages each (row,
     KV head) reads -> ``(page table [B, h_kv, <= width], tokens to read [B, h_kv], prompt tokens among them
-    [B, h_kv])``. ``width`` bounds every row's budget. ``impl="triton"``: the kernel (no host sync, CUDA-graph
-    safe); else :func:`select_pages`."""
+    [B, h_kv])``; ``read_counts [2, B]`` (int64, optional) gets each row's prompt and total tokens read added.
+    ``width`` bounds every row's budget. ``impl="triton"``: the kernel (no host sync, CUDA-graph safe; the counts
+    added in the kernel); else :func:`select_pages`."""
     if check_impl(impl) == "reference":
         sel, sel_len, prompt_read = select_pages(q, key_min, key_max, tables, lengths, budget_pages, page_size,
                                                  prompt_kept)
+        if read_counts is not None:
+            read_counts[0] += prompt_read.sum(-1)  # type: ignore[union-attr]
+            read_counts[1] += sel_len.sum(-1)
         return sel, sel_len, prompt_read  # type: ignore[return-value]
     from ..kernels.quest_select import quest_select  # imports Triton: only when asked for
 
     prompt_read = torch.empty(lengths.shape, dtype=torch.int32, device=q.device)
     sel, sel_len = quest_select(q, key_min, key_max, tables, lengths, budget_pages, page_size, width=width,
-                                prompt_kept=prompt_kept, prompt_read=prompt_read)
+                                prompt_kept=prompt_kept, prompt_read=prompt_read, read_counts=read_counts)
     return sel, sel_len, prompt_read
 
 

@@ -65,8 +65,8 @@ def _quest_scores_kernel(
 
 @triton.jit
 def _quest_select_kernel(
-    S, PT, LEN, BUD, KEPT, OPT, OLEN, OPROMPT, s_r, spt_b, spt_h, slen_b, skept_b, so_r, h_kv, width,
-    PAGE: tl.constexpr, BLOCK: tl.constexpr, COUNT_PROMPT: tl.constexpr,
+    S, PT, LEN, BUD, KEPT, OPT, OLEN, OPROMPT, ACC, s_r, spt_b, spt_h, slen_b, skept_b, so_r, s_acc, h_kv, width,
+    PAGE: tl.constexpr, BLOCK: tl.constexpr, COUNT_PROMPT: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b, kvh, length, npages = _row_pages(bh, h_kv, LEN, slen_b, PAGE)
@@ -80,11 +80,16 @@ def _quest_select_kernel(
     page_id = tl.load(PT + b * spt_b + kvh * spt_h + j, mask=valid, other=0)
     sel = _select_write(key, page_id, valid, kk, thr, OPT + bh * so_r)  # the winners' page ids, in position order
     last_len = length - (npages - 1) * PAGE
-    tl.store(OLEN + bh, tl.where(kk > 0, (kk - 1) * PAGE + last_len, 0))
+    tokens = tl.where(kk > 0, (kk - 1) * PAGE + last_len, 0)
+    tl.store(OLEN + bh, tokens)
     if COUNT_PROMPT:  # prompt tokens among the selected: the head's first KEPT tokens are its prompt's
         kept = tl.load(KEPT + b * skept_b + kvh)
         fill = tl.minimum(tl.maximum(kept - j * PAGE, 0), PAGE)
-        tl.store(OPROMPT + bh, tl.sum(tl.where(sel, fill, 0), 0))
+        prompt_tokens = tl.sum(tl.where(sel, fill, 0), 0)
+        tl.store(OPROMPT + bh, prompt_tokens)
+        if ACCUMULATE:  # the row's running (prompt, total) tokens read, summed over heads (and layers)
+            tl.atomic_add(ACC + b, prompt_tokens.to(tl.int64))
+            tl.atomic_add(ACC + s_acc + b, tokens.to(tl.int64))
 
 
 def quest_page_scores(q: Tensor, page_min: Tensor, page_max: Tensor, page_table: Tensor, lengths: Tensor,
@@ -107,14 +112,16 @@ def quest_page_scores(q: Tensor, page_min: Tensor, page_max: Tensor, page_table:
 def quest_select(q: Tensor, page_min: Tensor, page_max: Tensor, page_table: Tensor, lengths: Tensor,
                  budget_pages: int | Tensor, page_size: int, *, width: int | None = None,
                  prompt_kept: Tensor | None = None, prompt_read: Tensor | None = None,
-                 scores: Tensor | None = None, num_warps: int | None = None) -> tuple[Tensor, Tensor]:
+                 read_counts: Tensor | None = None, scores: Tensor | None = None, num_warps: int | None = None
+                 ) -> tuple[Tensor, Tensor]:
     """Top ``budget_pages`` pages per (sequence, KV head), the last page forced -> ``(table [B, h_kv, width]
     int32 page ids ascending in position, lengths [B, h_kv] int32 tokens to read)``.
 
     ``budget_pages``: one budget, or one per sequence (``[B]`` int32 on the device; 0 selects nothing, length
     0); ``width`` (default: the budget, which must then be an int) bounds every budget. With ``prompt_kept
     [B, h_kv]`` (each head's prompt tokens, which come first), ``prompt_read [B, h_kv]`` int32 receives the
-    prompt tokens among the selected pages. No host sync."""
+    prompt tokens among the selected pages, and ``read_counts [2, B]`` int64 (optional, with them) gets each
+    row's prompt and total tokens read added. No host sync."""
     B, h, d = q.shape
     h_kv, max_pages = page_table.shape[1], page_table.shape[2]
     if width is None:
@@ -129,14 +136,19 @@ def quest_select(q: Tensor, page_min: Tensor, page_max: Tensor, page_table: Tens
     count_prompt = prompt_kept is not None
     if count_prompt:
         assert prompt_read is not None and prompt_read.is_contiguous() and prompt_kept.stride(-1) == 1
+    accumulate = read_counts is not None
+    if accumulate:
+        assert count_prompt and read_counts.dtype == torch.int64 and read_counts.stride(-1) == 1
     block = max(16, triton.next_power_of_2(max_pages))
-    # 8192 pages: 8 warps 20.6 us, 16 warps 22.1 us, 32 warps 27.9 us (H200, graph replay)
-    warps = num_warps or (4 if block <= 2048 else 8)
+    # 8192 pages: 8 warps 20.6 us, 16 warps 22.1 us, 32 warps 27.9 us (H200, graph replay, random scores: few
+    # search steps); 16K-entry rows take 16 warps (at 8, 64 entries per thread)
+    warps = num_warps or (4 if block <= 2048 else 8 if block <= 8192 else 16)
     _quest_select_kernel[(B * h_kv,)](
         scores, page_table, lengths, budget_pages, prompt_kept if count_prompt else lengths, sel, sel_len,
-        prompt_read if count_prompt else sel_len, scores.stride(0), page_table.stride(0), page_table.stride(1),
-        lengths.stride(0), prompt_kept.stride(0) if count_prompt else 0, sel.stride(1), h_kv, k,
-        PAGE=page_size, BLOCK=block, COUNT_PROMPT=count_prompt, num_warps=warps)
+        prompt_read if count_prompt else sel_len, read_counts if accumulate else sel_len, scores.stride(0),
+        page_table.stride(0), page_table.stride(1), lengths.stride(0), prompt_kept.stride(0) if count_prompt else 0,
+        sel.stride(1), read_counts.stride(0) if accumulate else 0, h_kv, k,
+        PAGE=page_size, BLOCK=block, COUNT_PROMPT=count_prompt, ACCUMULATE=accumulate, num_warps=warps)
     return sel, sel_len
 
 

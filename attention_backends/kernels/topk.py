@@ -34,12 +34,13 @@ def _kth_largest_key(key, kk, valid):
     with the Illinois rule (the end kept twice in a row has its weight halved), and halves the bracket after
     two steps that did not. One compare-and-count (a block-wide reduction) per step, stopping as soon as
     exactly kk keys are ``>= t``. It beats plain bisection (benchmarks/results/kernel-tuning-notes.md)."""
-    k64 = key.to(tl.int64)
+    # the row stays int32 (one register per entry: a 16K-entry row in 8 warps spills if held as int64); the
+    # bracket's arithmetic is int64 (a span can exceed int32)
     INF_KEY: tl.constexpr = 0x7F800000
-    n_inf = tl.sum((valid & (k64 >= INF_KEY)).to(tl.int32), 0)
+    n_inf = tl.sum((valid & (key >= INF_KEY)).to(tl.int32), 0)
     n_valid = tl.sum(valid.to(tl.int32), 0)
-    lo = tl.min(tl.where(valid, k64, 2147483647), 0)
-    hi = tl.max(tl.where(valid & (k64 < INF_KEY), k64, lo), 0)
+    lo = tl.min(tl.where(valid, key, 2147483647), 0).to(tl.int64)
+    hi = tl.max(tl.where(valid & (key < INF_KEY), key, lo.to(tl.int32)), 0).to(tl.int64)
     lo = tl.where(n_inf >= kk, INF_KEY, lo)  # the forced entries alone fill kk
     hi = tl.where(n_inf >= kk, INF_KEY, hi)
     f_lo = (n_valid - kk).to(tl.float32) + 0.5  # #(key >= lo) - kk, > 0
@@ -50,7 +51,7 @@ def _kth_largest_key(key, kk, valid):
         span = hi - lo
         guess = lo + (span.to(tl.float32) * (f_lo / (f_lo - f_hi))).to(tl.int64)
         mid = tl.where(slow >= 2, lo + (span + 1) // 2, tl.minimum(tl.maximum(guess, lo + 1), hi))
-        cnt = tl.sum((valid & (k64 >= mid)).to(tl.int32), 0)
+        cnt = tl.sum((valid & (key >= mid.to(tl.int32))).to(tl.int32), 0)
         ge = cnt >= kk
         f_mid = (cnt - kk).to(tl.float32) + tl.where(ge, 0.5, -0.5)
         f_hi = tl.where(ge, tl.where(side == 1, f_hi * 0.5, f_hi), f_mid)
@@ -64,9 +65,9 @@ def _kth_largest_key(key, kk, valid):
 
 @triton.jit
 def _select_write(key, idx, valid, kk, thr, OUT_ROW):
-    above = valid & (key.to(tl.int64) > thr)
+    above = valid & (key > thr.to(tl.int32))
     n_above = tl.sum(above.to(tl.int32), 0)
-    tie = valid & (key.to(tl.int64) == thr)
+    tie = valid & (key == thr.to(tl.int32))
     tie_rank = tl.cumsum(tie.to(tl.int32), 0)
     sel = above | (tie & (tie_rank <= kk - n_above))
     pos = tl.cumsum(sel.to(tl.int32), 0) - 1

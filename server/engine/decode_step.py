@@ -55,13 +55,15 @@ class DecodeKernels:
         self.pool = pool
 
     def append(self, k: Tensor, v: Tensor, page: Tensor, slot: Tensor) -> None:
-        """Write ``k``/``v [B, h_kv, d]`` at ``slot`` of ``page`` (``[B, h_kv]``); fold k into the page's min/max."""
+        """Write ``k``/``v [B, h_kv, d]`` at ``slot`` of ``page`` (``[B, h_kv]``); fold k into the page's min/max
+        (a page's first token, slot 0, sets them: a fresh page's summary is whatever its last owner left)."""
         pool = self.pool
         k = k.to(pool.dtype)
         pool.keys[page, slot] = k
         pool.values[page, slot] = v.to(pool.dtype)
-        pool.key_min[page] = torch.minimum(pool.key_min[page], k)
-        pool.key_max[page] = torch.maximum(pool.key_max[page], k)
+        first = (slot == 0).unsqueeze(-1)
+        pool.key_min[page] = torch.where(first, k, torch.minimum(pool.key_min[page], k))
+        pool.key_max[page] = torch.where(first, k, torch.maximum(pool.key_max[page], k))
 
     def attend(self, q: Tensor, tables: Tensor, lengths: Tensor) -> Tensor:
         """``q [B, h, d]`` over each (row, KV head)'s first ``lengths [B, h_kv]`` tokens of ``tables [B, h_kv, P]``.
@@ -69,13 +71,14 @@ class DecodeKernels:
         fill = page_fill(lengths, tables.shape[-1], self.pool.page_size)
         return paged_decode_attention(q, self.pool.keys, self.pool.values, tables, fill)
 
-    def select(self, q: Tensor, tables: Tensor, lengths: Tensor, budgets: Tensor, prompt_kept: Tensor, width: int
-               ) -> tuple[Tensor, Tensor, Tensor]:
+    def select(self, q: Tensor, tables: Tensor, lengths: Tensor, budgets: Tensor, prompt_kept: Tensor, width: int,
+               read_counts: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Quest: each row's top ``budgets [B]`` pages per KV head (0: none), the current page forced ->
-        (page tables ``[B, h_kv, <= width]``, token lengths ``[B, h_kv]``, prompt tokens among them ``[B, h_kv]``)."""
+        (page tables ``[B, h_kv, <= width]``, token lengths ``[B, h_kv]``, prompt tokens among them ``[B, h_kv]``);
+        ``read_counts [2, B]`` gets each row's (prompt, total) tokens read added."""
         pool = self.pool  # (the step carries one page budget per row: Quest's, the one method with a plan step)
         return quest.plan(q, pool.key_min, pool.key_max, tables, lengths, budgets, pool.page_size, prompt_kept,
-                          width=width, impl=self.impl)
+                          width=width, impl=self.impl, read_counts=read_counts)
 
 
 class TritonDecodeKernels(DecodeKernels):
@@ -117,7 +120,12 @@ class StepBuffers:
         self.lengths = self.packed[:, 3 : 3 + lh].view(rows, layers, kv_heads)
         self.prompt_kept = self.packed[:, 3 + lh :].view(rows, layers, kv_heads)
         self.quest_read = torch.zeros(2, rows, dtype=torch.int64, device=device)  # prompt, total tokens
-        self._owner: list[tuple[int, int] | None] = [None] * rows  # (uid, version) of the tables a row holds
+        # (uid, version, grown entries applied) of the tables a row holds
+        self._owner: list[tuple[int, int, int] | None] = [None] * rows
+        # a step's new table entries (flat index into ``tables``, page id): a head gets at most one page a step
+        self.edits_cap = rows * lh
+        self.edits_host = torch.zeros(2, self.edits_cap, dtype=torch.int64, pin_memory=device.type == "cuda")
+        self.edits = torch.zeros(2, self.edits_cap, dtype=torch.int64, device=device)
 
     def load(self, seqs: list[SequenceKV], ids: list[int], positions: list[int], budgets: list[int],
              lengths: Tensor, prompt_kept: Tensor, rows: int, pad_page: int) -> None:
@@ -132,15 +140,44 @@ class StepBuffers:
         host[b:] = 0
         host[b:, 3 : 3 + lh] = 1
         self.packed[:rows].copy_(host, non_blocking=True)
+        edits: list[tuple[int, Tensor]] = []
         for i, seq in enumerate(seqs):
-            if self._owner[i] != (seq.uid, seq.version):
-                width = min(seq.tables.shape[2], self.pages)
-                self.tables[i, :, :, :width].copy_(seq.tables[:, :, :width])
-                self._owner[i] = (seq.uid, seq.version)
+            owner, grown = self._owner[i], len(seq.grown)
+            if owner is not None and owner[:2] == (seq.uid, seq.version):
+                edits += [(i, g) for g in seq.grown[owner[2] :]]  # this row's pages since it was loaded
+            else:
+                self._copy_whole(i, seq)
+            self._owner[i] = (seq.uid, seq.version, grown)
         for i in range(b, rows):
-            if self._owner[i] != (-1, pad_page):
+            if self._owner[i] != (-1, pad_page, 0):
                 self.tables[i].fill_(pad_page)
-                self._owner[i] = (-1, pad_page)
+                self._owner[i] = (-1, pad_page, 0)
+        if edits:
+            self._apply(edits, seqs)
+
+    def _copy_whole(self, i: int, seq: SequenceKV) -> None:
+        width = min(seq.tables.shape[2], self.pages)  # (columns past the buffer: never read, lengths bound reads)
+        self.tables[i, :, :, :width].copy_(seq.tables[:, :, :width])
+
+    def _apply(self, edits: list[tuple[int, Tensor]], seqs: list[SequenceKV]) -> None:
+        """Write the rows' new page ids into their tables with one pinned copy and one scatter (no host sync);
+        when more than fit (sequences that missed steps), copy those rows whole."""
+        if sum(len(g) for _, g in edits) > self.edits_cap:
+            for i in {i for i, _ in edits}:
+                self._copy_whole(i, seqs[i])
+            return
+        rows = torch.cat([torch.full((len(g),), i, dtype=torch.int64) for i, g in edits])
+        g = torch.cat([g for _, g in edits]).long()  # (layer, head, index, page)
+        inside = g[:, 2] < self.pages
+        rows, g = rows[inside], g[inside]
+        m = len(g)
+        st = self.tables.stride()
+        host = self.edits_host[:, :m]
+        host[0] = rows * st[0] + g[:, 0] * st[1] + g[:, 1] * st[2] + g[:, 2]
+        host[1] = g[:, 3]
+        dev = self.edits[:, :m]
+        dev.copy_(host, non_blocking=True)
+        self.tables.view(-1).scatter_(0, dev[0], dev[1].to(self.tables.dtype))
 
 
 def decode_forward(model: torch.nn.Module, pool: PagePool, kernels: DecodeKernels, buf: StepBuffers,
@@ -163,10 +200,8 @@ def decode_forward(model: torch.nn.Module, pool: PagePool, kernels: DecodeKernel
         tbl = tables[:, layer]
         if not shape.quest_width:
             return kernels.attend(q, tbl, lengths[:, layer])
-        sel, sel_len, prompt_read = kernels.select(q, tbl[..., : shape.quest_pages], lengths[:, layer], budgets,
-                                                   prompt_kept[:, layer], shape.quest_width)
-        quest_read[0] += prompt_read.sum(-1)
-        quest_read[1] += sel_len.sum(-1)
+        sel, sel_len, _ = kernels.select(q, tbl[..., : shape.quest_pages], lengths[:, layer], budgets,
+                                         prompt_kept[:, layer], shape.quest_width, quest_read)
         out = kernels.attend(q, sel, sel_len)
         if shape.full_rows:
             out = torch.where(is_quest, out, kernels.attend(q, tbl, full_lengths[:, layer]))

@@ -18,7 +18,7 @@ from torch import Tensor
 
 @triton.jit
 def _rms_norm_kernel(X, W, Y, sx, sy, n, eps, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # int64 offsets: a whole 128K prompt's rows pass 2**31 elements
     offs = tl.arange(0, BLOCK)
     live = offs < n
     x = tl.load(X + row * sx + offs, mask=live, other=0.0).to(tl.float32)
@@ -40,7 +40,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 @triton.jit
 def _rotary_kernel(X, COS, SIN, Y, sx_t, sx_h, sc_t, heads, HALF: tl.constexpr):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)
     t = pid // heads
     h = pid % heads
     offs = tl.arange(0, 2 * HALF)
@@ -67,7 +67,7 @@ def apply_rotary(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
 
 @triton.jit
 def _silu_mul_kernel(GU, Y, s_t, n, BLOCK: tl.constexpr):
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)  # [T, 2n] at T = 128K, n = 18944 holds 5e9 elements
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     live = offs < n
     g = tl.load(GU + t * s_t + offs, mask=live, other=0.0).to(tl.float32)
@@ -104,15 +104,16 @@ def _append_kernel(K, V, KP, VP, KMIN, KMAX, PAGE, SLOT, sk_b, sk_h, sv_b, sv_h,
     tl.store(KP + token, k)
     tl.store(VP + token, v)
     summary = page * HEAD_DIM + d
-    tl.store(KMIN + summary, tl.minimum(tl.load(KMIN + summary), k))
-    tl.store(KMAX + summary, tl.maximum(tl.load(KMAX + summary), k))
+    first = slot == 0  # a page's first token sets its summary (a fresh page keeps its last owner's)
+    tl.store(KMIN + summary, tl.where(first, k, tl.minimum(tl.load(KMIN + summary), k)))
+    tl.store(KMAX + summary, tl.where(first, k, tl.maximum(tl.load(KMAX + summary), k)))
 
 
 def append_token(k: Tensor, v: Tensor, keys: Tensor, values: Tensor, key_min: Tensor, key_max: Tensor,
                  page: Tensor, slot: Tensor) -> None:
     """Write one token per (row, KV head) -- ``k``/``v [B, h_kv, d]`` -- at slot ``slot`` of page ``page``
     (``[B, h_kv]``) of the pool ``keys``/``values [pages, page_size, d]``, and fold its key into the page's
-    ``key_min``/``key_max [pages, d]``: the decode step's whole cache update in one launch."""
+    ``key_min``/``key_max [pages, d]`` (slot 0 sets them): the decode step's whole cache update in one launch."""
     b, heads, d = k.shape
     assert k.stride(-1) == 1 and v.stride(-1) == 1 and page.stride() == slot.stride() and page.stride(-1) == 1
     assert keys.is_contiguous() and values.is_contiguous() and key_min.is_contiguous() and key_max.is_contiguous()

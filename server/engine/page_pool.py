@@ -57,7 +57,7 @@ class PagePool:
         self.device = torch.device(device)
         self.keys = torch.zeros(num_pages, page_size, head_dim, dtype=dtype, device=self.device)
         self.values = torch.zeros(num_pages, page_size, head_dim, dtype=dtype, device=self.device)
-        # Quest page summaries; reset to (+inf, -inf) when a page is handed out.
+        # Quest page summaries, set by the write of a page's first token (slot 0, or a prefill's whole page).
         self.key_min = torch.zeros(num_pages, head_dim, dtype=dtype, device=self.device)
         self.key_max = torch.zeros(num_pages, head_dim, dtype=dtype, device=self.device)
         self._free: list[int] = list(range(num_pages - 1, -1, -1))
@@ -74,18 +74,15 @@ class PagePool:
             return PoolCounters(self.num_pages, len(self._free), self._allocated, self._freed)
 
     def allocate(self, count: int) -> torch.Tensor:
-        """Hand out ``count`` pages (int64 ids on the pool's device), with fresh key min/max."""
+        """Hand out ``count`` pages: int64 ids on the host (no device work: whoever writes a page's first token
+        also sets its key min/max, so a fresh page needs no reset)."""
         with self._lock:
             if count > len(self._free):
                 raise OutOfPages(f"asked for {count} KV pages, {len(self._free)} free of {self.num_pages}")
             taken = self._free[len(self._free) - count :]
             del self._free[len(self._free) - count :]
             self._allocated += count
-        ids = torch.tensor(taken, dtype=torch.long, device=self.device)
-        if count:
-            self.key_min[ids] = torch.finfo(self.dtype).max
-            self.key_max[ids] = torch.finfo(self.dtype).min
-        return ids
+        return torch.tensor(taken, dtype=torch.long)
 
     def release(self, ids: torch.Tensor | list[int]) -> None:
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)

@@ -4,9 +4,11 @@
 head ``j`` (``-1`` past the end); ``lengths[l, j]`` the tokens that head holds. Each head's tokens are its
 kept prompt tokens (``prompt_kept[l, j]`` of them, in prompt order) followed by every generated token.
 
-The tables live on the pool's device; their bookkeeping (``lengths``, ``prompt_kept``, ``pages_held``) on the
-host, so a decode step decides which heads need a new page without reading the device. ``version`` changes
-whenever the tables do: a decode step copies a sequence's tables to its static buffers only then.
+The tables and their bookkeeping (``lengths``, ``prompt_kept``, ``pages_held``) live on the host, so a decode
+step decides and records which heads get a new page without touching the device; the device sees page ids
+only through the writes that use them and through a decode step's static buffers. ``version`` changes when
+the tables change other than by a decode step's new pages (prefill, eviction, release): a decode step copies
+a sequence's whole tables to its buffers then, and otherwise only the entries ``grown`` lists since.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ class SequenceKV:
         self.num_kv_heads = num_kv_heads
         self.uid = next(self._uids)
         self.version = 0
-        self.tables = torch.full((num_layers, num_kv_heads, 4), -1, dtype=torch.long, device=pool.device)
+        self.tables = torch.full((num_layers, num_kv_heads, 4), -1, dtype=torch.int32)
+        # decode steps' new pages since ``version`` last changed: [m, 4] int32 rows (layer, head, index, page)
+        self.grown: list[torch.Tensor] = []
         self.lengths = torch.zeros(num_layers, num_kv_heads, dtype=torch.long)
         self.prompt_kept = torch.zeros(num_layers, num_kv_heads, dtype=torch.long)
         self.pages_held = torch.zeros(num_layers, num_kv_heads, dtype=torch.long)  # pages listed per head
@@ -41,6 +45,7 @@ class SequenceKV:
     # -- bookkeeping ------------------------------------------------------------------------------------
     def _tables_changed(self) -> None:
         self.version += 1
+        self.grown = []
         self._room = None
 
     def _free_slots(self) -> int:
@@ -56,8 +61,7 @@ class SequenceKV:
     def _grow(self, pages: int) -> None:
         if pages > self.tables.shape[2]:
             extra = max(pages, 2 * self.tables.shape[2]) - self.tables.shape[2]
-            pad = torch.full((self.num_layers, self.num_kv_heads, extra), -1, dtype=torch.long,
-                             device=self.tables.device)
+            pad = torch.full((self.num_layers, self.num_kv_heads, extra), -1, dtype=self.tables.dtype)
             self.tables = torch.cat([self.tables, pad], dim=2)
 
     def release(self) -> int:
@@ -89,7 +93,7 @@ class SequenceKV:
         self.pages_held[layer] = total
         self._tables_changed()
         if fill:  # rewrite the partly filled page with its tokens and the chunk's first ones
-            last = self.tables[layer, :, first]
+            last = self._on_device(self.tables[layer, :, first])
             k = torch.cat([self.pool.keys[last, :fill], k.to(self.pool.dtype)], dim=1)
             v = torch.cat([self.pool.values[last, :fill], v.to(self.pool.dtype)], dim=1)
         self._write_tokens(self.tables[layer, :, first:total], k, v, fill + m)
@@ -101,11 +105,14 @@ class SequenceKV:
         """The keys and values ``[h_kv, n, d]`` a layer holds so far (before eviction: its prompt prefix)."""
         n = int(self.lengths[layer, 0])
         pages = _pages(n, self.pool.page_size)
-        ids = self.tables[layer, :, :pages]
+        ids = self._on_device(self.tables[layer, :, :pages])
         h_kv, d = ids.shape[0], self.pool.keys.shape[-1]
         k = self.pool.keys[ids].view(h_kv, pages * self.pool.page_size, d)[:, :n]
         v = self.pool.values[ids].view(h_kv, pages * self.pool.page_size, d)[:, :n]
         return k, v
+
+    def _on_device(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids.to(self.pool.device, torch.long)
 
     def _write_tokens(self, ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int) -> None:
         """Write ``n`` tokens of each head (``k`` ``[h, n, d]``) into page ids ``[h, pages]``, with min/max."""
@@ -117,7 +124,7 @@ class SequenceKV:
         vp = torch.zeros_like(kp)
         kp[:, :n] = k
         vp[:, :n] = v
-        flat = ids.reshape(-1)
+        flat = self._on_device(ids.reshape(-1))
         self.pool.keys[flat] = kp.view(h * pages, ps, d)
         self.pool.values[flat] = vp.view(h * pages, ps, d)
         big = torch.finfo(self.pool.dtype).max
@@ -132,11 +139,12 @@ class SequenceKV:
         ps = self.pool.page_size
         old = self.tables[layer].clone()
         old_pages = int((old >= 0).sum())
+        old_dev = self._on_device(old)
         new_tables: list[torch.Tensor] = []
         try:
             for j, idx in enumerate(keep):
                 n_j = int(idx.numel())
-                src_pages = old[j][idx // ps]
+                src_pages = old_dev[j][idx // ps]
                 src_slots = idx % ps
                 k = self.pool.keys[src_pages, src_slots].unsqueeze(0)
                 v = self.pool.values[src_pages, src_slots].unsqueeze(0)
@@ -179,12 +187,13 @@ class SequenceKV:
             return
         page_index = self.lengths // self.pool.page_size
         self._grow(int(page_index.max()) + 1)
-        ids = self.pool.allocate(count)
-        rows, heads = need.nonzero(as_tuple=True)
-        dev = self.tables.device
-        self.tables[rows.to(dev), heads.to(dev), page_index[need].to(dev)] = ids
+        ids = self.pool.allocate(count).int()
+        layers, heads = need.nonzero(as_tuple=True)
+        index = page_index[need]
+        self.tables[layers, heads, index] = ids
         self.pages_held[need] += 1
-        self._tables_changed()
+        self.grown.append(torch.stack([layers.int(), heads.int(), index.int(), ids], dim=1))
+        self._room = None
 
     def commit_append(self) -> None:
         self.lengths += 1
