@@ -4,6 +4,7 @@ decode steps of the running requests, and give what a whole prefill gives."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 import torch
@@ -36,9 +37,9 @@ def record_calls(engine) -> list[tuple]:
         calls.append(("prefill", req.request_id, req.prefill_pos, end))
         return prefill(req, end)
 
-    def decode_step(batch):
+    def decode_step(batch, *args, **kwargs):
         calls.append(("decode", [r.request_id for r in batch]))
-        return decode(batch)
+        return decode(batch, *args, **kwargs)
 
     runner.prefill, runner.launch_decode = prefill_chunk, decode_step
     return calls
@@ -190,22 +191,42 @@ def test_max_prefill_chunk_is_validated():
     assert EngineOptions().max_prefill_chunk == 4096 and EngineOptions(max_prefill_chunk=0).max_prefill_chunk == 0
 
 
+FALLBACK_PROMPT = [(7 * i + 3) % 96 for i in range(600)]
+
+
+def prefill_starts(model, pattern: str, decoding: bool):
+    """Where a 600-token prompt's prefill chunks start (chunks of 128), alone or while a request decodes; and its
+    result."""
+    engine = tiny_engine(model, max_prefill_chunk=128)
+    calls = record_calls(engine)
+
+    async def body(e):
+        return await collect(e, make_request("p", FALLBACK_PROMPT, pattern, max_tokens=2))
+
+    res = asyncio.run(with_engine(engine, (lambda e: while_decoding(e, body)) if decoding else body))
+    return chunk_starts(calls, "p"), res
+
+
 def test_a_dense_prompt_prefills_whole_when_nothing_decodes_and_in_chunks_when_something_does(model):
     """Chunks are for the decodes: alone, a dense prompt prefills in one step (a chunked dense prefill computes the
     same attention, slower); while a request decodes it prefills in chunks; a sparse prefill method, defined per
     chunk, is chunked either way (its answer must not depend on the load)."""
-    prompt = [(7 * i + 3) % 96 for i in range(600)]
+    assert prefill_starts(model, "dense", decoding=False)[0] == [0]
+    assert prefill_starts(model, "dense", decoding=True)[0] == [0, 128, 256, 384, 512]
+    assert prefill_starts(model, "vertical_slash:2", decoding=False)[0] == [0, 128, 256, 384, 512]
 
-    def starts(pattern: str, decoding: bool) -> list[int]:
-        engine = tiny_engine(model, max_prefill_chunk=128)
-        calls = record_calls(engine)
 
-        async def body(e):
-            return await collect(e, make_request("p", prompt, pattern, max_tokens=2))
+def test_a_sparse_prompt_the_fallback_runs_dense_prefills_like_a_dense_one(model, tmp_path, monkeypatch):
+    """Where the fallback rule runs a sparse method as dense at the prompt's length (here: an index that costs
+    a second), the prompt computes dense attention and prefills like a dense one: whole when nothing decodes (so
+    it is never slower than dense), in chunks while something does; its report says it fell back."""
+    from attention_backends.prefill_cost import PROFILE_ENV
 
-        asyncio.run(with_engine(engine, (lambda e: while_decoding(e, body)) if decoding else body))
-        return chunk_starts(calls, "p")
-
-    assert starts("dense", decoding=False) == [0]
-    assert starts("dense", decoding=True) == [0, 128, 256, 384, 512]
-    assert starts("vertical_slash:2", decoding=False) == [0, 128, 256, 384, 512]
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps({"card": "test", "impl": "reference", "head_dim": 16, "dense": {"per_cell_s": 1e-12},
+                                "methods": {"vertical_slash": {"fixed_s": 1.0, "per_cell_s": 1e-12}}}))
+    monkeypatch.setenv(PROFILE_ENV, str(path))
+    alone, res = prefill_starts(model, "vertical_slash:2", decoding=False)
+    assert alone == [0] and res.final.cost.prefill.fallback == "dense"
+    assert res.token_ids == prefill_starts(model, "dense", decoding=False)[1].token_ids
+    assert prefill_starts(model, "vertical_slash:2", decoding=True)[0] == [0, 128, 256, 384, 512]

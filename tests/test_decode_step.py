@@ -99,6 +99,47 @@ def test_bucketed_steps_give_the_exact_steps_tokens_and_costs():
     assert engine.pool.free_pages == engine.pool.num_pages - 1  # the scratch page is the stepper's for good
 
 
+def test_greedy_steps_launched_ahead_give_the_same_tokens_and_costs():
+    """A greedy batch's next step is launched from the device's argmax before the host reads the tokens
+    (engine._complete): requests ending at different steps (max_tokens 5..13) leave rows of a step launched ahead
+    that nobody reads; tokens, costs and the pool end as when every step waits for the previous one's tokens."""
+    model = tiny_model()
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(0, 96, (int(n),), generator=g).tolist() for n in (70, 41, 90, 55, 64)]
+
+    def run_all(ahead: bool):
+        engine = tiny_engine(model, max_num_seqs=5)
+        launches = []
+        launch = engine.runner.launch_decode
+
+        def recorded(batch, *args, after=None, **kwargs):
+            launches.append(after is not None)
+            return launch(batch, *args, after=after, **kwargs)
+
+        engine.runner.launch_decode = recorded
+        if not ahead:
+            engine._greedy = lambda batch: False
+
+        async def body(e):
+            reqs = [make_request(f"r{i}", p, PATTERNS[i % len(PATTERNS)], max_tokens=5 + 2 * i, ignore_eos=True)
+                    for i, p in enumerate(prompts)]
+            return await asyncio.gather(*(collect(e, r) for r in reqs))
+
+        results = asyncio.run(with_engine(engine, body))
+        assert engine.pool.free_pages == engine.pool.num_pages
+        return results, launches
+
+    waiting, plain = run_all(ahead=False)
+    ahead, launches = run_all(ahead=True)
+    assert not any(plain) and sum(launches) > len(launches) // 2  # most steps went ahead
+    for a, b in zip(waiting, ahead, strict=True):
+        assert a.token_ids == b.token_ids and a.final.finish_reason == b.final.finish_reason == "length"
+        assert a.final.cost.decode.actual_units == b.final.cost.decode.actual_units
+        assert a.final.cost.decode.kv_bytes_read == b.final.cost.decode.kv_bytes_read
+        for field in ("model_flops", "dense_model_flops", "dense_kv_bytes_read", "dense_units", "kv_cache_tokens"):
+            assert getattr(a.final.cost.decode, field) == getattr(b.final.cost.decode, field), field
+
+
 def test_outputs_stream_every_token_once_in_order_while_steps_overlap():
     """Decode tokens are streamed while the next step runs (engine._publish): each output still carries the
     tokens accepted so far, nothing is lost or repeated, and a request that ends (length, stop string, abort)

@@ -131,3 +131,20 @@ def test_vllm_engines_tiny_against_bare_vllm(model_dir, tmp_path):
     base = [r for r in rows if r["engine"] == "vllm"]
     assert base and all(abs(r["speedup"] - 1.0) < 1e-9 for r in base)  # the baseline against itself
     assert all(r["speedup"] is not None for r in rows if r["engine"] == "sparse-vllm")
+
+
+def test_decode_host_benchmark_runs_and_pages_ahead_cut_the_host_work():
+    """benchmarks/decode_host.py (the host's per-step bookkeeping): Ada-like sequences, whose heads take pages at
+    different steps, cost several times SnapKV-like ones unless heads take their pages ahead together."""
+    script = ROOT / "benchmarks" / "decode_host.py"
+
+    def per_step(ahead: int) -> dict[str, float]:
+        out = subprocess.run([sys.executable, str(script), "--batch", "8", "--steps", "40", "--kinds", "snapkv,ada",
+                              "--ahead", str(ahead)], check=True, cwd=ROOT, capture_output=True, text=True,
+                             timeout=300).stdout
+        rows = [line.split() for line in out.splitlines() if line.startswith("batch")]
+        return {r[2]: float(r[3]) for r in rows}
+
+    before, after = per_step(0), per_step(1)
+    assert before["ada"] > 3 * before["snapkv"]
+    assert after["ada"] < 2 * after["snapkv"]

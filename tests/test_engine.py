@@ -184,10 +184,10 @@ def test_fault_in_one_request_fails_only_that_request(loaded, monkeypatch):
             raise RuntimeError("injected prefill fault")
         return real_prefill(req, end)
 
-    def bad_decode(batch):
+    def bad_decode(batch, *args, **kwargs):
         if any(r.request_id == "bad-decode" for r in batch):
             raise RuntimeError("injected decode fault")
-        return real_decode(batch)
+        return real_decode(batch, *args, **kwargs)
 
     monkeypatch.setattr(engine.runner, "prefill", bad_prefill)
     monkeypatch.setattr(engine.runner, "launch_decode", bad_decode)

@@ -115,7 +115,11 @@ class StepBuffers:
         self.tables = torch.zeros(rows, layers, kv_heads, pages, dtype=torch.int32, device=device)
         # ids | positions | budgets | lengths [L, H] | prompt_kept [L, H], one int32 row per batch row
         self.packed = torch.zeros(rows, 3 + 2 * lh, dtype=torch.int32, device=device)
-        self.host = torch.zeros(self.packed.shape, dtype=torch.int32, pin_memory=device.type == "cuda")
+        # Host staging, two of each: a step may be launched while the previous one's copies have not run yet
+        # (the engine launches a greedy batch's next step before reading this one), so a load never writes the
+        # staging the previous load's copy reads.
+        pin = device.type == "cuda"
+        self._hosts = [torch.zeros(self.packed.shape, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
         self.ids, self.positions, self.budgets = self.packed[:, 0], self.packed[:, 1], self.packed[:, 2]
         self.lengths = self.packed[:, 3 : 3 + lh].view(rows, layers, kv_heads)
         self.prompt_kept = self.packed[:, 3 + lh :].view(rows, layers, kv_heads)
@@ -124,15 +128,19 @@ class StepBuffers:
         self._owner: list[tuple[int, int, int] | None] = [None] * rows
         # a step's new table entries (flat index into ``tables``, page id): a head gets at most one page a step
         self.edits_cap = rows * lh
-        self.edits_host = torch.zeros(2, self.edits_cap, dtype=torch.int64, pin_memory=device.type == "cuda")
+        self._edit_hosts = [torch.zeros(2, self.edits_cap, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
         self.edits = torch.zeros(2, self.edits_cap, dtype=torch.int64, device=device)
+        self._flip = 0
 
-    def load(self, seqs: list[SequenceKV], ids: list[int], positions: list[int], budgets: list[int],
+    def load(self, seqs: list[SequenceKV], ids: list[int] | Tensor, positions: list[int], budgets: list[int],
              lengths: Tensor, prompt_kept: Tensor, rows: int, pad_page: int) -> None:
-        """Fill rows ``[0, rows)``: the batch, then padding rows (one token in ``pad_page``)."""
+        """Fill rows ``[0, rows)``: the batch, then padding rows (one token in ``pad_page``). ``ids``: the input
+        tokens, or a tensor of them on the device (the previous step's argmax, copied device to device)."""
         b, lh = len(seqs), self.layers * self.kv_heads
-        host = self.host[:rows]
-        host[:b, 0] = torch.tensor(ids, dtype=torch.int32)
+        self._flip ^= 1
+        host = self._hosts[self._flip][:rows]
+        on_device = isinstance(ids, Tensor)
+        host[:b, 0] = 0 if on_device else torch.tensor(ids, dtype=torch.int32)
         host[:b, 1] = torch.tensor(positions, dtype=torch.int32)
         host[:b, 2] = torch.tensor(budgets, dtype=torch.int32)
         host[:b, 3 : 3 + lh] = lengths.view(b, lh)
@@ -140,6 +148,8 @@ class StepBuffers:
         host[b:] = 0
         host[b:, 3 : 3 + lh] = 1
         self.packed[:rows].copy_(host, non_blocking=True)
+        if on_device:
+            self.ids[:b].copy_(ids[:b])
         edits: list[tuple[int, Tensor]] = []
         for i, seq in enumerate(seqs):
             owner, grown = self._owner[i], len(seq.grown)
@@ -172,7 +182,7 @@ class StepBuffers:
         rows, g = rows[inside], g[inside]
         m = len(g)
         st = self.tables.stride()
-        host = self.edits_host[:, :m]
+        host = self._edit_hosts[self._flip][:, :m]
         host[0] = rows * st[0] + g[:, 0] * st[1] + g[:, 1] * st[2] + g[:, 2]
         host[1] = g[:, 3]
         dev = self.edits[:, :m]
@@ -244,9 +254,10 @@ class DecodeStepper:
         return StepShape(rows, table_pages, len(quest) < len(budgets), _pow2(max(quest)),
                          min(_pow2(max_pages), table_pages))
 
-    def run(self, seqs: list[SequenceKV], ids: list[int], positions: list[int], budgets: list[int],
+    def run(self, seqs: list[SequenceKV], ids: list[int] | Tensor, positions: list[int], budgets: list[int],
             lengths: Tensor, prompt_kept: Tensor) -> tuple[Tensor, Tensor]:
-        """Start one step; ``lengths``/``prompt_kept [B, L, H]`` (host) include this step's token. Returns logits
+        """Start one step; ``ids``: input tokens (a list, or a tensor on the device); ``lengths``/``prompt_kept [B,
+        L, H]`` (host) include this step's token. Returns logits
         ``[B, V]`` and Quest's counts ``[2, B]`` (prompt, total tokens read, summed over layers and heads; zeros
         for other rows), both on the device and valid until the next step. Nothing waits for the device."""
         b = len(seqs)

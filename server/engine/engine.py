@@ -32,8 +32,8 @@ from server.settings import EngineSettings
 from .detokenizer import IncrementalDetokenizer
 from .page_pool import PagePool, pages_for_memory
 from .request_state import EngineRequest
-from .runner import ModelRunner
-from .sampler import SamplerState, sample
+from .runner import ModelRunner, PendingDecode
+from .sampler import Sampled, SamplerState, greedy_only, sample
 from .scheduler import Scheduler
 
 log = logging.getLogger("sparse_serve.engine")
@@ -93,6 +93,9 @@ class NativeEngine:
         # Decode tokens accepted but not streamed yet: their text and output are made while the next step runs
         # on the GPU (:meth:`_publish`), so the host's per-token work does not sit between two steps.
         self._unpublished: list[tuple[EngineRequest, int, TokenLogprob | None]] = []
+        # A greedy batch's next decode step, launched from the previous step's tokens on the device before the
+        # host read them (so the host's work between two steps overlaps the device's): (batch, step) not read yet.
+        self._ahead: tuple[list[EngineRequest], PendingDecode] | None = None
         self.decode_retries = 0  # batched decode steps that failed and were retried one request at a time
         self.preemptions = 0  # requests whose cache was dropped to make room, to be recomputed
 
@@ -234,6 +237,7 @@ class NativeEngine:
                 self._step()
             except Exception:  # a bug outside per-request isolation: fail what is running, keep the loop
                 log.exception("engine step failed")
+                self._ahead = None
                 with self._lock:
                     for req in list(self.scheduler.running):
                         self._finish(req, "error", error="internal engine error")
@@ -244,18 +248,25 @@ class NativeEngine:
                 self._finish(req, "abort")
             self.scheduler.admit()
             pending = self.scheduler.next_prefill()
+        if self._ahead is not None:  # read the step launched ahead (launching the next one first, if it can)
+            batch, step = self._ahead
+            self._ahead = None
+            self._complete(batch, step)
+            if self._ahead is not None or pending is None:
+                return
         if pending is not None:
             self._publish()
             self._prefill(pending)
         with self._lock:
             batch, preempted = self.scheduler.decode_batch()
+            spare = self.scheduler.spare_pages
             for req in preempted:
                 if req.output_ids:
                     self.preemptions += 1
                     log.info("preempted request %s: the KV pool is full; it resumes by recomputing %d tokens",
                              req.request_id, req.prompt_len + len(req.output_ids) - 1)
         if batch:
-            self._decode(batch)
+            self._decode(batch, spare)
         else:
             self._publish()
 
@@ -268,7 +279,7 @@ class NativeEngine:
         try:
             if req.kv is None:
                 req.kv = self.runner.new_sequence()
-            logits = self.runner.prefill(req, self.scheduler.prefill_end(req))
+            logits = self.runner.prefill(req, self.scheduler.prefill_end(req, self.runner.prefill_runs_dense(req)))
             if logits is None:  # more chunks to come; decodes run in between
                 return
             sp = req.request.sampling
@@ -290,32 +301,79 @@ class NativeEngine:
             else:
                 self._on_token(req, sampled.token_id, sampled.logprob)
 
-    def _decode(self, batch: list[EngineRequest]) -> None:
-        rows = [i for i, r in enumerate(batch) if r.samples_next]  # the others recompute a known token
+    def _decode(self, batch: list[EngineRequest], spare_pages: int = 0, go_on: bool = True) -> None:
         try:
-            step = self.runner.launch_decode(batch)
-            self._publish()  # the previous step's outputs, while this step runs on the GPU
-            logits = step.logits()
+            step = self.runner.launch_decode(batch, spare_pages, greedy=self._greedy(batch))
         except Exception:
-            self._publish()
-            if len(batch) == 1:
-                log.exception("decode failed for request %s", batch[0].request_id)
-                with self._lock:
-                    self._finish(batch[0], "error", error="decode step failed")
-                return
-            log.warning("batched decode of %d requests failed; retrying one by one", len(batch), exc_info=True)
-            self.decode_retries += 1
-            for req in batch:  # isolate the failing request(s); the others go on
-                self._decode([req])
+            self._retry_alone(batch)
             return
-        live = [batch[i] for i in rows]
-        tokens = sample(logits[rows], [r.request.sampling for r in live], [r.sampler for r in live]) if rows else []
+        self._complete(batch, step, go_on)
+
+    @staticmethod
+    def _greedy(batch: list[EngineRequest]) -> bool:
+        """Every row of a step of ``batch`` samples a new token by the device's argmax (no row recomputes a known
+        token, none samples or wants logprobs): its tokens can feed the next step on the device."""
+        return all(r.samples_next for r in batch) and greedy_only([r.request.sampling for r in batch],
+                                                                  [r.sampler for r in batch])
+
+    def _complete(self, batch: list[EngineRequest], step: PendingDecode, go_on: bool = True) -> None:
+        """Read a launched step and accept its tokens. Before reading a greedy step, when ``go_on`` and the next
+        engine step would decode the same batch (no prefill due, nothing aborted, every request still running, the
+        next step's pages free), launch that step from this one's tokens on the device: the host's work below
+        then overlaps it. A request that ends with this step's token leaves a row of that step nobody reads."""
+        if go_on and step.next_ids is not None:
+            with self._lock:  # the next engine step would decode this batch again: no prefill due, all running
+                room = None if self.scheduler.next_prefill() is not None or any(
+                    r.aborted or r.request_id not in self._requests for r in batch) else self.scheduler.step_room(batch)
+            if room is not None:
+                try:
+                    ahead = self.runner.launch_decode(batch, room, greedy=True, after=step)
+                except Exception:  # nothing launched ahead: the next engine step launches it the usual way
+                    log.warning("could not launch a decode step ahead", exc_info=True)
+                else:
+                    assert self._ahead is None, "one decode step ahead at most"
+                    self._ahead = (batch, ahead)  # before this step's tokens: a request they end knows of it
+        self._publish()  # the previous step's outputs, while this step (and the one ahead) run on the device
         with self._lock:
-            for req, sampled in zip(live, tokens, strict=True):
+            live = [i for i, r in enumerate(batch) if r.request_id in self._requests and not r.aborted]
+        rows = [i for i in step.sampling_rows if i in live]
+        try:
+            if step.next_ids is not None:
+                tokens = step.tokens()
+                sampled = [Sampled(tokens[i]) for i in rows]
+                step.settle(live)
+            else:
+                step.settle(live)
+                logits = step.logits()
+                sampled = sample(logits[rows], [batch[i].request.sampling for i in rows],
+                                 [batch[i].sampler for i in rows]) if rows else []
+        except Exception:
+            self._ahead = None
+            self._publish()
+            self._retry_alone([batch[i] for i in live])
+            return
+        with self._lock:
+            for i, token in zip(rows, sampled, strict=True):
+                req = batch[i]
                 if not req.aborted:
-                    self._on_token(req, sampled.token_id, sampled.logprob, defer=True)
-            for req in batch:
-                req.catch_up()
+                    self._on_token(req, token.token_id, token.logprob, defer=True)
+            for i in live:
+                batch[i].catch_up()
+
+    def _retry_alone(self, batch: list[EngineRequest]) -> None:
+        """A batched decode step failed: run its requests one by one, so that a failing one ends alone."""
+        self._publish()
+        if len(batch) == 1:
+            log.exception("decode failed for request %s", batch[0].request_id)
+            with self._lock:
+                self._finish(batch[0], "error", error="decode step failed")
+            return
+        if not batch:
+            return
+        log.warning("batched decode of %d requests failed; retrying one by one", len(batch), exc_info=True)
+        self.decode_retries += 1
+        for req in batch:  # isolate the failing request(s); the others go on (one step each, none ahead)
+            self._decode([req], go_on=False)
 
     def _publish(self, only: EngineRequest | None = None) -> None:
         """Stream the accepted tokens not streamed yet (``only``: that request's)."""
@@ -372,7 +430,10 @@ class NativeEngine:
         self.scheduler.remove(req)  # first: whatever fails below, the request never runs again
         req.timings.finished = time.monotonic()
         if req.kv is not None:
-            req.cost.decode.kv_cache_tokens = int(req.kv.lengths.sum())
+            tokens = int(req.kv.lengths.sum())
+            if self._ahead is not None and any(r is req for r in self._ahead[0]):
+                tokens -= req.kv.lengths.numel()  # the step launched ahead appended a token it never accepted
+            req.cost.decode.kv_cache_tokens = tokens
             req.kv.release()
         out = last or GenerationOutput(req.request_id, [], "", prompt_tokens=req.prompt_len,
                                        completion_tokens=len(req.output_ids))

@@ -25,6 +25,7 @@ from attention_backends import PrefillCallReport, decode_keep, engine_impl, spar
 from attention_backends.cost import ModelShape, causal_cells
 from attention_backends.decode.quest import budget_pages
 from attention_backends.prefill.dense import sdpa
+from attention_backends.prefill_cost import prefill_fallback
 from attention_backends.spec import DECODE_METHODS
 from server.contract.engine import TokenLogprob
 
@@ -62,18 +63,61 @@ def prompt_logprobs(model, hidden: Tensor, ids: Tensor, k: int, start: int = 0) 
     return out
 
 
-class PendingDecode:
-    """A decode step the device is working on: :meth:`logits` waits for it (and, for Quest rows, accounts what
-    their selection read, which only the device knows)."""
+def _snapshot(t: Tensor) -> Tensor:
+    """A copy of ``t`` on the host that the next step cannot overwrite: on CUDA a non-blocking copy into pinned
+    memory (valid once the step's event has completed), elsewhere a plain copy."""
+    if t.device.type != "cuda":
+        return t.clone()
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t, non_blocking=True)
+    return out
 
-    def __init__(self, logits: Tensor, account: Callable[[], None] | None):
-        self._logits, self._account = logits, account
+
+class PendingDecode:
+    """A decode step the device is working on.
+
+    :meth:`logits` waits for it. A step launched ``greedy`` (every row takes its argmax) also keeps its tokens on
+    the device, where the next step can take them as inputs before the host has seen them (the engine launches
+    that step first, then reads this one), and copies them and Quest's counts back without blocking: :meth:`tokens`
+    waits for this step only. :meth:`settle` accounts the costs of the rows still running (once)."""
+
+    def __init__(self, logits: Tensor, account: Callable[[Tensor | None, list[int] | None], None],
+                 quest_read: Tensor | None, greedy: bool, sampling_rows: list[int]):
+        self._logits, self._account, self._quest = logits, account, quest_read
+        self.sampling_rows = sampling_rows  # rows whose logits give a new token (the others recompute one)
+        self.next_ids: Tensor | None = None
+        self._tokens: Tensor | None = None
+        self._done = None
+        if greedy:  # before the next step can overwrite a captured graph's logits and counters
+            self.next_ids = logits.argmax(dim=-1)  # [B] (the sampler's greedy rule)
+            self._tokens = _snapshot(self.next_ids)
+            self._quest = None if quest_read is None else _snapshot(quest_read)
+            if logits.device.type == "cuda":
+                self._done = torch.cuda.Event()
+                self._done.record()
 
     def logits(self) -> Tensor:
-        if self._account is not None:
-            self._account()
-            self._account = None
+        self.settle()
         return self._logits
+
+    def tokens(self) -> list[int]:
+        """A greedy step's tokens, one per row."""
+        assert self._tokens is not None, "not a greedy step"
+        if self._done is not None:
+            self._done.synchronize()
+        return self._tokens.tolist()
+
+    def settle(self, rows: list[int] | None = None) -> None:
+        """Account the step's decode costs for ``rows`` (default: every row); later calls do nothing."""
+        if self._account is None:
+            return
+        account, self._account = self._account, None
+        quest = self._quest
+        if quest is not None:
+            if self._done is not None:
+                self._done.synchronize()
+            quest = quest.cpu()
+        account(quest, rows)
 
 
 class ModelRunner:
@@ -84,6 +128,7 @@ class ModelRunner:
         self.device = pool.device
         # On CUDA the Triton kernels run prefill methods and paged decode; elsewhere the PyTorch paths do.
         self.use_triton = engine_impl(pool.device) == "triton" and triton_paged_decode is not None
+        self.impl = "triton" if self.use_triton else "reference"  # what runs the methods' kernels
         self.stepper = DecodeStepper(model, pool, shape.num_layers, shape.num_kv_heads, use_triton=self.use_triton)
 
     def new_sequence(self) -> SequenceKV:
@@ -91,6 +136,15 @@ class ModelRunner:
 
     # -- prefill ----------------------------------------------------------------------------------------
     @torch.inference_mode()
+    def prefill_runs_dense(self, req: EngineRequest) -> bool:
+        """Whether the request's prefill computes dense attention: a dense pattern, or a sparse one the fallback
+        rule (:func:`prefill_fallback`) runs as dense at its prompt's length; the rule's predicted break-even is
+        one length, so then every chunk of that prompt (ending at a shorter length) falls back too."""
+        phase, s = req.request.spec.prefill, self.shape
+        if phase.is_dense:
+            return True
+        return prefill_fallback(phase, (s.num_heads, req.prompt_len, s.head_dim), self.device, self.impl) is not None
+
     def prefill(self, req: EngineRequest, end: int | None = None) -> Tensor | None:
         """Prefill one request's prompt from ``req.prefill_pos`` up to ``end`` (default: the whole rest) -- one
         chunk. Returns the logits of the last prompt position ``[1, V]`` after the last chunk, else ``None``."""
@@ -102,7 +156,7 @@ class ModelRunner:
         c1 = n if end is None else end
         last_chunk = c1 == n
         evicts = DECODE_METHODS[spec.decode.method].evicts
-        impl = "triton" if self.use_triton else "reference"
+        impl = self.impl
 
         def attention(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
@@ -148,25 +202,35 @@ class ModelRunner:
                                      capture=True)
 
     @torch.inference_mode()
-    def launch_decode(self, batch: list[EngineRequest]) -> PendingDecode:
+    def launch_decode(self, batch: list[EngineRequest], spare_pages: int = 0, *, greedy: bool = False,
+                      after: PendingDecode | None = None) -> PendingDecode:
         """Start one decode step for every request of ``batch`` (the device works on it when this returns);
-        :meth:`PendingDecode.logits` finishes it."""
+        :meth:`PendingDecode.logits` finishes it. ``spare_pages``: free pages the sequences may take ahead of
+        need (:meth:`SequenceKV.prepare_append`). ``greedy``: every row takes its argmax (kept on the device for
+        a step launched ``after`` this one). ``after``: a greedy step of the same batch not read yet; this step
+        feeds its tokens (on the device) and must be read after it."""
         seqs = [r.kv for r in batch]
-        for s in seqs:
-            s.prepare_append()  # type: ignore[union-attr]
+        for r in batch:
+            # KV appends left: every output but the last is appended, this step's input included
+            horizon = r.request.sampling.max_tokens - 1 - r.cached_outputs
+            spare_pages -= r.kv.prepare_append(horizon, spare_pages)  # type: ignore[union-attr]
         lengths = torch.stack([s.lengths for s in seqs]) + 1  # [B, layers, h_kv] after this step's append
         prompt_kept = torch.stack([s.prompt_kept for s in seqs])
         budgets = [self._quest_budget(r) for r in batch]
-        logits, quest_read = self.stepper.run(seqs, [r.next_input for r in batch],  # type: ignore[arg-type]
-                                              [r.next_position for r in batch], budgets, lengths, prompt_kept)
+        ids = after.next_ids if after is not None else [r.next_input for r in batch]
+        sampling_rows = [i for i, r in enumerate(batch) if after is not None or r.samples_next]
+        logits, quest_read = self.stepper.run(seqs, ids, [r.next_position for r in batch],  # type: ignore[arg-type]
+                                              budgets, lengths, prompt_kept)
         for r in batch:
             r.kv.commit_append()  # type: ignore[union-attr]
             r.cached_outputs += 1
-        if not any(budgets):  # no Quest row: the costs follow from the host's lengths now
-            self._account_decode(batch, lengths, prompt_kept, budgets, None)
-            return PendingDecode(logits, None)
-        return PendingDecode(logits, lambda: self._account_decode(batch, lengths, prompt_kept, budgets,
-                                                                   quest_read.cpu()))
+
+        generated = [r.cached_outputs for r in batch]  # tokens generated so far, this step's input included
+
+        def account(quest: Tensor | None, rows: list[int] | None) -> None:
+            self._account_decode(batch, lengths, prompt_kept, budgets, generated, quest, rows)
+
+        return PendingDecode(logits, account, quest_read if any(budgets) else None, greedy, sampling_rows)
 
     @staticmethod
     def _quest_budget(req: EngineRequest) -> int:
@@ -178,7 +242,8 @@ class ModelRunner:
         return budget_pages(req.prompt_len, decode) or 0
 
     def _account_decode(self, batch: list[EngineRequest], lengths: Tensor, prompt_kept: Tensor,
-                        budgets: list[int], quest_read: Tensor | None) -> None:
+                        budgets: list[int], generated: list[int], quest_read: Tensor | None,
+                        rows: list[int] | None = None) -> None:
         shape = self.shape
         per_step_dense = shape.num_layers * shape.num_kv_heads
         element_bytes = self.pool.keys.element_size()
@@ -186,7 +251,8 @@ class ModelRunner:
         lengths_sum = lengths.sum(dim=(1, 2)).tolist()
         kept_sum = prompt_kept.sum(dim=(1, 2)).tolist()
         quest_prompt, quest_total = quest_read.tolist() if quest_read is not None else ([], [])
-        for row, req in enumerate(batch):
+        for row in range(len(batch)) if rows is None else rows:
+            req = batch[row]
             metadata_bytes = 0
             if budgets[row]:
                 prompt_read, total_read = int(quest_prompt[row]), int(quest_total[row])
@@ -194,8 +260,8 @@ class ModelRunner:
                 metadata_bytes = int(2 * shape.head_dim * pages.sum()) * element_bytes  # each page's key min/max
             else:
                 prompt_read, total_read = int(kept_sum[row]), int(lengths_sum[row])
-            generated = req.cached_outputs  # tokens generated so far, this step's input included
-            dense_prompt, dense_total = req.prompt_len * per_step_dense, (req.prompt_len + generated) * per_step_dense
+            dense_prompt = req.prompt_len * per_step_dense
+            dense_total = (req.prompt_len + generated[row]) * per_step_dense
             req.cost.add_decode(prompt_read, dense_prompt, float(total_read * token_bytes),
                                 float(dense_total * token_bytes), float(metadata_bytes))
             req.cost.end_decode_step(shape, total_read, dense_total)

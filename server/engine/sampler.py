@@ -52,6 +52,11 @@ def _filtered_probs(logits: Tensor, params: SamplingParams) -> Tensor:
     return probs
 
 
+def greedy_only(params: list[SamplingParams], states: list[SamplerState]) -> bool:
+    """Every row takes its argmax and wants no logprobs: its token is the logits' argmax, nothing else."""
+    return all(st.generator is None for st in states) and all(p.logprobs is None for p in params)
+
+
 def sample(logits: Tensor, params: list[SamplingParams], states: list[SamplerState]) -> list[Sampled]:
     """``logits [B, V]`` (float32, on any device) -> one token per row.
 
@@ -59,7 +64,7 @@ def sample(logits: Tensor, params: list[SamplingParams], states: list[SamplerSta
     for logprobs and for sampled rows, whose seeded generators live there."""
     greedy_rows = [i for i, st in enumerate(states) if st.generator is None]
     greedy = dict(zip(greedy_rows, logits[greedy_rows].argmax(dim=-1).tolist(), strict=True)) if greedy_rows else {}
-    if len(greedy_rows) == len(params) and all(p.logprobs is None for p in params):
+    if greedy_only(params, states):
         return [Sampled(greedy[row]) for row in range(len(params))]
     logits = logits.cpu()
     logprobs = torch.log_softmax(logits, dim=-1)

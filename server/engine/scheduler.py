@@ -18,8 +18,9 @@
 * Interleaving (chunked prefill): each engine step prefills at most one chunk of at most ``max_prefill_chunk``
   prompt tokens of the oldest admitted request still prefilling (:meth:`chunk_end`; 0 = the whole prompt),
   then runs one decode step for every prefilled request. A running request thus waits for at most one chunk
-  between two of its tokens, and long prompts cannot stall decodes. Chunks exist for the decodes: a dense
-  prefill with no request decoding runs the rest of its prompt at once (:meth:`prefill_end`). A request
+  between two of its tokens, and long prompts cannot stall decodes. Chunks exist for the decodes: a prefill that
+  computes dense attention (a dense pattern, or a sparse one that falls back to dense at its length) with no
+  request decoding runs the rest of its prompt at once (:meth:`prefill_end`). A request
   between chunks holds the pages of its prefix and the rest of its need stays promised (:meth:`_promised`);
   it can be aborted or preempted there, and a preempted one prefills again from its first chunk.
 """
@@ -46,6 +47,7 @@ class Scheduler:
     def __init__(self, pool: PagePool, num_layers: int, num_kv_heads: int, max_num_seqs: int, max_queue: int,
                  max_prefill_chunk: int = 0):
         self.pool = pool
+        self.spare_pages = 0  # set by decode_batch: free pages beyond its step's need and the promised prefills
         self.max_prefill_chunk = max_prefill_chunk
         self.num_kv_heads = num_kv_heads
         self.heads_total = num_layers * num_kv_heads
@@ -97,13 +99,15 @@ class Scheduler:
         end = start + size
         return n if n - end < min_last else end
 
-    def prefill_end(self, req: EngineRequest) -> int:
+    def prefill_end(self, req: EngineRequest, dense: bool) -> int:
         """Where this engine step's prefill of ``req`` ends. With no request decoding there is nothing to let
-        through, and a dense prefill runs the rest of its prompt at once: a dense chunk computes what the whole
-        prompt would, only slower (PyTorch's flash kernel does about half the cells per ms on a chunk's queries
-        against all earlier keys as on a whole causal prompt, benchmarks/sdpa_chunk.py). Sparse prefill methods
-        are defined per chunk, so they follow ``max_prefill_chunk`` alone: an answer must not depend on load."""
-        if req.request.spec.prefill.is_dense and not any(r.prefilled for r in self.running):
+        through, and a prefill that computes dense attention (``dense``: a dense pattern, or a sparse one the
+        fallback rule runs as dense at this prompt's length) runs the rest of its prompt at once: a dense chunk
+        computes what the whole prompt would, only slower (PyTorch's flash kernel does about half the cells per
+        ms on a chunk's queries against all earlier keys as on a whole causal prompt, benchmarks/sdpa_chunk.py).
+        Sparse prefill methods are defined per chunk, so they follow ``max_prefill_chunk`` alone: an answer must
+        not depend on load."""
+        if dense and not any(r.prefilled for r in self.running):
             return len(req.request.prompt_token_ids)
         return self.chunk_end(req.request, req.prefill_pos)
 
@@ -155,13 +159,21 @@ class Scheduler:
         preempted: list[EngineRequest] = []
         while True:
             batch = [r for r in self.running if r.prefilled and not r.aborted]
-            need = sum(r.kv.pages_needed_for_append() for r in batch)  # type: ignore[union-attr]
-            if need <= self.pool.free_pages - self._promised() or len(self.running) <= 1:
+            room = self.step_room(batch)
+            if room is not None or len(self.running) <= 1:
+                self.spare_pages = room or 0  # pages the step may take ahead of need (prepare_append)
                 return batch, preempted
             victim = self.running.pop()
             victim.preempt()
             self.waiting.appendleft(victim)  # the oldest of several victims ends up first
             preempted.append(victim)
+
+    def step_room(self, batch: list[EngineRequest]) -> int | None:
+        """Pages free beside the promised prefills once a decode step of ``batch`` took the pages it needs, or
+        None when they do not fit."""
+        need = sum(r.kv.pages_needed_for_append() for r in batch)  # type: ignore[union-attr]
+        free = self.pool.free_pages - self._promised()
+        return free - need if need <= free else None
 
     def remove(self, req: EngineRequest) -> None:
         if req in self.running:

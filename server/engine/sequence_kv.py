@@ -175,25 +175,36 @@ class SequenceKV:
         """New pages one more token needs."""
         return 0 if self._free_slots() > 0 else int(self._heads_needing_a_page().sum())
 
-    def prepare_append(self) -> None:
+    def prepare_append(self, horizon: int = 1, spare: int = 0) -> int:
         """Make room for one token in every (layer, head): a fresh page where the last one is full. The token
         goes to slot ``lengths % page_size`` of page ``lengths // page_size``. Decided on the host (no device
-        read); idempotent until :meth:`commit_append`: a retried step reuses the pages a failed one allocated."""
+        read); idempotent until :meth:`commit_append`: a retried step reuses the pages a failed one allocated.
+
+        Heads holding different numbers of tokens (Ada-SnapKV) fill their pages at different steps, so one head
+        or another would take a page nearly every step (host work before every step's launch). Whenever one
+        must, every head with less than a page of room that will fill it within ``horizon`` tokens (the most this
+        request still appends, this one included) takes its next page too, if ``spare`` pages (free beyond what
+        the scheduler has promised) cover them all: the heads then take pages together, about once every
+        ``page_size`` steps. Returns the pages taken ahead of need."""
         if self._free_slots() > 0:
-            return
+            return 0
         need = self._heads_needing_a_page()
-        count = int(need.sum())
-        if not count:
-            return
-        page_index = self.lengths // self.pool.page_size
-        self._grow(int(page_index.max()) + 1)
-        ids = self.pool.allocate(count).int()
-        layers, heads = need.nonzero(as_tuple=True)
-        index = page_index[need]
+        if not bool(need.any()):
+            return 0
+        room = self.pages_held * self.pool.page_size - self.lengths
+        early = ~need & (room < self.pool.page_size) & (room < horizon)
+        ahead = int(early.sum())
+        take = need | early if 0 < ahead <= spare else need
+        ahead = ahead if take is not need else 0
+        index = self.pages_held[take]  # each head's next page (a needing head's token starts it)
+        self._grow(int(index.max()) + 1)
+        ids = self.pool.allocate(int(take.sum())).int()
+        layers, heads = take.nonzero(as_tuple=True)
         self.tables[layers, heads, index] = ids
-        self.pages_held[need] += 1
+        self.pages_held[take] += 1
         self.grown.append(torch.stack([layers.int(), heads.int(), index.int(), ids], dim=1))
         self._room = None
+        return ahead
 
     def commit_append(self) -> None:
         self.lengths += 1
