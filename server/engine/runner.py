@@ -135,7 +135,6 @@ class ModelRunner:
         return SequenceKV(self.pool, self.shape.num_layers, self.shape.num_kv_heads)
 
     # -- prefill ----------------------------------------------------------------------------------------
-    @torch.inference_mode()
     def prefill_runs_dense(self, req: EngineRequest) -> bool:
         """Whether the request's prefill computes dense attention: a dense pattern, or a sparse one the fallback
         rule (:func:`prefill_fallback`) runs as dense at its prompt's length; the rule's predicted break-even is
@@ -145,6 +144,7 @@ class ModelRunner:
             return True
         return prefill_fallback(phase, (s.num_heads, req.prompt_len, s.head_dim), self.device, self.impl) is not None
 
+    @torch.inference_mode()
     def prefill(self, req: EngineRequest, end: int | None = None) -> Tensor | None:
         """Prefill one request's prompt from ``req.prefill_pos`` up to ``end`` (default: the whole rest) -- one
         chunk. Returns the logits of the last prompt position ``[1, V]`` after the last chunk, else ``None``."""
