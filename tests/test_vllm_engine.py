@@ -314,3 +314,39 @@ def test_chunked_sparse_prefill_agrees_with_native_chunks(model_dir, loop):
     ours = torch.tensor([lp.logprob for lp in sparse[1:]])
     assert (ours - torch.tensor([lp.logprob for lp in expected[1:]])).abs().max() < 1e-4
     assert (ours - torch.tensor([lp.logprob for lp in dense[1:]])).abs().max() > 1e-3
+
+
+def test_steps_that_may_run_a_sparse_row_never_replay_a_full_cuda_graph(monkeypatch):
+    """A full CUDA graph replays without running Python, so the sparse rows' attention would not run in it: while
+    a sparse request may run a sparse row, every dispatch excludes FULL (vLLM then replays its piecewise graphs,
+    attention eager); dense traffic alone keeps vLLM's own choice. (The dispatcher's choice itself is vLLM's;
+    this checks what the plugin adds to it, on the dispatcher class both supported versions share.)"""
+    from vllm.config import CUDAGraphMode
+    from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
+
+    from server.contract.cost import RequestCost
+    from server.vllm_engine import worker_state as ws
+    from server.vllm_engine.graphs import keep_sparse_steps_out_of_full_graphs
+
+    asked = []
+    monkeypatch.setattr(CudagraphDispatcher, "dispatch",
+                        lambda self, num_tokens, *a, invalid_modes=None, **k: asked.append(invalid_modes))
+    monkeypatch.setattr(ws, "SLOTS", {})
+    keep_sparse_steps_out_of_full_graphs()
+    keep_sparse_steps_out_of_full_graphs()  # once per process, however often the plugin registers
+
+    def state(pattern: str, seen: int) -> ws.RequestState:
+        spec = parse_pattern(pattern)
+        return ws.RequestState(key=None, spec=spec, prompt_len=100, cost=RequestCost.for_spec(spec), seen=seen)
+
+    dispatcher = object.__new__(CudagraphDispatcher)
+    dispatcher.dispatch(8)  # nothing sparse: vLLM's own choice
+    ws.SLOTS[0] = state("vertical_slash:2", seen=100)  # sparse prefill done, dense decode: no sparse row left
+    dispatcher.dispatch(8, invalid_modes={CUDAGraphMode.PIECEWISE})
+    ws.SLOTS[1] = state("quest:4", seen=100)  # decoding with a sparse decode method
+    dispatcher.dispatch(8, invalid_modes={CUDAGraphMode.PIECEWISE})
+    ws.SLOTS[1].disable("test")  # run dense after all
+    ws.SLOTS[2] = state("vertical_slash:2", seen=40)  # still prefilling sparse
+    dispatcher.dispatch(8)
+    assert asked == [None, {CUDAGraphMode.PIECEWISE}, {CUDAGraphMode.PIECEWISE, CUDAGraphMode.FULL},
+                     {CUDAGraphMode.FULL}]

@@ -1,14 +1,13 @@
 """The sparse backend on CUDA: vLLM's ``CUSTOM`` backend slot, over vLLM's FlashAttention backend.
 
-Same mixins as the CPU backend. The sparse rows run eager PyTorch inside the attention op, so full CUDA
-graphs are turned off for this backend (``_cudagraph_support = NEVER``; piecewise graphs still capture
-everything but attention). Runs on the GPU machine with vLLM 0.25 (``benchmarks/e2e.py``, ``tests/gpu/``); CI
-has no CUDA build of vLLM.
+Same mixins as the CPU backend. The sparse rows run eager PyTorch inside the attention op, so a step that may
+have one never replays a full CUDA graph (:mod:`.graphs`: piecewise graphs capture everything but attention);
+the builder keeps its parent's graph support, so steps of dense requests alone replay vLLM's full graphs. Runs on
+the GPU machine with vLLM 0.25 (``benchmarks/e2e.py``, ``tests/gpu/``); CI has no CUDA build of vLLM.
 """
 
 from __future__ import annotations
 
-from vllm.v1.attention.backend import AttentionCGSupport
 from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionBackend,
     FlashAttentionImpl,
@@ -19,7 +18,6 @@ from .backend import SparseBuilderMixin, SparseImplMixin
 
 
 class SparseFlashAttentionMetadataBuilder(SparseBuilderMixin, FlashAttentionMetadataBuilder):
-    _cudagraph_support = AttentionCGSupport.NEVER
     supports_update_block_table = False  # a reused metadata object would carry another group's plan
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 
 from .compat import v2_logits_processor_base
+from .graphs import keep_sparse_steps_out_of_full_graphs
 
 log = logging.getLogger("sparse_serve.vllm_engine")
 
@@ -42,6 +43,7 @@ def register() -> None:
         register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND_PATH)
     else:
         register_backend(AttentionBackendEnum[CUDA_BACKEND_NAME], CUDA_BACKEND_PATH)
+        keep_sparse_steps_out_of_full_graphs()
 
 
 def _model_shape(vllm_config):

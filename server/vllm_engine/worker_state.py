@@ -138,6 +138,13 @@ def add(slot: int, params: Any, prompt_len: int, resumed: bool) -> None:
     SLOTS[slot] = state
 
 
+def sparse_rows_possible() -> bool:
+    """Whether the next step may run a sparse row: some sparse request (not run dense) still prefilling, or
+    decoding with a sparse decode method."""
+    return any(st.fallback is None and (st.seen < st.prompt_len or not st.spec.decode.is_dense)
+               for st in SLOTS.values())
+
+
 def remove(slot: int) -> None:
     SLOTS.pop(slot, None)
 
