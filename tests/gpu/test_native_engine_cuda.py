@@ -116,3 +116,27 @@ def test_cuda_graph_replay_gives_the_eager_steps_tokens():
     finally:
         graphs.close()
         eager.close()
+
+
+def test_steps_launched_ahead_give_the_tokens_and_costs_of_steps_that_wait():
+    """On CUDA a greedy batch's next step is launched from the device's argmax before the host reads the tokens
+    (CUDA-graph replays, pinned copies, an event per step): each request gets the tokens and decode costs it
+    gets when every step waits for the previous one's tokens, requests ending at different steps included."""
+    ahead, waiting = Served("cuda", "float32"), Served("cuda", "float32")
+    waiting.engine._greedy = lambda batch: False  # no step goes ahead
+    try:
+        ids = prompt(ahead, 150)
+        patterns = ["dense", "quest:4", "snapkv:4", "ada_snapkv:4"]
+
+        def run(served):
+            reqs = [make_request(f"{p}-{i}", ids, p, max_tokens=6 + 5 * i, ignore_eos=True)
+                    for i, p in enumerate(patterns)]
+            return generate(served, reqs)
+
+        for a, w, p in zip(run(ahead), run(waiting), patterns, strict=True):
+            assert a.token_ids == w.token_ids, p
+            assert a.final.cost.decode.kv_bytes_read == w.final.cost.decode.kv_bytes_read, p
+            assert a.final.cost.decode.kv_cache_tokens == w.final.cost.decode.kv_cache_tokens, p
+    finally:
+        ahead.close()
+        waiting.close()
