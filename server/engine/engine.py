@@ -258,8 +258,7 @@ class NativeEngine:
             self._publish()
             self._prefill(pending)
         with self._lock:
-            batch, preempted = self.scheduler.decode_batch()
-            spare = self.scheduler.spare_pages
+            batch, preempted, spare = self.scheduler.decode_batch()
             for req in preempted:
                 if req.output_ids:
                     self.preemptions += 1

@@ -47,7 +47,6 @@ class Scheduler:
     def __init__(self, pool: PagePool, num_layers: int, num_kv_heads: int, max_num_seqs: int, max_queue: int,
                  max_prefill_chunk: int = 0):
         self.pool = pool
-        self.spare_pages = 0  # set by decode_batch: free pages beyond its step's need and the promised prefills
         self.max_prefill_chunk = max_prefill_chunk
         self.num_kv_heads = num_kv_heads
         self.heads_total = num_layers * num_kv_heads
@@ -153,16 +152,16 @@ class Scheduler:
         """The oldest admitted request that has no cache yet."""
         return next((r for r in self.running if not r.prefilled and not r.aborted), None)
 
-    def decode_batch(self) -> tuple[list[EngineRequest], list[EngineRequest]]:
+    def decode_batch(self) -> tuple[list[EngineRequest], list[EngineRequest], int]:
         """The prefilled requests for one decode step, after preempting the youngest requests until the step's
-        new pages fit beside the promised prefills. Returns ``(batch, preempted)``."""
+        new pages fit beside the promised prefills. Returns ``(batch, preempted, spare)``: ``spare`` free pages
+        the step may take ahead of need (:meth:`SequenceKV.prepare_append`)."""
         preempted: list[EngineRequest] = []
         while True:
             batch = [r for r in self.running if r.prefilled and not r.aborted]
             room = self.step_room(batch)
             if room is not None or len(self.running) <= 1:
-                self.spare_pages = room or 0  # pages the step may take ahead of need (prepare_append)
-                return batch, preempted
+                return batch, preempted, room or 0
             victim = self.running.pop()
             victim.preempt()
             self.waiting.appendleft(victim)  # the oldest of several victims ends up first

@@ -194,8 +194,9 @@ class SequenceKV:
         room = self.pages_held * self.pool.page_size - self.lengths
         early = ~need & (room < self.pool.page_size) & (room < horizon)
         ahead = int(early.sum())
-        take = need | early if 0 < ahead <= spare else need
-        ahead = ahead if take is not need else 0
+        if ahead > spare:  # all of them or none
+            early, ahead = early & False, 0
+        take = need | early
         index = self.pages_held[take]  # each head's next page (a needing head's token starts it)
         self._grow(int(index.max()) + 1)
         ids = self.pool.allocate(int(take.sum())).int()
