@@ -48,6 +48,7 @@ def check_part(part: dict, engine: str, sparse: bool) -> None:
         # the window opens once every request decodes: it holds at least one step of the whole batch
         assert r["window_tokens"] >= r["batch"], r
         assert r["tokens_per_s"] > 0 and r["error"] is None, r
+        assert r["settle_tokens_per_s"] > 0, r  # the settle period before the window is measured apart
 
 
 def test_native_tiny_run_and_report(model_dir, tmp_path):
@@ -90,6 +91,17 @@ def test_native_tiny_run_and_report(model_dir, tmp_path):
     assert [r["ttft_s"] for r in merged["ttft"]] == [123.0] + [r["ttft_s"] for r in part["ttft"][1:]]
     assert [r["part"] for r in merged["ttft"]] == ["native-again.json"] + ["native.json"] * (len(part["ttft"]) - 1)
     assert len(merged["decode"]) == len(part["decode"])
+
+
+def test_patterns_picks_the_cases_to_measure(model_dir, tmp_path):
+    """``--patterns`` re-measures some cases beside their dense baseline; the parts it does not name still run."""
+    out = tmp_path / "some.json"
+    e2e("run", "--engine", "native", "--tiny", "--dir", str(model_dir), "--part", "ttft,decode:1", "--patterns",
+        "dense,quest:10,block_sparse:10/b64", "--out", str(out))
+    part = load(out)
+    assert {r["pattern"] for r in part["ttft"]} == {"dense", "block_sparse:10/b64"}
+    assert {r["pattern"] for r in part["decode"]} == {"dense", "quest:10"}
+    assert all(r["tokens_per_s"] > 0 for r in part["decode"])
 
 
 def test_native_capacity_on_a_fixed_kv_memory(model_dir, tmp_path):
