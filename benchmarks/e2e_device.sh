@@ -6,7 +6,8 @@
 # prefills; native-decode: the same without it), native-cap (capacity on 8 GiB of KV), vllm (bare vLLM, dense:
 # TTFT, agreement, decode at batch 1/4/8/32/128K; batch 4 at 32K is the most 8 GiB holds for vLLM: its best
 # batch on the capacity memory),
-# sparse-vllm (`sparse-serve --engine vllm`: dense and each method; needs vllm's three parts), sdpa
+# sparse-vllm (`sparse-serve --engine vllm`: dense and each method; needs vllm's three parts), sparse-vllm-decode
+# (its batch-32 and 128K decode, which sparse-vllm's deadline cut on 2026-12-01), sdpa
 # (benchmarks/sdpa_chunk.py). Every call first runs the vLLM bundle's stash (../shared/tools/vllm-gpu/README.md:
 # three calls of one lease carry deps.tar + vllm.00, vllm.01, vllm.02; the vllm step needs all three), e.g.
 #   call 1: model native-a    call 2: native-b native-cap    call 3: vllm
@@ -25,7 +26,11 @@ if [ -f .device-bundle/deps.tar ]; then bash .device-bundle/stash > "$out/dev-st
 # the server's packages: the vLLM bundle's (once its deps.tar came; vLLM itself once all three parts did), else
 # the smaller device bundle's (.device-bundle/deps.tar, 8 MB: enough for the native steps)
 if [ -d /tmp/vllm-site/fastapi ]; then export PYTHONPATH=/tmp/vllm-site; else export PYTHONPATH=/tmp/dev-site; fi
-e2e() { name=$1; shift; python3 benchmarks/e2e.py run --dir $dir --out "$out/$name.json" "$@" 2>&1 | tee "$out/$name.log" | grep -E "^\[" || true; }
+# E2E_PATTERNS=dense,quest:10 (optional): measure only these patterns in the ttft and decode parts (a re-measure)
+e2e() { name=$1; shift; python3 benchmarks/e2e.py run --dir $dir --out "$out/$name.json" "$@" \
+  ${E2E_PATTERNS:+--patterns "$E2E_PATTERNS"} 2>&1 | tee "$out/$name.log" | grep -E "^\[" || true; }
+# the plugin's entry point must be installed for vLLM's engine process to load it
+plugin() { python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$out/pip.log" 2>&1; }
 for step in "$@"; do
   case $step in
     model) [ -f $dir/config.json ] || python3 benchmarks/e2e.py write-model --dir $dir 2>&1 | tail -1 ;;
@@ -34,9 +39,12 @@ for step in "$@"; do
     native-decode) e2e native-decode --engine native --part decode:32,decode:long --deadline 300 ;;
     native-cap) e2e native-cap --engine native --part capacity --kv-memory-mib 8192 --deadline 170 ;;
     vllm) e2e vllm --engine vllm --part ttft,agree,decode:1,decode:4,decode:8,decode:32,decode:long --deadline 420 ;;
-    sparse-vllm)  # the plugin's entry point must be installed for vLLM's engine process to load it
-      python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$out/pip.log" 2>&1
+    sparse-vllm)
+      plugin
       e2e sparse-vllm --engine sparse-vllm --part ttft,agree,decode:1,decode:8,decode:32 --deadline 420 ;;
+    sparse-vllm-decode)  # what sparse-vllm's deadline left out on 2026-12-01 (start-up alone is ~190 s)
+      plugin
+      e2e sparse-vllm-decode --engine sparse-vllm --part decode:32,decode:long --deadline 420 ;;
     sdpa) python3 benchmarks/sdpa_chunk.py 2>&1 | tee "$out/sdpa-chunk.log" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
