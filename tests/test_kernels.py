@@ -26,10 +26,11 @@ from attention_backends.kernels.index_vertical_slash import (  # noqa: E402
     block_scores,
     computed_cells,
     exact_cells,
-    search_budget,
+    grid_search_budget,
     triton_mean_pool,
     window_scores,
 )
+from attention_backends.kernels.methods import vs_closest_budget  # noqa: E402
 from attention_backends.kernels.paged_decode import paged_decode, pages_from_contiguous  # noqa: E402
 from attention_backends.kernels.quest_select import quest_decode, quest_select  # noqa: E402
 from attention_backends.kernels.snapkv_select import triton_token_importance  # noqa: E402
@@ -238,23 +239,56 @@ def test_computed_cells_closed_form_equals_kernel_count():
         assert int(a) == int(computed_cells(sel_s2, sel_v2, bm).sum())
 
 
-def test_search_budget_hits_target():
+def test_a_batch_of_indexes_counts_each_indexs_cells():
+    """The budget search evaluates many budgets at once: each row of the batch is the count of its own index, on
+    the positions path and the column path, for a whole prompt and for a chunk."""
+    g = torch.Generator().manual_seed(7)
+    h, n, bm = 3, 200, 16
+    for q_offset in (0, 96):
+        cand = VSCandidates(torch.rand(h, n, generator=g), torch.rand(h, n, generator=g), 16, 4, 8, bm, q_offset)
+        kv = torch.tensor([4, 9, 30, 200])
+        ks = torch.tensor([[8, 12, 8], [20, 3, 40], [8, 8, 8], [100, 150, 200]])  # per head, raised to forced 8
+        batch = cand.computed_batch(kv, ks, kv_max=30 if q_offset else None)[:3]  # (kv_max bounds rows 0-2)
+        for i in range(3):
+            sel_s, sel_v, _, _ = cand.select(int(kv[i]), ks[i])
+            assert int(batch[i]) == int(computed_cells(sel_s, sel_v, bm, q_offset=q_offset).sum())
+        full = cand.computed_batch(kv, ks)
+        assert torch.equal(full[:3], batch) and int(full[3]) == int(cand.computed(200, ks[3]))
+        # the search remembers the cells of the budgets it tried: the chosen index's report needs no recount
+        k = vs_closest_budget(cand, 4.0)
+        assert cand.seen[(k, k)] == int(computed_cells(*cand.select(k, k)[:2], bm, q_offset=q_offset).sum())
+
+
+def test_grid_search_budget_hits_target_in_few_rounds():
     for exponent in (0.9, 1.0, 1.4, 2.0):
-        f = lambda kk, e=exponent: min(1.0, 1e-4 * kk ** e)  # noqa: E731
-        k = search_budget(f, 0.1, 1, 100_000, guess=50)
-        assert abs(f(k) - 0.1) <= 0.011
+        calls: list[int] = []
+
+        def fractions(ks, e=exponent, calls=calls):
+            calls.append(len(ks))
+            return [min(1.0, 1e-4 * kk**e) for kk in ks]
+
+        k = grid_search_budget(fractions, 0.1, 1, 100_000)
+        assert abs(fractions([k])[0] - 0.1) <= 0.011
+        assert len(calls) <= 5 and max(calls) <= 17  # rounds (one host sync each), not one budget at a time
+    # out of reach: the closest end
+    assert grid_search_budget(lambda ks: [kk / 1e6 for kk in ks], 0.5, 1, 1000) == 1000
+    assert grid_search_budget(lambda ks: [0.5 + kk / 1e6 for kk in ks], 0.1, 1, 1000) == 1
 
 
-def test_search_budget_survives_a_nearly_flat_fraction():
-    """A fraction that barely grows over a stretch (a plateau of the computed cells) makes the secant step huge:
-    the search must still answer, not raise (it did: 'math range error', a 500 on the H200 at 2K tokens)."""
+def test_grid_search_budget_survives_a_nearly_flat_fraction():
+    """A fraction that barely grows over a stretch (a plateau of the computed cells) must still be searched
+    across (the earlier secant search once raised 'math range error' there: a 500 on the H200 at 2K tokens)."""
     def f(k: int) -> float:
         return 0.01 + 1e-4 * k / 1000 if k < 5000 else min(1.0, k / 20_000)
 
-    k = search_budget(f, 0.25, 1, 100_000, guess=50)
+    k = grid_search_budget(lambda ks: [f(kk) for kk in ks], 0.25, 1, 100_000)
     assert abs(f(k) - 0.25) <= 0.01 * 0.25
 
 
+def test_grid_search_budget_gives_the_closest_when_no_budget_is_within_tolerance():
+    """A step function: no budget lands within 1%; the search narrows to the step and answers its closer side."""
+    k = grid_search_budget(lambda ks: [0.05 if kk < 777 else 0.2 for kk in ks], 0.13, 1, 10_000)
+    assert k == 777  # 0.2 is 0.07 away (0.05: 0.08), and 777 the smallest budget giving it
 # ------------------------------------------------------------------------------------------------- decode
 def reference_decode(q, k, v, lengths):
     B, h, d = q.shape

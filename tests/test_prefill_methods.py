@@ -300,19 +300,34 @@ def test_output_dtype_follows_q():
         assert out.dtype == torch.float16 and out.shape == q.shape
 
 
-def test_flexprefill_alpha_search_hits_the_target_and_stops_early():
-    search_alpha = flexprefill.search_alpha
-    calls: list[float] = []
+def test_flexprefill_alpha_searches_hit_the_target():
+    """The reference's bisection and the fast path's grid rounds find the same alpha, the grid in few host syncs
+    and stopping at once when the floor budget alone is within 1% of the target."""
+    from attention_backends.kernels.methods import grid_search_alpha
+
+    calls: list[int] = []
 
     def fraction(a: float) -> float:  # covered fraction grows with alpha, from 0.05 to 0.6
-        calls.append(a)
         return 0.05 + 0.55 * a
 
-    alpha = search_alpha(fraction, 5.0, steps=30)  # target 0.2 -> alpha 0.2727...
+    def fractions(alphas: list[float]) -> list[float]:
+        calls.append(len(alphas))
+        return [fraction(a) for a in alphas]
+
+    alpha = flexprefill.search_alpha(fraction, 5.0, steps=30)  # target 0.2 -> alpha 0.2727...
     assert abs(fraction(alpha) - 0.2) < 1e-6
+    grid_alpha = grid_search_alpha(fractions, 5.0)
+    assert abs(fraction(grid_alpha) - 0.2) <= 0.01 * 0.2 and len(calls) <= 2
     calls.clear()
-    # the floor budget alone is within 1% of the target: one evaluation, alpha 0
-    assert search_alpha(fraction, 1 / 0.0504, steps=30, rel_tol=0.01) == 0.0
-    assert calls == [0.0]
-    calls.clear()
-    assert search_alpha(fraction, 1 / 0.0504, steps=30) > 0.0  # exact search goes on
+    assert grid_search_alpha(fractions, 1 / 0.0504) == 0.0  # within 1% at alpha 0: one round
+    assert len(calls) == 1
+    assert flexprefill.search_alpha(fraction, 1 / 0.0504, steps=30) > 0.0  # the reference searches on
+
+
+def test_flexprefill_coverage_counts_many_alphas_at_once():
+    g = torch.Generator().manual_seed(3)
+    cov = flexprefill.Coverage(torch.rand(3, 50, generator=g), window=4, forced=2)
+    alphas = [0.0, 0.1, 0.5, 0.93, 1.0]
+    many = cov.count(torch.tensor(alphas))
+    assert torch.equal(many, torch.stack([cov.count(a) for a in alphas]))
+    assert torch.equal(cov.cover(torch.tensor(alphas)).T, torch.stack([cov.cover(a) for a in alphas]))

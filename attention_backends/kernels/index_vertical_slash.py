@@ -14,7 +14,8 @@ Vertical-slash index (same keep order as the reference: forced entries first, th
 stable): a head keeps the first ``k_v`` columns and ``k_s`` offsets of its orders. The attention kernel
 computes slashes as merged bands (:func:`.sparse_prefill.slash_chunks`) with an exact per-cell mask, so its
 output is the reference's; its *computed* cells (the bands and uncovered verticals) are what it reports,
-and the ratio search picks ``k`` on those cells (:func:`computed_cells`, closed form, vectorised).
+and the ratio search picks ``k`` on those cells (:func:`computed_cells`, closed form, vectorised, for a batch
+of budgets at once: :func:`grid_search_budget` evaluates a grid of them per host sync).
 
 Block-sparse: mean pooling in float32, the block score matrix (float32 ``[h, nb, nb]``) and the causal
 per-row top-k (:func:`.topk.causal_block_topk`).
@@ -166,12 +167,22 @@ def keep_ranks(scores: Tensor, forced: int) -> tuple[Tensor, Tensor]:
     return order, rank
 
 
+BATCH_ELEMENTS = 1 << 25  # per group of indexes evaluated at once: [G, h, n] temporaries of ~0.5 GiB at most
+
+
+def _take(x: Tensor, idx: Tensor) -> Tensor:
+    """``x[..., idx]`` per row, the leading dims of ``x`` and ``idx`` broadcast (``[K, h, N]`` with ``[h, k]``)."""
+    lead = torch.broadcast_shapes(x.shape[:-1], idx.shape[:-1])
+    return x.expand(*lead, x.shape[-1]).gather(-1, idx.expand(*lead, idx.shape[-1]))
+
+
 def computed_cells(sel_slash: Tensor, sel_vert: Tensor | None, block_m: int = 64,
                    vert_pos: Tensor | None = None, vert_live: Tensor | None = None, q_offset: int = 0) -> Tensor:
     """Cells :func:`~.sparse_prefill.sparse_prefill_attention` computes for a vertical/slash index with
     ``block_m``-row query blocks: the merged slash bands plus the verticals outside them. ``sel_*`` are
-    ``[h, n]`` bool (or give the verticals as positions ``vert_pos [h, k]`` with ``vert_live [h, k]`` bool,
-    cheaper for small k); returns ``[h]`` int64 (closed form, no kernel launch per query block).
+    ``[..., h, n]`` bool (or give the verticals as positions ``vert_pos [h, k]`` with ``vert_live [..., h, k]``
+    bool, cheaper for small k); returns ``[..., h]`` int64 (closed form, no kernel launch per query block). The
+    leading dims (``...``) evaluate several indexes of the same heads at once (the budget searches).
 
     With ``x = qs - key``, the bands of a head cover ``X = U_o [o - block_m + 1, o]``; row ``i`` (block start
     ``qs``, ``r = i - qs``) computes the band keys with ``x in [-r, qs]``, and a vertical ``v`` is computed as
@@ -184,59 +195,61 @@ def computed_cells(sel_slash: Tensor, sel_vert: Tensor | None, block_m: int = 64
     if q_offset:
         assert q_offset % block_m == 0, "chunks start at a query block boundary"
         prefix = computed_cells(
-            sel_slash[:, :q_offset], None if sel_vert is None else sel_vert[:, :q_offset], block_m,
+            sel_slash[..., :q_offset], None if sel_vert is None else sel_vert[..., :q_offset], block_m,
             None if vert_pos is None else vert_pos.clamp(max=q_offset - 1),
             None if vert_live is None else vert_live & (vert_pos < q_offset))
         return computed_cells(sel_slash, sel_vert, block_m, vert_pos, vert_live) - prefix
-    h, n = sel_slash.shape
+    lead, n = sel_slash.shape[:-1], sel_slash.shape[-1]
     BM = block_m
     dev = sel_slash.device
     nqb = triton.cdiv(n, BM)
     last_rows = n - (nqb - 1) * BM
+    i32 = torch.int32  # counts below n + block_m: int32 halves the memory of a batch of indexes; sums in int64
     # Xa[y] = X(y - BM), y in [0, n + BM): X(x) = any selected offset in [x, x + BM - 1]
-    s = sel_slash.to(torch.int32)
-    cs = torch.nn.functional.pad(torch.cumsum(s, -1), (1, 0))  # cs[t] = #selected offsets < t
+    cs = torch.nn.functional.pad(torch.cumsum(sel_slash, -1, dtype=i32), (1, 0))  # cs[t] = #selected offsets < t
     y = torch.arange(n + BM, device=dev)
     x = y - BM
     lo = x.clamp(0, n)
     hi = (x + BM).clamp(0, n)
-    Xa = (cs[:, hi] - cs[:, lo]) > 0  # [h, n + BM]
-    CX = torch.cumsum(Xa.to(torch.int64), -1)  # CX[y] = #X <= y - BM
+    Xa = (cs[..., hi] - cs[..., lo]) > 0  # [..., h, n + BM]
+    del cs
+    CX = torch.cumsum(Xa, -1, dtype=i32)  # CX[y] = #X <= y - BM
     # band: sum_qb rows(qb) CX(qs) - sum_qb sum_{r < rows} CX(-r - 1)
     qs = torch.arange(nqb, device=dev) * BM
     rows = torch.full((nqb,), BM, dtype=torch.int64, device=dev)
     rows[-1] = last_rows
-    band = (CX[:, qs + BM] * rows).sum(-1)
+    band = (CX[..., qs + BM].long() * rows).sum(-1)
     r = torch.arange(BM, device=dev)
-    neg = CX[:, BM - r - 1]  # CX(-r - 1)
-    band -= (nqb - 1) * neg.sum(-1) + neg[:, :last_rows].sum(-1)
+    neg = CX[..., BM - r - 1].long()  # CX(-r - 1)
+    band -= (nqb - 1) * neg.sum(-1) + neg[..., :last_rows].sum(-1)
+    del CX
     # verticals
     if vert_pos is None:
-        v = torch.arange(n, device=dev).expand(h, n)
+        v = torch.arange(n, device=dev).expand(sel_vert.shape[-2], n)
         weight = sel_vert.to(torch.int64)
     else:
         v = vert_pos.long()
         weight = vert_live.to(torch.int64)
-    rows_h = torch.arange(h, device=dev)[:, None]
     qb0 = v // BM
     qs0 = qb0 * BM
     diag_rows = torch.minimum(qs0 + BM, torch.full_like(qs0, n)) - v
-    uncovered_diag = ~Xa[rows_h, qs0 - v + BM]
+    uncovered_diag = ~_take(Xa, qs0 - v + BM)
     after_rows = n - torch.minimum(qs0 + BM, torch.full_like(qs0, n))  # rows of the blocks after v's block
     # S(v) = sum_{qb = qb0+1}^{nqb-1} X(BM qb - v): stride-BM prefix sums of Xa by phase
     T = triton.cdiv(n + BM, BM) + 1
-    Xp = torch.zeros(h, T * BM, dtype=torch.int64, device=dev)
-    Xp[:, : n + BM] = Xa
-    PR = torch.nn.functional.pad(torch.cumsum(Xp.view(h, T, BM), 1), (0, 0, 1, 0))  # PR[t, p] = sum_{t'<t}
+    Xp = torch.zeros(*lead, T * BM, dtype=i32, device=dev)
+    Xp[..., : n + BM] = Xa
+    PR = torch.nn.functional.pad(torch.cumsum(Xp.view(*lead, T, BM), -2, dtype=i32), (0, 0, 1, 0))  # PR[t, p]:
+    del Xp  # sum over t' < t
     y_lo = BM * (qb0 + 2) - v  # y of qb = qb0 + 1
     y_hi = BM * nqb - v  # y of qb = nqb - 1
     p = y_lo % BM
     has_after = qb0 < nqb - 1
     t_lo = y_lo // BM
     t_hi = torch.where(has_after, y_hi // BM, t_lo - 1)
-    flat = PR.reshape(h, -1)
-    S = flat[rows_h, (t_hi + 1) * BM + p] - flat[rows_h, t_lo * BM + p]
-    x_last = Xa[rows_h, (y_hi).clamp(0, n + BM - 1)] & has_after
+    flat = PR.reshape(*lead, -1)
+    S = (_take(flat, (t_hi + 1) * BM + p) - _take(flat, t_lo * BM + p)).long()
+    x_last = _take(Xa, y_hi.clamp(0, n + BM - 1)) & has_after
     covered_after = BM * S - (BM - last_rows) * x_last.to(torch.int64)
     vert_cells = diag_rows * uncovered_diag + after_rows - covered_after
     vert = (vert_cells * weight).sum(-1)
@@ -262,6 +275,7 @@ class VSCandidates:
         self.block_m = block_m
         self.q_offset = q_offset  # the query rows served are [q_offset, n) (a chunk)
         self.dense = self.h * causal_cells(self.n, q_offset)
+        self.seen: dict[tuple[int, int], int] = {}  # computed cells of (num_vertical, num_slash) fractions() saw
 
     def counts(self, count: Tensor | int, forced: int) -> Tensor:
         count = torch.as_tensor(count, device=self.vertical_rank.device).expand(self.h)
@@ -274,69 +288,81 @@ class VSCandidates:
 
     def computed(self, num_vertical: Tensor | int, num_slash: Tensor | int) -> Tensor:
         """Computed cells (device scalar) of the index with these budgets."""
-        kv = self.counts(num_vertical, self.forced_vertical)
-        ks = self.counts(num_slash, self.forced_slash)
-        sel_s = self.slash_rank < ks[:, None]
         kv_max = int(num_vertical) if isinstance(num_vertical, int) else None
-        if kv_max is not None and kv_max < self.n // 4:  # only the selected columns, not all n positions
-            kv_max = max(kv_max, self.forced_vertical)
-            pos = self.vertical_order[:, :kv_max]
-            live = torch.arange(kv_max, device=pos.device)[None, :] < kv[:, None]
-            return computed_cells(sel_s, None, self.block_m, pos, live, self.q_offset).sum()
-        return computed_cells(sel_s, self.vertical_rank < kv[:, None], self.block_m, q_offset=self.q_offset).sum()
+        return self.computed_batch(torch.as_tensor(num_vertical, device=self.vertical_rank.device)[None],
+                                   torch.as_tensor(num_slash, device=self.vertical_rank.device)[None], kv_max)[0]
+
+    def computed_batch(self, num_vertical: Tensor, num_slash: Tensor, kv_max: int | None = None) -> Tensor:
+        """Computed cells ``[K]`` (device) of K indexes at once: budgets ``[K]`` (every head) or ``[K, h]``.
+        ``kv_max`` (known on the host, >= every vertical budget) lets the verticals be read as positions (cheaper
+        when few); evaluated in groups whose temporaries stay within about half a GiB."""
+        dev = self.vertical_rank.device
+        kv = torch.as_tensor(num_vertical, device=dev)
+        ks = torch.as_tensor(num_slash, device=dev)
+        K = kv.shape[0]
+        kv = (kv[:, None] if kv.dim() == 1 else kv).expand(K, self.h).clamp(min=self.forced_vertical, max=self.n)
+        ks = (ks[:, None] if ks.dim() == 1 else ks).expand(K, self.h).clamp(min=self.forced_slash, max=self.n)
+        group = max(1, BATCH_ELEMENTS // (self.h * (self.n + self.block_m)))
+        out = []
+        for g0 in range(0, K, group):
+            kv_g, ks_g = kv[g0:g0 + group], ks[g0:g0 + group]
+            sel_s = self.slash_rank < ks_g[..., None]  # [G, h, n]
+            if kv_max is not None and kv_max < self.n // 4:  # only the selected columns, not all n positions
+                width = min(max(kv_max, self.forced_vertical), self.n)
+                pos = self.vertical_order[:, :width]
+                live = torch.arange(width, device=dev) < kv_g[..., None]
+                cells = computed_cells(sel_s, None, self.block_m, pos, live, self.q_offset)
+            else:
+                cells = computed_cells(sel_s, self.vertical_rank < kv_g[..., None], self.block_m,
+                                       q_offset=self.q_offset)
+            out.append(cells.sum(-1))
+        return torch.cat(out)
 
     def fraction(self, num_vertical: Tensor | int, num_slash: Tensor | int) -> float:
         return float(self.computed(num_vertical, num_slash)) / self.dense
 
+    def fractions(self, num_vertical: Tensor, num_slash: Tensor, kv_max: int | None = None) -> list[float]:
+        """Computed fractions of K indexes (budgets as :meth:`computed_batch`): one host sync for all. Budgets
+        shared by every head (``[K]``) are remembered in :attr:`seen`, so the chosen index's cells need no recount."""
+        cells = self.computed_batch(num_vertical, num_slash, kv_max).tolist()
+        if torch.as_tensor(num_vertical).dim() == 1 and torch.as_tensor(num_slash).dim() == 1:
+            self.seen.update(zip(zip(num_vertical.tolist(), num_slash.tolist(), strict=True), cells, strict=True))
+        return [c / self.dense for c in cells]
 
-def search_budget(fraction, target: float, lo: int, hi: int, rel_tol: float = 0.01, guess: int | None = None,
-                  max_evals: int = 14) -> int:
-    """An integer ``k`` in ``[lo, hi]`` whose monotone ``fraction(k)`` is within ``rel_tol`` of ``target`` (else
-    the closest one seen). Secant steps on ``log f`` vs ``log k`` from ``guess`` (the fraction is close to a
-    power of ``k``), kept inside the known bracket and falling back to geometric bisection; each evaluation is
-    one host sync, typically 3-6 of them."""
-    seen: dict[int, float] = {}
 
-    def f(k: int) -> float:
-        if k not in seen:
-            seen[k] = fraction(k)
-        return seen[k]
+def grid_search(fractions, target: float, lo: float, hi: float, grid, rel_tol: float = 0.01,
+                max_rounds: int = 8):
+    """The point of ``[lo, hi]`` whose non-decreasing fraction is closest to ``target`` (ties: the smaller), found
+    in rounds: ``grid(a, b)`` gives the points to try across the bracket ``[a, b]`` (both ends included; ``[]``
+    once it cannot be narrowed), ``fractions(points)`` evaluates them all at once (one host sync a round), and the
+    bracket narrows to the neighbours around the target, until the closest is within ``rel_tol`` of it."""
+    seen: dict = {}
+    a, b = lo, hi
+    for _ in range(max_rounds):
+        new = [x for x in grid(a, b) if x not in seen]
+        if not new:
+            break
+        seen.update(zip(new, fractions(new), strict=True))
+        below = [x for x, f in seen.items() if f < target]
+        above = [x for x, f in seen.items() if f >= target]
+        a, b = max(below, default=lo), min(above, default=hi)
+        best = min(seen, key=lambda x: (abs(seen[x] - target), x))
+        if abs(seen[best] - target) <= rel_tol * target or not below or not above:
+            break
+    return min(seen, key=lambda x: (abs(seen[x] - target), x))
 
-    b_lo, b_hi = lo, hi  # f(b_lo) < target <= f(b_hi) once known
-    k = min(max(guess if guess is not None else (lo + hi) // 2, lo), hi)
-    prev = None
-    for _ in range(max_evals):
-        fk = f(k)
-        if abs(fk - target) <= rel_tol * target:
-            break
-        if fk < target:
-            b_lo = max(b_lo, k)
-        else:
-            b_hi = min(b_hi, k)
-        if b_hi - b_lo <= max(1, b_lo // 100) and (b_lo in seen or b_lo == lo) and (b_hi in seen or b_hi == hi):
-            break  # bracket within 1%
-        if fk >= target and k == lo:
-            break
-        if fk < target and k == hi:
-            break
-        cand = None
-        if prev is not None and prev[0] != k and prev[1] > 0 and fk > 0 and prev[1] != fk:
-            lk, lp = math.log(k), math.log(prev[0])
-            slope = (math.log(fk) - math.log(prev[1])) / (lk - lp)
-            if slope > 1e-6:  # clamped to the range: a nearly flat stretch of f gives a huge step (exp overflow)
-                step = lk + (math.log(target) - math.log(fk)) / slope
-                cand = int(round(math.exp(min(max(step, math.log(max(lo, 1))), math.log(hi)))))
-        elif fk > 0:
-            cand = int(round(k * math.sqrt(target / fk)))  # first step: assume f ~ k^2 (it is convex in k)
-        lo_open, hi_open = b_lo + 1, b_hi - (1 if b_hi in seen else 0)
-        if cand is None or not (lo_open <= cand <= hi_open) or cand == k:
-            cand = int(round(math.sqrt(max(b_lo, 1) * max(b_hi, 1))))
-            cand = min(max(cand, lo_open), max(hi_open, lo_open))
-        prev = (k, fk)
-        if cand in seen:
-            break
-        k = min(max(cand, lo), hi)
-    return min(seen, key=lambda kk: (abs(seen[kk] - target), kk))
+
+def grid_search_budget(fractions, target: float, lo: int, hi: int, points: int = 16, rel_tol: float = 0.01) -> int:
+    """:func:`grid_search` over the integers of ``[lo >= 1, hi]`` on geometric grids of ``points``: each round
+    divides the bracket's log-width by ``points - 1`` (2-3 rounds at 128K, where a search of one budget at a time
+    took 5-14 host syncs)."""
+
+    def grid(a: int, b: int) -> list[int]:
+        if b - a <= 1:
+            return [a, b]
+        return sorted({min(b, max(a, round(a * (b / a) ** (i / (points - 1))))) for i in range(points)})
+
+    return grid_search(fractions, target, lo, hi, grid, rel_tol)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -29,10 +29,17 @@ from ..prefill.block_sparse import indexing_flops as block_sparse_indexing_flops
 from ..prefill.block_sparse import kept_cells, resolve_top_k
 from ..prefill.common import PrefillOutcome, check_chunk_start
 from ..prefill.dense import sdpa as dense_prefill
-from ..prefill.flexprefill import search_alpha
 from ..prefill.vertical_slash_index import estimation_flops
 from ..spec import PhaseSpec
-from .index_vertical_slash import VSCandidates, block_scores, computed_cells, exact_cells, search_budget, window_scores
+from .index_vertical_slash import (
+    VSCandidates,
+    block_scores,
+    computed_cells,
+    exact_cells,
+    grid_search,
+    grid_search_budget,
+    window_scores,
+)
 from .paged_state import PagedDecodeState, QuestPagedState
 from .sparse_prefill import slash_chunks, sparse_prefill_attention, vertical_columns
 from .topk import causal_block_topk
@@ -47,9 +54,10 @@ def _dense(q: Tensor, k: Tensor, v: Tensor, details: dict, q_offset: int = 0) ->
 
 # --------------------------------------------------------------------------------------------- vertical-slash
 def vs_attention(q: Tensor, k: Tensor, v: Tensor, cand: VSCandidates, kv: Tensor, ks: Tensor,
-                 kv_max: int, ks_max: int) -> tuple[Tensor, Tensor, Tensor]:
+                 kv_max: int, ks_max: int, cells: int | None = None) -> tuple[Tensor, Tensor | int, Tensor]:
     """Attention over the index keeping the first ``kv[h]``/``ks[h]`` entries of each head's orders.
-    Returns ``(out, computed_cells [], attended_cells [])`` (device scalars)."""
+    Returns ``(out, computed_cells, attended_cells)`` (device scalars; ``cells``, when the search counted them
+    already, is returned as given)."""
     n, c0 = cand.n, cand.q_offset
     sel_s = cand.slash_rank < ks[:, None]
     sel_v = cand.vertical_rank < kv[:, None]
@@ -58,18 +66,22 @@ def vs_attention(q: Tensor, k: Tensor, v: Tensor, cand: VSCandidates, kv: Tensor
     out = sparse_prefill_attention(q, k, v, rel=(rel, width, count), cols=(pos, ccnt, cover),
                                    exact=(sel_s.view(torch.int8), sel_v.view(torch.int8)),
                                    block_m=VS_BLOCK, block_n=VS_BLOCK, q_offset=c0)
-    return out, computed_cells(sel_s, sel_v, VS_BLOCK, q_offset=c0).sum(), exact_cells(sel_s, sel_v, c0).sum()
+    if cells is None:
+        cells = computed_cells(sel_s, sel_v, VS_BLOCK, q_offset=c0).sum()
+    return out, cells, exact_cells(sel_s, sel_v, c0).sum()
 
 
 def vs_closest_budget(cand: VSCandidates, ratio: float, num_vertical: int | None = None,
                       num_slash: int | None = None) -> int:
     """``k`` whose computed-cell fraction is closest to ``1 / ratio`` (the free one of the two budgets)."""
 
-    def fraction(kk: int) -> float:
-        return cand.fraction(kk if num_vertical is None else num_vertical, kk if num_slash is None else num_slash)
+    def fractions(ks: list[int]) -> list[float]:
+        k = torch.tensor(ks)
+        kv = k if num_vertical is None else torch.full_like(k, num_vertical)
+        kss = k if num_slash is None else torch.full_like(k, num_slash)
+        return cand.fractions(kv, kss, max(ks) if num_vertical is None else num_vertical)
 
-    guess = max(1, int(cand.n / ratio / (VS_BLOCK + 1)))  # isolated bands: about (block + 1) n cells per k
-    return search_budget(fraction, 1.0 / ratio, 1, cand.n, guess=guess)
+    return grid_search_budget(fractions, 1.0 / ratio, 1, cand.n)
 
 
 def vertical_slash_prefill(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec, q_offset: int = 0) -> PrefillOutcome:
@@ -90,14 +102,25 @@ def vertical_slash_prefill(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec, q_
     ks = cand.counts(ns, cand.forced_slash)
     kv_max = min(max(nv, cand.forced_vertical), n)
     ks_max = min(max(ns, cand.forced_slash), n)
-    out, cells, attended = vs_attention(q, k, v, cand, kv, ks, kv_max, ks_max)
+    out, cells, attended = vs_attention(q, k, v, cand, kv, ks, kv_max, ks_max, cand.seen.get((nv, ns)))
     details = {"num_vertical": kv_max, "num_slash": ks_max, "attended_cells": int(attended),
                "block_m": VS_BLOCK, "impl": "triton"}
     return PrefillOutcome(out, int(cells), estimation_flops(h, n, d, W), details)
 
 
 # ------------------------------------------------------------------------------------------------ flexprefill
-FLEX_ALPHA_STEPS = 20
+FLEX_ALPHA_POINTS = 16  # alphas evaluated at once (one host sync); 5 rounds resolve alpha to 15^-5 (~2^-20)
+
+
+def grid_search_alpha(fractions, ratio: float, rel_tol: float = 0.01, rounds: int = 5) -> float:
+    """The alpha in [0, 1] whose computed fraction (non-decreasing in alpha) is closest to ``1 / ratio``: the
+    reference's bisection (:func:`..prefill.flexprefill.search_alpha`) one grid of alphas per host sync."""
+
+    def grid(a: float, b: float) -> list[float]:
+        return [a + (b - a) * i / (FLEX_ALPHA_POINTS - 1) for i in range(FLEX_ALPHA_POINTS)]
+
+    return grid_search(fractions, 1.0 / ratio, 0.0, 1.0, grid, rel_tol, max_rounds=rounds)
+
 
 
 def flexprefill_prefill(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec, q_offset: int = 0) -> PrefillOutcome:
@@ -120,14 +143,11 @@ def flexprefill_prefill(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec, q_off
         if ratio > 1.0:
             min_budget = min(min_budget, vs_closest_budget(cand, ratio))
 
-    def budgets(a: float) -> tuple[Tensor, Tensor]:
+    def budgets(a: float | Tensor) -> tuple[Tensor, Tensor]:  # [h] each, or [A, h] for A alphas
         return vcov.count(a).clamp(min=min_budget), scov.count(a).clamp(min=min_budget)
 
-    def fraction(a: float) -> float:
-        return cand.fraction(*budgets(a))
-
     if alpha is None:
-        alpha = search_alpha(fraction, ratio, FLEX_ALPHA_STEPS, rel_tol=0.01)
+        alpha = grid_search_alpha(lambda alphas: cand.fractions(*budgets(torch.tensor(alphas))), ratio)
     nv, ns = budgets(alpha)
     kv = cand.counts(nv, cand.forced_vertical)
     ks = cand.counts(ns, cand.forced_slash)

@@ -65,17 +65,20 @@ class Coverage:
         self.forced = forced
         self.n = scores.shape[-1]
 
-    def cover(self, alpha: float) -> Tensor:
-        """``[h]``: number of largest entries whose cumulative sum first reaches ``alpha``."""
-        if alpha <= 0.0:
-            return torch.zeros(self.cumulative.shape[0], dtype=torch.int64, device=self.cumulative.device)
-        target = torch.full((self.cumulative.shape[0], 1), alpha, device=self.cumulative.device)
-        first = torch.searchsorted(self.cumulative, target).squeeze(-1)  # first index with cumsum >= alpha
-        return (first + 1).clamp(max=self.n)  # rounding may leave the total just below 1: take all
+    def cover(self, alpha: float | Tensor) -> Tensor:
+        """``[h]`` (``[h, A]`` for ``A`` alphas): number of largest entries whose cumulative sum first reaches
+        ``alpha`` (0 for ``alpha <= 0``)."""
+        alphas = torch.as_tensor(alpha, dtype=self.cumulative.dtype, device=self.cumulative.device)
+        target = alphas.reshape(1, -1).expand(self.cumulative.shape[0], -1).contiguous()
+        first = torch.searchsorted(self.cumulative, target)  # first index with cumsum >= alpha
+        top = torch.where(target > 0, (first + 1).clamp(max=self.n), 0)  # rounding may leave the total just
+        return top if alphas.dim() else top.squeeze(-1)  # below 1: take all
 
-    def count(self, alpha: float) -> Tensor:
+    def count(self, alpha: float | Tensor) -> Tensor:
+        """``[h]`` (``[A, h]`` for ``A`` alphas): entries of the keep order each head keeps."""
         top = self.cover(alpha)
-        return self.forced + self.unforced_in_top.gather(-1, top[:, None]).squeeze(-1)
+        counts = self.forced + self.unforced_in_top.gather(-1, top if top.dim() == 2 else top[:, None])
+        return counts.T if top.dim() == 2 else counts.squeeze(-1)
 
 
 @dataclass
@@ -107,13 +110,12 @@ def choose(candidates: Candidates, alpha: float | None, min_budget: int | None, 
     return FlexBudget(alpha, min_budget, index)
 
 
-def search_alpha(fraction: Callable[[float], float], ratio: float, steps: int, rel_tol: float = 0.0) -> float:
+def search_alpha(fraction: Callable[[float], float], ratio: float, steps: int) -> float:
     """The alpha in [0, 1] whose covered causal fraction (non-decreasing in alpha) is closest to 1 / ratio:
-    bisection for ``steps`` steps, stopping early once within ``rel_tol`` of the target."""
+    bisection for ``steps`` steps."""
     target = 1.0 / ratio
-    f0 = fraction(0.0)
-    if f0 >= target or (rel_tol and abs(f0 - target) <= rel_tol * target):
-        return 0.0  # (within tolerance already: the floor budget alone was sized for the target)
+    if fraction(0.0) >= target:
+        return 0.0
     if fraction(1.0) <= target:
         return 1.0
     lo, hi = 0.0, 1.0  # fraction(lo) < target <= fraction(hi)
@@ -126,8 +128,6 @@ def search_alpha(fraction: Callable[[float], float], ratio: float, steps: int, r
             hi, f_hi = mid, f
         else:
             lo, f_lo = mid, f
-        if rel_tol and abs(f - target) <= rel_tol * target:
-            break
     f_lo = fraction(lo) if f_lo is None else f_lo
     f_hi = fraction(hi) if f_hi is None else f_hi
     return lo if abs(f_lo - target) < abs(f_hi - target) else hi
