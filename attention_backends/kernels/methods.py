@@ -122,7 +122,6 @@ def grid_search_alpha(fractions, ratio: float, rel_tol: float = 0.01, rounds: in
     return grid_search(fractions, 1.0 / ratio, 0.0, 1.0, grid, rel_tol, max_rounds=rounds)
 
 
-
 def flexprefill_prefill(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec, q_offset: int = 0) -> PrefillOutcome:
     from ..prefill.flexprefill import DEFAULT_ALPHA, DEFAULT_MIN_BUDGET, Coverage  # noqa: F401
 

@@ -71,8 +71,9 @@ class Coverage:
         alphas = torch.as_tensor(alpha, dtype=self.cumulative.dtype, device=self.cumulative.device)
         target = alphas.reshape(1, -1).expand(self.cumulative.shape[0], -1).contiguous()
         first = torch.searchsorted(self.cumulative, target)  # first index with cumsum >= alpha
-        top = torch.where(target > 0, (first + 1).clamp(max=self.n), 0)  # rounding may leave the total just
-        return top if alphas.dim() else top.squeeze(-1)  # below 1: take all
+        # (clamped: rounding may leave the total just below 1, then every entry is taken)
+        top = torch.where(target > 0, (first + 1).clamp(max=self.n), 0)
+        return top if alphas.dim() else top.squeeze(-1)
 
     def count(self, alpha: float | Tensor) -> Tensor:
         """``[h]`` (``[A, h]`` for ``A`` alphas): entries of the keep order each head keeps."""
