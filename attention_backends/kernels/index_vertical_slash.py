@@ -333,9 +333,10 @@ class VSCandidates:
 def grid_search(fractions, target: float, lo: float, hi: float, grid, rel_tol: float = 0.01,
                 max_rounds: int = 8):
     """The point of ``[lo, hi]`` whose non-decreasing fraction is closest to ``target`` (ties: the smaller), found
-    in rounds: ``grid(a, b)`` gives the points to try across the bracket ``[a, b]`` (both ends included; ``[]``
-    once it cannot be narrowed), ``fractions(points)`` evaluates them all at once (one host sync a round), and the
-    bracket narrows to the neighbours around the target, until the closest is within ``rel_tol`` of it."""
+    in rounds: ``grid(a, b)`` gives the points to try across the bracket ``[a, b]`` (both ends included),
+    ``fractions(points)`` evaluates the ones not tried yet all at once (one host sync a round), and the bracket
+    narrows to the neighbours around the target, until the closest is within ``rel_tol`` of it or no new point is
+    left to try."""
     seen: dict = {}
     a, b = lo, hi
     for _ in range(max_rounds):
