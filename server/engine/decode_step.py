@@ -256,10 +256,10 @@ class DecodeStepper:
 
     def run(self, seqs: list[SequenceKV], ids: list[int] | Tensor, positions: list[int], budgets: list[int],
             lengths: Tensor, prompt_kept: Tensor) -> tuple[Tensor, Tensor]:
-        """Start one step; ``ids``: input tokens (a list, or a tensor on the device); ``lengths``/``prompt_kept [B,
-        L, H]`` (host) include this step's token. Returns logits
-        ``[B, V]`` and Quest's counts ``[2, B]`` (prompt, total tokens read, summed over layers and heads; zeros
-        for other rows), both on the device and valid until the next step. Nothing waits for the device."""
+        """Start one step; ``ids``: input tokens (a list, or a tensor on the device); ``lengths`` and
+        ``prompt_kept [B, L, H]`` (host) include this step's token. Returns logits ``[B, V]`` and Quest's counts
+        ``[2, B]`` (prompt, total tokens read, summed over layers and heads; zeros for other rows), both on the
+        device and valid until the next step. Nothing waits for the device."""
         b = len(seqs)
         max_pages = -(-int(lengths.max()) // self.pool.page_size)
         if not self.buckets:

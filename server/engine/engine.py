@@ -337,12 +337,11 @@ class NativeEngine:
             live = [i for i, r in enumerate(batch) if r.request_id in self._requests and not r.aborted]
         rows = [i for i in step.sampling_rows if i in live]
         try:
+            step.settle(live)
             if step.next_ids is not None:
                 tokens = step.tokens()
                 sampled = [Sampled(tokens[i]) for i in rows]
-                step.settle(live)
             else:
-                step.settle(live)
                 logits = step.logits()
                 sampled = sample(logits[rows], [batch[i].request.sampling for i in rows],
                                  [batch[i].sampler for i in rows]) if rows else []
@@ -362,12 +361,12 @@ class NativeEngine:
     def _retry_alone(self, batch: list[EngineRequest]) -> None:
         """A batched decode step failed: run its requests one by one, so that a failing one ends alone."""
         self._publish()
+        if not batch:
+            return
         if len(batch) == 1:
             log.exception("decode failed for request %s", batch[0].request_id)
             with self._lock:
                 self._finish(batch[0], "error", error="decode step failed")
-            return
-        if not batch:
             return
         log.warning("batched decode of %d requests failed; retrying one by one", len(batch), exc_info=True)
         self.decode_retries += 1

@@ -195,7 +195,7 @@ class SequenceKV:
         early = ~need & (room < self.pool.page_size) & (room < horizon)
         ahead = int(early.sum())
         if ahead > spare:  # all of them or none
-            early, ahead = early & False, 0
+            early, ahead = torch.zeros_like(early), 0
         take = need | early
         index = self.pages_held[take]  # each head's next page (a needing head's token starts it)
         self._grow(int(index.max()) + 1)
