@@ -75,9 +75,9 @@ def sparse_prefill(q: Tensor, k: Tensor, v: Tensor, spec: SparseSpec, *, impl: s
     the report says ``fallback="dense"`` with every cell computed.
 
     Chunked prefill: ``q [h, m, d]`` holds the queries of positions ``[q_offset, n)`` and ``k``/``v`` all ``n``
-    keys; the method runs on that chunk (``docs/methods.md``, "Chunked prefill"; the fallback is decided at the
-    chunk's context length ``n``) and the report covers the chunk's causal cells (a request's reports sum over
-    its chunks)."""
+    keys; the method runs on that chunk (``docs/methods.md``, "Chunked prefill"; the fallback is decided for the
+    chunk: its queries against its ``n`` keys) and the report covers the chunk's causal cells (a request's reports
+    sum over its chunks)."""
     check_shapes(q, k, v, q_offset)
     h, _, d = q.shape
     n = k.shape[1]

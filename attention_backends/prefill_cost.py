@@ -1,26 +1,34 @@
 """Does a sparse prefill method pay at this length? One cost model and the dense-fallback rule built on it
 (``docs/performance.md``, "Dense fallback").
 
-The model predicts the seconds one attention layer of one sequence takes, for a method and for dense attention,
-from a per-device *profile* of measured constants (:class:`PrefillProfile`; ``benchmarks/calibrate_fallback.py``
-measures them). Every method (and dense) has the same four terms::
+The model predicts the seconds one attention layer of one call takes, for a method and for dense attention, from
+a per-device *profile* of measured constants (:class:`PrefillProfile`; ``benchmarks/calibrate_fallback.py``
+measures them). A call is a whole prompt of ``n`` tokens, or a prefill chunk: the queries of positions
+``[q_offset, n)`` against all ``n`` keys. Every method (and dense) has the same four terms::
 
-    t(n) = fixed + per_token * n * h + per_cell * cells + per_dense_cell * dense_cells
+    t = fixed + per_token * n * h + per_cell * cells + per_dense_cell * dense_cells
 
-with ``h`` query heads, ``dense_cells = h n (n + 1) / 2`` and ``cells`` the cells the method computes at its
-target ratio ``r`` (``dense_cells / r``; dense: ``dense_cells``). ``fixed``: kernel launches and host syncs of
+with ``h`` query heads, ``dense_cells`` the call's causal cells (``h n (n + 1) / 2`` for a whole prompt;
+:func:`~.cost.causal_cells` with ``q_offset`` for a chunk) and ``cells`` the cells the method computes at its
+target ratio ``r`` (``dense_cells / r``; dense: ``dense_cells``). Dense attention over a chunk (SDPA with a
+lower-right causal mask) does fewer cells per ms than over a whole prompt, so a profile may time it apart
+(``dense_chunk``). ``fixed``: kernel launches and host syncs of
 the index (the vertical-slash budget search); ``per_token``: the last-window estimate and the index build;
 ``per_cell``: the attention kernel per computed cell (dense SDPA is the fastest per cell, 16-token block tiles
 are ~9x slower); ``per_dense_cell``: index work quadratic in ``n`` (block_sparse's block score matrix). What
 is not attention (projections, MLP) costs the same either way and is left out. The cell terms are scaled by
 ``flops_per_cell(d) / flops_per_cell(profile head_dim)`` for a model whose head dim differs from the profile's.
 
-The rule (:func:`decide`): a prefill phase falls back to dense when its predicted time exceeds dense's. It
+The rule (:func:`decide`): a prefill call falls back to dense when its predicted time exceeds dense's. It is
+asked per call, so per chunk: a method pays its index once per chunk and layer, and with short chunks that fixed
+cost can outweigh what it saves at any length (measured on the H200, 2026-12-01: vertical_slash:10 on a
+4096-token chunk takes 55 ms against dense's 22 ms at 128K). It
 does not apply (the method runs as asked) when the request says ``"fallback": "never"``, when the device has
 no profile for the implementation that runs (the CPU: it is for correctness and accuracy work, where the method
 itself is the point), when the ratio is 1 (the method is dense already), or when the method's own parameters
 set its budget instead of the ratio (``MethodInfo.budget_params``: the cells are known only once the index is
-built). The decision depends on the request and the prompt length only, so it is the same in every layer.
+built). The decision depends on the request, the context length and where the chunk starts only, so it is the
+same in every layer.
 
 Profiles: ``attention_backends/profiles/prefill-<card>.json`` for a CUDA card (``torch.cuda.get_device_name``
 with every run of non-alphanumerics made ``-``), or the file named by ``$SPARSE_SERVE_PREFILL_PROFILE`` for
@@ -68,21 +76,28 @@ class PrefillProfile:
     card: str  # the device it was measured on
     impl: str  # the implementation measured ("triton" on CUDA)
     head_dim: int  # of the measured layer shape (the cell terms scale to another head dim)
-    dense: Terms
+    dense: Terms  # dense attention over a whole prompt
     methods: dict[str, Terms]  # by :func:`profile_key`
     source: str = ""  # how the constants were obtained
     extra: dict[str, Any] = field(default_factory=dict)  # measured shape, lengths, fit residuals, ...
+    dense_chunk: Terms | None = None  # dense attention over a chunk (q_offset > 0); None: as ``dense``
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PrefillProfile:
+        chunk = d.get("dense_chunk")
         return cls(card=str(d["card"]), impl=str(d["impl"]), head_dim=int(d["head_dim"]), dense=Terms(**d["dense"]),
                    methods={k: Terms(**v) for k, v in d["methods"].items()}, source=str(d.get("source", "")),
-                   extra=dict(d.get("extra", {})))
+                   extra=dict(d.get("extra", {})), dense_chunk=None if chunk is None else Terms(**chunk))
 
     def to_dict(self) -> dict[str, Any]:
+        chunk = {} if self.dense_chunk is None else {"dense_chunk": asdict(self.dense_chunk)}
         return {"card": self.card, "impl": self.impl, "head_dim": self.head_dim, "dense": asdict(self.dense),
-                "methods": {k: asdict(v) for k, v in self.methods.items()}, "source": self.source,
+                **chunk, "methods": {k: asdict(v) for k, v in self.methods.items()}, "source": self.source,
                 "extra": self.extra}
+
+    def dense_terms(self, q_offset: int) -> Terms:
+        """Dense attention's terms for a call whose queries start at ``q_offset`` (0: a whole prompt)."""
+        return self.dense_chunk if q_offset and self.dense_chunk is not None else self.dense
 
 
 def profile_key(phase: PhaseSpec) -> str:
@@ -118,10 +133,11 @@ def device_profile(device: torch.device, impl: str) -> PrefillProfile | None:
     return profile if profile is not None and profile.impl == impl else None
 
 
-def expected_cells(phase: PhaseSpec, n: int, heads: int) -> float | None:
-    """Cells ``phase`` computes over an n-token prompt at its target ratio, or None when they cannot be known
-    before the index is built (the method's own parameters set the budget, not the ratio)."""
-    dense = causal_cells(n) * heads
+def expected_cells(phase: PhaseSpec, n: int, heads: int, q_offset: int = 0) -> float | None:
+    """Cells ``phase`` computes in a call (an n-token prompt, or its chunk from ``q_offset``) at its target ratio,
+    or None when they cannot be known before the index is built (the method's own parameters set the budget, not
+    the ratio)."""
+    dense = causal_cells(n, q_offset) * heads
     if phase.is_dense:
         return float(dense)
     info = PREFILL_METHODS[phase.method]
@@ -130,27 +146,28 @@ def expected_cells(phase: PhaseSpec, n: int, heads: int) -> float | None:
     return dense / phase.compression_ratio
 
 
-def predict(profile: PrefillProfile, phase: PhaseSpec, n: int, heads: int, head_dim: int
+def predict(profile: PrefillProfile, phase: PhaseSpec, n: int, heads: int, head_dim: int, q_offset: int = 0
             ) -> tuple[float, float] | None:
-    """(method, dense) predicted seconds of one layer, or None when the profile has no entry for the method or
-    its cells cannot be predicted."""
+    """(method, dense) predicted seconds of one layer's call (the prompt's queries from ``q_offset`` against its
+    ``n`` keys), or None when the profile has no entry for the method or its cells cannot be predicted."""
     terms = profile.methods.get(profile_key(phase))
-    cells = expected_cells(phase, n, heads)
+    cells = expected_cells(phase, n, heads, q_offset)
     if terms is None or cells is None:
         return None
-    dense_cells = float(causal_cells(n) * heads)
+    dense_cells = float(causal_cells(n, q_offset) * heads)
     scale = flops_per_cell(head_dim) / flops_per_cell(profile.head_dim)
     return (terms.seconds(n, heads, cells, dense_cells, scale),
-            profile.dense.seconds(n, heads, dense_cells, dense_cells, scale))
+            profile.dense_terms(q_offset).seconds(n, heads, dense_cells, dense_cells, scale))
 
 
-@functools.lru_cache(maxsize=4096)  # once per (request spec, length): every layer asks the same question
-def decide(phase: PhaseSpec, n: int, heads: int, head_dim: int, profile: PrefillProfile | None) -> str | None:
-    """``"dense"`` when ``phase`` should run as dense attention at length ``n``, else None (see the module
-    docstring for when the rule does not apply)."""
+@functools.lru_cache(maxsize=4096)  # once per (request spec, chunk): every layer asks the same question
+def decide(phase: PhaseSpec, n: int, heads: int, head_dim: int, profile: PrefillProfile | None,
+           q_offset: int = 0) -> str | None:
+    """``"dense"`` when ``phase`` should run as dense attention on the call of queries ``[q_offset, n)`` over
+    ``n`` keys, else None (see the module docstring for when the rule does not apply)."""
     if profile is None or phase.is_dense or phase.fallback == "never" or phase.compression_ratio <= 1.0:
         return None
-    times = predict(profile, phase, n, heads, head_dim)
+    times = predict(profile, phase, n, heads, head_dim, q_offset)
     return "dense" if times is not None and times[0] > times[1] else None
 
 
@@ -162,8 +179,13 @@ def prefill_fallback(phase: PhaseSpec, q_shape: torch.Size | tuple[int, ...], de
     if phase.is_dense or phase.fallback == "never":  # no file or device lookup for what cannot fall back
         return None
     h, n, d = q_shape
-    fallback = decide(phase, n, h, d, device_profile(device, impl))
-    if fallback is None:
-        return None
+    fallback = decide(phase, n, h, d, device_profile(device, impl), q_offset)
+    return None if fallback is None else fallback_report(phase, q_shape, q_offset, fallback)
+
+
+def fallback_report(phase: PhaseSpec, q_shape: torch.Size | tuple[int, ...], q_offset: int = 0,
+                    fallback: str = "dense") -> PrefillCallReport:
+    """The report of a call of ``phase`` that ran dense attention instead (every cell computed)."""
+    h, n, d = q_shape
     return PrefillCallReport.dense(causal_cells(n, q_offset) * h, d, phase.method, phase.compression_ratio,
                                    fallback)

@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{PREFILL_CHUNK_ALIGN}), each engine step one chunk then one decode step of the running "
                    "requests, so a long prompt does not stall them (with nothing decoding, a dense prompt "
                    "prefills whole); 0 = whole prompts in one step")
+    g.add_argument("--max-sparse-prefill-chunk", type=int, default=d.max_sparse_prefill_chunk,
+                   help="native engine: prompts whose prefill method is sparse prefill in chunks of this many tokens "
+                   f"(a multiple of {PREFILL_CHUNK_ALIGN}) whether or not anything decodes: a sparse method pays its "
+                   "index once per chunk and is defined per chunk, so its answer depends on this size, never on "
+                   "load. Longer than --max-prefill-chunk by default: such a chunk computes a fraction of the "
+                   "cells; 0 = whole prompts")
     g.add_argument("--served-model-name", default=None,
                    help="the model name clients send and /v1/models lists (default: the model's name)")
 
@@ -112,6 +118,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         page_size=args.page_size,
         enforce_eager=args.enforce_eager,
         max_prefill_chunk=args.max_prefill_chunk,
+        max_sparse_prefill_chunk=args.max_sparse_prefill_chunk,
         host=args.host,
         port=args.port,
         served_model_name=args.served_model_name,

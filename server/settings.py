@@ -26,6 +26,10 @@ API_KEY_ENV = "SPARSE_SERVE_API_KEY"
 # at the cost of prefill time.
 PREFILL_CHUNK_ALIGN = 128
 DEFAULT_PREFILL_CHUNK = 4096
+# Sparse prefill methods pay their index once per chunk and layer; a chunk 4x longer amortises it (measured on the
+# H200, 2026-12-01: block_sparse:10/b64 at 128K, 4.99 s in 4096-token chunks, 4.05 s in 16384) and, computing about
+# a tenth of the cells, stalls running decodes about as long as a dense chunk of 4096 (docs/performance.md).
+DEFAULT_SPARSE_PREFILL_CHUNK = 16384
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
@@ -72,6 +76,10 @@ class EngineSettings(BaseModel):
         DEFAULT_PREFILL_CHUNK, ge=0, multiple_of=PREFILL_CHUNK_ALIGN,
         description="native engine: longest prompt piece prefilled in one engine step, between decode steps of "
                     "the running requests; 0 = whole prompts (docs/deployment.md)")
+    max_sparse_prefill_chunk: int = Field(
+        DEFAULT_SPARSE_PREFILL_CHUNK, ge=0, multiple_of=PREFILL_CHUNK_ALIGN,
+        description="native engine: the chunk of a prompt whose prefill method is sparse, always (a sparse "
+                    "method is defined per chunk, so its answer does not depend on load); 0 = whole prompts")
 
     @classmethod
     def from_settings(cls, settings: EngineSettings, **own: Any) -> Self:

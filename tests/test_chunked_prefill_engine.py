@@ -95,10 +95,10 @@ def test_the_last_chunk_holds_the_observation_window(model):
     window = 64
     snap = make_request("s", [1] * (256 + window - 1), {"decode": {"method": "snapkv", "compression_ratio": 2,
                                                                    "params": {"window": window}}})
-    assert engine.scheduler.chunk_end(snap, 128) == 256 + window - 1
+    assert engine.scheduler.chunk_end(snap, 128, dense=True) == 256 + window - 1
     dense = make_request("d", [1] * (256 + window - 1))
-    assert engine.scheduler.chunk_end(dense, 128) == 256
-    assert engine.scheduler.chunk_end(dense, 256) == 256 + window - 1
+    assert engine.scheduler.chunk_end(dense, 128, dense=True) == 256
+    assert engine.scheduler.chunk_end(dense, 256, dense=True) == 256 + window - 1
 
 
 def test_decodes_keep_flowing_while_a_long_prompt_prefills(model):
@@ -195,9 +195,9 @@ FALLBACK_PROMPT = [(7 * i + 3) % 96 for i in range(600)]
 
 
 def prefill_starts(model, pattern: str, decoding: bool):
-    """Where a 600-token prompt's prefill chunks start (chunks of 128), alone or while a request decodes; and its
-    result."""
-    engine = tiny_engine(model, max_prefill_chunk=128)
+    """Where a 600-token prompt's prefill chunks start (dense chunks of 128, sparse ones of 256), alone or while a
+    request decodes; and its result."""
+    engine = tiny_engine(model, max_prefill_chunk=128, max_sparse_prefill_chunk=256)
     calls = record_calls(engine)
 
     async def body(e):
@@ -210,10 +210,11 @@ def prefill_starts(model, pattern: str, decoding: bool):
 def test_a_dense_prompt_prefills_whole_when_nothing_decodes_and_in_chunks_when_something_does(model):
     """Chunks are for the decodes: alone, a dense prompt prefills in one step (a chunked dense prefill computes the
     same attention, slower); while a request decodes it prefills in chunks; a sparse prefill method, defined per
-    chunk, is chunked either way (its answer must not depend on the load)."""
+    chunk, is chunked either way, in its own chunk size (its answer must not depend on the load)."""
     assert prefill_starts(model, "dense", decoding=False)[0] == [0]
     assert prefill_starts(model, "dense", decoding=True)[0] == [0, 128, 256, 384, 512]
-    assert prefill_starts(model, "vertical_slash:2", decoding=False)[0] == [0, 128, 256, 384, 512]
+    for decoding in (False, True):
+        assert prefill_starts(model, "vertical_slash:2", decoding)[0] == [0, 256, 512]
 
 
 def test_a_sparse_prompt_the_fallback_runs_dense_prefills_like_a_dense_one(model, tmp_path, monkeypatch):
@@ -229,4 +230,24 @@ def test_a_sparse_prompt_the_fallback_runs_dense_prefills_like_a_dense_one(model
     alone, res = prefill_starts(model, "vertical_slash:2", decoding=False)
     assert alone == [0] and res.final.cost.prefill.fallback == "dense"
     assert res.token_ids == prefill_starts(model, "dense", decoding=False)[1].token_ids
-    assert prefill_starts(model, "vertical_slash:2", decoding=True)[0] == [0, 128, 256, 384, 512]
+    assert prefill_starts(model, "vertical_slash:2", decoding=True)[0] == [0, 128, 256, 384, 512]  # dense chunks
+
+
+def test_the_fallback_is_asked_of_the_last_chunk(model, tmp_path, monkeypatch):
+    """A method that pays on a whole prompt can lose on its chunks (its index costs once per chunk): the rule is
+    asked of the chunk the method would run. An index of 2 ms, cells at 10 ns (4 query heads): the 600-token
+    prompt's last sparse chunk (from 512: 195 888 cells) would take 3.0 ms against dense's 2.0 ms, while the whole
+    prompt (721 200 cells) would take 5.6 ms against 7.2 ms. So the prompt computes dense attention and, alone,
+    prefills whole."""
+    from attention_backends.prefill_cost import PROFILE_ENV
+
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps({"card": "test", "impl": "reference", "head_dim": 16, "dense": {"per_cell_s": 1e-8},
+                                "methods": {"vertical_slash": {"fixed_s": 2e-3, "per_cell_s": 1e-8}}}))
+    monkeypatch.setenv(PROFILE_ENV, str(path))
+    alone, res = prefill_starts(model, "vertical_slash:2", decoding=False)
+    assert alone == [0] and res.final.cost.prefill.fallback == "dense"
+    dense = prefill_starts(model, "dense", decoding=False)[1]
+    assert res.token_ids == dense.token_ids
+    got, want = res.final.cost.prefill, dense.final.cost.prefill
+    assert (got.dense_units, got.actual_units) == (want.dense_units, want.actual_units)

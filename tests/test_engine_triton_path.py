@@ -31,7 +31,8 @@ def test_triton_path_matches_pytorch_path(pattern, chunk, length):
 
     async def generate(use_triton: bool):
         engine = NativeEngine(model, tok, EngineOptions(device="cpu", dtype="float32", kv_cache_memory=8 << 20,
-                                                        max_prefill_chunk=chunk), "tiny")
+                                                        max_prefill_chunk=chunk,
+                                                        max_sparse_prefill_chunk=chunk), "tiny")
         engine.runner.use_triton = use_triton
         await engine.start()
         try:

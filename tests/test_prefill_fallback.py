@@ -59,6 +59,23 @@ def test_falls_back_where_the_method_cannot_pay_and_never_overrides():
     assert decide(prefill_phase(fallback="auto"), 8192, H, D, prof) == "dense"
 
 
+def test_the_rule_is_asked_per_chunk():
+    """An index paid once per chunk: vertical_slash:10 pays on a whole 128K prompt (20 + 24 ms against 240 ms) but
+    not on its last 4096-token chunk (20 + 1.5 ms against 14.8 ms); on a 16384-token chunk it pays again (25.6
+    against 56.4 ms). A profile that times dense chunks apart (here twice as slow per cell) is used for them."""
+    prof, n = profile(), 131072
+    assert decide(prefill_phase(), n, H, D, prof) is None
+    assert decide(prefill_phase(), n, H, D, prof, q_offset=n - 4096) == "dense"
+    assert decide(prefill_phase(), n, H, D, prof, q_offset=n - 16384) is None
+    method_s, dense_s = predict(prof, prefill_phase(), n, H, D, q_offset=n - 4096)
+    assert dense_s == pytest.approx(causal_cells(n, n - 4096) * H * 1e-12)
+    assert method_s == pytest.approx(0.02 + dense_s / 10)
+    slow_chunks = profile(dense_chunk={"per_cell_s": 2e-12})
+    assert decide(prefill_phase(), n, H, D, slow_chunks, q_offset=n - 4096) is None
+    assert decide(prefill_phase(), 8192, H, D, slow_chunks) == "dense"  # a whole prompt: the whole-prompt terms
+    assert PrefillProfile.from_dict(slow_chunks.to_dict()).dense_chunk == slow_chunks.dense_chunk
+
+
 def test_where_the_rule_does_not_apply():
     prof = profile()
     assert decide(prefill_phase(), 8192, H, D, None) is None  # no profile for the device (the CPU)
@@ -159,13 +176,17 @@ def test_calibration_tiny_smoke_run_writes_a_profile_the_rule_loads(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import calibrate_fallback
 
-    out = calibrate_fallback.main(["--tiny", "--out", str(tmp_path / "p.json"), "--lengths", "128,192"])
+    out = calibrate_fallback.main(["--tiny", "--out", str(tmp_path / "p.json"), "--lengths", "128,256",
+                                   "--chunks", "128"])
     prof = load_profile(str(out))
     assert prof.impl == "triton" and prof.head_dim == 16
     assert set(prof.methods) == {"vertical_slash", "flexprefill", "block_sparse/b16"}
     timings = prof.extra["timings"]
-    assert len(timings["dense"]) == 2 and all(len(timings[key]) == 4 for key in prof.methods)  # 2 lengths x 2 ratios
-    for terms in (prof.dense, *prof.methods.values()):
+    # 128 whole, and the last 128-token chunk of 256 (queries from 128), each at 2 ratios
+    assert [(r["n"], r["q_offset"]) for r in timings["dense"] + timings["dense_chunk"]] == [(128, 0), (256, 128)]
+    assert all(len(timings[key]) == 4 for key in prof.methods)
+    assert timings["vertical_slash"][-1]["dense_cells"] == causal_cells(256, 128) * 2
+    for terms in (prof.dense, prof.dense_chunk, *prof.methods.values()):
         values = (terms.fixed_s, terms.per_token_s, terms.per_cell_s, terms.per_dense_cell_s)
         assert min(values) >= 0 and max(values) > 0
     assert predict(prof, prefill_phase(), 192, 2, 16) is not None

@@ -287,7 +287,7 @@ def test_chunked_sparse_prefill_agrees_with_native_chunks(model_dir, loop):
     ids, pattern = prompt(7, 230), "block_sparse:4"  # chunks [0, 128), [128, 230): both start on a block
     native = NativeEngine.from_options(EngineOptions(model=str(model_dir), device="cpu", dtype="float32",
                                                      max_model_len=MAX_LEN, kv_cache_memory=64 << 20,
-                                                     max_prefill_chunk=128))
+                                                     max_prefill_chunk=128, max_sparse_prefill_chunk=128))
     chunked = VllmEngine(VllmOptions(model=str(model_dir), max_model_len=MAX_LEN, max_num_seqs=4,
                                      max_num_batched_tokens=128, self_test=False))
 

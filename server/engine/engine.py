@@ -78,7 +78,7 @@ class NativeEngine:
         self.pool = PagePool(pages, page_size, cfg.head_dim, dtype, device)
         self.runner = ModelRunner(model, self.pool, self.shape)
         self.scheduler = Scheduler(self.pool, cfg.num_layers, cfg.num_kv_heads, options.max_num_seqs,
-                                   options.max_queue, options.max_prefill_chunk)
+                                   options.max_queue, options.max_prefill_chunk, options.max_sparse_prefill_chunk)
         self.max_model_len = self._served_context(cfg.max_position_embeddings, cfg.sliding_window)
         if device.type == "cuda" and not options.enforce_eager:
             self.runner.enable_cuda_graphs(options.max_num_seqs, self.max_model_len)
@@ -278,7 +278,9 @@ class NativeEngine:
         try:
             if req.kv is None:
                 req.kv = self.runner.new_sequence()
-            logits = self.runner.prefill(req, self.scheduler.prefill_end(req, self.runner.prefill_runs_dense(req)))
+            if req.prefill_pos == 0:
+                req.prefill_dense = self.runner.prefill_runs_dense(req, self.scheduler.last_chunk_start(req.request))
+            logits = self.runner.prefill(req, self.scheduler.prefill_end(req, req.prefill_dense))
             if logits is None:  # more chunks to come; decodes run in between
                 return
             sp = req.request.sampling

@@ -29,6 +29,7 @@ class EngineRequest:
     arrival: int = 0  # arrival order, set by the scheduler (preemption takes the youngest)
     prefilled: bool = False  # the cache holds the prompt (set after each prefill, cleared by preemption)
     prefill_pos: int = 0  # prompt tokens in the cache so far (chunked prefill), cleared by preemption
+    prefill_dense: bool = False  # its prefill computes dense attention (a dense pattern, or the fallback rule's)
     cached_outputs: int = 0  # generated tokens whose keys/values are in the cache
     _cost_at_preemption: RequestCost | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None  # set by the first prefill when requested

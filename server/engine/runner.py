@@ -25,7 +25,7 @@ from attention_backends import PrefillCallReport, decode_keep, engine_impl, spar
 from attention_backends.cost import ModelShape, causal_cells
 from attention_backends.decode.quest import budget_pages
 from attention_backends.prefill.dense import sdpa
-from attention_backends.prefill_cost import prefill_fallback
+from attention_backends.prefill_cost import fallback_report, prefill_fallback
 from attention_backends.spec import DECODE_METHODS
 from server.contract.engine import TokenLogprob
 
@@ -135,14 +135,16 @@ class ModelRunner:
         return SequenceKV(self.pool, self.shape.num_layers, self.shape.num_kv_heads)
 
     # -- prefill ----------------------------------------------------------------------------------------
-    def prefill_runs_dense(self, req: EngineRequest) -> bool:
+    def prefill_runs_dense(self, req: EngineRequest, last_chunk_start: int = 0) -> bool:
         """Whether the request's prefill computes dense attention: a dense pattern, or a sparse one the fallback
-        rule (:func:`prefill_fallback`) runs as dense at its prompt's length; the rule's predicted break-even is
-        one length, so then every chunk of that prompt (ending at a shorter length) falls back too."""
+        rule (:func:`prefill_fallback`) runs as dense on its last chunk (from ``last_chunk_start``; 0: the whole
+        prompt). A method gains more the more keys a chunk attends to, so then its earlier chunks fall back
+        too."""
         phase, s = req.request.spec.prefill, self.shape
         if phase.is_dense:
             return True
-        return prefill_fallback(phase, (s.num_heads, req.prompt_len, s.head_dim), self.device, self.impl) is not None
+        return prefill_fallback(phase, (s.num_heads, req.prompt_len, s.head_dim), self.device, self.impl,
+                                last_chunk_start) is not None
 
     @torch.inference_mode()
     def prefill(self, req: EngineRequest, end: int | None = None) -> Tensor | None:
@@ -166,6 +168,8 @@ class ModelRunner:
                 vh = torch.cat([v_prev, vh.to(v_prev.dtype)], dim=1)
             if spec.prefill.is_dense:
                 out, report = dense_prefill_attention(qh, kh, vh, c0)
+            elif req.prefill_dense:  # the fallback rule runs the whole prompt dense (prefill_runs_dense)
+                out, report = sdpa(qh, kh, vh, c0), fallback_report(spec.prefill, (qh.shape[0], *kh.shape[1:]), c0)
             else:
                 out, report = sparse_prefill(qh, kh, vh, spec, impl=impl, q_offset=c0)
             cost.add_prefill(report)

@@ -15,12 +15,14 @@
 * Waiting queue: bounded by ``max_queue`` (the backlog of requests that do not fit yet); a full queue is an
   :class:`EngineOverloaded` error whose ``retry_after`` estimates when the queue will have drained, from its
   length and the recent completion rate.
-* Interleaving (chunked prefill): each engine step prefills at most one chunk of at most ``max_prefill_chunk``
-  prompt tokens of the oldest admitted request still prefilling (:meth:`chunk_end`; 0 = the whole prompt),
-  then runs one decode step for every prefilled request. A running request thus waits for at most one chunk
-  between two of its tokens, and long prompts cannot stall decodes. Chunks exist for the decodes: a prefill that
-  computes dense attention (a dense pattern, or a sparse one that falls back to dense at its length) with no
-  request decoding runs the rest of its prompt at once (:meth:`prefill_end`). A request
+* Interleaving (chunked prefill): each engine step prefills at most one chunk of the oldest admitted request
+  still prefilling (:meth:`chunk_end`; 0 = the whole prompt), then runs one decode step for every prefilled
+  request. A running request thus waits for at most one chunk between two of its tokens, and long prompts cannot
+  stall decodes. Chunks of dense attention hold at most ``max_prefill_chunk`` prompt tokens and exist for the
+  decodes: a prefill that computes dense attention (a dense pattern, or a sparse one that falls back to dense
+  at its length) with no request decoding runs the rest of its prompt at once (:meth:`prefill_end`). A sparse
+  prefill method is defined per chunk and always runs in chunks of ``max_sparse_prefill_chunk`` (longer by
+  default: it pays its index once per chunk, and computes a fraction of a dense chunk's cells). A request
   between chunks holds the pages of its prefix and the rest of its need stays promised (:meth:`_promised`);
   it can be aborted or preempted there, and a preempted one prefills again from its first chunk.
 """
@@ -45,9 +47,10 @@ MAX_RETRY_AFTER = 300.0
 
 class Scheduler:
     def __init__(self, pool: PagePool, num_layers: int, num_kv_heads: int, max_num_seqs: int, max_queue: int,
-                 max_prefill_chunk: int = 0):
+                 max_prefill_chunk: int = 0, max_sparse_prefill_chunk: int = 0):
         self.pool = pool
         self.max_prefill_chunk = max_prefill_chunk
+        self.max_sparse_prefill_chunk = max_sparse_prefill_chunk
         self.num_kv_heads = num_kv_heads
         self.heads_total = num_layers * num_kv_heads
         self.max_num_seqs = max_num_seqs
@@ -80,17 +83,21 @@ class Scheduler:
         def layer_pages(tokens: int) -> int:  # at most, however a layer's tokens are spread over its heads
             return -(-tokens // ps) + h_kv
 
-        if self.chunk_end(request, 0) < n:
+        if min(self.chunk_end(request, 0, dense) for dense in (False, True)) < n:  # chunked, whichever runs
             peak = self.heads_total * -(-n // ps) + layer_pages(kept)
         else:
             peak = layers * layer_pages(kept) + h_kv * -(-n // ps)
         return max(peak, layers * layer_pages(kept + h_kv * (generated + 1)))
 
-    def chunk_end(self, request: GenerationRequest, start: int) -> int:
-        """Where the prefill chunk starting at prompt position ``start`` ends: ``max_prefill_chunk`` tokens on
+    def chunk_size(self, dense: bool) -> int:
+        """Prompt tokens per chunk of a prefill that computes dense (``dense``) or sparse attention; 0: whole."""
+        return self.max_prefill_chunk if dense else self.max_sparse_prefill_chunk
+
+    def chunk_end(self, request: GenerationRequest, start: int, dense: bool) -> int:
+        """Where the prefill chunk starting at prompt position ``start`` ends: :meth:`chunk_size` tokens on
         (chunks start at multiples of it), or the prompt's end. A tail shorter than an eviction method's
         observation window joins the chunk before it, so the last chunk holds the window's queries."""
-        n, size = len(request.prompt_token_ids), self.max_prefill_chunk
+        n, size = len(request.prompt_token_ids), self.chunk_size(dense)
         if not size or n - start <= size:
             return n
         decode = request.spec.decode
@@ -98,17 +105,24 @@ class Scheduler:
         end = start + size
         return n if n - end < min_last else end
 
+    def last_chunk_start(self, request: GenerationRequest) -> int:
+        """Where the last chunk of a sparse prefill of ``request`` starts (0: it prefills whole)."""
+        start, n = 0, len(request.prompt_token_ids)
+        while (end := self.chunk_end(request, start, dense=False)) < n:
+            start = end
+        return start
+
     def prefill_end(self, req: EngineRequest, dense: bool) -> int:
         """Where this engine step's prefill of ``req`` ends. With no request decoding there is nothing to let
         through, and a prefill that computes dense attention (``dense``: a dense pattern, or a sparse one the
         fallback rule runs as dense at this prompt's length) runs the rest of its prompt at once: a dense chunk
         computes what the whole prompt would, only slower (PyTorch's flash kernel does about half the cells per
         ms on a chunk's queries against all earlier keys as on a whole causal prompt, benchmarks/sdpa_chunk.py).
-        Sparse prefill methods are defined per chunk, so they follow ``max_prefill_chunk`` alone: an answer must
-        not depend on load."""
+        Sparse prefill methods are defined per chunk, so they follow ``max_sparse_prefill_chunk`` alone: an answer
+        must not depend on load."""
         if dense and not any(r.prefilled for r in self.running):
             return len(req.request.prompt_token_ids)
-        return self.chunk_end(req.request, req.prefill_pos)
+        return self.chunk_end(req.request, req.prefill_pos, dense)
 
     def need_alone(self, request: GenerationRequest) -> int:
         """Pages the request needs at its peak: what it must be able to hold with the pool to itself."""

@@ -66,14 +66,21 @@ def cuda_bf16():
     served.close()
 
 
-def test_cuda_float32_greedy_tokens_equal_the_cpu_engines():
-    cpu, gpu = Served("cpu", "float32"), Served("cuda", "float32")
+@pytest.fixture(scope="module")
+def cuda_f32():
+    """One float32 engine for the token-exact checks (every Triton kernel compiles once for float32)."""
+    served = Served("cuda", "float32")
+    yield served
+    served.close()
+
+
+def test_cuda_float32_greedy_tokens_equal_the_cpu_engines(cuda_f32):
+    cpu = Served("cpu", "float32")
     try:
         ids = prompt(cpu, 100)
-        assert greedy(gpu, ids, ["dense"]) == greedy(cpu, ids, ["dense"])
+        assert greedy(cuda_f32, ids, ["dense"]) == greedy(cpu, ids, ["dense"])
     finally:
         cpu.close()
-        gpu.close()
 
 
 def test_every_method_at_ratio_1_gives_the_dense_tokens(cuda_bf16):
@@ -83,11 +90,15 @@ def test_every_method_at_ratio_1_gives_the_dense_tokens(cuda_bf16):
         assert greedy(cuda_bf16, ids, [f"{pattern}:1"])[0] == dense, pattern
 
 
-def test_a_mixed_batch_gives_each_request_the_tokens_it_gets_alone(cuda_bf16):
-    ids = prompt(cuda_bf16, 250)
+def test_a_mixed_batch_gives_each_request_the_tokens_it_gets_alone(cuda_f32):
+    """float32: in bfloat16 a batch of 7 and a batch of 1 round their matmuls differently (cuBLAS picks kernels per
+    shape), which flips near-tied greedy tokens (snapkv:4 agreed for 11 of 16 on the H200, 2026-11-30) without any
+    request reading another's cache; float32 keeps that rounding far below the margins, so a difference here is
+    one request's state leaking into another's."""
+    ids = prompt(cuda_f32, 250)
     patterns = ["dense"] + [f"{p}:4" for p in PATTERNS]
-    alone = [greedy(cuda_bf16, ids, [p])[0] for p in patterns]
-    together = greedy(cuda_bf16, ids, patterns)
+    alone = [greedy(cuda_f32, ids, [p])[0] for p in patterns]
+    together = greedy(cuda_f32, ids, patterns)
     for p, a, b in zip(patterns, alone, together, strict=True):
         assert b == a, p
 
@@ -103,10 +114,10 @@ def test_sparse_requests_report_the_ratio_they_achieved(cuda_bf16):
         assert 2.5 <= phase.achieved_compression_ratio <= 6.0, (p, phase.achieved_compression_ratio)
 
 
-def test_cuda_graph_replay_gives_the_eager_steps_tokens():
+def test_cuda_graph_replay_gives_the_eager_steps_tokens(cuda_f32):
     """Decode steps replayed as CUDA graphs (the default on CUDA; batches padded to their bucket) against eager
     steps: a lone request, then a mixed batch of 3 (padded to 4), each request's tokens equal."""
-    graphs, eager = Served("cuda", "float32"), Served("cuda", "float32", enforce_eager=True)
+    graphs, eager = cuda_f32, Served("cuda", "float32", enforce_eager=True)
     try:
         ids = prompt(graphs, 150)
         mixed = ["dense", "quest:4", "snapkv:4"]
@@ -114,15 +125,14 @@ def test_cuda_graph_replay_gives_the_eager_steps_tokens():
             assert greedy(graphs, ids, patterns) == greedy(eager, ids, patterns), patterns
         assert graphs.engine.runner.stepper.graphs and not eager.engine.runner.stepper.graphs
     finally:
-        graphs.close()
         eager.close()
 
 
-def test_steps_launched_ahead_give_the_tokens_and_costs_of_steps_that_wait():
+def test_steps_launched_ahead_give_the_tokens_and_costs_of_steps_that_wait(cuda_f32):
     """On CUDA a greedy batch's next step is launched from the device's argmax before the host reads the tokens
     (CUDA-graph replays, pinned copies, an event per step): each request gets the tokens and decode costs it
     gets when every step waits for the previous one's tokens, requests ending at different steps included."""
-    ahead, waiting = Served("cuda", "float32"), Served("cuda", "float32")
+    ahead, waiting = cuda_f32, Served("cuda", "float32")
     waiting.engine._greedy = lambda batch: False  # no step goes ahead
     try:
         ids = prompt(ahead, 150)
@@ -138,5 +148,4 @@ def test_steps_launched_ahead_give_the_tokens_and_costs_of_steps_that_wait():
             assert a.final.cost.decode.kv_bytes_read == w.final.cost.decode.kv_bytes_read, p
             assert a.final.cost.decode.kv_cache_tokens == w.final.cost.decode.kv_cache_tokens, p
     finally:
-        ahead.close()
         waiting.close()
