@@ -22,7 +22,9 @@ is not attention (projections, MLP) costs the same either way and is left out. T
 The rule (:func:`decide`): a prefill call falls back to dense when its predicted time exceeds dense's. It is
 asked per call, so per chunk: a method pays its index once per chunk and layer, and with short chunks that fixed
 cost can outweigh what it saves at any length (measured on the H200, 2026-12-01: vertical_slash:10 on a
-4096-token chunk takes 55 ms against dense's 22 ms at 128K). It
+4096-token chunk takes 55 ms against dense's 22 ms at 128K). An engine that prefills a dense prompt whole asks
+first of the whole prompt (:func:`decide_prompt`): its chunks, each the method or dense whichever is predicted
+faster, against dense attention over the whole prompt in one call; when dense wins, the prompt runs dense. It
 does not apply (the method runs as asked) when the request says ``"fallback": "never"``, when the device has
 no profile for the implementation that runs (the CPU: it is for correctness and accuracy work, where the method
 itself is the point), when the ratio is 1 (the method is dense already), or when the method's own parameters
@@ -169,6 +171,30 @@ def decide(phase: PhaseSpec, n: int, heads: int, head_dim: int, profile: Prefill
         return None
     times = predict(profile, phase, n, heads, head_dim, q_offset)
     return "dense" if times is not None and times[0] > times[1] else None
+
+
+def decide_prompt(phase: PhaseSpec, n: int, heads: int, head_dim: int, profile: PrefillProfile | None,
+                  chunk_starts: tuple[int, ...] = (0,)) -> str | None:
+    """``"dense"`` when an n-token prompt prefilled in chunks starting at ``chunk_starts`` (each chunk as
+    :func:`decide` runs it: the method, or dense where that is faster) is not predicted faster than dense attention
+    over the whole prompt in one call, else None. With one chunk it is :func:`decide`."""
+    if profile is None or phase.is_dense or phase.fallback == "never" or phase.compression_ratio <= 1.0:
+        return None
+    ends = (*chunk_starts[1:], n)
+    chunks = [predict(profile, phase, end, heads, head_dim, start) for start, end in zip(chunk_starts, ends,
+                                                                                          strict=True)]
+    if any(c is None for c in chunks):
+        return None
+    whole = predict(profile, phase, n, heads, head_dim)
+    assert whole is not None
+    return "dense" if sum(min(c) for c in chunks) >= whole[1] else None
+
+
+def prompt_fallback(phase: PhaseSpec, q_shape: torch.Size | tuple[int, ...], device: torch.device, impl: str,
+                    chunk_starts: tuple[int, ...] = (0,)) -> str | None:
+    """:func:`decide_prompt` for a prompt of ``q_shape`` ``[h, n, d]`` on ``device`` with ``impl``."""
+    h, n, d = q_shape
+    return decide_prompt(phase, n, h, d, device_profile(device, impl), tuple(chunk_starts))
 
 
 def prefill_fallback(phase: PhaseSpec, q_shape: torch.Size | tuple[int, ...], device: torch.device, impl: str,

@@ -233,16 +233,17 @@ def test_a_sparse_prompt_the_fallback_runs_dense_prefills_like_a_dense_one(model
     assert prefill_starts(model, "vertical_slash:2", decoding=True)[0] == [0, 128, 256, 384, 512]  # dense chunks
 
 
-def test_the_fallback_is_asked_of_the_last_chunk(model, tmp_path, monkeypatch):
-    """A method that pays on a whole prompt can lose on its chunks (its index costs once per chunk): the rule is
-    asked of the chunk the method would run. An index of 2 ms, cells at 10 ns (4 query heads): the 600-token
-    prompt's last sparse chunk (from 512: 195 888 cells) would take 3.0 ms against dense's 2.0 ms, while the whole
-    prompt (721 200 cells) would take 5.6 ms against 7.2 ms. So the prompt computes dense attention and, alone,
-    prefills whole."""
+def test_a_prompt_whose_chunks_lose_to_one_dense_call_runs_dense(model, tmp_path, monkeypatch):
+    """A method that pays on a whole prompt can lose in chunks (its index costs once per chunk; dense chunks are
+    slower per cell than one whole call): the rule compares the prompt's sparse chunks with one dense call. An
+    index of 2 ms, cells at 10 ns (20 ns in a dense chunk), 4 query heads: the whole 600-token prompt would take
+    5.6 ms sparse against 7.2 ms dense, its 256-token chunks 1.3 + 4.0 + 3.0 ms (the first one dense, the others
+    sparse). So the prompt computes dense attention and, alone, prefills whole."""
     from attention_backends.prefill_cost import PROFILE_ENV
 
     path = tmp_path / "profile.json"
     path.write_text(json.dumps({"card": "test", "impl": "reference", "head_dim": 16, "dense": {"per_cell_s": 1e-8},
+                                "dense_chunk": {"per_cell_s": 2e-8},
                                 "methods": {"vertical_slash": {"fixed_s": 2e-3, "per_cell_s": 1e-8}}}))
     monkeypatch.setenv(PROFILE_ENV, str(path))
     alone, res = prefill_starts(model, "vertical_slash:2", decoding=False)

@@ -19,6 +19,7 @@ from attention_backends.prefill_cost import (
     PROFILE_OFF,
     PrefillProfile,
     decide,
+    decide_prompt,
     device_profile,
     load_profile,
     predict,
@@ -76,6 +77,20 @@ def test_the_rule_is_asked_per_chunk():
     assert PrefillProfile.from_dict(slow_chunks.to_dict()).dense_chunk == slow_chunks.dense_chunk
 
 
+def test_a_chunked_prompt_runs_the_method_only_if_its_chunks_beat_one_dense_call():
+    """The engine prefills a dense prompt whole, so a sparse prompt's chunks compete with one dense call over the
+    whole prompt (240 ms at 128K here), and dense chunks are slower per cell (1.5x here). In 4096-token chunks the
+    20 ms index makes nearly every chunk run dense, and those chunks add up to ~1.5x the whole call: dense. In
+    16384-token chunks the method runs on all but the first two, ~165 ms in all: the method."""
+    prof, n = profile(dense_chunk={"per_cell_s": 1.5e-12}), 131072
+    assert decide(prefill_phase(), n, H, D, prof) is None  # the whole prompt in one call would pay
+    assert decide_prompt(prefill_phase(), n, H, D, prof, tuple(range(0, n, 4096))) == "dense"
+    assert decide_prompt(prefill_phase(), n, H, D, prof, tuple(range(0, n, 16384))) is None
+    for length in (8192, n):  # one chunk: the per-call rule
+        assert decide_prompt(prefill_phase(), length, H, D, prof) == decide(prefill_phase(), length, H, D, prof)
+    assert decide_prompt(prefill_phase(fallback="never"), n, H, D, prof, tuple(range(0, n, 4096))) is None
+
+
 def test_where_the_rule_does_not_apply():
     prof = profile()
     assert decide(prefill_phase(), 8192, H, D, None) is None  # no profile for the device (the CPU)
@@ -105,15 +120,26 @@ def test_profile_applies_only_to_its_impl_and_comes_from_the_environment(tmp_pat
 
 
 def test_shipped_h200_profile_reproduces_the_recorded_orderings():
-    """benchmarks/results (H200, 7B layer): vertical_slash:10 and flexprefill:10 slower than dense at 8K and 32K,
-    faster at 128K; block_sparse with 16-token blocks slower than dense at r=4; block 64 faster at 32K."""
+    """benchmarks/calibrate_fallback.py on the H200 (7B layer, 2026-12-01) and the e2e TTFTs of the same lease
+    (benchmarks/results/e2e-NVIDIA-H200-2026-12-01-parts/session3): vertical_slash:10 and flexprefill:10 lose on
+    4096-token chunks at 32K and 128K (23 / 59 and 26 / 93 ms against dense's 6 / 24 ms), vertical_slash wins on a
+    16384-token chunk at 128K (66 against 85 ms), yet their 16384-token chunks lose to one whole dense call at every
+    length (128K: 10.6 and 13.6 s against 9.15 s); block_sparse:10 b64 wins from 8K (32K 0.80 s, 128K 4.03 s against
+    1.10 and 9.15 s); block 16 at r=4 never pays."""
     prof = load_profile(str(PROFILE_DIR / "prefill-NVIDIA-H200.json"))
-    assert (prof.card, prof.impl) == ("NVIDIA H200", "triton")
+    assert (prof.card, prof.impl) == ("NVIDIA H200", "triton") and prof.dense_chunk is not None
+
+    def chunked(phase, n, size=16384):
+        return decide_prompt(phase, n, H, D, prof, tuple(range(0, n, size)))
+
     for method in ("vertical_slash", "flexprefill"):
-        assert [decide(prefill_phase(method), n, H, D, prof) for n in (8192, 32768, 131072)] == ["dense", "dense", None]
-    for n in (8192, 32768, 131072):
-        assert decide(prefill_phase("block_sparse", 4), n, H, D, prof) == "dense"
-    assert decide(prefill_phase("block_sparse", params={"block_size": 64}), 32768, H, D, prof) is None
+        for n in (32768, 131072):
+            assert decide(prefill_phase(method), n, H, D, prof, q_offset=n - 4096) == "dense"
+        assert [chunked(prefill_phase(method), n) for n in (8192, 32768, 131072)] == ["dense"] * 3
+    assert decide(prefill_phase(), 131072, H, D, prof, q_offset=131072 - 16384) is None
+    b64 = prefill_phase("block_sparse", params={"block_size": 64})
+    assert [chunked(b64, n) for n in (8192, 32768, 131072)] == [None] * 3
+    assert [chunked(prefill_phase("block_sparse", 4), n) for n in (8192, 32768, 131072)] == ["dense"] * 3
 
 
 def test_sparse_prefill_runs_dense_and_says_so(tmp_path, monkeypatch):

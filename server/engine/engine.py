@@ -279,7 +279,7 @@ class NativeEngine:
             if req.kv is None:
                 req.kv = self.runner.new_sequence()
             if req.prefill_pos == 0:
-                req.prefill_dense = self.runner.prefill_runs_dense(req, self.scheduler.last_chunk_start(req.request))
+                req.prefill_dense = self.runner.prefill_runs_dense(req, self.scheduler.chunk_starts(req.request))
             logits = self.runner.prefill(req, self.scheduler.prefill_end(req, req.prefill_dense))
             if logits is None:  # more chunks to come; decodes run in between
                 return

@@ -25,7 +25,7 @@ from attention_backends import PrefillCallReport, decode_keep, engine_impl, spar
 from attention_backends.cost import ModelShape, causal_cells
 from attention_backends.decode.quest import budget_pages
 from attention_backends.prefill.dense import sdpa
-from attention_backends.prefill_cost import fallback_report, prefill_fallback
+from attention_backends.prefill_cost import fallback_report, prompt_fallback
 from attention_backends.spec import DECODE_METHODS
 from server.contract.engine import TokenLogprob
 
@@ -135,16 +135,15 @@ class ModelRunner:
         return SequenceKV(self.pool, self.shape.num_layers, self.shape.num_kv_heads)
 
     # -- prefill ----------------------------------------------------------------------------------------
-    def prefill_runs_dense(self, req: EngineRequest, last_chunk_start: int = 0) -> bool:
-        """Whether the request's prefill computes dense attention: a dense pattern, or a sparse one the fallback
-        rule (:func:`prefill_fallback`) runs as dense on its last chunk (from ``last_chunk_start``; 0: the whole
-        prompt). A method gains more the more keys a chunk attends to, so then its earlier chunks fall back
-        too."""
+    def prefill_runs_dense(self, req: EngineRequest, chunk_starts: tuple[int, ...] = (0,)) -> bool:
+        """Whether the request's prefill computes dense attention: a dense pattern, or a sparse one whose chunks
+        (starting at ``chunk_starts``) the fallback rule does not predict faster than a whole dense prompt
+        (:func:`prompt_fallback`); then it is scheduled like a dense one (alone, it prefills whole)."""
         phase, s = req.request.spec.prefill, self.shape
         if phase.is_dense:
             return True
-        return prefill_fallback(phase, (s.num_heads, req.prompt_len, s.head_dim), self.device, self.impl,
-                                last_chunk_start) is not None
+        return prompt_fallback(phase, (s.num_heads, req.prompt_len, s.head_dim), self.device, self.impl,
+                               chunk_starts) is not None
 
     @torch.inference_mode()
     def prefill(self, req: EngineRequest, end: int | None = None) -> Tensor | None:

@@ -105,12 +105,12 @@ class Scheduler:
         end = start + size
         return n if n - end < min_last else end
 
-    def last_chunk_start(self, request: GenerationRequest) -> int:
-        """Where the last chunk of a sparse prefill of ``request`` starts (0: it prefills whole)."""
-        start, n = 0, len(request.prompt_token_ids)
-        while (end := self.chunk_end(request, start, dense=False)) < n:
-            start = end
-        return start
+    def chunk_starts(self, request: GenerationRequest) -> tuple[int, ...]:
+        """Where the chunks of a sparse prefill of ``request`` start (``(0,)``: it prefills whole)."""
+        starts, n = [0], len(request.prompt_token_ids)
+        while (end := self.chunk_end(request, starts[-1], dense=False)) < n:
+            starts.append(end)
+        return tuple(starts)
 
     def prefill_end(self, req: EngineRequest, dense: bool) -> int:
         """Where this engine step's prefill of ``req`` ends. With no request decoding there is nothing to let
