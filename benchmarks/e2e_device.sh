@@ -8,7 +8,8 @@
 # batch on the capacity memory),
 # sparse-vllm (`sparse-serve --engine vllm`: dense and each method; needs vllm's three parts), sparse-vllm-decode
 # (its batch-32 and 128K decode, which sparse-vllm's deadline cut on 2026-12-01), sdpa
-# (benchmarks/sdpa_chunk.py). Every call first runs the vLLM bundle's stash (../shared/tools/vllm-gpu/README.md:
+# (benchmarks/sdpa_chunk.py), calibrate (benchmarks/calibrate_fallback.py: the dense-fallback profile of this card,
+# under $OUT; commit it as attention_backends/profiles/prefill-<card>.json). Every call first runs the vLLM bundle's stash (../shared/tools/vllm-gpu/README.md:
 # three calls of one lease carry deps.tar + vllm.00, vllm.01, vllm.02; the vllm step needs all three), e.g.
 #   call 1: model native-a    call 2: native-b native-cap    call 3: vllm
 # then here: python benchmarks/e2e.py report PARTS.json... --out-dir benchmarks/results
@@ -46,6 +47,8 @@ for step in "$@"; do
       plugin
       e2e sparse-vllm-decode --engine sparse-vllm --part decode:32,decode:long --deadline 420 ;;
     sdpa) python3 benchmarks/sdpa_chunk.py 2>&1 | tee "$out/sdpa-chunk.log" ;;
+    calibrate) python3 benchmarks/calibrate_fallback.py --out "$out/prefill-profile.json" > "$out/calibrate.log" 2>&1
+      tail -2 "$out/calibrate.log" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
