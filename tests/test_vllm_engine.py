@@ -350,3 +350,41 @@ def test_steps_that_may_run_a_sparse_row_never_replay_a_full_cuda_graph(monkeypa
     dispatcher.dispatch(8)
     assert asked == [None, {CUDAGraphMode.PIECEWISE}, {CUDAGraphMode.PIECEWISE, CUDAGraphMode.FULL},
                      {CUDAGraphMode.FULL}]
+
+
+def test_the_parent_kernel_attends_only_within_the_rows_this_backend_writes(monkeypatch):
+    """The backend writes the output of a sparse prefill chunk and of a sparse decode step itself, so vLLM's own
+    kernel gets those rows cut to their query length (it still writes their keys and values: slot_mapping is
+    untouched) and stops reading their whole context; a dense request's rows, and a sparse-decode request's
+    dense prefill chunk, keep their lengths. The step's own metadata is left as it was."""
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    from server.contract.cost import RequestCost
+    from server.vllm_engine import worker_state as ws
+    from server.vllm_engine.backend import make_plan, parent_metadata
+
+    def state(pattern: str, prompt_len: int, seen: int) -> ws.RequestState:
+        spec = parse_pattern(pattern)
+        return ws.RequestState(key=None, spec=spec, prompt_len=prompt_len, cost=RequestCost.for_spec(spec),
+                               seen=seen)
+
+    # row 0 dense, decoding; row 1 quest:4 decoding; row 2 block_sparse:2 chunk [128, 192); row 3 quest:4's
+    # (dense) prefill chunk [0, 64)
+    monkeypatch.setattr(ws, "SLOTS", {1: state("quest:4", 150, 150), 2: state("block_sparse:2", 300, 128),
+                                      3: state("quest:4", 64, 0)})
+    query_lens, seq_lens = [1, 1, 64, 64], [100, 151, 192, 64]
+    qsl = torch.tensor([0, 1, 2, 66, 130], dtype=torch.int32)
+    common = CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        num_reqs=4, num_actual_tokens=sum(query_lens), max_query_len=64, max_seq_len=192,
+        block_table_tensor=torch.zeros(4, 16, dtype=torch.int32), slot_mapping=torch.arange(130),
+        seq_lens_cpu_upper_bound=torch.tensor(seq_lens, dtype=torch.int32))
+    plan = make_plan(common)
+    assert [r.row for r in plan.decode] == [1] and [r.row for r in plan.prefill] == [2, 3]
+    parent = parent_metadata(common, plan)
+    assert parent.seq_lens.tolist() == parent.seq_lens_cpu_upper_bound.tolist() == [100, 1, 64, 64]
+    assert parent.max_seq_len == 100 and parent.slot_mapping is common.slot_mapping
+    assert common.seq_lens.tolist() == seq_lens and common.max_seq_len == 192
+    ws.SLOTS[1].disable("test")
+    ws.SLOTS[2].disable("test")
+    assert parent_metadata(common, make_plan(common)) is common  # only a dense prefill chunk left

@@ -3,12 +3,15 @@ sparse methods for the rows of sparse requests and leave everything else to the 
 
 * The metadata builder (once per step and KV-cache group) asks :mod:`.worker_state` which rows belong to
   sparse requests and attaches a :class:`SparsePlan` to the parent's metadata (nothing when no row is
-  sparse: the parent's metadata goes out untouched).
-* The impl runs the parent kernel for the whole batch (it also writes the paged KV cache), then
-  recomputes the rows of sparse requests from the fresh ``query``/``key``/``value`` of the step and
-  overwrites them in ``output``:
+  sparse: the parent's metadata goes out untouched). The rows whose output this backend writes (a chunk of a
+  sparse prefill method, a step of a sparse decode method) reach the parent with their sequence length cut to
+  their query length (:func:`parent_metadata`): the parent still writes their keys and values into the paged
+  cache, but attends for them over their own few tokens only, not over their whole context.
+* The impl runs the parent kernel for the whole batch, then computes the rows of sparse requests from the
+  fresh ``query``/``key``/``value`` of the step and writes them into ``output``:
   - prefill rows (the prompt's chunk): the prefill method (``attention_backends.sparse_prefill``) on the
-    chunk's queries against every key so far; the fresh q/k/v are kept until prefill ends;
+    chunk's queries against every key so far, or dense attention over them where the method falls back; the
+    fresh q/k/v are kept until prefill ends;
   - at the end of prefill: ``attention_backends.prepare_decode`` builds the decode state from the fresh
     prompt q/k/v (Quest page min/max, the SnapKV / Ada-SnapKV read-sets, fixed from then on);
   - decode rows: ``attention_backends.sparse_decode`` over that state, which appends the step's fresh key
@@ -32,9 +35,10 @@ from vllm.v1.attention.backends.cpu_attn import (
 from attention_backends import engine_impl, prepare_decode, sparse_decode, sparse_prefill
 from attention_backends.cost import causal_cells
 from attention_backends.prefill.common import ChunkNotAligned
-from attention_backends.prefill_cost import prefill_fallback
+from attention_backends.prefill.dense import sdpa
 from attention_backends.reports import PrefillCallReport
 
+from . import compat
 from . import worker_state as ws
 
 log = logging.getLogger("sparse_serve.vllm_engine")
@@ -42,15 +46,24 @@ log = logging.getLogger("sparse_serve.vllm_engine")
 
 @dataclass
 class SparseRow:
+    row: int  # attention row of the step
     slot: int
     start: int  # first token of the row in the step's flattened batch
     end: int
     context: int  # tokens already in the cache before this step
     state: ws.RequestState
 
+    @property
+    def owned(self) -> bool:
+        """Whether this backend writes the row's output (its phase's method is sparse): then the parent need not
+        attend for it."""
+        spec = self.state.spec
+        return not (spec.prefill if self.context < self.state.prompt_len else spec.decode).is_dense
+
 
 @dataclass
 class SparsePlan:
+    seq_lens: list[int]  # every row's sequence length (host upper bound) as vLLM scheduled it
     prefill: list[SparseRow] = field(default_factory=list)
     decode: list[SparseRow] = field(default_factory=list)
 
@@ -59,12 +72,16 @@ def make_plan(common) -> SparsePlan | None:
     """Which rows of this step are sparse, and in which phase. ``None``: every row is dense."""
     if not ws.SLOTS:
         return None
+    if ws.UNSUPPORTED is not None:  # an attention layer the methods do not implement: nothing runs sparse
+        for state in ws.SLOTS.values():
+            state.disable(ws.UNSUPPORTED)
+        return None
     num_reqs = int(common.num_reqs)
     qsl = common.query_start_loc_cpu[: num_reqs + 1].tolist()
     seq = common.seq_lens_cpu_upper_bound
     seq_lens = (seq if seq is not None else common.seq_lens.cpu())[:num_reqs].tolist()
     req_idx = getattr(common, "req_idx", None)
-    plan = SparsePlan()
+    plan = SparsePlan(seq_lens)
     for r in range(num_reqs):
         slot = int(req_idx[r]) if req_idx is not None else r
         state = ws.SLOTS.get(slot)
@@ -74,7 +91,7 @@ def make_plan(common) -> SparsePlan | None:
         if end <= start:
             continue
         context = int(seq_lens[r]) - (end - start)
-        row = SparseRow(slot, start, end, context, state)
+        row = SparseRow(r, slot, start, end, context, state)
         if context < state.prompt_len:
             if context != state.seen:
                 state.disable(f"its prompt starts at token {context} (prefix-cache hit); the sparse "
@@ -91,10 +108,34 @@ def make_plan(common) -> SparsePlan | None:
     return plan
 
 
+def parent_metadata(common, plan: SparsePlan):
+    """``common`` with the rows this backend writes (:attr:`SparseRow.owned`) cut to their query length: the
+    parent kernel then attends for each of them over as many keys as it has queries (vLLM treats the row as a
+    prompt of its own; slot_mapping, hence the cache write, is untouched) instead of over its whole context."""
+    owned = [row for row in plan.prefill + plan.decode if row.owned]
+    if not owned:
+        return common
+    lens = list(plan.seq_lens)
+    for row in owned:
+        lens[row.row] = row.end - row.start
+    rows = torch.tensor([row.row for row in owned])
+    cut = torch.tensor([lens[row.row] for row in owned], dtype=common.seq_lens.dtype)
+    seq_lens = common.seq_lens.clone()
+    seq_lens[rows.to(seq_lens.device)] = cut.to(seq_lens.device)
+    upper = common.seq_lens_cpu_upper_bound
+    if upper is not None:
+        upper = upper.clone()
+        upper[rows] = cut.to(upper.dtype)
+    return compat.with_seq_lens(common, seq_lens, upper, max(lens))
+
+
 class SparseBuilderMixin:
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
-        metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)  # type: ignore[misc]
         plan = make_plan(common_attn_metadata)
+        if plan is not None:
+            common_attn_metadata = parent_metadata(common_attn_metadata, plan)
+            common_prefix_len = 0  # cascade attention splits every row at the shared prefix, cut rows included
+        metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)  # type: ignore[misc]
         if plan is not None:
             metadata.sparse_plan = plan
         return metadata
@@ -103,16 +144,17 @@ class SparseBuilderMixin:
 class SparseImplMixin:
     """Overrides ``forward``; everything else (cache writes, validation, the dense kernel) is the parent's."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        reason = self._unsupported()
+        if reason is not None:  # known before any step is planned, so no row is ever cut for this model
+            ws.UNSUPPORTED = reason
+
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,  # type: ignore[misc]
                                  *args, **kwargs)
         plan = getattr(attn_metadata, "sparse_plan", None)
         if plan is None:
-            return output
-        unsupported = self._unsupported()
-        if unsupported:
-            for row in plan.prefill + plan.decode:
-                row.state.disable(unsupported)
             return output
         name = getattr(layer, "layer_name", None) or str(id(layer))
         out = output.view(query.shape[0], self.num_heads, -1)  # type: ignore[attr-defined]
@@ -149,19 +191,17 @@ class SparseImplMixin:
         h, d = q.shape[0], q.shape[2]
         phase, impl = st.spec.prefill, engine_impl(q.device)
         report = None
-        if not phase.is_dense:
+        if not phase.is_dense:  # an owned row: the parent did not attend for it (parent_metadata)
             # a chunk attends to the earlier chunks' keys too (kept fresh below); docs/methods.md, chunked prefill
             k_all, v_all = (ws.cat(ls.k + [k]), ws.cat(ls.v + [v])) if ctx else (k, v)
-            # the dense-fallback rule, asked here so that the parent's dense output stands (sparse_prefill would
-            # compute dense attention a second time); its report, or None when the method runs
-            report = prefill_fallback(phase, (h, ctx + n, d), q.device, impl, ctx)
-            if report is None:
-                try:
-                    res, report = sparse_prefill(q, k_all, v_all, st.spec, impl=impl, q_offset=ctx)
-                    out[row.start:row.end] = res.transpose(0, 1).to(out.dtype)
-                except ChunkNotAligned as e:  # vLLM chose where this chunk starts: it runs dense
-                    log.warning("request %s: a prefill chunk of its %s runs dense: %s", st.key, phase.method, e)
-        if report is None:  # dense (the parent's output stands)
+            res = None
+            try:  # the method, or dense attention with the fallback rule's report
+                res, report = sparse_prefill(q, k_all, v_all, st.spec, impl=impl, q_offset=ctx)
+            except ChunkNotAligned as e:  # vLLM chose where this chunk starts: it runs dense
+                log.warning("request %s: a prefill chunk of its %s runs dense: %s", st.key, phase.method, e)
+                res = sdpa(q, k_all, v_all, ctx)
+            out[row.start:row.end] = res.transpose(0, 1).to(out.dtype)
+        if report is None:  # dense (a dense prefill phase: the parent's output stands)
             report = PrefillCallReport.dense(causal_cells(ctx + n, ctx) * h, d)
         st.cost.add_prefill(report)
         st.dirty = True
@@ -184,9 +224,8 @@ class SparseImplMixin:
         if st.fallback is not None or st.spec.decode.is_dense:
             return
         ls = st.layers.get(name)
-        if ls is None or ls.decode is None:
-            st.disable("no decode state for this layer")
-            return
+        if ls is None or ls.decode is None:  # the parent did not attend for this row: no output to fall back on
+            raise RuntimeError(f"sparse request {st.key}: no decode state for layer {name} after its prefill")
         i = row.start
         res, report = sparse_decode(query[i], key[i], value[i], ls.decode)
         out[i] = res.to(out.dtype)

@@ -8,11 +8,27 @@ the package codes against what both versions share.
   ``vllm.v1.worker.gpu.sample.logits_processor`` in 0.32.
 * So the side channel runs in the V1 runner on both: 0.25 for the reason above, 0.32 on the CPU because PyPI's
   Triton has no CPU backend.
+* ``CommonAttentionMetadata`` caches host copies of ``seq_lens`` in private fields in 0.25 (deprecated there,
+  gone in 0.32): a copy with other ``seq_lens`` must drop them (:func:`with_seq_lens`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any
+
+# 0.25's caches derived from seq_lens (absent in 0.32)
+_SEQ_LEN_CACHES = ("_seq_lens_cpu", "_num_computed_tokens_cpu", "_num_computed_tokens_cache")
+
+
+def with_seq_lens(common: Any, seq_lens: Any, upper_bound: Any, max_seq_len: int) -> Any:
+    """A copy of ``CommonAttentionMetadata`` with these sequence lengths (device tensor, host upper bound or
+    None, their max) and none of the values it cached from the old ones."""
+    names = {f.name for f in dataclasses.fields(common)}
+    stale = {name: None for name in _SEQ_LEN_CACHES if name in names}
+    return dataclasses.replace(common, seq_lens=seq_lens, seq_lens_cpu_upper_bound=upper_bound,
+                               max_seq_len=max_seq_len, **stale)
 
 
 @functools.cache

@@ -114,6 +114,7 @@ class RequestState:
 
 
 SLOTS: dict[int, RequestState] = {}
+UNSUPPORTED: str | None = None  # why this model's attention cannot run the methods (set by the impls at start)
 _SHAPE: ModelShape | None = None
 WRITES_COST = True  # False on tensor-parallel ranks other than 0
 
