@@ -194,7 +194,6 @@ class SparseImplMixin:
         if not phase.is_dense:  # an owned row: the parent did not attend for it (parent_metadata)
             # a chunk attends to the earlier chunks' keys too (kept fresh below); docs/methods.md, chunked prefill
             k_all, v_all = (ws.cat(ls.k + [k]), ws.cat(ls.v + [v])) if ctx else (k, v)
-            res = None
             try:  # the method, or dense attention with the fallback rule's report
                 res, report = sparse_prefill(q, k_all, v_all, st.spec, impl=impl, q_offset=ctx)
             except ChunkNotAligned as e:  # vLLM chose where this chunk starts: it runs dense
