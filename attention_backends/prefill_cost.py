@@ -162,12 +162,17 @@ def predict(profile: PrefillProfile, phase: PhaseSpec, n: int, heads: int, head_
             profile.dense_terms(q_offset).seconds(n, heads, dense_cells, dense_cells, scale))
 
 
+def applies(phase: PhaseSpec, profile: PrefillProfile | None) -> bool:
+    """Whether the rule may run ``phase`` as dense at all (see the module docstring)."""
+    return not (profile is None or phase.is_dense or phase.fallback == "never" or phase.compression_ratio <= 1.0)
+
+
 @functools.lru_cache(maxsize=4096)  # once per (request spec, chunk): every layer asks the same question
 def decide(phase: PhaseSpec, n: int, heads: int, head_dim: int, profile: PrefillProfile | None,
            q_offset: int = 0) -> str | None:
     """``"dense"`` when ``phase`` should run as dense attention on the call of queries ``[q_offset, n)`` over
     ``n`` keys, else None (see the module docstring for when the rule does not apply)."""
-    if profile is None or phase.is_dense or phase.fallback == "never" or phase.compression_ratio <= 1.0:
+    if not applies(phase, profile):
         return None
     times = predict(profile, phase, n, heads, head_dim, q_offset)
     return "dense" if times is not None and times[0] > times[1] else None
@@ -178,7 +183,7 @@ def decide_prompt(phase: PhaseSpec, n: int, heads: int, head_dim: int, profile: 
     """``"dense"`` when an n-token prompt prefilled in chunks starting at ``chunk_starts`` (each chunk as
     :func:`decide` runs it: the method, or dense where that is faster) is not predicted faster than dense attention
     over the whole prompt in one call, else None. With one chunk it is :func:`decide`."""
-    if profile is None or phase.is_dense or phase.fallback == "never" or phase.compression_ratio <= 1.0:
+    if not applies(phase, profile):
         return None
     ends = (*chunk_starts[1:], n)
     chunks = [predict(profile, phase, end, heads, head_dim, start) for start, end in zip(chunk_starts, ends,
