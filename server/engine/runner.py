@@ -135,7 +135,7 @@ class ModelRunner:
         return SequenceKV(self.pool, self.shape.num_layers, self.shape.num_kv_heads)
 
     # -- prefill ----------------------------------------------------------------------------------------
-    def prefill_runs_dense(self, req: EngineRequest, chunk_starts: tuple[int, ...] = (0,)) -> bool:
+    def prefill_runs_dense(self, req: EngineRequest, chunk_starts: tuple[int, ...]) -> bool:
         """Whether the request's prefill computes dense attention: a dense pattern, or a sparse one whose chunks
         (starting at ``chunk_starts``) the fallback rule does not predict faster than a whole dense prompt
         (:func:`prompt_fallback`); then it is scheduled like a dense one (alone, it prefills whole)."""

@@ -191,7 +191,7 @@ class SparseImplMixin:
         h, d = q.shape[0], q.shape[2]
         phase, impl = st.spec.prefill, engine_impl(q.device)
         report = None
-        if not phase.is_dense:  # an owned row: the parent did not attend for it (parent_metadata)
+        if row.owned:  # a sparse prefill phase: the parent did not attend for this row (parent_metadata)
             # a chunk attends to the earlier chunks' keys too (kept fresh below); docs/methods.md, chunked prefill
             k_all, v_all = (ws.cat(ls.k + [k]), ws.cat(ls.v + [v])) if ctx else (k, v)
             try:  # the method, or dense attention with the fallback rule's report
@@ -220,7 +220,7 @@ class SparseImplMixin:
 
     def _decode_row(self, name, row: SparseRow, query, key, value, out) -> None:
         st = row.state
-        if st.fallback is not None or st.spec.decode.is_dense:
+        if st.fallback is not None or not row.owned:  # a dense decode phase: the parent's output stands
             return
         ls = st.layers.get(name)
         if ls is None or ls.decode is None:  # the parent did not attend for this row: no output to fall back on
