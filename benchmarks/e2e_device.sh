@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The recorded e2e run on the team's device (one H200), in steps that fit its 10-minute calls:
 #   bash benchmarks/e2e_device.sh STEP...      (parts go to $OUT, logs beside them)
-# Steps: model (write the Qwen2.5-7B-shaped model to /tmp; once per lease), native-a (TTFT 8K/32K/128K, agreement,
+# Steps: model (write the Qwen2.5-7B-shaped model to /tmp; once per lease), native-ttft (TTFT 8K/32K/128K alone),
+# vs-breakdown (benchmarks/kernels.py on vertical_slash and flexprefill at 128K), native-a (TTFT, agreement,
 # decode at batch 1 and 8), native-b (decode at batch 32 and at 128K, inter-token latency while a 128K prompt
 # prefills; native-decode: the same without it), native-cap (capacity on 8 GiB of KV), vllm (bare vLLM, dense:
 # TTFT, agreement, decode at batch 1/4/8/32/128K; batch 4 at 32K is the most 8 GiB holds for vLLM: its best
@@ -9,7 +10,9 @@
 # sparse-vllm (`sparse-serve --engine vllm`: dense and each method; needs vllm's three parts), sparse-vllm-decode
 # (its batch-32 and 128K decode, which sparse-vllm's deadline cut on 2026-12-01), sdpa
 # (benchmarks/sdpa_chunk.py), calibrate (benchmarks/calibrate_fallback.py: the dense-fallback profile of this card,
-# under $OUT; commit it as attention_backends/profiles/prefill-<card>.json). Every call first runs the vLLM bundle's stash (../shared/tools/vllm-gpu/README.md:
+# under $OUT and /tmp/e2e-prefill-profile.json; the steps after it in the same call use it, later calls of the lease
+# with SPARSE_SERVE_PREFILL_PROFILE=/tmp/e2e-prefill-profile.json; commit it as
+# attention_backends/profiles/prefill-<card>.json). Every call first runs the vLLM bundle's stash (../shared/tools/vllm-gpu/README.md:
 # three calls of one lease carry deps.tar + vllm.00, vllm.01, vllm.02; the vllm step needs all three), e.g.
 #   call 1: model native-a    call 2: native-b native-cap    call 3: vllm
 # then here: python benchmarks/e2e.py report PARTS.json... --out-dir benchmarks/results
@@ -35,6 +38,10 @@ plugin() { python3 -m pip install -q --no-deps --no-build-isolation --no-index -
 for step in "$@"; do
   case $step in
     model) [ -f $dir/config.json ] || python3 benchmarks/e2e.py write-model --dir $dir 2>&1 | tail -1 ;;
+    native-ttft) e2e native-ttft --engine native --part ttft --deadline 420 ;;
+    vs-breakdown)  # vertical_slash / flexprefill at 128K on one layer: estimate, budget search, attention apart
+      python3 benchmarks/kernels.py --out "$out" --vs-only --lengths 131072 --skip decode,snapkv,api \
+        > "$out/vs-breakdown.log" 2>&1; grep -E "vertical_slash|flexprefill|  vs " "$out/vs-breakdown.log" ;;
     native-a) e2e native-a --engine native --part ttft,agree,decode:1,decode:8 --deadline 420 ;;
     native-b) e2e native-b --engine native --part decode:32,decode:long,interference --deadline 330 ;;
     native-decode) e2e native-decode --engine native --part decode:32,decode:long --deadline 300 ;;
@@ -48,7 +55,9 @@ for step in "$@"; do
       e2e sparse-vllm-decode --engine sparse-vllm --part decode:32,decode:long --deadline 420 ;;
     sdpa) python3 benchmarks/sdpa_chunk.py 2>&1 | tee "$out/sdpa-chunk.log" ;;
     calibrate) python3 benchmarks/calibrate_fallback.py --out "$out/prefill-profile.json" > "$out/calibrate.log" 2>&1
-      tail -2 "$out/calibrate.log" ;;
+      tail -2 "$out/calibrate.log"
+      cp "$out/prefill-profile.json" /tmp/e2e-prefill-profile.json
+      export SPARSE_SERVE_PREFILL_PROFILE=/tmp/e2e-prefill-profile.json ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

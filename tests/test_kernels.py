@@ -23,11 +23,13 @@ from attention_backends.decode.quest import page_upper_bounds, select_pages  # n
 from attention_backends.decode.window_scores import token_importance as ref_token_importance  # noqa: E402
 from attention_backends.kernels.index_vertical_slash import (  # noqa: E402
     VSCandidates,
+    band_curve,
     block_scores,
     computed_cells,
+    corrected_search,
     exact_cells,
-    grid_search_budget,
     triton_mean_pool,
+    vertical_bound_curve,
     window_scores,
 )
 from attention_backends.kernels.methods import vs_closest_budget  # noqa: E402
@@ -259,36 +261,76 @@ def test_a_batch_of_indexes_counts_each_indexs_cells():
         assert cand.seen[(k, k)] == int(computed_cells(*cand.select(k, k)[:2], bm, q_offset=q_offset).sum())
 
 
-def test_grid_search_budget_hits_target_in_few_rounds():
-    for exponent in (0.9, 1.0, 1.4, 2.0):
+def test_the_curves_give_every_budgets_cells():
+    """band_curve is computed_cells' band for every slash budget at once, exactly; vertical_bound_curve bounds the
+    verticals' cells from above, exactly when no band covers them (whole prompts and chunks, ragged lengths)."""
+    g = torch.Generator().manual_seed(11)
+    for n, bm, q_offset in ((150, 16, 0), (200, 64, 0), (200, 16, 96), (333, 64, 128)):
+        h = 3
+        rank_s = torch.stack([torch.randperm(n, generator=g) for _ in range(h)])
+        order_v = torch.stack([torch.randperm(n, generator=g) for _ in range(h)])
+        rank_v = torch.empty_like(order_v).scatter_(-1, order_v, torch.arange(n).expand(h, n))
+        band = band_curve(rank_s, bm, q_offset)
+        bound = vertical_bound_curve(order_v, n, q_offset)
+        none = torch.zeros(h, n, dtype=torch.bool)
+        for k in (0, 1, 5, 17, 64, n // 2, n - 1, n):
+            sel_s, sel_v = rank_s < k, rank_v < k
+            assert torch.equal(band[:, k], computed_cells(sel_s, none, bm, q_offset=q_offset))
+            assert torch.equal(bound[:, k], computed_cells(none, sel_v, bm, q_offset=q_offset))
+            both = computed_cells(sel_s, sel_v, bm, q_offset=q_offset)
+            assert bool((band[:, k] <= both).all() and (both <= band[:, k] + bound[:, k]).all())
+
+
+def test_corrected_search_lands_near_the_target_in_few_counts():
+    """The verticals' share of their bound falls as bands grow; the search measures it and corrects, reaching 1%
+    of the target in a few exact counts. Out of reach it answers the closest end; on a step it answers the closer
+    side of the step."""
+    n = 100_000
+    band = [0.5 * (k / n) ** 1.5 for k in range(n + 1)]
+    bound = [0.6 * k / n for k in range(n + 1)]
+
+    def exact(k: int) -> float:
+        return band[k] + (1.0 - 0.4 * k / n) * bound[k]  # the bands cover more of the verticals as k grows
+
+    for target in (0.02, 0.1, 0.3):
+        counts: list[int] = []
+
+        def solve(rho: float, target=target) -> int:
+            return min(range(1, n + 1, 7), key=lambda k: abs(band[k] + rho * bound[k] - target))  # noqa: B023
+
+        def measure(k: int, counts=counts) -> tuple[float, float, float]:
+            counts.append(k)
+            return exact(k), band[k], bound[k]
+
+        k = corrected_search(solve, measure, target)
+        assert abs(exact(k) - target) <= 0.01 * target and len(counts) <= 4
+        if target == 0.3:  # the bound's first answer misses here; the correction is what lands it
+            assert abs(exact(solve(1.0)) - target) > 0.05 * target and len(counts) >= 2
+    # a fraction with a step: no budget within 1%; the closest measured one is answered
+    step = {k: (0.05 if k < 777 else 0.2) for k in (1, 776, 777, 10_000)}
+    k = corrected_search(lambda rho: 777 if rho == 1.0 else 776, lambda k: (step[k], step[k], 0.0), 0.13)
+    assert k == 777  # 0.2 is 0.07 away (0.05: 0.08)
+
+
+def test_vertical_slash_budget_search_matches_an_exhaustive_one():
+    """On real candidates (whole prompts and chunks), the few-count search ends as close to the target as the best
+    budget of all, within 1% of the target, and remembers the chosen budget's cells for the report."""
+    g = torch.Generator().manual_seed(5)
+    for n, q_offset, ratio in ((600, 0, 4.0), (600, 0, 10.0), (640, 320, 6.0), (1000, 512, 3.0)):
+        h = 4
+        scores = torch.rand(h, n, generator=g) ** 8  # heavy-tailed, like attention
+        cand = VSCandidates(scores, torch.rand(h, n, generator=g) ** 8, 16, 4, 16, 16, q_offset)
         calls: list[int] = []
-
-        def fractions(ks, e=exponent, calls=calls):
-            calls.append(len(ks))
-            return [min(1.0, 1e-4 * kk**e) for kk in ks]
-
-        k = grid_search_budget(fractions, 0.1, 1, 100_000)
-        assert abs(fractions([k])[0] - 0.1) <= 0.011
-        assert len(calls) <= 5 and max(calls) <= 17  # rounds (one host sync each), not one budget at a time
-    # out of reach: the closest end
-    assert grid_search_budget(lambda ks: [kk / 1e6 for kk in ks], 0.5, 1, 1000) == 1000
-    assert grid_search_budget(lambda ks: [0.5 + kk / 1e6 for kk in ks], 0.1, 1, 1000) == 1
+        cand.measure = lambda *a, _calls=calls, _measure=cand.measure, **kw: _calls.append(1) or _measure(*a, **kw)
+        k = vs_closest_budget(cand, ratio)
+        every = [float(c) / cand.dense for c in cand.computed_batch(torch.arange(1, n + 1), torch.arange(1, n + 1))]
+        best = min(abs(f - 1 / ratio) for f in every)
+        assert abs(every[k - 1] - 1 / ratio) <= max(best, 0.01 / ratio) + 1e-9, (n, q_offset, ratio, k)
+        assert len(calls) <= 4
+        sel_s, sel_v = cand.select(k, k)[:2]
+        assert cand.seen[(k, k)] == int(computed_cells(sel_s, sel_v, 16, q_offset=q_offset).sum())
 
 
-def test_grid_search_budget_survives_a_nearly_flat_fraction():
-    """A fraction that barely grows over a stretch (a plateau of the computed cells) must still be searched
-    across (the earlier secant search once raised 'math range error' there: a 500 on the H200 at 2K tokens)."""
-    def f(k: int) -> float:
-        return 0.01 + 1e-4 * k / 1000 if k < 5000 else min(1.0, k / 20_000)
-
-    k = grid_search_budget(lambda ks: [f(kk) for kk in ks], 0.25, 1, 100_000)
-    assert abs(f(k) - 0.25) <= 0.01 * 0.25
-
-
-def test_grid_search_budget_gives_the_closest_when_no_budget_is_within_tolerance():
-    """A step function: no budget lands within 1%; the search narrows to the step and answers its closer side."""
-    k = grid_search_budget(lambda ks: [0.05 if kk < 777 else 0.2 for kk in ks], 0.13, 1, 10_000)
-    assert k == 777  # 0.2 is 0.07 away (0.05: 0.08), and 777 the smallest budget giving it
 # ------------------------------------------------------------------------------------------------- decode
 def reference_decode(q, k, v, lengths):
     B, h, d = q.shape

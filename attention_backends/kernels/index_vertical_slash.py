@@ -15,7 +15,10 @@ stable): a head keeps the first ``k_v`` columns and ``k_s`` offsets of its order
 computes slashes as merged bands (:func:`.sparse_prefill.slash_chunks`) with an exact per-cell mask, so its
 output is the reference's; its *computed* cells (the bands and uncovered verticals) are what it reports,
 and the ratio search picks ``k`` on those cells (:func:`computed_cells`, closed form, vectorised, for a batch
-of budgets at once: :func:`grid_search_budget` evaluates a grid of them per host sync).
+of budgets at once). The search costs a few exact counts (:func:`corrected_search`): the band cells of *every*
+budget come from one pass (:func:`band_curve`), the verticals' from a bound that the counts correct. (A grid of
+16 budgets per round, 2-3 rounds, cost about 45 ms per 7B layer at 128K on an H200, more than the sparse
+attention of a 16384-token chunk: benchmarks/results/e2e-NVIDIA-H200-2026-12-01-parts/session3.)
 
 Block-sparse: mean pooling in float32, the block score matrix (float32 ``[h, nb, nb]``) and the causal
 per-row top-k (:func:`.topk.causal_block_topk`).
@@ -256,6 +259,84 @@ def computed_cells(sel_slash: Tensor, sel_vert: Tensor | None, block_m: int = 64
     return band + vert
 
 
+def _first_cover(rank: Tensor, block_m: int, never: int) -> Tensor:
+    """``first[h, y]``, ``y in [0, n + block_m)``: the smallest rank among the offsets ``[y - block_m, y)`` of each
+    head (``never`` where the window holds none), i.e. the budget below which ``x = y - block_m`` is in no band:
+    :func:`computed_cells`' ``Xa[y]`` is ``first[y] < k`` for a slash budget ``k``. Sliding minimum by doubling."""
+    h, n = rank.shape
+    padded = rank.new_full((h, n + 2 * block_m), never)
+    padded[:, block_m:block_m + n] = rank  # padded[i] = rank[i - block_m]; the window of y is padded[y : y + block_m]
+    width = 1
+    while width < block_m:  # after each step padded[i] = min over [i, i + 2 width)
+        padded = torch.minimum(padded[:, :-width], padded[:, width:])
+        width *= 2
+    return padded[:, :n + block_m]
+
+
+def _band_weights(n: int, block_m: int, device) -> Tensor:
+    """``w[y]`` with :func:`computed_cells`' band term ``= sum_y w[y] Xa[y]`` (its two sums of ``CX``, regrouped
+    per ``y``): ``[n + block_m]`` int64."""
+    BM = block_m
+    nqb = triton.cdiv(n, BM)
+    last_rows = n - (nqb - 1) * BM
+    rows = torch.full((nqb,), BM, dtype=torch.int64, device=device)
+    rows[-1] = last_rows
+    at = torch.zeros(n + 2 * BM, dtype=torch.int64, device=device)
+    at.index_add_(0, torch.arange(nqb, device=device) * BM + BM, rows)
+    y = torch.arange(n + BM, device=device)
+    later_rows = at.flip(0).cumsum(0).flip(0)[:n + BM]  # sum of rows(qb) over qs + BM >= y
+    below = (BM - y).clamp(min=0)  # #{r < BM : y <= BM - 1 - r}
+    return later_rows - (nqb - 1) * below.clamp(max=BM) - below.clamp(max=last_rows)
+
+
+def band_curve(slash_rank: Tensor, block_m: int, q_offset: int = 0) -> Tensor:
+    """``[h, n + 1]`` int64: for every slash budget ``k`` (the first ``k`` offsets of each head's keep order) the
+    band cells :func:`computed_cells` counts, rows ``[q_offset, n)``, all budgets in one pass (exact)."""
+    h, n = slash_rank.shape
+
+    def curve(rank: Tensor) -> Tensor:
+        m = rank.shape[-1]
+        first = _first_cover(rank, block_m, n)
+        per_rank = torch.zeros(h, n + 1, dtype=torch.int64, device=rank.device)
+        per_rank.scatter_add_(1, first, _band_weights(m, block_m, rank.device).expand(h, -1).contiguous())
+        return torch.nn.functional.pad(per_rank[:, :n].cumsum(-1), (1, 0))
+
+    if q_offset:  # the chunk's rows: all rows minus the prefix's (as computed_cells does)
+        return curve(slash_rank) - curve(slash_rank[:, :q_offset])
+    return curve(slash_rank)
+
+
+def vertical_bound_curve(vertical_order: Tensor, n: int, q_offset: int = 0) -> Tensor:
+    """``[h, n + 1]`` int64: for every vertical budget ``k`` the cells of the first ``k`` columns of each head's
+    keep order, rows ``[q_offset, n)``, as if no band covered them: an upper bound of their computed cells."""
+    rows = n - vertical_order.clamp(min=q_offset)
+    return torch.nn.functional.pad(rows.cumsum(-1), (1, 0))
+
+
+def corrected_search(solve, measure, target: float, rel_tol: float = 0.01, rounds: int = 4):
+    """A budget whose computed fraction is close to ``target`` in a few exact counts (one host sync each) instead
+    of rounds of a grid.
+
+    The band cells of every budget are known exactly at once (:func:`band_curve`), the verticals' only as the
+    bound :func:`vertical_bound_curve` (bands cover some of their cells). ``solve(rho)`` answers the budget whose
+    estimate ``band + rho * bound`` is closest to the target; ``measure(x)`` gives ``(fraction, band, bound)`` of
+    budget ``x`` (fractions of the dense cells), the first one exact. Starting at ``rho = 1`` (no overlap), each
+    round measures the verticals' real share of their bound at the last budget and solves again; it stops within
+    ``rel_tol`` of the target or when the budget repeats, and answers the measured budget closest to the target."""
+    tried: dict = {}
+    x = solve(1.0)
+    for _ in range(rounds):
+        fraction, band, bound = measure(x)
+        tried[x] = fraction
+        if abs(fraction - target) <= rel_tol * target:
+            break
+        rho = (fraction - band) / bound if bound > 0 else 1.0
+        x = solve(min(max(rho, 0.0), 1.0))
+        if x in tried:
+            break
+    return min(tried, key=lambda t: (abs(tried[t] - target), t))
+
+
 def exact_cells(sel_slash: Tensor, sel_vert: Tensor, q_offset: int = 0) -> Tensor:
     """Causal cells of the exact union of the selected columns and diagonals (the reference's count), [h]."""
     return covered_cells(sel_vert, sel_slash, q_offset)
@@ -275,7 +356,42 @@ class VSCandidates:
         self.block_m = block_m
         self.q_offset = q_offset  # the query rows served are [q_offset, n) (a chunk)
         self.dense = self.h * causal_cells(self.n, q_offset)
-        self.seen: dict[tuple[int, int], int] = {}  # computed cells of (num_vertical, num_slash) fractions() saw
+        self.seen: dict[tuple[int, int], int] = {}  # computed cells of the (num_vertical, num_slash) measure() saw
+        self._curves: tuple[Tensor, Tensor] | None = None
+
+    def curves(self) -> tuple[Tensor, Tensor]:
+        """``(band, vertical bound)``, each ``[h, n + 1]``: the cells of every slash / vertical budget of each head
+        (:func:`band_curve`, exact; :func:`vertical_bound_curve`, an upper bound). Computed once per call."""
+        if self._curves is None:
+            self._curves = (band_curve(self.slash_rank, self.block_m, self.q_offset),
+                            vertical_bound_curve(self.vertical_order, self.n, self.q_offset))
+        return self._curves
+
+    def estimate_parts(self, num_vertical: Tensor, num_slash: Tensor) -> tuple[Tensor, Tensor]:
+        """``(band, vertical bound)`` fractions ``[K]`` (device) of K indexes (budgets ``[K, h]``, raised to the forced
+        counts): summed over heads, over the dense cells."""
+        band, bound = self.curves()
+        ks = self.counts_batch(num_slash, self.forced_slash)
+        kv = self.counts_batch(num_vertical, self.forced_vertical)
+        parts = (band.gather(-1, ks.T).sum(0), bound.gather(-1, kv.T).sum(0))
+        return parts[0] / self.dense, parts[1] / self.dense
+
+    def counts_batch(self, count: Tensor, forced: int) -> Tensor:
+        """Budgets ``[K]`` (every head) or ``[K, h]`` as ``[K, h]``, raised to ``forced`` and capped at ``n``."""
+        count = torch.as_tensor(count, device=self.vertical_rank.device)
+        count = count[:, None] if count.dim() == 1 else count
+        return count.expand(count.shape[0], self.h).clamp(min=forced, max=self.n)
+
+    def measure(self, num_vertical: Tensor, num_slash: Tensor, kv_max: int | None = None) -> list[tuple[float, ...]]:
+        """``(fraction, band, vertical bound)`` of K indexes (budgets as :meth:`computed_batch`), one host sync: the
+        exact computed fraction and the curves' two parts (what :func:`corrected_search` needs)."""
+        cells = self.computed_batch(num_vertical, num_slash, kv_max)
+        band, bound = self.estimate_parts(num_vertical, num_slash)
+        rows = torch.stack([cells.double() / self.dense, band.double(), bound.double()], -1).tolist()
+        if torch.as_tensor(num_vertical).dim() == 1 and torch.as_tensor(num_slash).dim() == 1:
+            self.seen.update(zip(zip(num_vertical.tolist(), num_slash.tolist(), strict=True),
+                                 (round(r[0] * self.dense) for r in rows), strict=True))
+        return [tuple(r) for r in rows]
 
     def counts(self, count: Tensor | int, forced: int) -> Tensor:
         count = torch.as_tensor(count, device=self.vertical_rank.device).expand(self.h)
@@ -297,11 +413,9 @@ class VSCandidates:
         ``kv_max`` (known on the host, >= every vertical budget) lets the verticals be read as positions (cheaper
         when few); evaluated in groups whose temporaries stay within about half a GiB."""
         dev = self.vertical_rank.device
-        kv = torch.as_tensor(num_vertical, device=dev)
-        ks = torch.as_tensor(num_slash, device=dev)
+        kv = self.counts_batch(num_vertical, self.forced_vertical)
+        ks = self.counts_batch(num_slash, self.forced_slash)
         K = kv.shape[0]
-        kv = (kv[:, None] if kv.dim() == 1 else kv).expand(K, self.h).clamp(min=self.forced_vertical, max=self.n)
-        ks = (ks[:, None] if ks.dim() == 1 else ks).expand(K, self.h).clamp(min=self.forced_slash, max=self.n)
         group = max(1, BATCH_ELEMENTS // (self.h * (self.n + self.block_m)))
         out = []
         for g0 in range(0, K, group):
@@ -317,17 +431,6 @@ class VSCandidates:
                                        q_offset=self.q_offset)
             out.append(cells.sum(-1))
         return torch.cat(out)
-
-    def fraction(self, num_vertical: Tensor | int, num_slash: Tensor | int) -> float:
-        return float(self.computed(num_vertical, num_slash)) / self.dense
-
-    def fractions(self, num_vertical: Tensor, num_slash: Tensor, kv_max: int | None = None) -> list[float]:
-        """Computed fractions of K indexes (budgets as :meth:`computed_batch`): one host sync for all. Budgets
-        shared by every head (``[K]``) are remembered in :attr:`seen`, so the chosen index's cells need no recount."""
-        cells = self.computed_batch(num_vertical, num_slash, kv_max).tolist()
-        if torch.as_tensor(num_vertical).dim() == 1 and torch.as_tensor(num_slash).dim() == 1:
-            self.seen.update(zip(zip(num_vertical.tolist(), num_slash.tolist(), strict=True), cells, strict=True))
-        return [c / self.dense for c in cells]
 
 
 def grid_search(fractions, target: float, lo: float, hi: float, grid, rel_tol: float = 0.01,
@@ -351,19 +454,6 @@ def grid_search(fractions, target: float, lo: float, hi: float, grid, rel_tol: f
         if abs(seen[best] - target) <= rel_tol * target or not below or not above:
             break
     return min(seen, key=lambda x: (abs(seen[x] - target), x))
-
-
-def grid_search_budget(fractions, target: float, lo: int, hi: int, points: int = 16, rel_tol: float = 0.01) -> int:
-    """:func:`grid_search` over the integers of ``[lo >= 1, hi]`` on geometric grids of ``points``: each round
-    divides the bracket's log-width by ``points - 1`` (2-3 rounds at 128K, where a search of one budget at a time
-    took 5-14 host syncs)."""
-
-    def grid(a: int, b: int) -> list[int]:
-        if b - a <= 1:
-            return [a, b]
-        return sorted({min(b, max(a, round(a * (b / a) ** (i / (points - 1))))) for i in range(points)})
-
-    return grid_search(fractions, target, lo, hi, grid, rel_tol)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -35,9 +35,9 @@ from .index_vertical_slash import (
     VSCandidates,
     block_scores,
     computed_cells,
+    corrected_search,
     exact_cells,
     grid_search,
-    grid_search_budget,
     window_scores,
 )
 from .paged_state import PagedDecodeState, QuestPagedState
@@ -73,15 +73,30 @@ def vs_attention(q: Tensor, k: Tensor, v: Tensor, cand: VSCandidates, kv: Tensor
 
 def vs_closest_budget(cand: VSCandidates, ratio: float, num_vertical: int | None = None,
                       num_slash: int | None = None) -> int:
-    """``k`` whose computed-cell fraction is closest to ``1 / ratio`` (the free one of the two budgets)."""
+    """``k`` whose computed-cell fraction is close to ``1 / ratio`` (the free one of the two budgets):
+    :func:`corrected_search` on the curves of every ``k`` at once, a few exact counts."""
+    band, bound = cand.curves()
+    k = torch.arange(cand.n + 1, device=band.device)
+    ks = (k if num_slash is None else torch.full_like(k, num_slash)).clamp(cand.forced_slash, cand.n)
+    kv = (k if num_vertical is None else torch.full_like(k, num_vertical)).clamp(cand.forced_vertical, cand.n)
+    # every budget's two parts, on the host once: [n + 1] each, over the dense cells
+    band_k = (band.sum(0)[ks].double() / cand.dense).cpu()
+    bound_k = (bound.sum(0)[kv].double() / cand.dense).cpu()
+    target = 1.0 / ratio
 
-    def fractions(ks: list[int]) -> list[float]:
-        k = torch.tensor(ks)
-        kv = k if num_vertical is None else torch.full_like(k, num_vertical)
-        kss = k if num_slash is None else torch.full_like(k, num_slash)
-        return cand.fractions(kv, kss, max(ks) if num_vertical is None else num_vertical)
+    def solve(rho: float) -> int:
+        estimate = band_k[1:] + rho * bound_k[1:]  # non-decreasing in k = 1..n
+        i = int(torch.searchsorted(estimate, torch.tensor([target], dtype=estimate.dtype)))  # first >= target
+        if i == estimate.numel() or (i > 0 and target - estimate[i - 1] <= estimate[i] - target):
+            i -= 1
+        return i + 1
 
-    return grid_search_budget(fractions, 1.0 / ratio, 1, cand.n)
+    def measure(k: int) -> tuple[float, float, float]:
+        kv_k = torch.tensor([k if num_vertical is None else num_vertical])
+        ks_k = torch.tensor([k if num_slash is None else num_slash])
+        return cand.measure(kv_k, ks_k, int(kv_k[0]))[0]
+
+    return corrected_search(solve, measure, target)
 
 
 def vertical_slash_prefill(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec, q_offset: int = 0) -> PrefillOutcome:
@@ -109,12 +124,12 @@ def vertical_slash_prefill(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec, q_
 
 
 # ------------------------------------------------------------------------------------------------ flexprefill
-FLEX_ALPHA_POINTS = 16  # alphas evaluated at once (one host sync); 5 rounds resolve alpha to 15^-5 (~2^-20)
+FLEX_ALPHA_POINTS = 16  # alphas estimated at once (one host sync); 5 rounds resolve alpha to 15^-5 (~2^-20)
 
 
 def grid_search_alpha(fractions, ratio: float, rel_tol: float = 0.01, rounds: int = 5) -> float:
-    """The alpha in [0, 1] whose computed fraction (non-decreasing in alpha) is closest to ``1 / ratio``: the
-    reference's bisection (:func:`..prefill.flexprefill.search_alpha`) one grid of alphas per host sync."""
+    """The alpha in [0, 1] whose fraction (non-decreasing in alpha) is closest to ``1 / ratio``: the reference's
+    bisection (:func:`..prefill.flexprefill.search_alpha`) one grid of alphas per host sync."""
 
     def grid(a: float, b: float) -> list[float]:
         return [a + (b - a) * i / (FLEX_ALPHA_POINTS - 1) for i in range(FLEX_ALPHA_POINTS)]
@@ -145,8 +160,19 @@ def flexprefill_prefill(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec, q_off
     def budgets(a: float | Tensor) -> tuple[Tensor, Tensor]:  # [h] each, or [A, h] for A alphas
         return vcov.count(a).clamp(min=min_budget), scov.count(a).clamp(min=min_budget)
 
-    if alpha is None:
-        alpha = grid_search_alpha(lambda alphas: cand.fractions(*budgets(torch.tensor(alphas))), ratio)
+    if alpha is None:  # corrected_search over alpha: the grid on the curves' estimate, then exact counts
+        def solve(rho: float) -> float:
+            def estimates(alphas: list[float]) -> list[float]:
+                band, bound = cand.estimate_parts(*budgets(torch.tensor(alphas)))
+                return (band + rho * bound).tolist()
+
+            return grid_search_alpha(estimates, ratio)
+
+        def measure(a: float) -> tuple[float, float, float]:
+            nv_a, ns_a = budgets(a)
+            return cand.measure(nv_a[None], ns_a[None])[0]
+
+        alpha = corrected_search(solve, measure, 1.0 / ratio)
     nv, ns = budgets(alpha)
     kv = cand.counts(nv, cand.forced_vertical)
     ks = cand.counts(ns, cand.forced_slash)
