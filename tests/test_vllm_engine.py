@@ -352,9 +352,9 @@ def test_steps_that_may_run_a_sparse_row_never_replay_a_full_cuda_graph(monkeypa
                      {CUDAGraphMode.FULL}]
 
 
-def test_the_parent_kernel_attends_only_within_the_rows_this_backend_writes(monkeypatch):
+def test_the_parent_kernel_attends_only_within_the_rows_this_backend_writes(monkeypatch, tmp_path):
     """The backend writes the output of a sparse prefill chunk and of a sparse decode step itself, so vLLM's own
-    kernel gets those rows cut to their query length (it still writes their keys and values: slot_mapping is
+    kernel gets those rows cut to one key (it still writes their keys and values: slot_mapping is
     untouched) and stops reading their whole context; a dense request's rows, and a sparse-decode request's
     dense prefill chunk, keep their lengths. The step's own metadata is left as it was."""
     from vllm.v1.attention.backend import CommonAttentionMetadata
@@ -382,9 +382,24 @@ def test_the_parent_kernel_attends_only_within_the_rows_this_backend_writes(monk
     plan = make_plan(common)
     assert [r.row for r in plan.decode] == [1] and [r.row for r in plan.prefill] == [2, 3]
     parent = parent_metadata(common, plan)
-    assert parent.seq_lens.tolist() == parent.seq_lens_cpu_upper_bound.tolist() == [100, 1, 64, 64]
+    assert parent.seq_lens.tolist() == parent.seq_lens_cpu_upper_bound.tolist() == [100, 1, 1, 64]
     assert parent.max_seq_len == 100 and parent.slot_mapping is common.slot_mapping
     assert common.seq_lens.tolist() == seq_lens and common.max_seq_len == 192
+    # a chunk the dense-fallback rule runs dense (here: a method whose index costs a second) is the parent's: not
+    # cut, so vLLM's kernel attends for it at its own speed; its report says it fell back
+    from attention_backends import engine_impl
+    from attention_backends.prefill_cost import PROFILE_ENV
+
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps({"card": "test", "impl": engine_impl(torch.device("cpu")), "head_dim": 16,
+                                "dense": {"per_cell_s": 1e-12},
+                                "methods": {"block_sparse/b16": {"fixed_s": 1.0, "per_cell_s": 1e-12}}}))
+    monkeypatch.setenv(PROFILE_ENV, str(path))
+    monkeypatch.setattr(ws, "HEADS", (4, 16))
+    plan = make_plan(common)
+    chunk = plan.prefill[0]
+    assert not chunk.owned and chunk.fallback.fallback == "dense" and chunk.fallback.achieved_compression_ratio == 1
+    assert parent_metadata(common, plan).seq_lens.tolist() == [100, 1, 192, 64]
     ws.SLOTS[1].disable("test")
     ws.SLOTS[2].disable("test")
     assert parent_metadata(common, make_plan(common)) is common  # only a dense prefill chunk left

@@ -3,10 +3,12 @@ sparse methods for the rows of sparse requests and leave everything else to the 
 
 * The metadata builder (once per step and KV-cache group) asks :mod:`.worker_state` which rows belong to
   sparse requests and attaches a :class:`SparsePlan` to the parent's metadata (nothing when no row is
-  sparse: the parent's metadata goes out untouched). The rows whose output this backend writes (a chunk of a
-  sparse prefill method, a step of a sparse decode method) reach the parent with their sequence length cut to
-  their query length (:func:`parent_metadata`): the parent still writes their keys and values into the paged
-  cache, but attends for them over their own few tokens only, not over their whole context.
+  sparse: the parent's metadata goes out untouched). It also asks the dense-fallback rule of each prefill chunk
+  (``attention_backends.prefill_cost``): a chunk the rule runs dense is the parent's, at its kernel's speed.
+  The rows whose output this backend writes (a chunk of a sparse prefill method that the rule lets run, a step
+  of a sparse decode method) reach the parent with their sequence length cut to one token
+  (:func:`parent_metadata`): the parent still writes their keys and values into the paged cache, but its causal
+  kernel finds (almost) no key for their queries and skips their attention.
 * The impl runs the parent kernel for the whole batch, then computes the rows of sparse requests from the
   fresh ``query``/``key``/``value`` of the step and writes them into ``output``:
   - prefill rows (the prompt's chunk): the prefill method (``attention_backends.sparse_prefill``) on the
@@ -23,6 +25,8 @@ sparse methods for the rows of sparse requests and leave everything else to the 
 from __future__ import annotations
 
 import logging
+import os
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +40,7 @@ from attention_backends import engine_impl, prepare_decode, sparse_decode, spars
 from attention_backends.cost import causal_cells
 from attention_backends.prefill.common import ChunkNotAligned
 from attention_backends.prefill.dense import sdpa
+from attention_backends.prefill_cost import prefill_fallback
 from attention_backends.reports import PrefillCallReport
 
 from . import compat
@@ -52,13 +57,16 @@ class SparseRow:
     end: int
     context: int  # tokens already in the cache before this step
     state: ws.RequestState
+    fallback: PrefillCallReport | None = None  # a prefill chunk the dense-fallback rule runs dense: its report
 
     @property
     def owned(self) -> bool:
-        """Whether this backend writes the row's output (its phase's method is sparse): then the parent need not
-        attend for it."""
+        """Whether this backend writes the row's output (its phase's method is sparse and, for a prefill chunk, the
+        fallback rule lets it run): then the parent need not attend for it."""
         spec = self.state.spec
-        return not (spec.prefill if self.context < self.state.prompt_len else spec.decode).is_dense
+        if self.context < self.state.prompt_len:
+            return not spec.prefill.is_dense and self.fallback is None
+        return not spec.decode.is_dense
 
 
 @dataclass
@@ -97,6 +105,10 @@ def make_plan(common) -> SparsePlan | None:
                 state.disable(f"its prompt starts at token {context} (prefix-cache hit); the sparse "
                               "state needs the whole prompt fresh")
                 continue
+            if ws.HEADS is not None:  # the rule asks about this chunk: queries [context, seq_len) over all keys
+                heads, head_dim = ws.HEADS
+                row.fallback = prefill_fallback(state.spec.prefill, (heads, int(seq_lens[r]), head_dim),
+                                                common.seq_lens.device, engine_impl(common.seq_lens.device), context)
             plan.prefill.append(row)
         else:
             if end - start != 1:
@@ -109,17 +121,19 @@ def make_plan(common) -> SparsePlan | None:
 
 
 def parent_metadata(common, plan: SparsePlan):
-    """``common`` with the rows this backend writes (:attr:`SparseRow.owned`) cut to their query length: the
-    parent kernel then attends for each of them over as many keys as it has queries (vLLM treats the row as a
-    prompt of its own; slot_mapping, hence the cache write, is untouched) instead of over its whole context."""
+    """``common`` with the rows this backend writes (:attr:`SparseRow.owned`) cut to one key: vLLM's kernels align
+    the causal mask of a row bottom-right (query ``i`` of ``m`` sees the first ``i + 1 + seq_len - m`` keys), so such
+    a row's queries see at most its first key and the kernel skips their tiles (slot_mapping, hence the cache write,
+    is untouched). Cut to their query length instead, a whole 128K prompt kept its whole causal square: the parent's
+    dense pass stayed (H200, 2026-12-01: 214 ms per layer beside the method's 37)."""
     owned = [row for row in plan.prefill + plan.decode if row.owned]
     if not owned:
         return common
     lens = list(plan.seq_lens)
     for row in owned:
-        lens[row.row] = row.end - row.start
+        lens[row.row] = 1
     rows = torch.tensor([row.row for row in owned])
-    cut = torch.tensor([lens[row.row] for row in owned], dtype=common.seq_lens.dtype)
+    cut = torch.ones(len(owned), dtype=common.seq_lens.dtype)
     seq_lens = common.seq_lens.clone()
     seq_lens[rows.to(seq_lens.device)] = cut.to(seq_lens.device)
     upper = common.seq_lens_cpu_upper_bound
@@ -141,6 +155,27 @@ class SparseBuilderMixin:
         return metadata
 
 
+TIMING = os.environ.get("SPARSE_SERVE_VLLM_TIMING") == "1"  # log each sparse step's split (synchronises: slow)
+
+
+class _StepTimer:
+    """Wall time between laps, the device synchronised at each (a diagnostic: SPARSE_SERVE_VLLM_TIMING=1)."""
+
+    def __init__(self):
+        self._sync()
+        self.t = time.perf_counter()
+
+    @staticmethod
+    def _sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def lap(self) -> float:
+        self._sync()
+        t, self.t = self.t, time.perf_counter()
+        return (self.t - t) * 1e3
+
+
 class SparseImplMixin:
     """Overrides ``forward``; everything else (cache writes, validation, the dense kernel) is the parent's."""
 
@@ -149,20 +184,27 @@ class SparseImplMixin:
         reason = self._unsupported()
         if reason is not None:  # known before any step is planned, so no row is ever cut for this model
             ws.UNSUPPORTED = reason
+        ws.HEADS = (self.num_heads, self.head_size)  # type: ignore[attr-defined]
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+        plan = getattr(attn_metadata, "sparse_plan", None)
+        timer = _StepTimer() if plan is not None and TIMING else None
         output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,  # type: ignore[misc]
                                  *args, **kwargs)
-        plan = getattr(attn_metadata, "sparse_plan", None)
         if plan is None:
             return output
         name = getattr(layer, "layer_name", None) or str(id(layer))
+        parent_ms = timer.lap() if timer else 0.0
         out = output.view(query.shape[0], self.num_heads, -1)  # type: ignore[attr-defined]
         with torch.inference_mode():
             for row in plan.prefill:
                 self._prefill_row(name, row, query, key, value, out)
             for row in plan.decode:
                 self._decode_row(name, row, query, key, value, out)
+        if timer:
+            log.warning("%s: parent kernel %.2f ms (max_seq_len %s), sparse rows %.2f ms (%d prefill, %d decode)",
+                        name, parent_ms, getattr(attn_metadata, "max_seq_len", "?"), timer.lap(),
+                        len(plan.prefill), len(plan.decode))
         return output
 
     def _unsupported(self) -> str | None:
@@ -190,11 +232,11 @@ class SparseImplMixin:
         n, ctx = row.end - row.start, row.context
         h, d = q.shape[0], q.shape[2]
         phase, impl = st.spec.prefill, engine_impl(q.device)
-        report = None
+        report = row.fallback  # the rule ran this chunk dense: the parent's output stands
         if row.owned:  # a sparse prefill phase: the parent did not attend for this row (parent_metadata)
             # a chunk attends to the earlier chunks' keys too (kept fresh below); docs/methods.md, chunked prefill
             k_all, v_all = (ws.cat(ls.k + [k]), ws.cat(ls.v + [v])) if ctx else (k, v)
-            try:  # the method, or dense attention with the fallback rule's report
+            try:  # the method (the rule, asked again with these shapes, agrees with the plan's)
                 res, report = sparse_prefill(q, k_all, v_all, st.spec, impl=impl, q_offset=ctx)
             except ChunkNotAligned as e:  # vLLM chose where this chunk starts: it runs dense
                 log.warning("request %s: a prefill chunk of its %s runs dense: %s", st.key, phase.method, e)

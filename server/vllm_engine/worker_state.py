@@ -115,6 +115,7 @@ class RequestState:
 
 SLOTS: dict[int, RequestState] = {}
 UNSUPPORTED: str | None = None  # why this model's attention cannot run the methods (set by the impls at start)
+HEADS: tuple[int, int] | None = None  # (query heads of this rank, head dim) of the attention layers (the impls)
 _SHAPE: ModelShape | None = None
 WRITES_COST = True  # False on tensor-parallel ranks other than 0
 
