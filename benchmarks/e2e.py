@@ -232,9 +232,10 @@ class BareVllm:
 
 
 def make_engine(name: str, model: str, max_model_len: int, tiny: bool, kv_memory: int | None = None,
-                prefill_chunk: int | None = None):
-    """``kv_memory``: bytes of KV cache (bare vLLM and native); default: each engine's own. ``prefill_chunk``: the
-    native engine's ``max_prefill_chunk`` (default: its own)."""
+                prefill_chunk: int | None = None, sparse_prefill_chunk: int | None = None):
+    """``kv_memory``: bytes of KV cache (bare vLLM and native); default: each engine's own. ``prefill_chunk`` and
+    ``sparse_prefill_chunk``: the native engine's ``max_prefill_chunk`` and ``max_sparse_prefill_chunk`` (default:
+    its own)."""
     cpu = tiny
     if name == "vllm":
         return BareVllm(model, max_model_len, cpu, kv_memory)
@@ -254,6 +255,8 @@ def make_engine(name: str, model: str, max_model_len: int, tiny: bool, kv_memory
         # activations beside it (96 GiB ran out of memory there on an H200)
         memory = kv_memory or ((256 << 20) if cpu else (80 << 30))
         chunk = {} if prefill_chunk is None else {"max_prefill_chunk": prefill_chunk}
+        if sparse_prefill_chunk is not None:
+            chunk["max_sparse_prefill_chunk"] = sparse_prefill_chunk
         return ServingEngine(NativeEngine.from_options(EngineOptions(model=model, max_model_len=max_model_len,
                                                                      kv_cache_memory=memory, max_num_seqs=128,
                                                                      device="cpu" if cpu else "auto", **chunk)))
@@ -490,7 +493,8 @@ async def run(args) -> None:
     max_len = protocol.long_context + protocol.decode_max_tokens
     t0 = time.monotonic()
     engine = make_engine(args.engine, args.dir, max_len, args.tiny, kv_memory,
-                         args.prefill_chunk if args.prefill_chunk is not None else protocol.prefill_chunk)
+                         args.prefill_chunk if args.prefill_chunk is not None else protocol.prefill_chunk,
+                         args.sparse_prefill_chunk)
     await engine.start()
     load_s = time.monotonic() - t0
     log(f"{args.engine} ready in {load_s:.0f} s")
@@ -499,7 +503,8 @@ async def run(args) -> None:
                   patterns=set(args.patterns.split(",")) if args.patterns else None)
     result: dict = {"engine": args.engine, "device": device_name(), "load_s": load_s, "parts": list(parts),
                     "protocol": protocol.__dict__, "ttft": [], "decode": [], "capacity": [],
-                    "kv_memory_mib": args.kv_memory_mib, "versions": versions()}
+                    "kv_memory_mib": args.kv_memory_mib, "sparse_prefill_chunk": args.sparse_prefill_chunk,
+                    "versions": versions()}
     saver = asyncio.create_task(save_every(Path(args.out), result, 5.0))  # a call killed mid-part keeps its rows
     try:
         for part in parts:
@@ -762,6 +767,8 @@ def main() -> None:
                         "engines on the same memory); default: each engine's own")
     r.add_argument("--prefill-chunk", type=int, default=None,
                    help="the native engine's --max-prefill-chunk (default: the engine's; --tiny: 256)")
+    r.add_argument("--sparse-prefill-chunk", type=int, default=None,
+                   help="the native engine's --max-sparse-prefill-chunk (default: the engine's)")
     r.add_argument("--patterns", default=None,
                    help="comma-separated patterns to measure in the ttft and decode parts (e.g. dense,quest:10, to "
                         "re-measure some cases beside their dense baseline); default: every pattern")
