@@ -657,6 +657,12 @@ def pivot(rows: list[dict], kind: str) -> list[str]:
     return out
 
 
+def part_names(paths: list[str]) -> list[str]:
+    """The part files relative to the folder that holds them all (``a.json session4/a.json``): unambiguous."""
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+    return [os.path.relpath(os.path.abspath(p), root) for p in paths]
+
+
 def report(paths: list[str], out_dir: str) -> Path:
     engines = merge(paths)
     card = next(iter(engines.values()))["device"]
@@ -666,7 +672,7 @@ def report(paths: list[str], out_dir: str) -> Path:
     stem.with_suffix(".json").write_text(json.dumps({"card": card, "engines": engines, "ratios": rows,
                                                      "agreement": agree}, indent=1))
     lines = [f"# End-to-end benchmark on {card}, {dt.date.today().isoformat()}", "",
-             f"`python benchmarks/e2e.py report {' '.join(Path(p).name for p in paths)}` over the part files of the "
+             f"`python benchmarks/e2e.py report {' '.join(part_names(paths))}` over the part files of the "
              "device calls in `benchmarks/e2e.py`'s docstring. In brackets: speedup against bare vLLM dense of the "
              "same run (TTFT: vLLM's time over this time; decode: this rate over vLLM's).", "",
              "## Time to first token (one request alone)", "", *pivot(rows, "TTFT"), "",
