@@ -115,12 +115,6 @@ def card_slug(name: str) -> str:
 
 @functools.lru_cache(maxsize=16)
 def load_profile(path: str) -> PrefillProfile:
-    """The profile in ``path``, parsed once per version of the file (every layer of every chunk asks for it)."""
-    return _parsed_profile(path, os.stat(path).st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=16)
-def _parsed_profile(path: str, mtime_ns: int) -> PrefillProfile:
     return PrefillProfile.from_dict(json.loads(Path(path).read_text()))
 
 
