@@ -18,7 +18,8 @@
 # then here: python benchmarks/e2e.py report PARTS.json... --out-dir benchmarks/results
 # A call carries at most 64 MiB, the working tree included: with deps.tar + vllm.00 (60 MB) the tracked files
 # must stay under about 7 MB; on 2026-11-30 the accuracy results (4.5 MB) were moved aside for the calls.
-# Native steps alone need only .device-bundle/stash and deps.tar (the server's wheels) in the first call.
+# Native steps alone need only .device-bundle/stash and deps.tar (the server's wheels, benchmarks/device_bundle.sh)
+# in the first call.
 set -eu
 dir=/tmp/e2e-model
 out=${OUT:-/tmp/e2e-out}
