@@ -162,9 +162,14 @@ def predict(profile: PrefillProfile, phase: PhaseSpec, n: int, heads: int, head_
             profile.dense_terms(q_offset).seconds(n, heads, dense_cells, dense_cells, scale))
 
 
+def may_fall_back(phase: PhaseSpec) -> bool:
+    """Whether the request lets the rule run ``phase`` as dense at all (see the module docstring)."""
+    return not (phase.is_dense or phase.fallback == "never" or phase.compression_ratio <= 1.0)
+
+
 def applies(phase: PhaseSpec, profile: PrefillProfile | None) -> bool:
-    """Whether the rule may run ``phase`` as dense at all (see the module docstring)."""
-    return not (profile is None or phase.is_dense or phase.fallback == "never" or phase.compression_ratio <= 1.0)
+    """Whether the rule may run ``phase`` as dense on a device with ``profile``."""
+    return profile is not None and may_fall_back(phase)
 
 
 @functools.lru_cache(maxsize=4096)  # once per (request spec, chunk): every layer asks the same question
@@ -207,7 +212,7 @@ def prefill_fallback(phase: PhaseSpec, q_shape: torch.Size | tuple[int, ...], de
     """The rule for one layer's call (``q_shape`` is ``[h, n, d]``, ``impl`` the implementation that would run;
     a prefill chunk's queries start at ``q_offset``, its keys are all ``n``): None when the method runs, else the
     report of the dense attention that runs instead."""
-    if phase.is_dense or phase.fallback == "never":  # no file or device lookup for what cannot fall back
+    if not may_fall_back(phase):  # no file or device lookup for what cannot fall back
         return None
     h, n, d = q_shape
     fallback = decide(phase, n, h, d, device_profile(device, impl), q_offset)

@@ -368,13 +368,13 @@ class VSCandidates:
         return self._curves
 
     def estimate_parts(self, num_vertical: Tensor, num_slash: Tensor) -> tuple[Tensor, Tensor]:
-        """``(band, vertical bound)`` fractions ``[K]`` (device) of K indexes (budgets ``[K, h]``, raised to the forced
-        counts): summed over heads, over the dense cells."""
+        """``(band, vertical bound)`` fractions ``[K]`` (float64, device) of K indexes (budgets ``[K]`` or ``[K, h]``,
+        raised to the forced counts): summed over heads, over the dense cells."""
         band, bound = self.curves()
         ks = self.counts_batch(num_slash, self.forced_slash)
         kv = self.counts_batch(num_vertical, self.forced_vertical)
-        parts = (band.gather(-1, ks.T).sum(0), bound.gather(-1, kv.T).sum(0))
-        return parts[0] / self.dense, parts[1] / self.dense
+        return (band.gather(-1, ks.T).sum(0).double() / self.dense,
+                bound.gather(-1, kv.T).sum(0).double() / self.dense)
 
     def counts_batch(self, count: Tensor, forced: int) -> Tensor:
         """Budgets ``[K]`` (every head) or ``[K, h]`` as ``[K, h]``, raised to ``forced`` and capped at ``n``."""
@@ -387,7 +387,7 @@ class VSCandidates:
         exact computed fraction and the curves' two parts (what :func:`corrected_search` needs)."""
         cells = self.computed_batch(num_vertical, num_slash, kv_max)
         band, bound = self.estimate_parts(num_vertical, num_slash)
-        rows = torch.stack([cells.double() / self.dense, band.double(), bound.double()], -1).tolist()
+        rows = torch.stack([cells.double() / self.dense, band, bound], -1).tolist()
         if torch.as_tensor(num_vertical).dim() == 1 and torch.as_tensor(num_slash).dim() == 1:
             self.seen.update(zip(zip(num_vertical.tolist(), num_slash.tolist(), strict=True),
                                  (round(r[0] * self.dense) for r in rows), strict=True))

@@ -75,13 +75,10 @@ def vs_closest_budget(cand: VSCandidates, ratio: float, num_vertical: int | None
                       num_slash: int | None = None) -> int:
     """``k`` whose computed-cell fraction is close to ``1 / ratio`` (the free one of the two budgets):
     :func:`corrected_search` on the curves of every ``k`` at once, a few exact counts."""
-    band, bound = cand.curves()
-    k = torch.arange(cand.n + 1, device=band.device)
-    ks = (k if num_slash is None else torch.full_like(k, num_slash)).clamp(cand.forced_slash, cand.n)
-    kv = (k if num_vertical is None else torch.full_like(k, num_vertical)).clamp(cand.forced_vertical, cand.n)
-    # every budget's two parts, on the host once: [n + 1] each, over the dense cells
-    band_k = (band.sum(0)[ks].double() / cand.dense).cpu()
-    bound_k = (bound.sum(0)[kv].double() / cand.dense).cpu()
+    k = torch.arange(cand.n + 1, device=cand.vertical_rank.device)
+    kv = k if num_vertical is None else torch.full_like(k, num_vertical)
+    ks = k if num_slash is None else torch.full_like(k, num_slash)
+    band_k, bound_k = (part.cpu() for part in cand.estimate_parts(kv, ks))  # every k's parts, [n + 1] each
     target = 1.0 / ratio
 
     def solve(rho: float) -> int:
