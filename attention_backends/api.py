@@ -66,7 +66,7 @@ def engine_impl(device: torch.device) -> str:
 
 
 def sparse_prefill(q: Tensor, k: Tensor, v: Tensor, spec: SparseSpec, *, impl: str = "reference",
-                   q_offset: int = 0) -> tuple[Tensor, PrefillCallReport]:
+                   q_offset: int = 0, defer: bool = False) -> tuple[Tensor, PrefillCallReport]:
     """Causal attention over the prompt with ``spec.prefill``; returns ``out [h, n, d]`` and its report.
     ``q``/``k``/``v`` may be views (e.g. ``[n, h, d]`` transposed): the Triton kernels get contiguous rows.
 
@@ -77,7 +77,11 @@ def sparse_prefill(q: Tensor, k: Tensor, v: Tensor, spec: SparseSpec, *, impl: s
     Chunked prefill: ``q [h, m, d]`` holds the queries of positions ``[q_offset, n)`` and ``k``/``v`` all ``n``
     keys; the method runs on that chunk (``docs/methods.md``, "Chunked prefill"; the fallback is decided for the
     chunk: its queries against its ``n`` keys) and the report covers the chunk's causal cells (a request's reports
-    sum over its chunks)."""
+    sum over its chunks).
+
+    ``defer``: the report may hold device scalars (:attr:`PrefillCallReport.pending`; the Triton vertical_slash
+    path reads nothing back from the device) for the caller to read once, later (:meth:`~PrefillCallReport.resolved`;
+    engines do it when a request's prefill ends). Otherwise the report holds Python numbers."""
     check_shapes(q, k, v, q_offset)
     h, _, d = q.shape
     n = k.shape[1]
@@ -94,12 +98,12 @@ def sparse_prefill(q: Tensor, k: Tensor, v: Tensor, spec: SparseSpec, *, impl: s
         target_compression_ratio=phase.compression_ratio,
         computed_cells=outcome.computed_cells,
         dense_cells=dense,
-        attention_flops=float(outcome.computed_cells * flops_per_cell(d)),
+        attention_flops=outcome.computed_cells * flops_per_cell(d),
         dense_attention_flops=float(dense * flops_per_cell(d)),
         indexing_flops=float(outcome.indexing_flops),
         details=outcome.details,
     )
-    return outcome.out, report
+    return outcome.out, (report if defer else report.resolved())
 
 
 def prepare_decode(q: Tensor, k: Tensor, v: Tensor, spec: SparseSpec, *, impl: str = "reference") -> DecodeState:

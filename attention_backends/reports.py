@@ -8,8 +8,10 @@ query heads of its GQA group). FLOPs use the convention of :mod:`attention_backe
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
+
+import torch
 
 from .cost import flops_per_cell
 
@@ -21,8 +23,17 @@ def ratio(dense: float, actual: float) -> float:
     return dense / actual
 
 
+def _read(x: Any) -> Any:
+    """A device scalar (0-dim tensor) as its Python number; anything else as it is."""
+    return x.item() if isinstance(x, torch.Tensor) else x
+
+
 @dataclass
 class PrefillCallReport:
+    """One layer's prefill. A sync-free fast path leaves ``computed_cells``, ``attention_flops`` and some
+    ``details`` as device scalars (``pending``): the consumer reads them once, when it needs the numbers
+    (:meth:`resolved`), so a prefill never waits on the device per layer."""
+
     method: str
     target_compression_ratio: float
     computed_cells: int  # causal cells the method really computed, summed over query heads
@@ -40,6 +51,18 @@ class PrefillCallReport:
         and ``target_compression_ratio`` are the request's when its method fell back to dense."""
         flops = float(cells * flops_per_cell(head_dim))
         return cls(method, target_compression_ratio, cells, cells, flops, flops, fallback=fallback)
+
+    @property
+    def pending(self) -> bool:
+        """Whether some numbers are still device scalars (see :meth:`resolved`)."""
+        return any(isinstance(x, torch.Tensor)
+                   for x in (self.computed_cells, self.attention_flops, *self.details.values()))
+
+    def resolved(self) -> PrefillCallReport:
+        """This report with its device scalars read into Python numbers (waits for the device if any)."""
+        return replace(self, computed_cells=int(_read(self.computed_cells)),
+                       attention_flops=float(_read(self.attention_flops)),
+                       details={key: _read(value) for key, value in self.details.items()})
 
     @property
     def achieved_compression_ratio(self) -> float:

@@ -15,6 +15,7 @@ Writes ``kernels-<card>-<date>.json`` (and a copy of the printed table) under ``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -133,6 +134,13 @@ def sample_rows(n, count=6, block=64):
 
 
 # ---------------------------------------------------------------------------------------------- prefill
+def settled(outcome):
+    """A fast path's outcome with its device scalars (counts left on the device, no sync) read."""
+    read = lambda x: x.item() if isinstance(x, torch.Tensor) else x  # noqa: E731
+    return dataclasses.replace(outcome, computed_cells=int(read(outcome.computed_cells)),
+                               details={key: read(value) for key, value in outcome.details.items()})
+
+
 def vs_and_flex(q, k, v, n, heads, rows, dense_cells, flops_cell, sdpa_ms, do_flex):
     """vertical_slash and flexprefill at n: window estimate, checks, timings and breakdowns."""
     nn_ = torch.arange(n, device="cuda")
@@ -151,7 +159,7 @@ def vs_and_flex(q, k, v, n, heads, rows, dense_cells, flops_cell, sdpa_ms, do_fl
 
     # --- vertical_slash r=10
     phase = parse_pattern("vertical_slash:10").prefill
-    outcome = M.vertical_slash_prefill(q, k, v, phase)
+    outcome = settled(M.vertical_slash_prefill(q, k, v, phase))
     kk = outcome.details["num_vertical"]
     cand = VSCandidates(cols, slash, W, 4, 64, M.VS_BLOCK)
     sel_s = cand.slash_rank < cand.counts(kk, cand.forced_slash)[:, None]
@@ -190,6 +198,17 @@ def vs_and_flex(q, k, v, n, heads, rows, dense_cells, flops_cell, sdpa_ms, do_fl
                                                       exact=(sel_s.view(torch.int8), sel_v.view(torch.int8))))
     record(f"  vs attention kernel only, exact mask n={n}", exact_ms,
            tflops_computed=outcome.computed_cells * flops_cell / exact_ms / 1e9)
+    from attention_backends.kernels import sparse_prefill as SP
+
+    word, SP.EXACT_WORD = SP.EXACT_WORD, 96 - SP.EXACT_WORD  # the other per-cell test: 32-bit words <-> 64-bit
+    other = sparse_prefill_attention(q, k, v, rel=(r_, w_, c_), cols=(pos, cc, cov),
+                                     exact=(sel_s.view(torch.int8), sel_v.view(torch.int8)))
+    check(f"exact mask with {SP.EXACT_WORD}-bit words == {word}-bit n={n}", rel(other, out_chk), 1e-3)
+    other_ms = bench(lambda: sparse_prefill_attention(q, k, v, rel=(r_, w_, c_), cols=(pos, cc, cov),
+                                                      exact=(sel_s.view(torch.int8), sel_v.view(torch.int8))))
+    SP.EXACT_WORD = word
+    record(f"  vs attention kernel only, exact mask, {96 - word}-bit words n={n}", other_ms,
+           tflops_computed=outcome.computed_cells * flops_cell / other_ms / 1e9)
     if do_flex and n >= 131072:
         try:
             flex_vs(q, k, v, sel_s, sel_v, n, exact_ms)
@@ -200,7 +219,7 @@ def vs_and_flex(q, k, v, n, heads, rows, dense_cells, flops_cell, sdpa_ms, do_fl
 
     # --- flexprefill r~10
     phase = parse_pattern("flexprefill:10").prefill
-    outcome = M.flexprefill_prefill(q, k, v, phase)
+    outcome = settled(M.flexprefill_prefill(q, k, v, phase))
     fx_ms = bench(lambda: M.flexprefill_prefill(q, k, v, phase))
     record(f"flexprefill r=10 n={n} (index+attention)", fx_ms, sdpa_ms, alpha=outcome.details["alpha"],
            min_budget=outcome.details["min_budget"], achieved_r=dense_cells / outcome.computed_cells)

@@ -47,3 +47,7 @@ def test_triton_path_matches_pytorch_path(pattern, chunk, length):
         assert a.logprob == pytest.approx(b.logprob, abs=1e-3)
     assert (triton_path.final.cost.decode.achieved_compression_ratio
             == pytest.approx(torch_path.final.cost.decode.achieved_compression_ratio))
+    # the prefill's cost is in, read from the device when the prefill ended (the Triton reports defer it)
+    fast, ref = triton_path.final.cost.prefill, torch_path.final.cost.prefill
+    assert fast.dense_units == ref.dense_units and 0 < fast.actual_units <= fast.dense_units
+    assert not isinstance(fast.actual_units, torch.Tensor) and not isinstance(fast.attention_flops, torch.Tensor)

@@ -28,8 +28,10 @@ from attention_backends.kernels.index_vertical_slash import (  # noqa: E402
     computed_cells,
     corrected_search,
     exact_cells,
+    first_cover,
     triton_mean_pool,
     vertical_bound_curve,
+    vertical_cells,
     window_scores,
 )
 from attention_backends.kernels.methods import vs_closest_budget  # noqa: E402
@@ -256,9 +258,11 @@ def test_a_batch_of_indexes_counts_each_indexs_cells():
             assert int(batch[i]) == int(computed_cells(sel_s, sel_v, bm, q_offset=q_offset).sum())
         full = cand.computed_batch(kv, ks)
         assert torch.equal(full[:3], batch) and int(full[3]) == int(cand.computed(200, ks[3]))
-        # the search remembers the cells of the budgets it tried: the chosen index's report needs no recount
-        k = vs_closest_budget(cand, 4.0)
-        assert cand.seen[(k, k)] == int(computed_cells(*cand.select(k, k)[:2], bm, q_offset=q_offset).sum())
+        # the search answers the chosen index's cells with it: the report needs no recount
+        k, cells = vs_closest_budget(cand, 4.0)
+        assert int(cells) == int(computed_cells(*cand.select(k, k)[:2], bm, q_offset=q_offset).sum())
+        # the direct count (the default on CUDA: band curve + vertical_cells) is the closed form's
+        assert torch.equal(cand.computed_batch(kv, ks, direct=True), full)
 
 
 def test_the_curves_give_every_budgets_cells():
@@ -273,12 +277,17 @@ def test_the_curves_give_every_budgets_cells():
         band = band_curve(rank_s, bm, q_offset)
         bound = vertical_bound_curve(order_v, n, q_offset)
         none = torch.zeros(h, n, dtype=torch.bool)
-        for k in (0, 1, 5, 17, 64, n // 2, n - 1, n):
+        ks_ = (0, 1, 5, 17, 64, n // 2, n - 1, n)
+        # the verticals' exact share, every budget at once by direct count (the CUDA path of computed_batch)
+        kk = torch.tensor(ks_)[:, None].expand(-1, h)
+        vert = vertical_cells(first_cover(rank_s, bm, n), order_v, kk, kk, n, bm, q_offset)
+        for i, k in enumerate(ks_):
             sel_s, sel_v = rank_s < k, rank_v < k
             assert torch.equal(band[:, k], computed_cells(sel_s, none, bm, q_offset=q_offset))
             assert torch.equal(bound[:, k], computed_cells(none, sel_v, bm, q_offset=q_offset))
             both = computed_cells(sel_s, sel_v, bm, q_offset=q_offset)
             assert bool((band[:, k] <= both).all() and (both <= band[:, k] + bound[:, k]).all())
+            assert torch.equal(band[:, k] + vert[i], both)
 
 
 def test_corrected_search_lands_near_the_target_in_few_counts():
@@ -298,17 +307,24 @@ def test_corrected_search_lands_near_the_target_in_few_counts():
         def solve(rho: float, target=target) -> int:
             return min(range(1, n + 1, 7), key=lambda k: abs(band[k] + rho * bound[k] - target))  # noqa: B023
 
-        def measure(k: int, counts=counts) -> tuple[float, float, float]:
+        def measure(k, counts=counts) -> tuple[float, float, float, float]:
+            k = int(k)
             counts.append(k)
-            return exact(k), band[k], bound[k]
+            return exact(k), band[k], bound[k], 1000.0 * k
 
-        k = corrected_search(solve, measure, target)
-        assert abs(exact(k) - target) <= 0.01 * target and len(counts) <= 4
+        k, cells = corrected_search(solve, measure, target)
+        k = int(k)
+        assert abs(exact(k) - target) <= 0.01 * target and len(counts) <= 3 and float(cells) == 1000.0 * k
+        # on a GPU the search cannot look at a measure without waiting: it runs every round, and lands as well
+        del counts[:]
+        k_all, _ = corrected_search(solve, measure, target, stop_early=False)
+        assert abs(exact(int(k_all)) - target) <= 0.01 * target and len(counts) == 3
         if target == 0.3:  # the bound's first answer misses here; the correction is what lands it
             assert abs(exact(solve(1.0)) - target) > 0.05 * target and len(counts) >= 2
     # a fraction with a step: no budget within 1%; the closest measured one is answered
     step = {k: (0.05 if k < 777 else 0.2) for k in (1, 776, 777, 10_000)}
-    k = corrected_search(lambda rho: 777 if rho == 1.0 else 776, lambda k: (step[k], step[k], 0.0), 0.13)
+    k, _ = corrected_search(lambda rho: 777 if rho == 1.0 else 776, lambda k: (step[int(k)], step[int(k)], 0.0, 0.0),
+                            0.13)
     assert k == 777  # 0.2 is 0.07 away (0.05: 0.08)
 
 
@@ -322,13 +338,14 @@ def test_vertical_slash_budget_search_matches_an_exhaustive_one():
         cand = VSCandidates(scores, torch.rand(h, n, generator=g) ** 8, 16, 4, 16, 16, q_offset)
         calls: list[int] = []
         cand.measure = lambda *a, _calls=calls, _measure=cand.measure, **kw: _calls.append(1) or _measure(*a, **kw)
-        k = vs_closest_budget(cand, ratio)
+        k, cells = vs_closest_budget(cand, ratio)
+        k = int(k)
         every = [float(c) / cand.dense for c in cand.computed_batch(torch.arange(1, n + 1), torch.arange(1, n + 1))]
         best = min(abs(f - 1 / ratio) for f in every)
         assert abs(every[k - 1] - 1 / ratio) <= max(best, 0.01 / ratio) + 1e-9, (n, q_offset, ratio, k)
-        assert len(calls) <= 4
+        assert len(calls) <= 3
         sel_s, sel_v = cand.select(k, k)[:2]
-        assert cand.seen[(k, k)] == int(computed_cells(sel_s, sel_v, 16, q_offset=q_offset).sum())
+        assert int(cells) == int(computed_cells(sel_s, sel_v, 16, q_offset=q_offset).sum())
 
 
 # ------------------------------------------------------------------------------------------------- decode
@@ -440,6 +457,29 @@ def test_api_prefill_triton_matches_reference(method, params):
     attended = rep.details.get("attended_cells", rep.computed_cells)
     assert attended == rep_ref.computed_cells  # same cells attended; computed_cells counts whole tiles/bands
     assert rep.computed_cells >= rep_ref.computed_cells
+
+
+def test_vertical_slash_triton_reads_nothing_back_and_the_cost_reads_it_once():
+    """The Triton vertical_slash path (budget search included) leaves its counts on the device, so an engine's
+    prefill never waits per layer; the request's cost reads them when the prefill ends, to the same numbers as
+    the resolved report."""
+    from attention_backends.cost import ModelShape
+    from server.contract.cost import RequestCost
+
+    q, k, v = qkv(4, 2, 512, 16, torch.float32, seed=34)
+    spec = parse_pattern({"prefill": {"method": "vertical_slash", "compression_ratio": 4,
+                                      "params": {"window": 32, "local_window": 8}}})
+    out, deferred = sparse_prefill(q, k, v, spec, impl="triton", defer=True)
+    assert deferred.pending and isinstance(deferred.computed_cells, torch.Tensor)
+    _, now = sparse_prefill(q, k, v, spec, impl="triton")
+    assert not now.pending and now == deferred.resolved() and now.achieved_compression_ratio > 3
+    cost = RequestCost.for_spec(spec)
+    cost.add_prefill(deferred)
+    assert cost.prefill.actual_units == 0  # unread until the prefill ends
+    cost.add_prefill(now)
+    cost.end_prefill(ModelShape(1, 4, 2, 16, 64, 128, 100), 512)
+    assert cost.prefill.actual_units == 2 * now.computed_cells
+    assert cost.prefill.attention_flops == 2 * now.attention_flops and cost.prefill.model_flops > 0
 
 
 @pytest.mark.parametrize("pattern", ["vertical_slash:3", "flexprefill:3", "block_sparse:3"])

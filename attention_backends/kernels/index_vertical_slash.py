@@ -26,6 +26,7 @@ per-row top-k (:func:`.topk.causal_block_topk`).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -259,7 +260,7 @@ def computed_cells(sel_slash: Tensor, sel_vert: Tensor | None, block_m: int = 64
     return band + vert
 
 
-def _first_cover(rank: Tensor, block_m: int, never: int) -> Tensor:
+def first_cover(rank: Tensor, block_m: int, never: int) -> Tensor:
     """``first[h, y]``, ``y in [0, n + block_m)``: the smallest rank among the offsets ``[y - block_m, y)`` of each
     head (``never`` where the window holds none), i.e. the budget below which ``x = y - block_m`` is in no band:
     :func:`computed_cells`' ``Xa[y]`` is ``first[y] < k`` for a slash budget ``k``. Sliding minimum by doubling."""
@@ -273,9 +274,10 @@ def _first_cover(rank: Tensor, block_m: int, never: int) -> Tensor:
     return padded[:, :n + block_m]
 
 
-def _band_weights(n: int, block_m: int, device) -> Tensor:
+@functools.lru_cache(maxsize=64)
+def _band_weights(n: int, block_m: int, device: torch.device) -> Tensor:
     """``w[y]`` with :func:`computed_cells`' band term ``= sum_y w[y] Xa[y]`` (its two sums of ``CX``, regrouped
-    per ``y``): ``[n + block_m]`` int64."""
+    per ``y``): ``[n + block_m]`` int64. Cached: every layer of a chunk asks for the same ``n`` (read only)."""
     BM = block_m
     nqb = triton.cdiv(n, BM)
     last_rows = n - (nqb - 1) * BM
@@ -289,21 +291,66 @@ def _band_weights(n: int, block_m: int, device) -> Tensor:
     return later_rows - (nqb - 1) * below.clamp(max=BM) - below.clamp(max=last_rows)
 
 
-def band_curve(slash_rank: Tensor, block_m: int, q_offset: int = 0) -> Tensor:
+def band_curve(slash_rank: Tensor, block_m: int, q_offset: int = 0, first: Tensor | None = None) -> Tensor:
     """``[h, n + 1]`` int64: for every slash budget ``k`` (the first ``k`` offsets of each head's keep order) the
-    band cells :func:`computed_cells` counts, rows ``[q_offset, n)``, all budgets in one pass (exact)."""
+    band cells :func:`computed_cells` counts, rows ``[q_offset, n)``, all budgets in one pass (exact). ``first``:
+    :func:`first_cover` of ``slash_rank``, when the caller has it."""
     h, n = slash_rank.shape
 
-    def curve(rank: Tensor) -> Tensor:
+    def curve(rank: Tensor, first: Tensor | None) -> Tensor:
         m = rank.shape[-1]
-        first = _first_cover(rank, block_m, n)
+        first = first_cover(rank, block_m, n) if first is None else first
         per_rank = torch.zeros(h, n + 1, dtype=torch.int64, device=rank.device)
         per_rank.scatter_add_(1, first, _band_weights(m, block_m, rank.device).expand(h, -1).contiguous())
         return torch.nn.functional.pad(per_rank[:, :n].cumsum(-1), (1, 0))
 
     if q_offset:  # the chunk's rows: all rows minus the prefix's (as computed_cells does)
-        return curve(slash_rank) - curve(slash_rank[:, :q_offset])
-    return curve(slash_rank)
+        return curve(slash_rank, first) - curve(slash_rank[:, :q_offset], None)
+    return curve(slash_rank, first)
+
+
+@triton.jit
+def _vertical_cells_kernel(OUT, FIRST, s_fh, ORDER, s_oh, KV, KS, h, n, qb0, nqb, qb_per,
+                           BM: tl.constexpr, CH: tl.constexpr, TILES: tl.constexpr):
+    """Program (index x head, tile phase, query-block range): the cells of the index's verticals (the first
+    ``KV`` of the head's keep order) that no band covers, over its query blocks; tiles ``phase, phase + TILES,
+    ...`` of ``CH`` verticals. A vertical ``v`` is computed in block ``qs`` iff ``FIRST[qs - v + BM] >= KS``
+    (no selected offset within the band's reach: :func:`first_cover`)."""
+    kh = tl.program_id(0)
+    head = kh % h
+    kv = tl.load(KV + kh)
+    ks = tl.load(KS + kh)
+    q_lo = qb0 + tl.program_id(2) * qb_per
+    q_hi = tl.minimum(q_lo + qb_per, nqb)
+    total = tl.zeros([CH], tl.int64)
+    for t0 in range(tl.program_id(1) * CH, kv, TILES * CH):
+        idx = t0 + tl.arange(0, CH)
+        live = idx < kv
+        v = tl.load(ORDER + head * s_oh + idx, mask=live, other=0).to(tl.int64)
+        for qb in range(q_lo, q_hi):
+            qs = qb * BM
+            act = live & (qs + BM > v)  # the block has rows at or after v
+            f = tl.load(FIRST + head * s_fh + (qs - v + BM), mask=act, other=0)
+            rows = tl.minimum(qs + BM, n) - tl.maximum(qs, v)
+            total += tl.where(act & (f >= ks), rows, 0)
+    tl.store(OUT + (kh * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2),
+             tl.sum(total, 0))
+
+
+def vertical_cells(first: Tensor, vertical_order: Tensor, kv: Tensor, ks: Tensor, n: int, block_m: int,
+                   q_offset: int = 0, tiles: int = 8, blocks_per_program: int = 64) -> Tensor:
+    """``[K, h]`` int64 (device, no sync): the cells of each index's verticals that its bands leave to the column
+    pass (:func:`computed_cells`' vertical term), rows ``[q_offset, n)``, by direct count over the query blocks.
+    ``first [h, n + block_m]`` is :func:`first_cover` of the slash ranks; budgets ``kv``/``ks`` are ``[K, h]``."""
+    K, h = kv.shape
+    qb0, nqb = q_offset // block_m, triton.cdiv(n, block_m)
+    splits = triton.cdiv(nqb - qb0, blocks_per_program)
+    out = torch.empty(K * h, tiles, splits, dtype=torch.int64, device=first.device)
+    _vertical_cells_kernel[(K * h, tiles, splits)](
+        out, first, first.stride(0), vertical_order, vertical_order.stride(0),
+        kv.contiguous(), ks.contiguous(), h, n, qb0, nqb, blocks_per_program,
+        BM=block_m, CH=128, TILES=tiles, num_warps=4)
+    return out.view(K, h, -1).sum(-1)
 
 
 def vertical_bound_curve(vertical_order: Tensor, n: int, q_offset: int = 0) -> Tensor:
@@ -313,28 +360,35 @@ def vertical_bound_curve(vertical_order: Tensor, n: int, q_offset: int = 0) -> T
     return torch.nn.functional.pad(rows.cumsum(-1), (1, 0))
 
 
-def corrected_search(solve, measure, target: float, rel_tol: float = 0.01, rounds: int = 4):
-    """A budget whose computed fraction is close to ``target`` in a few exact counts (one host sync each) instead
-    of rounds of a grid.
+def corrected_search(solve, measure, target: float, rel_tol: float = 0.01, rounds: int = 3,
+                     stop_early: bool | None = None):
+    """A budget whose computed fraction is close to ``target`` in a few exact counts, without reading the device.
 
     The band cells of every budget are known exactly at once (:func:`band_curve`), the verticals' only as the
     bound :func:`vertical_bound_curve` (bands cover some of their cells). ``solve(rho)`` answers the budget whose
-    estimate ``band + rho * bound`` is closest to the target; ``measure(x)`` gives ``(fraction, band, bound)`` of
-    budget ``x`` (fractions of the dense cells), the first one exact. Starting at ``rho = 1`` (no overlap), each
-    round measures the verticals' real share of their bound at the last budget and solves again; it stops within
-    ``rel_tol`` of the target or when the budget repeats, and answers the measured budget closest to the target."""
-    tried: dict = {}
-    x = solve(1.0)
+    estimate ``band + rho * bound`` is closest to the target; ``measure(x)`` gives ``(fraction, band, bound, cells)``
+    of budget ``x`` (fractions of the dense cells; the first and the computed ``cells`` exact). Starting at
+    ``rho = 1`` (no overlap), each round measures the verticals' real share of their bound at the last budget and
+    solves again. Budgets and measures are tensors (0-dim), so on a GPU the search runs ``rounds`` rounds without
+    a host sync; where they live on the host (``stop_early``'s default) it stops as soon as one lands within
+    ``rel_tol`` of the target. Returns
+    ``(budget, cells)`` of the measured budget closest to the target (ties: the smaller)."""
+    x = torch.as_tensor(solve(1.0))
+    best_x = best_err = best_cells = None
     for _ in range(rounds):
-        fraction, band, bound = measure(x)
-        tried[x] = fraction
-        if abs(fraction - target) <= rel_tol * target:
+        fraction, band, bound, cells = (torch.as_tensor(t) for t in measure(x))
+        err = (fraction - target).abs()
+        if best_x is None:
+            best_x, best_err, best_cells = x, err, cells
+        else:
+            take = (err < best_err) | ((err == best_err) & (x < best_x))
+            best_x, best_err = torch.where(take, x, best_x), torch.where(take, err, best_err)
+            best_cells = torch.where(take, cells, best_cells)
+        if (not err.is_cuda if stop_early is None else stop_early) and float(err) <= rel_tol * target:
             break
-        rho = (fraction - band) / bound if bound > 0 else 1.0
-        x = solve(min(max(rho, 0.0), 1.0))
-        if x in tried:
-            break
-    return min(tried, key=lambda t: (abs(tried[t] - target), t))
+        rho = torch.where(bound > 0, (fraction - band) / bound.clamp(min=1e-30), torch.ones_like(bound))
+        x = torch.as_tensor(solve(rho.clamp(0.0, 1.0)))
+    return best_x, best_cells
 
 
 def exact_cells(sel_slash: Tensor, sel_vert: Tensor, q_offset: int = 0) -> Tensor:
@@ -356,14 +410,15 @@ class VSCandidates:
         self.block_m = block_m
         self.q_offset = q_offset  # the query rows served are [q_offset, n) (a chunk)
         self.dense = self.h * causal_cells(self.n, q_offset)
-        self.seen: dict[tuple[int, int], int] = {}  # computed cells of the (num_vertical, num_slash) measure() saw
+        self.first: Tensor | None = None  # first_cover of the slash ranks, with the curves
         self._curves: tuple[Tensor, Tensor] | None = None
 
     def curves(self) -> tuple[Tensor, Tensor]:
         """``(band, vertical bound)``, each ``[h, n + 1]``: the cells of every slash / vertical budget of each head
         (:func:`band_curve`, exact; :func:`vertical_bound_curve`, an upper bound). Computed once per call."""
         if self._curves is None:
-            self._curves = (band_curve(self.slash_rank, self.block_m, self.q_offset),
+            self.first = first_cover(self.slash_rank, self.block_m, self.n)
+            self._curves = (band_curve(self.slash_rank, self.block_m, self.q_offset, self.first),
                             vertical_bound_curve(self.vertical_order, self.n, self.q_offset))
         return self._curves
 
@@ -382,16 +437,13 @@ class VSCandidates:
         count = count[:, None] if count.dim() == 1 else count
         return count.expand(count.shape[0], self.h).clamp(min=forced, max=self.n)
 
-    def measure(self, num_vertical: Tensor, num_slash: Tensor, kv_max: int | None = None) -> list[tuple[float, ...]]:
-        """``(fraction, band, vertical bound)`` of K indexes (budgets as :meth:`computed_batch`), one host sync: the
-        exact computed fraction and the curves' two parts (what :func:`corrected_search` needs)."""
+    def measure(self, num_vertical: Tensor, num_slash: Tensor, kv_max: int | None = None) -> Tensor:
+        """``[K, 4]`` float64 (device, no sync): ``(fraction, band, vertical bound, cells)`` of K indexes (budgets as
+        :meth:`computed_batch`): the exact computed fraction, the curves' two parts (what :func:`corrected_search`
+        needs) and the exact computed cells."""
         cells = self.computed_batch(num_vertical, num_slash, kv_max)
         band, bound = self.estimate_parts(num_vertical, num_slash)
-        rows = torch.stack([cells.double() / self.dense, band, bound], -1).tolist()
-        if torch.as_tensor(num_vertical).dim() == 1 and torch.as_tensor(num_slash).dim() == 1:
-            self.seen.update(zip(zip(num_vertical.tolist(), num_slash.tolist(), strict=True),
-                                 (round(r[0] * self.dense) for r in rows), strict=True))
-        return [tuple(r) for r in rows]
+        return torch.stack([cells.double() / self.dense, band, bound, cells.double()], -1)
 
     def counts(self, count: Tensor | int, forced: int) -> Tensor:
         count = torch.as_tensor(count, device=self.vertical_rank.device).expand(self.h)
@@ -408,13 +460,23 @@ class VSCandidates:
         return self.computed_batch(torch.as_tensor(num_vertical, device=self.vertical_rank.device)[None],
                                    torch.as_tensor(num_slash, device=self.vertical_rank.device)[None], kv_max)[0]
 
-    def computed_batch(self, num_vertical: Tensor, num_slash: Tensor, kv_max: int | None = None) -> Tensor:
-        """Computed cells ``[K]`` (device) of K indexes at once: budgets ``[K]`` (every head) or ``[K, h]``.
-        ``kv_max`` (known on the host, >= every vertical budget) lets the verticals be read as positions (cheaper
-        when few); evaluated in groups whose temporaries stay within about half a GiB."""
+    def computed_batch(self, num_vertical: Tensor, num_slash: Tensor, kv_max: int | None = None,
+                       direct: bool | None = None) -> Tensor:
+        """Computed cells ``[K]`` (device, no sync) of K indexes at once: budgets ``[K]`` (every head) or ``[K, h]``.
+
+        ``direct`` (the default on CUDA): the band cells from :meth:`curves` plus :func:`vertical_cells`, a few
+        launches whatever K. Otherwise the closed form :func:`computed_cells` (the interpreter would run the
+        kernel's loops in Python), in groups whose temporaries stay within about half a GiB; ``kv_max`` (known on
+        the host, >= every vertical budget) lets it read the verticals as positions (cheaper when few)."""
         dev = self.vertical_rank.device
         kv = self.counts_batch(num_vertical, self.forced_vertical)
         ks = self.counts_batch(num_slash, self.forced_slash)
+        if direct is None:
+            direct = dev.type == "cuda"
+        if direct:
+            band = self.curves()[0].gather(-1, ks.T).sum(0)
+            return band + vertical_cells(self.first, self.vertical_order, kv, ks, self.n, self.block_m,
+                                         self.q_offset).sum(-1)
         K = kv.shape[0]
         group = max(1, BATCH_ELEMENTS // (self.h * (self.n + self.block_m)))
         out = []

@@ -34,7 +34,6 @@ from ..spec import PhaseSpec
 from .index_vertical_slash import (
     VSCandidates,
     block_scores,
-    computed_cells,
     corrected_search,
     exact_cells,
     grid_search,
@@ -54,10 +53,10 @@ def _dense(q: Tensor, k: Tensor, v: Tensor, details: dict, q_offset: int = 0) ->
 
 # --------------------------------------------------------------------------------------------- vertical-slash
 def vs_attention(q: Tensor, k: Tensor, v: Tensor, cand: VSCandidates, kv: Tensor, ks: Tensor,
-                 kv_max: int, ks_max: int, cells: int | None = None) -> tuple[Tensor, Tensor | int, Tensor]:
-    """Attention over the index keeping the first ``kv[h]``/``ks[h]`` entries of each head's orders.
-    Returns ``(out, computed_cells, attended_cells)`` (device scalars; ``cells``, when the search counted them
-    already, is returned as given)."""
+                 kv_max: int, ks_max: int, cells: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Attention over the index keeping the first ``kv[h]``/``ks[h]`` entries of each head's orders (``kv_max`` /
+    ``ks_max``: host bounds of them). Returns ``(out, computed_cells, attended_cells)``, the counts as device
+    scalars (``cells``, when the search counted them already, is returned as given). No host sync."""
     n, c0 = cand.n, cand.q_offset
     sel_s = cand.slash_rank < ks[:, None]
     sel_v = cand.vertical_rank < kv[:, None]
@@ -67,36 +66,39 @@ def vs_attention(q: Tensor, k: Tensor, v: Tensor, cand: VSCandidates, kv: Tensor
                                    exact=(sel_s.view(torch.int8), sel_v.view(torch.int8)),
                                    block_m=VS_BLOCK, block_n=VS_BLOCK, q_offset=c0)
     if cells is None:
-        cells = computed_cells(sel_s, sel_v, VS_BLOCK, q_offset=c0).sum()
+        cells = cand.computed_batch(kv[None], ks[None], kv_max)[0]
     return out, cells, exact_cells(sel_s, sel_v, c0).sum()
 
 
 def vs_closest_budget(cand: VSCandidates, ratio: float, num_vertical: int | None = None,
-                      num_slash: int | None = None) -> int:
-    """``k`` whose computed-cell fraction is close to ``1 / ratio`` (the free one of the two budgets):
-    :func:`corrected_search` on the curves of every ``k`` at once, a few exact counts."""
-    k = torch.arange(cand.n + 1, device=cand.vertical_rank.device)
+                      num_slash: int | None = None) -> tuple[Tensor, Tensor]:
+    """``(k, cells)``: the ``k`` whose computed-cell fraction is close to ``1 / ratio`` (the free one of the two
+    budgets) and that index's computed cells, as device scalars: :func:`corrected_search` on the curves of every
+    ``k`` at once and a few exact counts, no host sync."""
+    dev = cand.vertical_rank.device
+    k = torch.arange(cand.n + 1, device=dev)
     kv = k if num_vertical is None else torch.full_like(k, num_vertical)
     ks = k if num_slash is None else torch.full_like(k, num_slash)
-    band_k, bound_k = (part.cpu() for part in cand.estimate_parts(kv, ks))  # every k's parts, [n + 1] each
+    band_k, bound_k = (part[1:] for part in cand.estimate_parts(kv, ks))  # every k = 1..n, [n] each
     target = 1.0 / ratio
 
-    def solve(rho: float) -> int:
-        estimate = band_k[1:] + rho * bound_k[1:]  # non-decreasing in k = 1..n
-        i = int(torch.searchsorted(estimate, torch.tensor([target], dtype=estimate.dtype)))  # first >= target
-        if i == estimate.numel() or (i > 0 and target - estimate[i - 1] <= estimate[i] - target):
-            i -= 1
-        return i + 1
+    def solve(rho: Tensor | float) -> Tensor:
+        estimate = band_k + rho * bound_k  # non-decreasing in k
+        i = torch.searchsorted(estimate, torch.full((1,), target, dtype=estimate.dtype, device=dev))
+        around = torch.cat([i - 1, i]).clamp(0, estimate.numel() - 1)  # the neighbours of the target
+        return around[(estimate[around] - target).abs().argmin()] + 1  # the closer (ties: the smaller)
 
-    def measure(k: int) -> tuple[float, float, float]:
-        kv_k = torch.tensor([k if num_vertical is None else num_vertical])
-        ks_k = torch.tensor([k if num_slash is None else num_slash])
-        return cand.measure(kv_k, ks_k, int(kv_k[0]))[0]
+    def measure(k: Tensor) -> Tensor:
+        kv_k = (k if num_vertical is None else torch.full_like(k, num_vertical))[None]
+        ks_k = (k if num_slash is None else torch.full_like(k, num_slash))[None]
+        return cand.measure(kv_k, ks_k, num_vertical)[0]
 
     return corrected_search(solve, measure, target)
 
 
 def vertical_slash_prefill(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec, q_offset: int = 0) -> PrefillOutcome:
+    """No host sync: the budget search runs on the device and the counts stay device scalars (the report's
+    consumer reads them once, :meth:`..reports.PrefillCallReport.resolved`)."""
     h, _, d = q.shape
     n = k.shape[1]
     p = phase.params
@@ -106,18 +108,19 @@ def vertical_slash_prefill(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec, q_
     check_chunk_start(q_offset, VS_BLOCK)  # the kernel's query blocks
     cols, slash, W = window_scores(q, k, p["window"])
     cand = VSCandidates(cols, slash, W, p["sink_tokens"], p["local_window"], VS_BLOCK, q_offset)
+    cells = None
+    kv_max = n if nv is None else min(max(nv, cand.forced_vertical), n)  # host bounds of the budgets
+    ks_max = n if ns is None else min(max(ns, cand.forced_slash), n)
     if nv is None or ns is None:
-        budget = vs_closest_budget(cand, phase.compression_ratio, nv, ns)
+        budget, cells = vs_closest_budget(cand, phase.compression_ratio, nv, ns)
         nv = budget if nv is None else nv
         ns = budget if ns is None else ns
     kv = cand.counts(nv, cand.forced_vertical)
     ks = cand.counts(ns, cand.forced_slash)
-    kv_max = min(max(nv, cand.forced_vertical), n)
-    ks_max = min(max(ns, cand.forced_slash), n)
-    out, cells, attended = vs_attention(q, k, v, cand, kv, ks, kv_max, ks_max, cand.seen.get((nv, ns)))
-    details = {"num_vertical": kv_max, "num_slash": ks_max, "attended_cells": int(attended),
+    out, cells, attended = vs_attention(q, k, v, cand, kv, ks, kv_max, ks_max, cells)
+    details = {"num_vertical": kv.max(), "num_slash": ks.max(), "attended_cells": attended,
                "block_m": VS_BLOCK, "impl": "triton"}
-    return PrefillOutcome(out, int(cells), estimation_flops(h, n, d, W), details)
+    return PrefillOutcome(out, cells, estimation_flops(h, n, d, W), details)
 
 
 # ------------------------------------------------------------------------------------------------ flexprefill
@@ -152,32 +155,35 @@ def flexprefill_prefill(q: Tensor, k: Tensor, v: Tensor, phase: PhaseSpec, q_off
     if min_budget is None:
         min_budget = DEFAULT_MIN_BUDGET
         if ratio > 1.0:
-            min_budget = min(min_budget, vs_closest_budget(cand, ratio))
+            min_budget = min(min_budget, int(vs_closest_budget(cand, ratio)[0]))
 
     def budgets(a: float | Tensor) -> tuple[Tensor, Tensor]:  # [h] each, or [A, h] for A alphas
         return vcov.count(a).clamp(min=min_budget), scov.count(a).clamp(min=min_budget)
 
     if alpha is None:  # corrected_search over alpha: the grid on the curves' estimate, then exact counts
-        def solve(rho: float) -> float:
+        def solve(rho: Tensor) -> float:
             def estimates(alphas: list[float]) -> list[float]:
                 band, bound = cand.estimate_parts(*budgets(torch.tensor(alphas)))
-                return (band + rho * bound).tolist()
+                return (band + float(rho) * bound).tolist()
 
             return grid_search_alpha(estimates, ratio)
 
-        def measure(a: float) -> tuple[float, float, float]:
-            nv_a, ns_a = budgets(a)
-            return cand.measure(nv_a[None], ns_a[None])[0]
+        def measure(a: Tensor) -> Tensor:
+            nv_a, ns_a = budgets(float(a))
+            return cand.measure(nv_a[None], ns_a[None])[0].cpu()  # on the host: the search may stop early
 
-        alpha = corrected_search(solve, measure, 1.0 / ratio)
+        alpha, cells = corrected_search(solve, measure, 1.0 / ratio)
+        alpha, cells = float(alpha), cells.to(q.device).long()
+    else:
+        cells = None
     nv, ns = budgets(alpha)
     kv = cand.counts(nv, cand.forced_vertical)
     ks = cand.counts(ns, cand.forced_slash)
     kv_list, ks_list = kv.tolist(), ks.tolist()
-    out, cells, attended = vs_attention(q, k, v, cand, kv, ks, max(kv_list), max(ks_list))
+    out, cells, attended = vs_attention(q, k, v, cand, kv, ks, max(kv_list), max(ks_list), cells)
     details = {"alpha": alpha, "min_budget": min_budget, "num_vertical": kv_list, "num_slash": ks_list,
-               "attended_cells": int(attended), "block_m": VS_BLOCK, "impl": "triton"}
-    return PrefillOutcome(out, int(cells), estimation_flops(h, n, d, W), details)
+               "attended_cells": attended, "block_m": VS_BLOCK, "impl": "triton"}
+    return PrefillOutcome(out, cells, estimation_flops(h, n, d, W), details)
 
 
 # ----------------------------------------------------------------------------------------------- block-sparse

@@ -141,7 +141,7 @@ def _sparse_prefill_kernel(
             k = tl.load(K_h + key[:, None] * skn + offs_d[None, :], mask=key_ok[:, None], other=0.0)
             v = tl.load(V_h + key[:, None] * svn + offs_d[None, :], mask=key_ok[:, None], other=0.0)
             ok = key_ok[None, :] & (key[None, :] <= offs_m[:, None])
-            if EXACT:
+            if EXACT != 0:
                 # keep only cells on a selected diagonal or column (the reference's exact union). Cell (r, c)
                 # lies on offset rel + r - c: bit t = r - c + 63 of the 128-bit window of the head's packed
                 # offset bitmap starting at rel - 63; row r reads bits [r, r + 63] as one 64-bit word.
@@ -156,7 +156,15 @@ def _sparse_prefill_kernel(
                 hi = (u1 >> sh) | tl.where(sh == 0, 0, u2 << inv)
                 r64 = tl.arange(0, BLOCK_M).to(tl.uint64)
                 rowm = (lo >> r64) | tl.where(r64 == 0, 0, hi << ((64 - r64) & 63))
-                on_diag = ((rowm[:, None] >> (BLOCK_N - 1 - lane).to(tl.uint64)[None, :]) & 1) != 0
+                if EXACT == 32:
+                    # per cell one 32-bit select, and, compare: column c tests bit b = BLOCK_N - 1 - c of its
+                    # row's word, in the high or low half (b >= 32 or not) against a per-column constant bit
+                    b = BLOCK_N - 1 - lane
+                    half = tl.where(b[None, :] >= 32, (rowm >> 32).to(tl.uint32)[:, None],
+                                    rowm.to(tl.uint32)[:, None])
+                    on_diag = (half & (tl.full([BLOCK_N], 1, tl.uint32) << (b & 31).to(tl.uint32))[None, :]) != 0
+                else:
+                    on_diag = ((rowm[:, None] >> (BLOCK_N - 1 - lane).to(tl.uint64)[None, :]) & 1) != 0
                 von = tl.load(VON + head * svon_h + key, mask=key_ok, other=0)
                 ok = ok & (on_diag | (von[None, :] != 0))
                 acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, ok, qk_scale, True)
@@ -219,6 +227,7 @@ def _sparse_prefill_kernel(
              mask=row_ok[:, None])
 
 
+EXACT_WORD = 32  # bits per word of the exact mask's per-cell test (64: one 64-bit shift per cell)
 SUB_CONFIG: tuple[int, int] | None = None  # (num_warps, num_stages) override for packed sub-block tiles
 
 
@@ -324,7 +333,7 @@ def sparse_prefill_attention(
             n, n_qb, q_offset, h // h_kv, scale * LOG2E,
             HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
             HAS_REL=use_rel, HAS_BLK=use_blk, SUB=sub, HAS_COL=use_col,
-            EXACT=use_exact, PAD_WORDS=_PAD_WORDS, WRITE_LSE=write_lse, MERGE=merge,
+            EXACT=EXACT_WORD if use_exact else 0, PAD_WORDS=_PAD_WORDS, WRITE_LSE=write_lse, MERGE=merge,
             num_warps=warps, num_stages=stages,
         )
 

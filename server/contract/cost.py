@@ -77,9 +77,16 @@ class RequestCost:
     def dense_model_flops(self) -> float:
         return self.prefill.dense_model_flops + self.decode.dense_model_flops
 
+    def __post_init__(self) -> None:
+        self._pending: list[PrefillCallReport] = []  # reports with device scalars, read at settle()
+
     # -- feeding, prefill --------------------------------------------------------------------------------
     def add_prefill(self, report: PrefillCallReport) -> None:
-        """One layer's prefill attention."""
+        """One layer's prefill attention. A report with device scalars (``report.pending``) waits, unread, for
+        :meth:`settle`: reading it here would make every layer wait for the device."""
+        if report.pending:
+            self._pending.append(report)
+            return
         p = self.prefill
         p.fallback = report.fallback  # the same in every layer (one decision per request and length)
         p.dense_units += report.dense_cells
@@ -88,8 +95,16 @@ class RequestCost:
         p.dense_attention_flops += report.dense_attention_flops
         p.indexing_flops += report.indexing_flops
 
+    def settle(self) -> None:
+        """Read the pending reports' device scalars (one wait for the device) and add them. The engines call it
+        when a prefill ends and before a cost leaves them."""
+        pending, self._pending = self._pending, []
+        for report in pending:
+            self.add_prefill(report.resolved())
+
     def end_prefill(self, shape: ModelShape, prompt_len: int) -> None:
         """The whole model's prefill FLOPs, once every layer's attention is in."""
+        self.settle()
         flops = prefill_flops(shape, prompt_len, computed_cells=self.prefill.actual_units,
                               indexing_flops=self.prefill.indexing_flops)
         self.prefill.model_flops, self.prefill.dense_model_flops = flops.total_actual, flops.total_dense

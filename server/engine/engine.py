@@ -438,5 +438,6 @@ class NativeEngine:
         out = last or GenerationOutput(req.request_id, [], "", prompt_tokens=req.prompt_len,
                                        completion_tokens=len(req.output_ids))
         out.finished, out.finish_reason, out.error = True, reason, error
+        req.cost.settle()  # a prefill cut short leaves device scalars unread
         out.cost, out.timings = req.cost, req.timings
         req.emit(out)

@@ -170,7 +170,7 @@ class ModelRunner:
             elif req.prefill_dense:  # the fallback rule runs the whole prompt dense (prefill_runs_dense)
                 out, report = sdpa(qh, kh, vh, c0), fallback_report(spec.prefill, (qh.shape[0], *kh.shape[1:]), c0)
             else:
-                out, report = sparse_prefill(qh, kh, vh, spec, impl=impl, q_offset=c0)
+                out, report = sparse_prefill(qh, kh, vh, spec, impl=impl, q_offset=c0, defer=True)
             cost.add_prefill(report)
             kv.append_prompt(layer, kh[:, c0:], vh[:, c0:])
             if last_chunk and evicts:  # the keep step sees the whole prompt's keys; its window is the last chunk's

@@ -237,7 +237,7 @@ class SparseImplMixin:
             # a chunk attends to the earlier chunks' keys too (kept fresh below); docs/methods.md, chunked prefill
             k_all, v_all = (ws.cat(ls.k + [k]), ws.cat(ls.v + [v])) if ctx else (k, v)
             try:  # the method (the rule, asked again with these shapes, agrees with the plan's)
-                res, report = sparse_prefill(q, k_all, v_all, st.spec, impl=impl, q_offset=ctx)
+                res, report = sparse_prefill(q, k_all, v_all, st.spec, impl=impl, q_offset=ctx, defer=True)
             except ChunkNotAligned as e:  # vLLM chose where this chunk starts: it runs dense
                 log.warning("request %s: a prefill chunk of its %s runs dense: %s", st.key, phase.method, e)
                 res = sdpa(q, k_all, v_all, ctx)

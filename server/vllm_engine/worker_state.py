@@ -173,6 +173,7 @@ def end_step(slots: list[int] | None = None) -> None:
         # VllmEngine.start() set the variable (vLLM forks on CUDA) would otherwise never write a cost file
         cost_dir = os.environ.get(COST_DIR_ENV)
         if cost_dir and WRITES_COST and state.key and state.fallback is None:
+            state.cost.settle()  # the step's sparse prefill reports, read once per step
             try:
                 write_cost(cost_dir, state.key, state.cost)
             except OSError:
