@@ -140,8 +140,7 @@ def _sparse_prefill_kernel(
             key_ok = (key >= 0) & (key < n) & (lane < width)
             k = tl.load(K_h + key[:, None] * skn + offs_d[None, :], mask=key_ok[:, None], other=0.0)
             v = tl.load(V_h + key[:, None] * svn + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-            # a tile wholly inside keys [0, qs] needs neither the bounds nor the causal mask
-            edge = (start < 0) | (start + BLOCK_N - 1 > qs) | (width < BLOCK_N)
+            ok = key_ok[None, :] & (key[None, :] <= offs_m[:, None])
             if EXACT != 0:
                 # keep only cells on a selected diagonal or column (the reference's exact union). Cell (r, c)
                 # lies on offset rel + r - c: bit t = r - c + 63 of the 128-bit window of the head's packed
@@ -167,15 +166,12 @@ def _sparse_prefill_kernel(
                 else:
                     on_diag = ((rowm[:, None] >> (BLOCK_N - 1 - lane).to(tl.uint64)[None, :]) & 1) != 0
                 von = tl.load(VON + head * svon_h + key, mask=key_ok, other=0)
-                keep = on_diag | (von[None, :] != 0)
-                if edge:
-                    keep = keep & key_ok[None, :] & (key[None, :] <= offs_m[:, None])
-                acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, keep, qk_scale, True)
-            elif edge:
-                ok = key_ok[None, :] & (key[None, :] <= offs_m[:, None])
+                ok = ok & (on_diag | (von[None, :] != 0))
+                acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, ok, qk_scale, True)
+            elif (start < 0) | (start + BLOCK_N - 1 > qs) | (width < BLOCK_N):
                 acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, ok, qk_scale, True)
             else:
-                acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, None, qk_scale, False)
+                acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, ok, qk_scale, False)
 
     if HAS_COL:
         ccnt = tl.load(COL_CNT + head * scc_h + qb)
