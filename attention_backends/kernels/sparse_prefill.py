@@ -156,18 +156,29 @@ def _sparse_prefill_kernel(
                 hi = (u1 >> sh) | tl.where(sh == 0, 0, u2 << inv)
                 r64 = tl.arange(0, BLOCK_M).to(tl.uint64)
                 rowm = (lo >> r64) | tl.where(r64 == 0, 0, hi << ((64 - r64) & 63))
-                if EXACT == 32:
-                    # per cell one 32-bit select, and, compare: column c tests bit b = BLOCK_N - 1 - c of its
-                    # row's word, in the high or low half (b >= 32 or not) against a per-column constant bit
-                    b = BLOCK_N - 1 - lane
+                b = BLOCK_N - 1 - lane  # the bit of column c in a row's word
+                von = tl.load(VON + head * svon_h + key, mask=key_ok, other=0)
+                if EXACT == 1:
+                    # fold everything into one 64-bit word per row, so a cell costs a select, an and and a compare:
+                    # the row's causal columns (c <= rel + r: bits >= BLOCK_N - 1 - rel - r) of the selected
+                    # verticals join its diagonal bits (offsets < 0 are zero bits: those are causal already), and
+                    # columns outside the chunk (key_ok) get no test bit
+                    one = tl.full([BLOCK_N], 1, tl.uint64)
+                    vbits = tl.sum(tl.where(von != 0, one << b.to(tl.uint64), 0), 0)
+                    low = BLOCK_N - 1 - rel - tl.arange(0, BLOCK_M)
+                    below = (tl.full([BLOCK_M], 1, tl.uint64) << tl.minimum(tl.maximum(low, 0), 63).to(tl.uint64)) - 1
+                    causal = tl.where(low >= 64, 0, ~below)
+                    word = rowm | (vbits & causal)
+                    colbit = tl.where(key_ok, tl.full([BLOCK_N], 1, tl.uint32) << (b & 31).to(tl.uint32), 0)
+                    half = tl.where(b[None, :] >= 32, (word >> 32).to(tl.uint32)[:, None], word.to(tl.uint32)[:, None])
+                    keep = (half & colbit[None, :]) != 0
+                else:
+                    # per cell: the diagonal bit (32-bit halves), the vertical, the bounds and the causal mask
                     half = tl.where(b[None, :] >= 32, (rowm >> 32).to(tl.uint32)[:, None],
                                     rowm.to(tl.uint32)[:, None])
                     on_diag = (half & (tl.full([BLOCK_N], 1, tl.uint32) << (b & 31).to(tl.uint32))[None, :]) != 0
-                else:
-                    on_diag = ((rowm[:, None] >> (BLOCK_N - 1 - lane).to(tl.uint64)[None, :]) & 1) != 0
-                von = tl.load(VON + head * svon_h + key, mask=key_ok, other=0)
-                ok = ok & (on_diag | (von[None, :] != 0))
-                acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, ok, qk_scale, True)
+                    keep = ok & (on_diag | (von[None, :] != 0))
+                acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, keep, qk_scale, True)
             elif (start < 0) | (start + BLOCK_N - 1 > qs) | (width < BLOCK_N):
                 acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, ok, qk_scale, True)
             else:
@@ -227,7 +238,7 @@ def _sparse_prefill_kernel(
              mask=row_ok[:, None])
 
 
-EXACT_WORD = 32  # bits per word of the exact mask's per-cell test (64: one 64-bit shift per cell)
+EXACT_MASK = 1  # the exact mask's form: 1, one folded word per row (a select, an and, a compare per cell); 2, per cell
 SUB_CONFIG: tuple[int, int] | None = None  # (num_warps, num_stages) override for packed sub-block tiles
 
 
@@ -333,7 +344,7 @@ def sparse_prefill_attention(
             n, n_qb, q_offset, h // h_kv, scale * LOG2E,
             HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
             HAS_REL=use_rel, HAS_BLK=use_blk, SUB=sub, HAS_COL=use_col,
-            EXACT=EXACT_WORD if use_exact else 0, PAD_WORDS=_PAD_WORDS, WRITE_LSE=write_lse, MERGE=merge,
+            EXACT=EXACT_MASK if use_exact else 0, PAD_WORDS=_PAD_WORDS, WRITE_LSE=write_lse, MERGE=merge,
             num_warps=warps, num_stages=stages,
         )
 
