@@ -198,17 +198,6 @@ def vs_and_flex(q, k, v, n, heads, rows, dense_cells, flops_cell, sdpa_ms, do_fl
                                                       exact=(sel_s.view(torch.int8), sel_v.view(torch.int8))))
     record(f"  vs attention kernel only, exact mask n={n}", exact_ms,
            tflops_computed=outcome.computed_cells * flops_cell / exact_ms / 1e9)
-    from attention_backends.kernels import sparse_prefill as SP
-
-    form, SP.EXACT_MASK = SP.EXACT_MASK, 3 - SP.EXACT_MASK  # the other form of the mask: folded row words <-> per cell
-    other = sparse_prefill_attention(q, k, v, rel=(r_, w_, c_), cols=(pos, cc, cov),
-                                     exact=(sel_s.view(torch.int8), sel_v.view(torch.int8)))
-    check(f"exact mask form {SP.EXACT_MASK} == form {form} n={n}", rel(other, out_chk), 1e-3)
-    other_ms = bench(lambda: sparse_prefill_attention(q, k, v, rel=(r_, w_, c_), cols=(pos, cc, cov),
-                                                      exact=(sel_s.view(torch.int8), sel_v.view(torch.int8))))
-    SP.EXACT_MASK = form
-    record(f"  vs attention kernel only, exact mask form {3 - form} (1: row words, 2: per cell) n={n}", other_ms,
-           tflops_computed=outcome.computed_cells * flops_cell / other_ms / 1e9)
     if do_flex and n >= 131072:
         try:
             flex_vs(q, k, v, sel_s, sel_v, n, exact_ms)

@@ -78,11 +78,7 @@ def nan_like(x: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ prefill
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("heads", GROUPS)
-@pytest.mark.parametrize("form", [1, 2])  # the exact mask as folded row words, or per cell
-def test_vertical_slash_attention_matches_reference_union(dtype, heads, form, monkeypatch):
-    from attention_backends.kernels import sparse_prefill as SP
-
-    monkeypatch.setattr(SP, "EXACT_MASK", form)
+def test_vertical_slash_attention_matches_reference_union(dtype, heads):
     h, h_kv = heads
     n, d = 100, 16  # two 64-row query blocks, the second partial
     q, k, v = qkv(h, h_kv, n, d, dtype, seed=h)

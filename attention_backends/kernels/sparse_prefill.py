@@ -16,8 +16,9 @@ block, always intersected with the causal mask ``j <= i``) is the union of up to
   into intervals that are cut into ``block_n`` chunks once per head (:func:`slash_chunks`), so one small
   list serves every query block of the head. The list is sorted by ``rel``, so the chunks a query block can
   reach (keys >= 0) are a prefix (:func:`rel_block_counts`). With ``exact`` the kernel keeps only the cells
-  on a selected diagonal or column: the head's offsets are bit-packed and each row of a tile tests one 64-bit
-  window with shifts (no per-cell memory access).
+  on a selected diagonal or column: the head's offsets are bit-packed, each row of a tile folds its 64-bit
+  window of them with its causal verticals into one word, and a cell tests its column's bit (no per-cell memory
+  access).
 * ``blocks`` -- *block lists* (block_sparse). ``[h, n_sub, k]`` key-block ids of size ``sb`` per query
   sub-block of ``sb`` rows, counts ``[h, n_sub]``, ascending and causal (ids ``<=`` the sub-block's own), as
   :func:`.topk.causal_block_topk` writes them. With ``sb == block_m`` a key tile is one block and only the
@@ -141,7 +142,7 @@ def _sparse_prefill_kernel(
             k = tl.load(K_h + key[:, None] * skn + offs_d[None, :], mask=key_ok[:, None], other=0.0)
             v = tl.load(V_h + key[:, None] * svn + offs_d[None, :], mask=key_ok[:, None], other=0.0)
             ok = key_ok[None, :] & (key[None, :] <= offs_m[:, None])
-            if EXACT != 0:
+            if EXACT:
                 # keep only cells on a selected diagonal or column (the reference's exact union). Cell (r, c)
                 # lies on offset rel + r - c: bit t = r - c + 63 of the 128-bit window of the head's packed
                 # offset bitmap starting at rel - 63; row r reads bits [r, r + 63] as one 64-bit word.
@@ -156,28 +157,20 @@ def _sparse_prefill_kernel(
                 hi = (u1 >> sh) | tl.where(sh == 0, 0, u2 << inv)
                 r64 = tl.arange(0, BLOCK_M).to(tl.uint64)
                 rowm = (lo >> r64) | tl.where(r64 == 0, 0, hi << ((64 - r64) & 63))
+                # fold everything into one 64-bit word per row, so a cell costs a select, an and and a compare
+                # (10% faster than testing the diagonal bit, the vertical, the bounds and the causal mask per cell:
+                # 51.7 against 57.2 ms at 128K on the H200): the row's causal columns (c <= rel + r, i.e. bits
+                # >= BLOCK_N - 1 - rel - r) of the selected verticals join its diagonal bits (offsets < 0 are zero
+                # bits, so those are causal already), and columns outside the chunk (key_ok) get no test bit
                 b = BLOCK_N - 1 - lane  # the bit of column c in a row's word
                 von = tl.load(VON + head * svon_h + key, mask=key_ok, other=0)
-                if EXACT == 1:
-                    # fold everything into one 64-bit word per row, so a cell costs a select, an and and a compare:
-                    # the row's causal columns (c <= rel + r: bits >= BLOCK_N - 1 - rel - r) of the selected
-                    # verticals join its diagonal bits (offsets < 0 are zero bits: those are causal already), and
-                    # columns outside the chunk (key_ok) get no test bit
-                    one = tl.full([BLOCK_N], 1, tl.uint64)
-                    vbits = tl.sum(tl.where(von != 0, one << b.to(tl.uint64), 0), 0)
-                    low = BLOCK_N - 1 - rel - tl.arange(0, BLOCK_M)
-                    below = (tl.full([BLOCK_M], 1, tl.uint64) << tl.minimum(tl.maximum(low, 0), 63).to(tl.uint64)) - 1
-                    causal = tl.where(low >= 64, 0, ~below)
-                    word = rowm | (vbits & causal)
-                    colbit = tl.where(key_ok, tl.full([BLOCK_N], 1, tl.uint32) << (b & 31).to(tl.uint32), 0)
-                    half = tl.where(b[None, :] >= 32, (word >> 32).to(tl.uint32)[:, None], word.to(tl.uint32)[:, None])
-                    keep = (half & colbit[None, :]) != 0
-                else:
-                    # per cell: the diagonal bit (32-bit halves), the vertical, the bounds and the causal mask
-                    half = tl.where(b[None, :] >= 32, (rowm >> 32).to(tl.uint32)[:, None],
-                                    rowm.to(tl.uint32)[:, None])
-                    on_diag = (half & (tl.full([BLOCK_N], 1, tl.uint32) << (b & 31).to(tl.uint32))[None, :]) != 0
-                    keep = ok & (on_diag | (von[None, :] != 0))
+                vbits = tl.sum(tl.where(von != 0, tl.full([BLOCK_N], 1, tl.uint64) << b.to(tl.uint64), 0), 0)
+                low = BLOCK_N - 1 - rel - tl.arange(0, BLOCK_M)
+                below = (tl.full([BLOCK_M], 1, tl.uint64) << tl.minimum(tl.maximum(low, 0), 63).to(tl.uint64)) - 1
+                word = rowm | (vbits & tl.where(low >= 64, 0, ~below))
+                colbit = tl.where(key_ok, tl.full([BLOCK_N], 1, tl.uint32) << (b & 31).to(tl.uint32), 0)
+                half = tl.where(b[None, :] >= 32, (word >> 32).to(tl.uint32)[:, None], word.to(tl.uint32)[:, None])
+                keep = (half & colbit[None, :]) != 0
                 acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, keep, qk_scale, True)
             elif (start < 0) | (start + BLOCK_N - 1 > qs) | (width < BLOCK_N):
                 acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, ok, qk_scale, True)
@@ -238,7 +231,6 @@ def _sparse_prefill_kernel(
              mask=row_ok[:, None])
 
 
-EXACT_MASK = 1  # the exact mask's form: 1, one folded word per row (a select, an and, a compare per cell); 2, per cell
 SUB_CONFIG: tuple[int, int] | None = None  # (num_warps, num_stages) override for packed sub-block tiles
 
 
@@ -344,7 +336,7 @@ def sparse_prefill_attention(
             n, n_qb, q_offset, h // h_kv, scale * LOG2E,
             HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
             HAS_REL=use_rel, HAS_BLK=use_blk, SUB=sub, HAS_COL=use_col,
-            EXACT=EXACT_MASK if use_exact else 0, PAD_WORDS=_PAD_WORDS, WRITE_LSE=write_lse, MERGE=merge,
+            EXACT=use_exact, PAD_WORDS=_PAD_WORDS, WRITE_LSE=write_lse, MERGE=merge,
             num_warps=warps, num_stages=stages,
         )
 
