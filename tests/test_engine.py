@@ -206,6 +206,40 @@ def test_fault_in_one_request_fails_only_that_request(loaded, monkeypatch):
     assert engine.pool.counters().free_pages == engine.pool.num_pages
 
 
+def test_a_request_whose_release_fails_still_ends_and_the_engine_serves_on(loaded, monkeypatch):
+    """On a GPU, a sticky CUDA error makes every later device call raise, freeing the request's pages included:
+    the request still gets its final output (an error), and the loop thread lives to serve the next request."""
+    _, tok = loaded
+    ids = chat_ids(tok, "Name three colours.")
+    engine = new_engine(loaded)
+    real_prefill, real_decode = engine.runner.prefill, engine.runner.launch_decode
+
+    def release_fails(req, end=None):
+        if req.request_id == "dead":
+            def release():
+                raise RuntimeError("injected device fault on release")
+
+            req.kv.release = release
+        return real_prefill(req, end)
+
+    def bad_decode(batch, *args, **kwargs):
+        if any(r.request_id == "dead" for r in batch):
+            raise RuntimeError("injected device fault")
+        return real_decode(batch, *args, **kwargs)
+
+    monkeypatch.setattr(engine.runner, "prefill", release_fails)
+    monkeypatch.setattr(engine.runner, "launch_decode", bad_decode)
+
+    async def body(engine):
+        dead = await asyncio.wait_for(collect(engine, make_request("dead", ids, max_tokens=10)), 60)
+        after = await asyncio.wait_for(collect(engine, make_request("after", ids, max_tokens=10)), 60)
+        return dead, after
+
+    dead, after = asyncio.run(with_engine(engine, body))
+    assert dead.final.finish_reason == "error" and dead.final.error
+    assert after.final.finish_reason in ("stop", "length") and after.token_ids
+
+
 def test_rejections_and_overload(loaded):
     _, tok = loaded
     ids = chat_ids(tok, "Hello")

@@ -429,15 +429,20 @@ class NativeEngine:
         del self._requests[req.request_id]
         self.scheduler.remove(req)  # first: whatever fails below, the request never runs again
         req.timings.finished = time.monotonic()
-        if req.kv is not None:
-            tokens = int(req.kv.lengths.sum())
-            if self._ahead is not None and any(r is req for r in self._ahead[0]):
-                tokens -= req.kv.lengths.numel()  # the step launched ahead appended a token it never accepted
-            req.cost.decode.kv_cache_tokens = tokens
-            req.kv.release()
+        try:  # a device that fails every call (a sticky CUDA error) must not cost the request its final output
+            if req.kv is not None:
+                tokens = int(req.kv.lengths.sum())
+                if self._ahead is not None and any(r is req for r in self._ahead[0]):
+                    tokens -= req.kv.lengths.numel()  # the step launched ahead appended a token it never accepted
+                req.cost.decode.kv_cache_tokens = tokens
+                req.kv.release()
+            req.cost.settle()  # a prefill cut short leaves device scalars unread
+        except Exception:
+            log.exception("releasing request %s failed", req.request_id)
+            if error is None:
+                reason, error = "error", "internal engine error"
         out = last or GenerationOutput(req.request_id, [], "", prompt_tokens=req.prompt_len,
                                        completion_tokens=len(req.output_ids))
         out.finished, out.finish_reason, out.error = True, reason, error
-        req.cost.settle()  # a prefill cut short leaves device scalars unread
         out.cost, out.timings = req.cost, req.timings
         req.emit(out)
