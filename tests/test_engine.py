@@ -173,24 +173,35 @@ def test_seeded_sampling_and_stop_strings(loaded):
     assert greedy.text.startswith(stopped.text) and len(stopped.text) < len(greedy.text)
 
 
+def inject_faults(engine, monkeypatch, *, prefill=(), decode=(), release=()) -> None:
+    """Make the runner raise for the named requests: in their prefill, in every decode step that holds one, or when
+    their pages are released (as every device call does once a CUDA error is sticky)."""
+    real_prefill, real_decode = engine.runner.prefill, engine.runner.launch_decode
+
+    def faulty_prefill(req, end=None):
+        if req.request_id in prefill:
+            raise RuntimeError("injected prefill fault")
+        if req.request_id in release:
+            def fail():
+                raise RuntimeError("injected release fault")
+
+            req.kv.release = fail
+        return real_prefill(req, end)
+
+    def faulty_decode(batch, *args, **kwargs):
+        if any(r.request_id in decode for r in batch):
+            raise RuntimeError("injected decode fault")
+        return real_decode(batch, *args, **kwargs)
+
+    monkeypatch.setattr(engine.runner, "prefill", faulty_prefill)
+    monkeypatch.setattr(engine.runner, "launch_decode", faulty_decode)
+
+
 def test_fault_in_one_request_fails_only_that_request(loaded, monkeypatch):
     _, tok = loaded
     ids = chat_ids(tok, "Name three colours.")
     engine = new_engine(loaded)
-    real_prefill, real_decode = engine.runner.prefill, engine.runner.launch_decode
-
-    def bad_prefill(req, end=None):
-        if req.request_id == "bad-prefill":
-            raise RuntimeError("injected prefill fault")
-        return real_prefill(req, end)
-
-    def bad_decode(batch, *args, **kwargs):
-        if any(r.request_id == "bad-decode" for r in batch):
-            raise RuntimeError("injected decode fault")
-        return real_decode(batch, *args, **kwargs)
-
-    monkeypatch.setattr(engine.runner, "prefill", bad_prefill)
-    monkeypatch.setattr(engine.runner, "launch_decode", bad_decode)
+    inject_faults(engine, monkeypatch, prefill={"bad-prefill"}, decode={"bad-decode"})
 
     async def body(engine):
         names = ["ok-1", "bad-prefill", "ok-2", "bad-decode", "ok-3"]
@@ -212,23 +223,7 @@ def test_a_request_whose_release_fails_still_ends_and_the_engine_serves_on(loade
     _, tok = loaded
     ids = chat_ids(tok, "Name three colours.")
     engine = new_engine(loaded)
-    real_prefill, real_decode = engine.runner.prefill, engine.runner.launch_decode
-
-    def release_fails(req, end=None):
-        if req.request_id == "dead":
-            def release():
-                raise RuntimeError("injected device fault on release")
-
-            req.kv.release = release
-        return real_prefill(req, end)
-
-    def bad_decode(batch, *args, **kwargs):
-        if any(r.request_id == "dead" for r in batch):
-            raise RuntimeError("injected device fault")
-        return real_decode(batch, *args, **kwargs)
-
-    monkeypatch.setattr(engine.runner, "prefill", release_fails)
-    monkeypatch.setattr(engine.runner, "launch_decode", bad_decode)
+    inject_faults(engine, monkeypatch, decode={"dead"}, release={"dead"})
 
     async def body(engine):
         dead = await asyncio.wait_for(collect(engine, make_request("dead", ids, max_tokens=10)), 60)
