@@ -17,7 +17,8 @@ sparse methods for the rows of sparse requests and leave everything else to the 
   - at the end of prefill: ``attention_backends.prepare_decode`` builds the decode state from the fresh
     prompt q/k/v (Quest page min/max, the SnapKV / Ada-SnapKV read-sets, fixed from then on);
   - decode rows: ``attention_backends.sparse_decode`` over that state, which appends the step's fresh key
-    and value (Quest updates its last page's bounds from it).
+    and value (Quest updates its last page's bounds from it). Like the prefill methods, the state is
+    ``engine_impl``'s: the paged Triton state on CUDA (Quest's page selection a kernel), the reference elsewhere.
   The paged cache is never read back (its layout is backend- and ISA-specific); the decode state holds its
   own copy of the tokens each KV head may read (all of them for Quest). See docs/vllm.md for the cost.
 """
@@ -257,7 +258,7 @@ class SparseImplMixin:
         ls.v.append(v.detach().clone())
         if prefill_ends and not st.spec.decode.is_dense:  # fix the read-sets / build the page summaries
             qa, ka, va = ws.cat(ls.q), ws.cat(ls.k), ws.cat(ls.v)
-            ls.decode = prepare_decode(qa, ka, va, st.spec)
+            ls.decode = prepare_decode(qa, ka, va, st.spec, impl=impl)  # on CUDA the paged Triton state
             ls.q, ls.k, ls.v = [], [], []
 
     def _decode_row(self, name, row: SparseRow, query, key, value, out) -> None:
