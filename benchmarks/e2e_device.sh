@@ -12,7 +12,8 @@
 # (benchmarks/sdpa_chunk.py), calibrate (benchmarks/calibrate_fallback.py: the dense-fallback profile of this card,
 # under $OUT and /tmp/e2e-prefill-profile.json; the steps after it in the same call use it, later calls of the lease
 # with SPARSE_SERVE_PREFILL_PROFILE=/tmp/e2e-prefill-profile.json; commit it as
-# attention_backends/profiles/prefill-<card>.json). Every call first runs the vLLM bundle's stash (../shared/tools/vllm-gpu/README.md:
+# attention_backends/profiles/prefill-<card>.json), gpu-tests (tests/gpu with the engine's log shown; GPU_TESTS_K
+# selects tests; needs .device-bundle's two GGUF halves carried first). Every call first runs the vLLM bundle's stash (../shared/tools/vllm-gpu/README.md:
 # three calls of one lease carry deps.tar + vllm.00, vllm.01, vllm.02; the vllm step needs all three), e.g.
 #   call 1: model native-a    call 2: native-b native-cap    call 3: vllm
 # then here: python benchmarks/e2e.py report PARTS.json... --out-dir benchmarks/results
@@ -59,6 +60,13 @@ for step in "$@"; do
       tail -2 "$out/calibrate.log"
       cp "$out/prefill-profile.json" /tmp/e2e-prefill-profile.json
       export SPARSE_SERVE_PREFILL_PROFILE=/tmp/e2e-prefill-profile.json ;;
+    gpu-tests)  # tests/gpu (needs .device-bundle's wheels and GGUF: tests/gpu/README.md); GPU_TESTS_K=... picks tests;
+      # the engine's log and a stack dump of a stalled test reach the output (2026-12-02: the graph test stalled)
+      SPARSE_SERVE_GPU_TEST_MODEL=/tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf PYTHONPATH=/tmp/dev-site \
+        timeout 560 python3 -m pytest -q -s -p no:cacheprovider -rA --durations=0 -o log_cli=true \
+        --log-cli-level=WARNING -o faulthandler_timeout=240 ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} tests/gpu \
+        > "$out/gpu-tests.txt" 2>&1 || true
+      tail -30 "$out/gpu-tests.txt" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
