@@ -95,3 +95,23 @@ def test_one_reading_of_config_json() -> None:
     # Qwen2 has q/k/v biases whatever its attention_bias key says (one rule, in the engine's config)
     assert ModelConfig.from_hf_dict({**QWEN2_CFG, "attention_bias": False}).attention_bias
     assert not ModelConfig.from_hf_dict(LLAMA_CFG).attention_bias
+
+
+def test_a_request_cost_adds_deferred_reports_in_their_order() -> None:
+    """A sparse chunk's report with device scalars waits for ``settle``; a later dense-fallback chunk's report
+    must not overtake it: the request's ``fallback`` is its last chunk's, its cells the sum of all."""
+    import torch
+
+    from attention_backends.reports import PrefillCallReport
+    from server.contract.cost import RequestCost
+
+    sparse = PrefillCallReport("vertical_slash", 10.0, torch.tensor(100), 1000, torch.tensor(800.0), 8000.0)
+    last = PrefillCallReport.dense(3000, 16, fallback="dense")
+    c = RequestCost()
+    c.add_prefill(sparse)
+    c.add_prefill(last)
+    assert c.prefill.dense_units == 0  # nothing read before settle
+    c.settle()
+    assert c.prefill.fallback == "dense"
+    assert c.prefill.actual_units == 100 + 3000 and c.prefill.dense_units == 1000 + 3000
+    assert not isinstance(c.prefill.actual_units, torch.Tensor)  # read into a Python number

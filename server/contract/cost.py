@@ -83,12 +83,13 @@ class RequestCost:
     # -- feeding, prefill --------------------------------------------------------------------------------
     def add_prefill(self, report: PrefillCallReport) -> None:
         """One layer's prefill attention. A report with device scalars (``report.pending``) waits, unread, for
-        :meth:`settle`: reading it here would make every layer wait for the device."""
-        if report.pending:
+        :meth:`settle`: reading it here would make every layer wait for the device. Reports after it wait too, so
+        they are added in their order (the last chunk's ``fallback`` is the request's)."""
+        if report.pending or self._pending:
             self._pending.append(report)
             return
         p = self.prefill
-        p.fallback = report.fallback  # the same in every layer (one decision per request and length)
+        p.fallback = report.fallback  # the same in every layer of a chunk: the last chunk's stands
         p.dense_units += report.dense_cells
         p.actual_units += report.computed_cells
         p.attention_flops += report.attention_flops
