@@ -9,9 +9,11 @@ them. Each variant is checked against the library kernel on the same inputs befo
    128-key tile per step; pointer loads vs TMA descriptors; two program orders. Also the same kernels on an
    index shared by the 7 query heads of a KV group, which separates data movement (K/V tiles from L2/HBM)
    from arithmetic: with a shared index the 7 programs of a group read the same tiles.
-2. Quest at 128K context, batch 1 and 8: scoring, selection and attention timed apart (CUDA graphs), and the
-   selection under several warp counts. (Testing 2-8 thresholds per bisection pass was tried here too and was
-   slower: ``kernel-variants-NVIDIA-H200-2026-11-28.log`` in ``benchmarks/results``.)
+2. Quest at 128K context, batch 1 and 8, and at 32K, batch 32 (the decode bar's shape): scoring, selection and
+   attention timed apart (CUDA graphs), the selection under several warp counts, and the page scores under several
+   launch settings with their bandwidth (2026-12-02's e2e profile: 1.47 ms a step at about half the H200's).
+   (Testing 2-8 thresholds per bisection pass was tried here too and was slower:
+   ``kernel-variants-NVIDIA-H200-2026-11-28.log`` in ``benchmarks/results``.)
 """
 
 from __future__ import annotations
@@ -241,6 +243,15 @@ def quest_section(L, B, smoke):
         ms=bench(lambda: quest_select(q, pmin, pmax, pt, lens, budget, page), graph=True))
     row(case=f"quest B={B} attend selected [graph]",
         ms=bench(lambda: paged_decode(q, kp, vp, sel, sl, max_len=budget * page), graph=True))
+    # the page scores read every page's key min and max once: their time against the card's bandwidth
+    bound_bytes = 2 * pmin.numel() * pmin.element_size()
+    for pages, warps in ((32, 2), (64, 4), (64, 8), (128, 4), (128, 8), (256, 8)):
+        s2 = quest_page_scores(q, pmin, pmax, pt, lens, page, block_pages=pages, num_warps=warps)
+        same = bool(torch.allclose(s2, scores, rtol=1e-5, atol=1e-3))
+        ms = bench(lambda: quest_page_scores(q, pmin, pmax, pt, lens, page, block_pages=pages, num_warps=warps),
+                   graph=True)
+        row(case=f"quest B={B} L={L} scores pages={pages} warps={warps} [graph]", ms=ms, same=same,
+            tb_s=bound_bytes / ms / 1e9)
     for warps in (4, 8, 16, 32):
         s2, l2 = quest_select(q, pmin, pmax, pt, lens, budget, page, scores=scores, num_warps=warps)
         same = bool(torch.equal(s2, sel) and torch.equal(l2, sl))
@@ -342,8 +353,8 @@ def main():
     log(card, torch.__version__, triton.__version__)
     try:
         if "quest" not in skip:
-            for B in (1, 8):
-                quest_section((2048 if DEV == "cpu" else 8192) if a.smoke else 131072, B, a.smoke)
+            for L, B in ((131072, 1), (131072, 8), (32768, 32)):  # the last: the e2e decode bar's shape
+                quest_section(min(L, 2048 if DEV == "cpu" else 8192) if a.smoke else L, B, a.smoke)
         if "bs" not in skip:
             for n in ((2048,) if a.smoke else (a.n, 32768)):
                 block_sparse_section(n, a.smoke, a.n)

@@ -93,19 +93,19 @@ def _quest_select_kernel(
 
 
 def quest_page_scores(q: Tensor, page_min: Tensor, page_max: Tensor, page_table: Tensor, lengths: Tensor,
-                      page_size: int) -> Tensor:
-    """``[B * h_kv, max_pages]`` float32 Quest scores (entries past a head's page count are unspecified)."""
+                      page_size: int, *, block_pages: int = 64, num_warps: int = 4) -> Tensor:
+    """``[B * h_kv, max_pages]`` float32 Quest scores (entries past a head's page count are unspecified).
+    ``block_pages`` (pages per program) and ``num_warps``: launch settings, for ``benchmarks/kernel_variants.py``."""
     B, h, d = q.shape
     h_kv, max_pages = page_table.shape[1], page_table.shape[2]
     group = h // h_kv
     scores = torch.empty(B * h_kv, max_pages, dtype=torch.float32, device=q.device)
-    PB = 64
-    _quest_scores_kernel[(B * h_kv, triton.cdiv(max_pages, PB))](
+    _quest_scores_kernel[(B * h_kv, triton.cdiv(max_pages, block_pages))](
         q, page_min, page_max, page_table, lengths, scores,
         q.stride(0), q.stride(1), page_min.stride(0), page_max.stride(0),
         page_table.stride(0), page_table.stride(1), lengths.stride(0), scores.stride(0),
-        h_kv, group, max_pages, HEAD_DIM=d, PAGE=page_size, PB=PB, G=triton.next_power_of_2(group),
-        num_warps=4)
+        h_kv, group, max_pages, HEAD_DIM=d, PAGE=page_size, PB=block_pages, G=triton.next_power_of_2(group),
+        num_warps=num_warps)
     return scores
 
 
