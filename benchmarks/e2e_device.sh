@@ -13,8 +13,9 @@
 # under $OUT and /tmp/e2e-prefill-profile.json; the steps after it in the same call use it, later calls of the lease
 # with SPARSE_SERVE_PREFILL_PROFILE=/tmp/e2e-prefill-profile.json; commit it as
 # attention_backends/profiles/prefill-<card>.json), gpu-tests (tests/gpu with the engine's log shown; GPU_TESTS_K
-# selects tests; needs .device-bundle's two GGUF halves carried first). Every call first runs the vLLM bundle's stash (../shared/tools/vllm-gpu/README.md:
-# three calls of one lease carry deps.tar + vllm.00, vllm.01, vllm.02; the vllm step needs all three), e.g.
+# selects tests; needs .device-bundle's two GGUF halves carried first). Every call first runs the vLLM bundle's stash
+# (../shared/tools/vllm-gpu/README.md: three calls of one lease carry deps.tar + vllm.00, vllm.01, vllm.02; the vllm
+# step needs all three), e.g.
 #   call 1: model native-a    call 2: native-b native-cap    call 3: vllm
 # then here: python benchmarks/e2e.py report PARTS.json... --out-dir benchmarks/results
 # A call carries at most 64 MiB, the working tree included: with deps.tar + vllm.00 (60 MB) the tracked files
