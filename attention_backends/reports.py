@@ -85,6 +85,28 @@ class DecodeCallReport:
     kv_cache_tokens: int = 0  # tokens resident in the cache, summed over KV heads
     details: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def of_step(cls, phase: Any, *, prompt_read: int, generated_read: int, prompt_len: int, generated: int,
+                kv_heads: int, head_dim: int, element_bytes: int, metadata_elements: int = 0, cache_tokens: int = 0,
+                details: dict[str, Any] | None = None) -> DecodeCallReport:
+        """The report of a decode step of ``phase`` (a ``PhaseSpec``) that read ``prompt_read`` prompt and
+        ``generated_read`` generated tokens, summed over ``kv_heads`` KV heads (one layer's, or every layer's: the
+        counts scale alike), where dense attention reads each head's ``prompt_len`` prompt and ``generated``
+        generated tokens (this step's included)."""
+        token_bytes = 2 * head_dim * element_bytes  # K and V of one token of one KV head
+        return cls(
+            method=phase.method,
+            target_compression_ratio=phase.compression_ratio,
+            kv_tokens_read=prompt_read,
+            dense_kv_tokens_read=prompt_len * kv_heads,
+            generated_tokens_read=generated_read,
+            kv_bytes_read=float((prompt_read + generated_read) * token_bytes),
+            dense_kv_bytes_read=float((prompt_len + generated) * kv_heads * token_bytes),
+            metadata_bytes_read=float(metadata_elements * element_bytes),
+            kv_cache_tokens=cache_tokens,
+            details=dict(details or {}),
+        )
+
     @property
     def achieved_compression_ratio(self) -> float:
         return ratio(self.dense_kv_tokens_read, self.kv_tokens_read)

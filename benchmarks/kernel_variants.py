@@ -35,8 +35,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import kernels as kernels_bench  # noqa: E402  (benchmarks/kernels.py: the same timing rules)
 
 from attention_backends.kernels import methods as M  # noqa: E402
-from attention_backends.kernels.paged_decode import paged_decode, pages_from_contiguous  # noqa: E402
-from attention_backends.kernels.quest_select import quest_page_scores, quest_select  # noqa: E402
+from attention_backends.kernels.paged_decode import (  # noqa: E402
+    paged_decode,
+    pages_from_contiguous,
+    shared_pages_from_contiguous,
+)
+from attention_backends.kernels.quest_select import cache_page_bounds, quest_page_scores, quest_select  # noqa: E402
 from attention_backends.kernels.sparse_prefill import _attend, _kv_major_block, sparse_prefill_attention  # noqa: E402
 from attention_backends.prefill.block_sparse import top_k_for_ratio  # noqa: E402
 
@@ -243,6 +247,28 @@ def quest_section(L, B, smoke):
         ms=bench(lambda: quest_select(q, pmin, pmax, pt, lens, budget, page), graph=True))
     row(case=f"quest B={B} attend selected [graph]",
         ms=bench(lambda: paged_decode(q, kp, vp, sel, sl, max_len=budget * page), graph=True))
+    # the same step over vLLM's cache layout (a block holds every KV head: server/vllm_engine/cache_decode.py)
+    cache, blocks = shared_pages_from_contiguous(k, v, page)
+    kc, vc = cache[:, 0], cache[:, 1]
+    vmin = torch.empty(cache.shape[0], HKV, D, dtype=dt, device=DEV)
+    vmax = torch.empty_like(vmin)
+    npg = blocks.shape[1]
+    fill = torch.full((B * npg,), page, dtype=torch.int32, device=DEV)
+    fill.view(B, npg)[:, -1] = L - (npg - 1) * page
+    cache_page_bounds(kc, blocks.flatten(), fill, vmin, vmax)
+    table = blocks[:, None, :].expand(B, HKV, npg)
+    vsel, vsl = quest_select(q, vmin, vmax, table, lens, budget, page)
+    same = bool(torch.equal(vsl, sl) and torch.allclose(paged_decode(q, kc, vc, vsel, vsl, max_len=budget * page),
+                                                        paged_decode(q, kp, vp, sel, sl, max_len=budget * page),
+                                                        rtol=1e-2, atol=1e-2))
+    row(case=f"quest B={B} vLLM layout: the per-head layout's tokens and output", ms=0.0, same=same)
+    row(case=f"quest B={B} vLLM layout: scores+select [graph]",
+        ms=bench(lambda: quest_select(q, vmin, vmax, table, lens, budget, page), graph=True))
+    row(case=f"quest B={B} vLLM layout: attend selected [graph]",
+        ms=bench(lambda: paged_decode(q, kc, vc, vsel, vsl, max_len=budget * page), graph=True))
+    row(case=f"quest B={B} vLLM layout: bounds of one block per row [graph]",
+        ms=bench(lambda: cache_page_bounds(kc, blocks[:, -1].contiguous(), fill.view(B, npg)[:, -1].contiguous(),
+                                           vmin, vmax), graph=True))
     # the page scores read every page's key min and max once: their time against the card's bandwidth
     bound_bytes = 2 * pmin.numel() * pmin.element_size()
     for pages, warps in ((32, 2), (64, 4), (64, 8), (128, 4), (128, 8), (256, 8)):

@@ -361,7 +361,7 @@ def test_the_parent_kernel_attends_only_within_the_rows_this_backend_writes(monk
 
     from server.contract.cost import RequestCost
     from server.vllm_engine import worker_state as ws
-    from server.vllm_engine.backend import make_plan, parent_metadata
+    from server.vllm_engine.step_plan import make_plan, parent_metadata
 
     def state(pattern: str, prompt_len: int, seen: int) -> ws.RequestState:
         spec = parse_pattern(pattern)

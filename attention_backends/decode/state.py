@@ -92,21 +92,10 @@ class DecodeState:
             qg = q_t[j * group : (j + 1) * group].float()
             scores = qg @ keys.float().T / math.sqrt(d)
             out[j * group : (j + 1) * group] = (torch.softmax(scores, dim=-1) @ values.float()).to(q_t.dtype)
-        token_bytes = 2 * d * self.element_bytes  # K and V of one token of one KV head
-        dense_prompt = self.prompt_len * self.num_kv_heads
-        dense_generated = self.generated * self.num_kv_heads
-        report = DecodeCallReport(
-            method=self.phase.method,
-            target_compression_ratio=self.phase.compression_ratio,
-            kv_tokens_read=prompt_read,
-            dense_kv_tokens_read=dense_prompt,
-            generated_tokens_read=generated_read,
-            kv_bytes_read=float((prompt_read + generated_read) * token_bytes),
-            dense_kv_bytes_read=float((dense_prompt + dense_generated) * token_bytes),
-            metadata_bytes_read=float(self.metadata_elements_read() * self.element_bytes),
-            kv_cache_tokens=self.cache_tokens,
-            details=dict(self.details),
-        )
+        report = DecodeCallReport.of_step(
+            self.phase, prompt_read=prompt_read, generated_read=generated_read, prompt_len=self.prompt_len,
+            generated=self.generated, kv_heads=self.num_kv_heads, head_dim=d, element_bytes=self.element_bytes,
+            metadata_elements=self.metadata_elements_read(), cache_tokens=self.cache_tokens, details=self.details)
         return out, report
 
 

@@ -4,12 +4,16 @@ Cache layout (README.md, "How the native engine keeps KV": every (request, layer
 sequence of pages)::
 
     k_pages, v_pages  [num_pages, page_size, d]    a page holds page_size tokens of ONE KV head
-    page_table        [B, h_kv, max_pages] int32   page ids of sequence b, KV head j, in token order
+                   or [num_pages, page_size, h_kv, d]  a page holds every KV head's tokens (vLLM's FlashAttention
+                                                   cache, ``kv_cache[:, 0]`` / ``[:, 1]``: any strides, unit last)
+    page_table        [B, h_kv, max_pages] int32   page ids of sequence b, KV head j, in token order (a shared page
+                                                   table may have head stride 0: vLLM's block table, expanded)
     lengths           [B, h_kv] int32              tokens held by (b, j): may differ per head (Ada-SnapKV)
     q                 [B, h, d]                    query head i reads KV head i // g (g = h // h_kv)
     out               [B, h, d]
 
-Token ``t`` of ``(b, j)`` lives at ``k_pages[page_table[b, j, t // page_size], t % page_size]``. Dense decode,
+Token ``t`` of ``(b, j)`` lives at ``k_pages[page_table[b, j, t // page_size], t % page_size]`` (``[..., j]`` in
+the shared layout). Dense decode,
 SnapKV (fewer tokens per head), Ada-SnapKV (a different count per head) and Quest (a page table of the
 selected pages only, see :mod:`.quest_select`) all call :func:`paged_decode`.
 
@@ -37,7 +41,7 @@ _NEG = tl.constexpr(-1.0e30)
 @triton.jit
 def _paged_decode_split_kernel(
     Q, KP, VP, PT, LEN, MP, LP, AP,
-    sqb, sqh, skp, skt, svp, svt, spt_b, spt_h, slen_b,
+    sqb, sqh, skp, skt, skh, svp, svt, svh, spt_b, spt_h, slen_b,
     h_kv, group, qk_scale, num_splits,
     HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, G_PAD: tl.constexpr,
 ):
@@ -60,14 +64,16 @@ def _paged_decode_split_kernel(
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, HEAD_DIM], tl.float32)
     pt = PT + b * spt_b + kvh * spt_h
+    kp = KP + kvh * skh  # (skh = 0 where a page belongs to one KV head)
+    vp = VP + kvh * svh
     lane = tl.arange(0, BLOCK_N)
     for t0 in range(start, end, BLOCK_N):
         tok = t0 + lane
         live = tok < end
         page = tl.load(pt + tok // PAGE, mask=live, other=0).to(tl.int64)
         within = tok % PAGE
-        k = tl.load(KP + page[:, None] * skp + within[:, None] * skt + offs_d[None, :], mask=live[:, None], other=0.0)
-        v = tl.load(VP + page[:, None] * svp + within[:, None] * svt + offs_d[None, :], mask=live[:, None], other=0.0)
+        k = tl.load(kp + page[:, None] * skp + within[:, None] * skt + offs_d[None, :], mask=live[:, None], other=0.0)
+        v = tl.load(vp + page[:, None] * svp + within[:, None] * svt + offs_d[None, :], mask=live[:, None], other=0.0)
         qk = tl.dot(q, tl.trans(k)) * qk_scale
         qk = tl.where(live[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -97,6 +103,15 @@ def _combine_kernel(MP, LP, AP, Out, num_splits, HEAD_DIM: tl.constexpr, S_PAD: 
     num = tl.sum(w[:, None] * a, 0)
     denom = tl.where(denom > 0, denom, 1.0)
     tl.store(Out + row * HEAD_DIM + offs_d, (num / denom).to(Out.dtype.element_ty))
+
+
+def page_strides(pages: Tensor, h_kv: int) -> tuple[int, int, int]:
+    """``(page, token, KV head)`` strides of a page pool in either layout of the module docstring (a page of one
+    KV head: head stride 0)."""
+    if pages.dim() == 3:
+        return pages.stride(0), pages.stride(1), 0
+    assert pages.dim() == 4 and pages.shape[2] == h_kv, f"pages {tuple(pages.shape)} for {h_kv} KV heads"
+    return pages.stride(0), pages.stride(1), pages.stride(2)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -134,10 +149,11 @@ def paged_decode(
     length 0 writes zeros.
     """
     B, h, d = q.shape
-    _, page, d2 = k_pages.shape
+    page, d2 = k_pages.shape[1], k_pages.shape[-1]
     assert d2 == d and v_pages.shape == k_pages.shape
     assert page_table.dim() == 3 and page_table.shape[0] == B and lengths.shape == page_table.shape[:2]
     h_kv = page_table.shape[1]
+    kst, vst = page_strides(k_pages, h_kv), page_strides(v_pages, h_kv)
     assert h % h_kv == 0
     assert q.stride(-1) == 1 and k_pages.stride(-1) == 1 and v_pages.stride(-1) == 1
     assert page_table.stride(-1) == 1 and lengths.stride(-1) == 1
@@ -159,7 +175,7 @@ def paged_decode(
         num_stages = 3 if dev.type == "cuda" else 1
     _paged_decode_split_kernel[(B * h_kv, num_splits)](
         q, k_pages, v_pages, page_table, lengths, mp, lp, ap,
-        q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1), v_pages.stride(0), v_pages.stride(1),
+        q.stride(0), q.stride(1), *kst, *vst,
         page_table.stride(0), page_table.stride(1), lengths.stride(0),
         h_kv, group, scale * LOG2E, num_splits,
         HEAD_DIM=d, PAGE=page, BLOCK_N=block_n, G_PAD=g_pad,
@@ -192,3 +208,21 @@ def pages_from_contiguous(k: Tensor, v: Tensor, page_size: int = 16, *, shuffle:
     k_pages[perm] = kp
     v_pages[perm] = vp
     return k_pages, v_pages, table
+
+
+def shared_pages_from_contiguous(k: Tensor, v: Tensor, page_size: int = 16, *, spare: int = 3,
+                                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Scatter contiguous ``k``/``v [B, h_kv, n, d]`` into vLLM's FlashAttention cache layout -> ``(kv_cache
+    [num_blocks, 2, page_size, h_kv, d], block_table [B, ceil(n / page_size)] int32)``: a block holds every KV
+    head's tokens, blocks in random order, ``spare`` unused blocks filled with NaN (a kernel that reads one fails).
+    For tests and benchmarks."""
+    B, h_kv, n, d = k.shape
+    npg = triton.cdiv(n, page_size)
+    total = B * npg + spare
+    perm = torch.randperm(total, generator=generator, device="cpu")[: B * npg].to(k.device)
+    cache = torch.full((total, 2, page_size, h_kv, d), float("nan"), dtype=k.dtype, device=k.device)
+    pad = npg * page_size - n
+    for i, x in enumerate((k, v)):  # [B, h_kv, n, d] -> [B * npg, page, h_kv, d]
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad)).view(B, h_kv, npg, page_size, d)
+        cache[perm, i] = x.permute(0, 2, 3, 1, 4).reshape(B * npg, page_size, h_kv, d)
+    return cache, perm.view(B, npg).to(torch.int32)

@@ -86,20 +86,11 @@ class PagedDecodeState(DecodeState):
     def step(self, q_t: Tensor, k_t: Tensor, v_t: Tensor) -> tuple[Tensor, DecodeCallReport]:
         self.append(k_t, v_t)
         out, prompt, gen = self.attend(q_t)
-        d = self.head_dim
-        token_bytes = 2 * d * self.element_bytes
-        report = DecodeCallReport(
-            method=self.phase.method,
-            target_compression_ratio=self.phase.compression_ratio,
-            kv_tokens_read=sum(prompt),
-            dense_kv_tokens_read=self.prompt_len * self.num_kv_heads,
-            generated_tokens_read=sum(gen),
-            kv_bytes_read=float((sum(prompt) + sum(gen)) * token_bytes),
-            dense_kv_bytes_read=float((self.prompt_len + self.generated) * self.num_kv_heads * token_bytes),
-            metadata_bytes_read=float(self.metadata_elements_read() * self.element_bytes),
-            kv_cache_tokens=self.cache_tokens,
-            details=dict(self.details),
-        )
+        report = DecodeCallReport.of_step(
+            self.phase, prompt_read=sum(prompt), generated_read=sum(gen), prompt_len=self.prompt_len,
+            generated=self.generated, kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+            element_bytes=self.element_bytes, metadata_elements=self.metadata_elements_read(),
+            cache_tokens=self.cache_tokens, details=self.details)
         return out, report
 
 

@@ -1,7 +1,9 @@
 """Quest page selection in Triton, over the paged cache of :mod:`.paged_decode`.
 
 Metadata layout: ``page_min``/``page_max [num_pages, d]`` (the cache dtype), indexed by the same page ids
-as ``k_pages``: the element-wise min/max of the keys a page holds (a page belongs to one KV head).
+as ``k_pages``: the element-wise min/max of the keys a page holds (a page belongs to one KV head); or, over a
+cache whose pages hold every KV head (vLLM's, :mod:`.paged_decode`), ``[num_pages, h_kv, d]``.
+:func:`cache_page_bounds` writes them from the cache.
 
 Step (no host sync, three launches before the attention):
 
@@ -22,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .paged_decode import paged_decode
+from .paged_decode import page_strides, paged_decode
 from .topk import _kth_largest_key, _order_key, _select_write
 
 
@@ -38,7 +40,7 @@ def _row_pages(bh, h_kv, LEN, slen_b, PAGE: tl.constexpr):
 @triton.jit
 def _quest_scores_kernel(
     Q, PMIN, PMAX, PT, LEN, S,
-    sqb, sqh, smin_p, smax_p, spt_b, spt_h, slen_b, s_r,
+    sqb, sqh, smin_p, smin_h, smax_p, smax_h, spt_b, spt_h, slen_b, s_r,
     h_kv, group, max_pages,
     HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, PB: tl.constexpr, G: tl.constexpr,
 ):
@@ -51,14 +53,16 @@ def _quest_scores_kernel(
     for gi in tl.static_range(G):
         gsafe = tl.minimum(gi, group - 1)
         qg = tl.load(Q + b * sqb + (kvh * group + gsafe) * sqh + offs_d).to(tl.float32)
-        qg = qg * (gi < group).to(tl.float32)
+        qg = tl.where(gi < group, qg, 0.0)  # (a group of 1 is a constexpr on CUDA: no tensor compare there)
         qpos += tl.maximum(qg, 0.0)
         qneg += tl.minimum(qg, 0.0)
     p = pb * PB + tl.arange(0, PB)
     live = p < npages
     pid = tl.load(PT + b * spt_b + kvh * spt_h + p, mask=live, other=0).to(tl.int64)
-    mn = tl.load(PMIN + pid[:, None] * smin_p + offs_d[None, :], mask=live[:, None], other=0.0).to(tl.float32)
-    mx = tl.load(PMAX + pid[:, None] * smax_p + offs_d[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+    mn = tl.load(PMIN + kvh * smin_h + pid[:, None] * smin_p + offs_d[None, :], mask=live[:, None],
+                 other=0.0).to(tl.float32)
+    mx = tl.load(PMAX + kvh * smax_h + pid[:, None] * smax_p + offs_d[None, :], mask=live[:, None],
+                 other=0.0).to(tl.float32)
     score = tl.sum(mx * qpos[None, :] + mn * qneg[None, :], 1)
     tl.store(S + bh * s_r + p, score, mask=live)  # the selection reads a row's first npages only
 
@@ -92,6 +96,46 @@ def _quest_select_kernel(
             tl.atomic_add(ACC + s_acc + b, tokens.to(tl.int64))
 
 
+def _bound_strides(bounds: Tensor, h_kv: int) -> tuple[int, int]:
+    """``(page, KV head)`` strides of page bounds ``[P, d]`` (head stride 0) or ``[P, h_kv, d]``."""
+    if bounds.dim() == 2:
+        return bounds.stride(0), 0
+    assert bounds.dim() == 3 and bounds.shape[1] == h_kv and bounds.stride(-1) == 1
+    return bounds.stride(0), bounds.stride(1)
+
+
+@triton.jit
+def _cache_page_bounds_kernel(KP, PID, FILL, PMIN, PMAX, skp, skt, skh, smin_p, smin_h, smax_p, smax_h,
+                              HEAD_DIM: tl.constexpr, PAGE: tl.constexpr):
+    i = tl.program_id(0)
+    kvh = tl.program_id(1)
+    page = tl.load(PID + i).to(tl.int64)
+    fill = tl.load(FILL + i)
+    t = tl.arange(0, PAGE)
+    offs_d = tl.arange(0, HEAD_DIM)
+    live = (t < fill)[:, None]
+    k = tl.load(KP + page * skp + kvh * skh + t[:, None] * skt + offs_d[None, :], mask=live, other=0.0)
+    lo = tl.min(tl.where(live, k, float("inf")), 0)
+    hi = tl.max(tl.where(live, k, float("-inf")), 0)
+    tl.store(PMIN + page * smin_p + kvh * smin_h + offs_d, lo.to(PMIN.dtype.element_ty))
+    tl.store(PMAX + page * smax_p + kvh * smax_h + offs_d, hi.to(PMAX.dtype.element_ty))
+
+
+def cache_page_bounds(k_pages: Tensor, page_ids: Tensor, fill: Tensor, page_min: Tensor, page_max: Tensor) -> None:
+    """Set the bounds of pages ``page_ids [n]`` to the element-wise min/max of their first ``fill [n]`` (>= 1)
+    tokens, for every KV head, read from the cache (either layout of :mod:`.paged_decode`; the bounds' layout
+    matches it). One launch, no host sync: the vLLM path calls it every step for each Quest row's current page
+    (and once for a prompt's pages), after vLLM wrote the step's keys."""
+    n = page_ids.numel()
+    if n == 0:
+        return
+    h_kv = 1 if k_pages.dim() == 3 else k_pages.shape[2]
+    _cache_page_bounds_kernel[(n, h_kv)](
+        k_pages, page_ids, fill, page_min, page_max, *page_strides(k_pages, h_kv),
+        *_bound_strides(page_min, h_kv), *_bound_strides(page_max, h_kv),
+        HEAD_DIM=k_pages.shape[-1], PAGE=k_pages.shape[1])
+
+
 def quest_page_scores(q: Tensor, page_min: Tensor, page_max: Tensor, page_table: Tensor, lengths: Tensor,
                       page_size: int, *, block_pages: int = 64, num_warps: int = 4) -> Tensor:
     """``[B * h_kv, max_pages]`` float32 Quest scores (entries past a head's page count are unspecified).
@@ -102,7 +146,7 @@ def quest_page_scores(q: Tensor, page_min: Tensor, page_max: Tensor, page_table:
     scores = torch.empty(B * h_kv, max_pages, dtype=torch.float32, device=q.device)
     _quest_scores_kernel[(B * h_kv, triton.cdiv(max_pages, block_pages))](
         q, page_min, page_max, page_table, lengths, scores,
-        q.stride(0), q.stride(1), page_min.stride(0), page_max.stride(0),
+        q.stride(0), q.stride(1), *_bound_strides(page_min, h_kv), *_bound_strides(page_max, h_kv),
         page_table.stride(0), page_table.stride(1), lengths.stride(0), scores.stride(0),
         h_kv, group, max_pages, HEAD_DIM=d, PAGE=page_size, PB=block_pages, G=triton.next_power_of_2(group),
         num_warps=num_warps)
@@ -155,7 +199,8 @@ def quest_select(q: Tensor, page_min: Tensor, page_max: Tensor, page_table: Tens
 def quest_decode(q: Tensor, k_pages: Tensor, v_pages: Tensor, page_min: Tensor, page_max: Tensor,
                  page_table: Tensor, lengths: Tensor, budget_pages: int, *, out: Tensor | None = None,
                  num_splits: int | None = None) -> Tensor:
-    """One Quest decode step over the paged cache: select, then :func:`paged_decode` -> ``[B, h, d]``."""
+    """One Quest decode step over the paged cache (either layout): select, then :func:`paged_decode` -> ``[B, h,
+    d]``."""
     page = k_pages.shape[1]
     sel, sel_len = quest_select(q, page_min, page_max, page_table, lengths, budget_pages, page)
     return paged_decode(q, k_pages, v_pages, sel, sel_len, max_len=sel.shape[2] * page, out=out,

@@ -2,7 +2,7 @@
 sparse methods for the rows of sparse requests and leave everything else to the parent.
 
 * The metadata builder (once per step and KV-cache group) asks :mod:`.worker_state` which rows belong to
-  sparse requests and attaches a :class:`SparsePlan` to the parent's metadata (nothing when no row is
+  sparse requests (:mod:`.step_plan`) and attaches a ``SparsePlan`` to the parent's metadata (nothing when no row is
   sparse: the parent's metadata goes out untouched). It also asks the dense-fallback rule of each prefill chunk
   (``attention_backends.prefill_cost``): a chunk the rule runs dense is the parent's, at its kernel's speed.
   The rows whose output this backend writes (a chunk of a sparse prefill method that the rule lets run, a step
@@ -18,9 +18,11 @@ sparse methods for the rows of sparse requests and leave everything else to the 
     prompt q/k/v (Quest page min/max, the SnapKV / Ada-SnapKV read-sets, fixed from then on);
   - decode rows: ``attention_backends.sparse_decode`` over that state, which appends the step's fresh key
     and value (Quest updates its last page's bounds from it). Like the prefill methods, the state is
-    ``engine_impl``'s: the paged Triton state on CUDA (Quest's page selection a kernel), the reference elsewhere.
-  The paged cache is never read back (its layout is backend- and ISA-specific); the decode state holds its
-  own copy of the tokens each KV head may read (all of them for Quest). See docs/vllm.md for the cost.
+    ``engine_impl``'s: the paged Triton state on CUDA, the reference elsewhere. The state holds its own copy of
+    the tokens each KV head may read (all of them for Quest). See docs/vllm.md for the cost.
+  - except Quest on CUDA (:mod:`.cache_decode`): its rows run batched per layer over vLLM's own cache (FlashAttention
+    layout), with no copy and no decode state; the builder gathers them (``SparsePlan.quest``). The CPU backend's
+    cache layout is ISA-specific, so on the CPU every decode row keeps its state.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 
 import torch
 from vllm.v1.attention.backends.cpu_attn import (
@@ -41,107 +42,13 @@ from attention_backends import engine_impl, prepare_decode, sparse_decode, spars
 from attention_backends.cost import causal_cells
 from attention_backends.prefill.common import ChunkNotAligned
 from attention_backends.prefill.dense import sdpa
-from attention_backends.prefill_cost import prefill_fallback
 from attention_backends.reports import PrefillCallReport
 
-from . import compat
+from . import cache_decode
 from . import worker_state as ws
+from .step_plan import SparseRow, make_plan, parent_metadata
 
 log = logging.getLogger("sparse_serve.vllm_engine")
-
-
-@dataclass
-class SparseRow:
-    row: int  # attention row of the step
-    slot: int
-    start: int  # first token of the row in the step's flattened batch
-    end: int
-    context: int  # tokens already in the cache before this step
-    state: ws.RequestState
-    fallback: PrefillCallReport | None = None  # a prefill chunk the dense-fallback rule runs dense: its report
-
-    @property
-    def owned(self) -> bool:
-        """Whether this backend writes the row's output (its phase's method is sparse and, for a prefill chunk, the
-        fallback rule lets it run): then the parent need not attend for it."""
-        spec = self.state.spec
-        if self.context < self.state.prompt_len:
-            return not spec.prefill.is_dense and self.fallback is None
-        return not spec.decode.is_dense
-
-
-@dataclass
-class SparsePlan:
-    seq_lens: list[int]  # every row's sequence length (host upper bound) as vLLM scheduled it
-    prefill: list[SparseRow] = field(default_factory=list)
-    decode: list[SparseRow] = field(default_factory=list)
-
-
-def make_plan(common) -> SparsePlan | None:
-    """Which rows of this step are sparse, and in which phase. ``None``: every row is dense."""
-    if not ws.SLOTS:
-        return None
-    if ws.UNSUPPORTED is not None:  # an attention layer the methods do not implement: nothing runs sparse
-        for state in ws.SLOTS.values():
-            state.disable(ws.UNSUPPORTED)
-        return None
-    num_reqs = int(common.num_reqs)
-    qsl = common.query_start_loc_cpu[: num_reqs + 1].tolist()
-    seq = common.seq_lens_cpu_upper_bound
-    seq_lens = (seq if seq is not None else common.seq_lens.cpu())[:num_reqs].tolist()
-    req_idx = getattr(common, "req_idx", None)
-    plan = SparsePlan(seq_lens)
-    for r in range(num_reqs):
-        slot = int(req_idx[r]) if req_idx is not None else r
-        state = ws.SLOTS.get(slot)
-        if state is None or state.fallback is not None:
-            continue
-        start, end = qsl[r], qsl[r + 1]
-        if end <= start:
-            continue
-        context = int(seq_lens[r]) - (end - start)
-        row = SparseRow(r, slot, start, end, context, state)
-        if context < state.prompt_len:
-            if context != state.seen:
-                state.disable(f"its prompt starts at token {context} (prefix-cache hit); the sparse "
-                              "state needs the whole prompt fresh")
-                continue
-            if ws.HEADS is not None:  # the rule asks about this chunk: queries [context, seq_len) over all keys
-                heads, head_dim = ws.HEADS
-                row.fallback = prefill_fallback(state.spec.prefill, (heads, int(seq_lens[r]), head_dim),
-                                                common.seq_lens.device, engine_impl(common.seq_lens.device), context)
-            plan.prefill.append(row)
-        else:
-            if end - start != 1:
-                state.disable("more than one new token per decode step (speculative decoding)")
-                continue
-            plan.decode.append(row)
-    if not plan.prefill and not plan.decode:
-        return None
-    return plan
-
-
-def parent_metadata(common, plan: SparsePlan):
-    """``common`` with the rows this backend writes (:attr:`SparseRow.owned`) cut to one key: vLLM's kernels align
-    the causal mask of a row bottom-right (query ``i`` of ``m`` sees the first ``i + 1 + seq_len - m`` keys), so such
-    a row's queries see at most its first key and the kernel skips their tiles (slot_mapping, hence the cache write,
-    is untouched). Cut to their query length instead, a whole 128K prompt kept its whole causal square: the parent's
-    dense pass stayed (H200, 2026-12-01: 214 ms per layer beside the method's 37)."""
-    owned = [row for row in plan.prefill + plan.decode if row.owned]
-    if not owned:
-        return common
-    lens = list(plan.seq_lens)
-    for row in owned:
-        lens[row.row] = 1
-    rows = torch.tensor([row.row for row in owned])
-    cut = torch.ones(len(owned), dtype=common.seq_lens.dtype)
-    seq_lens = common.seq_lens.clone()
-    seq_lens[rows.to(seq_lens.device)] = cut.to(seq_lens.device)
-    upper = common.seq_lens_cpu_upper_bound
-    if upper is not None:
-        upper = upper.clone()
-        upper[rows] = cut.to(upper.dtype)
-    return compat.with_seq_lens(common, seq_lens, upper, max(lens))
 
 
 class SparseBuilderMixin:
@@ -200,6 +107,8 @@ class SparseImplMixin:
         with torch.inference_mode():
             for row in plan.prefill:
                 self._prefill_row(name, row, query, key, value, out)
+            if plan.quest is not None:
+                cache_decode.quest_rows_forward(plan.quest, query, kv_cache, ws.cache_bounds().of(name), out)
             for row in plan.decode:
                 self._decode_row(name, row, query, key, value, out)
         if timer:
@@ -249,21 +158,22 @@ class SparseImplMixin:
         st.dirty = True
         st.seen = ctx + n  # per-request tokens; every layer sees the same chunk, so set, not add
         prefill_ends = ctx + n >= st.prompt_len
-        if st.spec.decode.is_dense and (phase.is_dense or prefill_ends):
+        keeps_state = not st.spec.decode.is_dense and not st.cache_decode  # (cache_decode: reads vLLM's cache)
+        if not keeps_state and (phase.is_dense or prefill_ends):
             st.layers.pop(name, None)
             return
-        if not st.spec.decode.is_dense:
+        if keeps_state:
             ls.q.append(q.detach().clone())
-        ls.k.append(k.detach().clone())
+        ls.k.append(k.detach().clone())  # (a sparse prefill's later chunks attend to them)
         ls.v.append(v.detach().clone())
-        if prefill_ends and not st.spec.decode.is_dense:  # fix the read-sets / build the page summaries
+        if prefill_ends and keeps_state:  # fix the read-sets / build the page summaries
             qa, ka, va = ws.cat(ls.q), ws.cat(ls.k), ws.cat(ls.v)
             ls.decode = prepare_decode(qa, ka, va, st.spec, impl=impl)  # on CUDA the paged Triton state
             ls.q, ls.k, ls.v = [], [], []
 
     def _decode_row(self, name, row: SparseRow, query, key, value, out) -> None:
         st = row.state
-        if st.fallback is not None or not row.owned:  # a dense decode phase: the parent's output stands
+        if st.fallback is not None or not row.owned or st.cache_decode:  # the parent's output / plan.quest's
             return
         ls = st.layers.get(name)
         if ls is None or ls.decode is None:  # the parent did not attend for this row: no output to fall back on

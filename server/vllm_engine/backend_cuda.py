@@ -2,23 +2,34 @@
 
 Same mixins as the CPU backend. The sparse rows run eager PyTorch inside the attention op, so a step that may
 have one never replays a full CUDA graph (:mod:`.graphs`: piecewise graphs capture everything but attention);
-the builder keeps its parent's graph support, so steps of dense requests alone replay vLLM's full graphs. Runs on
+the builder keeps its parent's graph support, so steps of dense requests alone replay vLLM's full graphs. The builder
+tells :mod:`.worker_state` the cache's layout, so Quest rows read vLLM's cache (:mod:`.cache_decode`). Runs on
 the GPU machine with vLLM 0.25 (``benchmarks/e2e.py``, ``tests/gpu/``); CI has no CUDA build of vLLM.
 """
 
 from __future__ import annotations
 
+import torch
 from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionBackend,
     FlashAttentionImpl,
     FlashAttentionMetadataBuilder,
 )
 
+from . import worker_state as ws
 from .backend import SparseBuilderMixin, SparseImplMixin
+from .cache_decode import CacheLayout
 
 
 class SparseFlashAttentionMetadataBuilder(SparseBuilderMixin, FlashAttentionMetadataBuilder):
     supports_update_block_table = False  # a reused metadata object would carry another group's plan
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        blocks = vllm_config.cache_config.num_gpu_blocks
+        if kv_cache_spec.dtype in (torch.float16, torch.bfloat16) and blocks:  # (not a quantized cache)
+            ws.CACHE = CacheLayout(kv_cache_spec.block_size, int(blocks), kv_cache_spec.num_kv_heads,
+                                   kv_cache_spec.head_size, kv_cache_spec.dtype, torch.device(device))
 
 
 class SparseFlashAttentionImpl(SparseImplMixin, FlashAttentionImpl):

@@ -24,6 +24,7 @@ from attention_backends import DecodeCallReport, DecodeState, InvalidSparsePatte
 from attention_backends.cost import ModelShape
 from server.contract.cost import RequestCost
 
+from . import cache_decode
 from .accounting import COST_DIR_ENV, write_cost
 
 log = logging.getLogger("sparse_serve.vllm_engine")
@@ -89,11 +90,18 @@ class RequestState:
     # whole-model FLOPs at its end
     step_read: int = 0
     step_dense: int = 0
+    # decode over vLLM's own cache (:mod:`.cache_decode`): then no layer keeps a decode state
+    cache_decode: bool = False
+    budget: int | None = None  # its Quest pages per KV head (None: every page)
+    bounds_ready: bool = False  # its prompt's page bounds are written
+    cache_tokens: int = 0  # tokens in its cache, summed over layers and KV heads (cache_decode)
 
     def add_decode(self, report: DecodeCallReport, generated_dense: int) -> None:
-        """One layer of one decode step. ``generated_dense``: generated tokens a dense step reads in this layer
-        (summed over KV heads)."""
+        """One layer of one decode step (or all of them: :mod:`.cache_decode`). ``generated_dense``: generated
+        tokens a dense step reads in the layers (summed over KV heads)."""
         self.cost.add_decode_report(report)
+        if self.cache_decode:
+            self.cache_tokens = report.kv_cache_tokens
         self.step_read += report.kv_tokens_read + report.generated_tokens_read
         self.step_dense += report.dense_kv_tokens_read + generated_dense
         self.dirty = True
@@ -102,8 +110,8 @@ class RequestState:
         if not self.step_dense:
             return
         self.cost.end_decode_step(shape, self.step_read, self.step_dense)
-        self.cost.decode.kv_cache_tokens = sum(ls.decode.cache_tokens for ls in self.layers.values()
-                                               if ls.decode is not None)
+        self.cost.decode.kv_cache_tokens = self.cache_tokens or sum(
+            ls.decode.cache_tokens for ls in self.layers.values() if ls.decode is not None)
         self.step_read = self.step_dense = 0
 
     def disable(self, reason: str) -> None:
@@ -118,6 +126,26 @@ UNSUPPORTED: str | None = None  # why this model's attention cannot run the meth
 HEADS: tuple[int, int] | None = None  # (query heads of this rank, head dim) of the attention layers (the impls)
 _SHAPE: ModelShape | None = None
 WRITES_COST = True  # False on tensor-parallel ranks other than 0
+CACHE: cache_decode.CacheLayout | None = None  # set by the CUDA backend's builder: decode may read vLLM's cache
+_BOUNDS: cache_decode.CacheBounds | None = None
+PENDING: list[cache_decode.QuestRows] = []  # this step's Quest rows, for end_step's accounting
+
+
+def cache_bounds() -> cache_decode.CacheBounds | None:
+    """Quest's bounds over vLLM's blocks, made with the first Quest row (None: they do not fit in memory)."""
+    global _BOUNDS, CACHE
+    if _BOUNDS is None and CACHE is not None and _SHAPE is not None:
+        try:
+            _BOUNDS = CACHE.bounds(_SHAPE.num_layers)
+        except torch.OutOfMemoryError:
+            log.error("Quest's page bounds over vLLM's KV cache (1/%d of it) do not fit beside it: Quest requests run "
+                      "dense; lower --gpu-memory-utilization to leave room", CACHE.block_size)
+            CACHE = None
+    return _BOUNDS
+
+
+def layers() -> int:
+    return _SHAPE.num_layers if _SHAPE is not None else 0
 
 
 def set_model_shape(shape: ModelShape) -> None:
@@ -135,6 +163,8 @@ def add(slot: int, params: Any, prompt_len: int, resumed: bool) -> None:
         return
     key = (params.extra_args or {}).get(REQUEST_KEY)
     state = RequestState(key=key, spec=spec, prompt_len=prompt_len, cost=RequestCost.for_spec(spec))
+    if cache_decode.reads_cache(spec, CACHE.block_size if CACHE is not None else None):
+        state.cache_decode, state.budget = True, cache_decode.request_budget(spec, prompt_len)
     if resumed:
         state.disable("resumed after preemption (its prompt state is gone)")
     SLOTS[slot] = state
@@ -142,7 +172,7 @@ def add(slot: int, params: Any, prompt_len: int, resumed: bool) -> None:
 
 def sparse_rows_possible() -> bool:
     """Whether the next step may run a sparse row: some sparse request (not run dense) still prefilling, or
-    decoding with a sparse decode method."""
+    decoding with a sparse decode method."""  # (a Quest row that reads every page runs vLLM's kernel: no matter)
     return any(st.fallback is None and (st.seen < st.prompt_len or not st.spec.decode.is_dense)
                for st in SLOTS.values())
 
@@ -161,6 +191,10 @@ def move(src: int, dst: int, swap: bool) -> None:
 
 def end_step(slots: list[int] | None = None) -> None:
     """After a step's forward: fold decode steps into the costs and write the dirty side files."""
+    for rows in PENDING:
+        for state, report, generated_dense in cache_decode.step_reports(rows):
+            state.add_decode(report, generated_dense)
+    PENDING.clear()
     for slot, state in list(SLOTS.items()):
         if slots is not None and slot not in slots:
             continue

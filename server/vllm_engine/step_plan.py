@@ -1,0 +1,151 @@
+"""Which rows of a vLLM step this project's backend runs (the metadata builder's half of :mod:`.backend`), and the
+metadata vLLM's own kernel gets for the rest. No vLLM import here (the CPU tests plan steps without vLLM).
+
+Per step and KV-cache group, :func:`make_plan` asks :mod:`.worker_state` which rows belong to sparse requests:
+the prefill chunks of sparse prefill methods (unless the dense-fallback rule runs the chunk dense), the decode
+rows of sparse decode methods, kept in per-row decode states, and the Quest rows that read vLLM's cache
+(:mod:`.cache_decode`), gathered into one batch. :func:`parent_metadata` cuts the rows this backend writes to one
+key for vLLM's kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from attention_backends import engine_impl
+from attention_backends.prefill_cost import prefill_fallback
+from attention_backends.reports import PrefillCallReport
+
+from . import cache_decode, compat
+from . import worker_state as ws
+
+
+@dataclass
+class SparseRow:
+    row: int  # attention row of the step
+    slot: int
+    start: int  # first token of the row in the step's flattened batch
+    end: int
+    context: int  # tokens already in the cache before this step
+    state: ws.RequestState
+    fallback: PrefillCallReport | None = None  # a prefill chunk the dense-fallback rule runs dense: its report
+
+    @property
+    def owned(self) -> bool:
+        """Whether this backend writes the row's output (its phase's method is sparse and, for a prefill chunk, the
+        fallback rule lets it run; a Quest row over vLLM's cache that reads every page is dense attention): then the
+        parent need not attend for it."""
+        st = self.state
+        if self.context < st.prompt_len:
+            return not st.spec.prefill.is_dense and self.fallback is None
+        return not st.spec.decode.is_dense and not (st.cache_decode and st.budget is None)
+
+
+@dataclass
+class SparsePlan:
+    seq_lens: list[int]  # every row's sequence length (host upper bound) as vLLM scheduled it
+    prefill: list[SparseRow] = field(default_factory=list)
+    decode: list[SparseRow] = field(default_factory=list)  # rows of per-row decode states
+    quest: cache_decode.QuestRows | None = None  # Quest rows over vLLM's cache, batched
+
+
+def make_plan(common) -> SparsePlan | None:
+    """Which rows of this step are sparse, and in which phase. ``None``: every row is dense."""
+    if not ws.SLOTS:
+        return None
+    if ws.UNSUPPORTED is not None:  # an attention layer the methods do not implement: nothing runs sparse
+        for state in ws.SLOTS.values():
+            state.disable(ws.UNSUPPORTED)
+        return None
+    num_reqs = int(common.num_reqs)
+    qsl = common.query_start_loc_cpu[: num_reqs + 1].tolist()
+    seq = common.seq_lens_cpu_upper_bound
+    seq_lens = (seq if seq is not None else common.seq_lens.cpu())[:num_reqs].tolist()
+    req_idx = getattr(common, "req_idx", None)
+    plan = SparsePlan(seq_lens)
+    for r in range(num_reqs):
+        slot = int(req_idx[r]) if req_idx is not None else r
+        state = ws.SLOTS.get(slot)
+        if state is None or state.fallback is not None:
+            continue
+        start, end = qsl[r], qsl[r + 1]
+        if end <= start:
+            continue
+        context = int(seq_lens[r]) - (end - start)
+        row = SparseRow(r, slot, start, end, context, state)
+        if context < state.prompt_len:
+            if context != state.seen:
+                state.disable(f"its prompt starts at token {context} (prefix-cache hit); the sparse "
+                              "state needs the whole prompt fresh")
+                continue
+            if ws.HEADS is not None:  # the rule asks about this chunk: queries [context, seq_len) over all keys
+                heads, head_dim = ws.HEADS
+                row.fallback = prefill_fallback(state.spec.prefill, (heads, int(seq_lens[r]), head_dim),
+                                                common.seq_lens.device, engine_impl(common.seq_lens.device), context)
+            plan.prefill.append(row)
+        else:
+            if end - start != 1:
+                state.disable("more than one new token per decode step (speculative decoding)")
+                continue
+            plan.decode.append(row)
+    _gather_cache_rows(common, plan)
+    if not plan.prefill and not plan.decode:
+        return None
+    return plan
+
+
+def _gather_cache_rows(common, plan: SparsePlan) -> None:
+    """Move the decode rows that read vLLM's cache out of ``plan.decode``: those the parent runs (every page read:
+    their report is known here) and those that become ``plan.quest``. Without room for the bounds they run dense."""
+    cache_rows = [row for row in plan.decode if row.state.cache_decode]
+    if not cache_rows:
+        return
+    plan.decode = [row for row in plan.decode if not row.state.cache_decode]
+    layout, bounds = ws.CACHE, ws.cache_bounds()
+    if layout is None or bounds is None:
+        for row in cache_rows:
+            row.state.disable("no room for Quest's page bounds beside vLLM's KV cache")
+        return
+    quest = []
+    for row in cache_rows:
+        st, seq = row.state, row.context + 1
+        if st.budget is None:  # every page: dense attention, vLLM's kernel (row.owned is False)
+            heads = layout.kv_heads * ws.layers()
+            st.add_decode(cache_decode.dense_step_report(st.spec, seq, st.prompt_len, heads, layout.head_dim,
+                                                         layout.dtype.itemsize), (seq - st.prompt_len) * heads)
+            continue
+        quest.append(row)
+    if quest:
+        plan.quest = cache_decode.build_quest_rows(
+            [row.state for row in quest],
+            [(row.start, row.row, row.context + 1, row.state.prompt_len, row.state.budget, not row.state.bounds_ready)
+             for row in quest], common.block_table_tensor, layout.kv_heads, layout.block_size)
+        for row in quest:
+            row.state.bounds_ready = True
+        plan.decode += quest  # (for parent_metadata: they are owned; _decode_row leaves them to plan.quest)
+        ws.PENDING.append(plan.quest)
+
+
+def parent_metadata(common, plan: SparsePlan):
+    """``common`` with the rows this backend writes (:attr:`SparseRow.owned`) cut to one key: vLLM's kernels align
+    the causal mask of a row bottom-right (query ``i`` of ``m`` sees the first ``i + 1 + seq_len - m`` keys), so such
+    a row's queries see at most its first key and the kernel skips their tiles (slot_mapping, hence the cache write,
+    is untouched). Cut to their query length instead, a whole 128K prompt kept its whole causal square: the parent's
+    dense pass stayed (H200, 2026-12-01: 214 ms per layer beside the method's 37)."""
+    owned = [row for row in plan.prefill + plan.decode if row.owned]
+    if not owned:
+        return common
+    lens = list(plan.seq_lens)
+    for row in owned:
+        lens[row.row] = 1
+    rows = torch.tensor([row.row for row in owned])
+    cut = torch.ones(len(owned), dtype=common.seq_lens.dtype)
+    seq_lens = common.seq_lens.clone()
+    seq_lens[rows.to(seq_lens.device)] = cut.to(seq_lens.device)
+    upper = common.seq_lens_cpu_upper_bound
+    if upper is not None:
+        upper = upper.clone()
+        upper[rows] = cut.to(upper.dtype)
+    return compat.with_seq_lens(common, seq_lens, upper, max(lens))

@@ -1,0 +1,149 @@
+"""Quest rows over vLLM's own paged cache (``server/vllm_engine/cache_decode.py``, the CUDA backend's decode path),
+against the per-request reference decode state, on a cache in vLLM's FlashAttention layout. No vLLM needed: the
+module is plain PyTorch and Triton (the interpreter on the CPU)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from attention_backends import parse_pattern, prepare_decode, sparse_decode  # noqa: E402
+from attention_backends.kernels.paged_decode import shared_pages_from_contiguous  # noqa: E402
+from server.vllm_engine import cache_decode  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = 1e-4 if DEV == "cpu" else 4e-3  # (CUDA: tl.dot's float32 is TF32; H200, 2026-12-02: 8.3e-4)
+
+
+class Req:  # what cache_decode reads of the backend's RequestState
+    def __init__(self, spec, prompt_len):
+        self.spec, self.prompt_len = spec, prompt_len
+        self.budget = cache_decode.request_budget(spec, prompt_len)
+
+
+@pytest.mark.parametrize("heads", [(4, 2), (3, 1)])
+def test_quest_rows_over_vllms_cache_match_the_reference_state_step_after_step(heads):
+    h, h_kv = heads
+    d, block, layers = 16, 16, 2
+    prompts = [75, 130, 40]  # partial last blocks; budgets of 1, 2 and 1 pages at ratio 8 (the last below its pages)
+    spec = parse_pattern("quest:8")
+    assert cache_decode.reads_cache(spec, block) and not cache_decode.reads_cache(spec, 32)
+    steps = 20  # crosses a block boundary in every row
+    g = torch.Generator().manual_seed(h)
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float32)  # noqa: E731
+    B, cap = len(prompts), max(prompts) + steps
+    # each layer's whole sequence (prompt, then the generated tokens), written into one cache per layer
+    k_all, v_all = rand(layers, B, h_kv, cap, d), rand(layers, B, h_kv, cap, d)
+    caches, tables = [], None
+    for layer in range(layers):
+        gl = torch.Generator().manual_seed(100)  # the same block tables in every layer, as vLLM's
+        cache, tables = shared_pages_from_contiguous(k_all[layer], v_all[layer], block, generator=gl)
+        caches.append(cache.to(DEV))
+    tables = tables.to(DEV)
+    # reference: the per-request Quest state, built from the prompt, fed one token a step
+    refs = [[prepare_decode(rand(h, n, d), k_all[layer, b, :, :n], v_all[layer, b, :, :n], spec)
+             for b, n in enumerate(prompts)] for layer in range(layers)]
+    reqs = [Req(spec, n) for n in prompts]
+    assert [r.budget for r in reqs] == [1, 2, 1]
+    layout = cache_decode.CacheLayout(block, caches[0].shape[0], h_kv, d, torch.float32, torch.device(DEV))
+    bounds = layout.bounds(layers)
+    for step in range(steps):
+        seqs = [n + step + 1 for n in prompts]
+        # tokens 5, 0 and 9 of the step's flattened batch: rows in another order than the block table's
+        tokens, rows = [5, 0, 9], [2, 0, 1]
+        batch_table = tables[rows]  # the step's block table holds the rows in its own order
+        q = rand(10, h, d)
+        spec_rows = [(tokens[i], i, seqs[rows[i]], prompts[rows[i]], reqs[rows[i]].budget, step == 0)
+                     for i in range(B)]
+        qr = cache_decode.build_quest_rows([reqs[r] for r in rows], spec_rows, batch_table.to(DEV), h_kv, block)
+        ref_reports = {r: [] for r in rows}
+        for layer in range(layers):
+            out = torch.full((10, h, d), float("nan"), device=DEV)
+            cache_decode.quest_rows_forward(qr, q.to(DEV), caches[layer], bounds.of(f"layer{layer}"), out)
+            out = out.cpu()
+            for i, r in enumerate(rows):
+                t = seqs[r] - 1
+                expect, report = sparse_decode(q[tokens[i]], k_all[layer, r, :, t], v_all[layer, r, :, t],
+                                               refs[layer][r])
+                ref_reports[r].append(report)
+                err = float((out[tokens[i]].double() - expect.double()).norm() / expect.double().norm())
+                assert err < TOL, (step, layer, r, err)
+            assert not torch.isnan(out[tokens]).any()
+            assert torch.isnan(out[[1, 2, 3, 4, 6, 7, 8]]).all()  # no other token of the batch written
+        for (req, got, gen_dense), r in zip(cache_decode.step_reports(qr), rows, strict=True):
+            # the step's report sums the layers' as the reference counts them (which pages held prompt tokens)
+            assert req is reqs[r]
+            for field in ("kv_tokens_read", "generated_tokens_read", "dense_kv_tokens_read", "kv_bytes_read",
+                          "dense_kv_bytes_read"):
+                assert getattr(got, field) == sum(getattr(x, field) for x in ref_reports[r]), (step, r, field)
+            assert gen_dense == (seqs[r] - prompts[r]) * h_kv * layers
+            assert got.kv_cache_tokens == seqs[r] * h_kv * layers
+
+
+def test_a_step_plan_batches_quest_rows_over_the_cache_and_leaves_the_rest_to_their_paths(monkeypatch):
+    """The builder's plan: a Quest row becomes ``plan.quest`` (its prompt's blocks get bounds on its first step, then
+    only its current block); quest:1 (every page) is left to vLLM's kernel with its report written on the host;
+    a SnapKV row keeps its per-row state; a dense row is untouched. vLLM's kernel skips only the rows written here."""
+    from dataclasses import dataclass
+    from types import SimpleNamespace
+
+    from attention_backends.cost import ModelShape
+    from server.contract.cost import RequestCost
+    from server.vllm_engine import worker_state as ws
+    from server.vllm_engine.step_plan import make_plan, parent_metadata
+
+    layers, h_kv, d, block = 2, 2, 16, 16
+    monkeypatch.setattr(ws, "CACHE", cache_decode.CacheLayout(block, 40, h_kv, d, torch.float32, torch.device("cpu")))
+    monkeypatch.setattr(ws, "_BOUNDS", None)
+    monkeypatch.setattr(ws, "PENDING", [])
+    monkeypatch.setattr(ws, "SLOTS", {})
+    monkeypatch.setattr(ws, "_SHAPE", ModelShape(layers, 4, h_kv, d, 64, 128, 100))
+    for slot, (pattern, prompt) in enumerate([("quest:8", 75), ("quest:1", 40), ("snapkv:8", 60), ("dense", 30)]):
+        params = SimpleNamespace(extra_args={ws.PATTERN_KEY: pattern, ws.REQUEST_KEY: f"r{slot}"})
+        ws.add(slot, params, prompt, resumed=False)
+        if slot in ws.SLOTS:
+            ws.SLOTS[slot].seen = prompt
+    assert [st.cache_decode for st in ws.SLOTS.values()] == [True, True, False]
+
+    @dataclass
+    class Common:  # the fields of vLLM's CommonAttentionMetadata that a plan reads
+        num_reqs: int
+        query_start_loc_cpu: torch.Tensor
+        seq_lens: torch.Tensor
+        seq_lens_cpu_upper_bound: torch.Tensor
+        block_table_tensor: torch.Tensor
+        max_seq_len: int
+
+    def step(seq_lens):
+        lens = torch.tensor(seq_lens, dtype=torch.int32)
+        common = Common(4, torch.arange(5, dtype=torch.int32), lens, lens,
+                        torch.arange(4 * 10, dtype=torch.int32).view(4, 10), max(seq_lens))
+        return common, make_plan(common)
+
+    common, plan = step([76, 41, 61, 31])
+    assert [r.row for r in plan.decode] == [2, 0]  # (snapkv's per-row state, then Quest's row: both cut below)
+    assert plan.quest.states == [ws.SLOTS[0]] and plan.quest.tokens.tolist() == [0]
+    assert plan.quest.touched.tolist() == [0, 1, 2, 3, 4] and plan.quest.touched_fill.tolist() == [16] * 4 + [12]
+    assert parent_metadata(common, plan).seq_lens.tolist() == [1, 41, 1, 31]
+    quest1 = ws.SLOTS[1].cost.decode  # every page read: the report says ratio 1 without a device count
+    assert quest1.actual_units == quest1.dense_units == 40 * h_kv * layers
+    assert ws.PENDING == [plan.quest]
+    common, plan = step([77, 42, 62, 32])
+    assert plan.quest.touched.tolist() == [4] and plan.quest.touched_fill.tolist() == [13]
+
+    # no room for the bounds: the Quest request runs dense (vLLM's kernel), the others are unchanged
+    def no_room(self, layers):
+        raise torch.OutOfMemoryError("test")
+
+    monkeypatch.setattr(cache_decode.CacheLayout, "bounds", no_room)
+    monkeypatch.setattr(ws, "_BOUNDS", None)
+    common, plan = step([78, 43, 63, 33])
+    assert plan.quest is None and ws.SLOTS[0].fallback is not None and ws.CACHE is None
+    assert parent_metadata(common, plan).seq_lens.tolist() == [78, 43, 1, 33]
+    assert isinstance(ws.SLOTS[0].cost, RequestCost)
