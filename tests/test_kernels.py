@@ -506,6 +506,40 @@ def test_paged_kernels_read_a_cache_whose_pages_hold_every_kv_head(dtype, heads)
     assert_close(out, expect, dtype)
 
 
+@pytest.mark.parametrize("heads", GROUPS)
+def test_paged_decode_reads_per_head_keep_sets_over_a_cache_of_the_whole_sequence(heads):
+    # SnapKV / Ada-SnapKV over vLLM's cache: each (row, KV head) reads its own kept prompt positions (a different
+    # count per head), then every generated token; the cache holds the whole sequence in vLLM's layout.
+    h, h_kv = heads
+    B, d, page, gen = 3, 16, 16, 5
+    prompts = [70, 33, 48]
+    g = torch.Generator().manual_seed(90 + h)
+    n_max = max(prompts) + gen
+    q = torch.randn(B, h, d, generator=g).to(DEV)
+    k, v = torch.randn(B, h_kv, n_max, d, generator=g).to(DEV), torch.randn(B, h_kv, n_max, d, generator=g).to(DEV)
+    cache, blocks = shared_pages_from_contiguous(k, v, page, generator=g)
+    K = 20
+    positions = torch.zeros(B, h_kv, K, dtype=torch.int32)
+    kept = torch.zeros(B, h_kv, dtype=torch.int32)
+    reads = {}
+    for b, n in enumerate(prompts):
+        for j in range(h_kv):
+            c = int(torch.randint(1, min(K, n) + 1, (1,), generator=g))
+            pos = torch.randperm(n, generator=g)[:c].sort().values
+            positions[b, j, :c], kept[b, j] = pos.to(torch.int32), c
+            reads[b, j] = torch.cat([pos, torch.arange(n, n + gen)])
+    lengths = (kept + gen).to(DEV)
+    table = blocks[:, None, :].expand(B, h_kv, blocks.shape[1])
+    keep = (positions.to(DEV), kept.to(DEV), torch.tensor(prompts, dtype=torch.int32, device=DEV))
+    out = paged_decode(q, cache[:, 0], cache[:, 1], table, lengths, keep=keep, num_splits=2, out=nan_like(q))
+    expect = torch.empty(B, h, d, dtype=torch.float64)
+    grp = h // h_kv
+    for (b, j), idx in reads.items():
+        s_ = q[b, j * grp:(j + 1) * grp].double() @ k[b, j, idx.to(DEV)].double().T / math.sqrt(d)
+        expect[b, j * grp:(j + 1) * grp] = torch.softmax(s_, -1) @ v[b, j, idx.to(DEV)].double()
+    assert_close(out, expect, torch.float32)
+
+
 # ---------------------------------------------------------------------------------- public API, impl="triton"
 @pytest.mark.parametrize("method,params", [
     ("vertical_slash", {"num_vertical": 6, "num_slash": 14, "window": 32, "local_window": 8}),

@@ -27,8 +27,11 @@ class Req:  # what cache_decode reads of the backend's RequestState
         self.budget = cache_decode.request_budget(spec, prompt_len)
 
 
+@pytest.mark.parametrize("graphs", [False, True])
 @pytest.mark.parametrize("heads", [(4, 2), (3, 1)])
-def test_quest_rows_over_vllms_cache_match_the_reference_state_step_after_step(heads):
+def test_quest_rows_over_vllms_cache_match_the_reference_state_step_after_step(heads, graphs):
+    # graphs: the rows padded to a bucket and run over RowGraphs' static buffers (captured on CUDA; on the CPU the
+    # capture fails and the same static path runs eagerly)
     h, h_kv = heads
     d, block, layers = 16, 16, 2
     prompts = [75, 130, 40]  # partial last blocks; budgets of 1, 2 and 1 pages at ratio 8 (the last below its pages)
@@ -53,6 +56,7 @@ def test_quest_rows_over_vllms_cache_match_the_reference_state_step_after_step(h
     assert [r.budget for r in reqs] == [1, 2, 1]
     layout = cache_decode.CacheLayout(block, caches[0].shape[0], h_kv, d, torch.float32, torch.device(DEV))
     bounds = layout.bounds(layers)
+    row_graphs = cache_decode.RowGraphs() if graphs else None
     for step in range(steps):
         seqs = [n + step + 1 for n in prompts]
         # tokens 5, 0 and 9 of the step's flattened batch: rows in another order than the block table's
@@ -61,11 +65,13 @@ def test_quest_rows_over_vllms_cache_match_the_reference_state_step_after_step(h
         q = rand(10, h, d)
         spec_rows = [(tokens[i], i, seqs[rows[i]], prompts[rows[i]], reqs[rows[i]].budget, step == 0)
                      for i in range(B)]
-        qr = cache_decode.build_quest_rows([reqs[r] for r in rows], spec_rows, batch_table.to(DEV), h_kv, block)
+        qr = cache_decode.build_quest_rows([reqs[r] for r in rows], spec_rows, batch_table.to(DEV), h_kv, block,
+                                           pad_to=row_graphs.bucket(B) if row_graphs else None)
         ref_reports = {r: [] for r in rows}
         for layer in range(layers):
             out = torch.full((10, h, d), float("nan"), device=DEV)
-            cache_decode.quest_rows_forward(qr, q.to(DEV), caches[layer], bounds.of(f"layer{layer}"), out)
+            cache_decode.quest_rows_forward(qr, f"layer{layer}", q.to(DEV), caches[layer], bounds.of(f"layer{layer}"),
+                                            out, row_graphs)
             out = out.cpu()
             for i, r in enumerate(rows):
                 t = seqs[r] - 1
@@ -88,8 +94,9 @@ def test_quest_rows_over_vllms_cache_match_the_reference_state_step_after_step(h
 
 def test_a_step_plan_batches_quest_rows_over_the_cache_and_leaves_the_rest_to_their_paths(monkeypatch):
     """The builder's plan: a Quest row becomes ``plan.quest`` (its prompt's blocks get bounds on its first step, then
-    only its current block); quest:1 (every page) is left to vLLM's kernel with its report written on the host;
-    a SnapKV row keeps its per-row state; a dense row is untouched. vLLM's kernel skips only the rows written here."""
+    only its current block); quest:1 (every page) is left to vLLM's kernel with its report written on the host; a
+    SnapKV row becomes ``plan.keep``, its report written on the host; Quest with pages other than vLLM's blocks keeps
+    its per-row state. vLLM's kernel skips only the rows written here."""
     from dataclasses import dataclass
     from types import SimpleNamespace
 
@@ -101,15 +108,20 @@ def test_a_step_plan_batches_quest_rows_over_the_cache_and_leaves_the_rest_to_th
     layers, h_kv, d, block = 2, 2, 16, 16
     monkeypatch.setattr(ws, "CACHE", cache_decode.CacheLayout(block, 40, h_kv, d, torch.float32, torch.device("cpu")))
     monkeypatch.setattr(ws, "_BOUNDS", None)
+    monkeypatch.setattr(ws, "GRAPHS", None)
     monkeypatch.setattr(ws, "PENDING", [])
     monkeypatch.setattr(ws, "SLOTS", {})
     monkeypatch.setattr(ws, "_SHAPE", ModelShape(layers, 4, h_kv, d, 64, 128, 100))
-    for slot, (pattern, prompt) in enumerate([("quest:8", 75), ("quest:1", 40), ("snapkv:8", 60), ("dense", 30)]):
+    monkeypatch.setattr(ws, "LAYER_NAMES", {"l0": None, "l1": None})
+    quest32 = '{"decode": {"method": "quest", "compression_ratio": 8, "params": {"page_size": 32}}}'
+    for slot, (pattern, prompt) in enumerate([("quest:8", 75), ("quest:1", 40), ("snapkv:8", 60), (quest32, 30)]):
         params = SimpleNamespace(extra_args={ws.PATTERN_KEY: pattern, ws.REQUEST_KEY: f"r{slot}"})
         ws.add(slot, params, prompt, resumed=False)
-        if slot in ws.SLOTS:
-            ws.SLOTS[slot].seen = prompt
-    assert [st.cache_decode for st in ws.SLOTS.values()] == [True, True, False]
+        ws.SLOTS[slot].seen = prompt
+    assert [st.cache_decode for st in ws.SLOTS.values()] == [True, True, True, False]
+    snap = ws.SLOTS[2]  # its keep-sets, as its prefill's last chunk left them: 8 and 6 positions in l0, 7 and 7 in l1
+    snap.keep = {"l0": cache_decode.keep_set([torch.arange(8), torch.arange(6)]),
+                 "l1": cache_decode.keep_set([torch.arange(7), torch.arange(7) + 50])}
 
     @dataclass
     class Common:  # the fields of vLLM's CommonAttentionMetadata that a plan reads
@@ -127,15 +139,22 @@ def test_a_step_plan_batches_quest_rows_over_the_cache_and_leaves_the_rest_to_th
         return common, make_plan(common)
 
     common, plan = step([76, 41, 61, 31])
-    assert [r.row for r in plan.decode] == [2, 0]  # (snapkv's per-row state, then Quest's row: both cut below)
+    assert [r.row for r in plan.decode] == [3, 2, 0]  # (the per-row state, the keep rows, the Quest rows)
     assert plan.quest.states == [ws.SLOTS[0]] and plan.quest.tokens.tolist() == [0]
-    assert plan.quest.touched.tolist() == [0, 1, 2, 3, 4] and plan.quest.touched_fill.tolist() == [16] * 4 + [12]
-    assert parent_metadata(common, plan).seq_lens.tolist() == [1, 41, 1, 31]
+    assert plan.keep.tokens.tolist() == [2] and plan.keep.kept.tolist() == [[[8, 6], [7, 7]]]
+    assert plan.keep.lengths.tolist() == [[[9, 7], [8, 8]]] and plan.keep.positions[0, 1, 1].tolist()[:2] == [50, 51]
+    snap_cost = snap.cost.decode  # 28 prompt tokens of 60 x 2 heads x 2 layers, and the generated one in each
+    assert (snap_cost.actual_units, snap_cost.dense_units) == (28, 60 * h_kv * layers)
+    assert snap_cost.kv_bytes_read == (28 + 1 * h_kv * layers) * 2 * d * 4
+    assert plan.quest.touched.tolist() == [4] and plan.quest.touched_fill.tolist() == [12]  # its current block
+    assert plan.quest.bulk.tolist() == [0, 1, 2, 3] and plan.quest.bulk_fill.tolist() == [16] * 4  # its prompt's
+    assert parent_metadata(common, plan).seq_lens.tolist() == [1, 41, 1, 1]
     quest1 = ws.SLOTS[1].cost.decode  # every page read: the report says ratio 1 without a device count
     assert quest1.actual_units == quest1.dense_units == 40 * h_kv * layers
     assert ws.PENDING == [plan.quest]
     common, plan = step([77, 42, 62, 32])
     assert plan.quest.touched.tolist() == [4] and plan.quest.touched_fill.tolist() == [13]
+    assert plan.quest.bulk.numel() == 0
 
     # no room for the bounds: the Quest request runs dense (vLLM's kernel), the others are unchanged
     def no_room(self, layers):
@@ -145,5 +164,70 @@ def test_a_step_plan_batches_quest_rows_over_the_cache_and_leaves_the_rest_to_th
     monkeypatch.setattr(ws, "_BOUNDS", None)
     common, plan = step([78, 43, 63, 33])
     assert plan.quest is None and ws.SLOTS[0].fallback is not None and ws.CACHE is None
-    assert parent_metadata(common, plan).seq_lens.tolist() == [78, 43, 1, 33]
+    assert parent_metadata(common, plan).seq_lens.tolist() == [78, 43, 1, 1]
     assert isinstance(ws.SLOTS[0].cost, RequestCost)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize("pattern", ["snapkv:4", "ada_snapkv:4"])
+def test_keep_rows_over_vllms_cache_match_the_reference_state_step_after_step(pattern, graphs):
+    """SnapKV / Ada-SnapKV over vLLM's cache: the prompt's keys read back from the cache, the keep-sets fixed from
+    them, then every step one paged kernel per layer over the kept and generated tokens: the outputs and the
+    host-side reports equal the per-request reference state's."""
+    from types import SimpleNamespace
+
+    from attention_backends import decode_keep
+
+    h, h_kv, d, block, layers = 4, 2, 16, 16, 2
+    prompts, steps = [75, 130, 40], 6
+    spec = parse_pattern(pattern)
+    window = int(spec.decode.params["window"])
+    g = torch.Generator().manual_seed(7)
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float32)  # noqa: E731
+    B, cap = len(prompts), max(prompts) + steps
+    k_all, v_all = rand(layers, B, h_kv, cap, d), rand(layers, B, h_kv, cap, d)
+    q_prompt = [rand(h, n, d) for n in prompts]
+    caches = []
+    for layer in range(layers):
+        cache, tables = shared_pages_from_contiguous(k_all[layer], v_all[layer], block,
+                                                     generator=torch.Generator().manual_seed(100))
+        caches.append(cache.to(DEV))
+    tables = tables.to(DEV)
+    names = [f"layer{i}" for i in range(layers)]
+    row_graphs = cache_decode.RowGraphs() if graphs else None
+    states = [SimpleNamespace(spec=spec, keep={}, keep_stack=None) for _ in prompts]
+    refs = []
+    for layer, name in enumerate(names):
+        refs.append([])
+        for b, n in enumerate(prompts):
+            keys = cache_decode.prompt_keys(caches[layer], tables[b], n)
+            assert torch.equal(keys.cpu(), k_all[layer, b, :, :n])
+            states[b].keep[name] = cache_decode.keep_set(decode_keep(q_prompt[b][:, -window:].to(DEV), keys,
+                                                                     spec.decode))
+            refs[layer].append(prepare_decode(q_prompt[b], k_all[layer, b, :, :n], v_all[layer, b, :, :n], spec))
+    for step in range(steps):
+        seqs = [n + step + 1 for n in prompts]
+        tokens, rows = [4, 0, 7], [1, 2, 0]  # the step's order of the rows is not the requests'
+        kr = cache_decode.build_keep_rows([states[r] for r in rows],
+                                          [(tokens[i], i, seqs[r], prompts[r]) for i, r in enumerate(rows)],
+                                          tables[rows], names, block,
+                                          pad_to=row_graphs.bucket(B) if row_graphs else None)
+        q = rand(8, h, d)
+        ref_reports = {r: [] for r in rows}
+        for layer, name in enumerate(names):
+            out = torch.full((8, h, d), float("nan"), device=DEV)
+            cache_decode.keep_rows_forward(kr, name, q.to(DEV), caches[layer], out, row_graphs)
+            out = out.cpu()
+            for i, r in enumerate(rows):
+                t = seqs[r] - 1
+                expect, report = sparse_decode(q[tokens[i]], k_all[layer, r, :, t], v_all[layer, r, :, t],
+                                               refs[layer][r])
+                ref_reports[r].append(report)
+                err = float((out[tokens[i]].double() - expect.double()).norm() / expect.double().norm())
+                assert err < TOL, (step, layer, r, err)
+            assert torch.isnan(out[[1, 2, 3, 5, 6]]).all()
+        for r in rows:
+            got = cache_decode.keep_step_report(spec, states[r].keep_stack[2], seqs[r], prompts[r], h_kv * layers, d, 4)
+            for field in ("kv_tokens_read", "generated_tokens_read", "dense_kv_tokens_read", "kv_bytes_read",
+                          "dense_kv_bytes_read"):
+                assert getattr(got, field) == sum(getattr(x, field) for x in ref_reports[r]), (step, r, field)

@@ -40,10 +40,10 @@ _NEG = tl.constexpr(-1.0e30)
 
 @triton.jit
 def _paged_decode_split_kernel(
-    Q, KP, VP, PT, LEN, MP, LP, AP,
-    sqb, sqh, skp, skt, skh, svp, svt, svh, spt_b, spt_h, slen_b,
+    Q, KP, VP, PT, LEN, MP, LP, AP, KT, KCNT, PLEN,
+    sqb, sqh, skp, skt, skh, svp, svt, svh, spt_b, spt_h, slen_b, skt_b, skt_h, skc_b,
     h_kv, group, qk_scale, num_splits,
-    HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, G_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, G_PAD: tl.constexpr, KEEP: tl.constexpr,
 ):
     bh = tl.program_id(0)
     s = tl.program_id(1)
@@ -67,11 +67,19 @@ def _paged_decode_split_kernel(
     kp = KP + kvh * skh  # (skh = 0 where a page belongs to one KV head)
     vp = VP + kvh * svh
     lane = tl.arange(0, BLOCK_N)
+    if KEEP:  # the row's i-th token read: its i-th kept prompt position, then the generated tokens
+        kt = KT + b * skt_b + kvh * skt_h
+        kept = tl.load(KCNT + b * skc_b + kvh)
+        gen0 = tl.load(PLEN + b) - kept  # position of read token i >= kept: prompt_len + (i - kept)
     for t0 in range(start, end, BLOCK_N):
         tok = t0 + lane
         live = tok < end
-        page = tl.load(pt + tok // PAGE, mask=live, other=0).to(tl.int64)
-        within = tok % PAGE
+        if KEEP:
+            pos = tl.where(tok < kept, tl.load(kt + tok, mask=live & (tok < kept), other=0), gen0 + tok)
+        else:
+            pos = tok
+        page = tl.load(pt + pos // PAGE, mask=live, other=0).to(tl.int64)
+        within = pos % PAGE
         k = tl.load(kp + page[:, None] * skp + within[:, None] * skt + offs_d[None, :], mask=live[:, None], other=0.0)
         v = tl.load(vp + page[:, None] * svp + within[:, None] * svt + offs_d[None, :], mask=live[:, None], other=0.0)
         qk = tl.dot(q, tl.trans(k)) * qk_scale
@@ -142,11 +150,17 @@ def paged_decode(
     out: Tensor | None = None,
     num_warps: int = 4,
     num_stages: int | None = None,
+    keep: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Decode attention of ``q [B, h, d]`` over paged K/V (layout in the module docstring) -> ``[B, h, d]``.
 
     ``max_len`` bounds ``lengths`` (default: ``max_pages * page_size``); it only sizes the grid. A row of
     length 0 writes zeros.
+
+    ``keep = (positions [B, h_kv, K], kept [B, h_kv], prompt_lens [B])`` (int32): each (row, KV head) reads the
+    ``kept`` prompt positions listed first in ``positions`` (a SnapKV / Ada-SnapKV read-set over a cache that holds
+    the whole prompt, such as vLLM's), then its generated tokens, positions ``prompt_len ..``; ``lengths`` is then
+    ``kept`` plus the generated tokens, and ``page_table`` maps positions to pages as without ``keep``.
     """
     B, h, d = q.shape
     page, d2 = k_pages.shape[1], k_pages.shape[-1]
@@ -173,12 +187,19 @@ def paged_decode(
     scale = (1.0 / math.sqrt(d)) if sm_scale is None else sm_scale
     if num_stages is None:
         num_stages = 3 if dev.type == "cuda" else 1
+    if keep is not None:
+        positions, kept, prompt_lens = keep
+        assert positions.shape[:2] == (B, h_kv) and kept.shape == (B, h_kv) and prompt_lens.shape == (B,)
+        assert positions.stride(-1) == 1 and kept.stride(-1) == 1 and prompt_lens.stride(0) == 1
+        kargs = (positions, kept, prompt_lens, positions.stride(0), positions.stride(1), kept.stride(0))
+    else:
+        kargs = (lengths, lengths, lengths, 0, 0, 0)  # (unused)
     _paged_decode_split_kernel[(B * h_kv, num_splits)](
-        q, k_pages, v_pages, page_table, lengths, mp, lp, ap,
+        q, k_pages, v_pages, page_table, lengths, mp, lp, ap, *kargs[:3],
         q.stride(0), q.stride(1), *kst, *vst,
-        page_table.stride(0), page_table.stride(1), lengths.stride(0),
+        page_table.stride(0), page_table.stride(1), lengths.stride(0), *kargs[3:],
         h_kv, group, scale * LOG2E, num_splits,
-        HEAD_DIM=d, PAGE=page, BLOCK_N=block_n, G_PAD=g_pad,
+        HEAD_DIM=d, PAGE=page, BLOCK_N=block_n, G_PAD=g_pad, KEEP=keep is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     if out is None:

@@ -117,15 +117,16 @@ def _cache_page_bounds_kernel(KP, PID, FILL, PMIN, PMAX, skp, skt, skh, smin_p, 
     k = tl.load(KP + page * skp + kvh * skh + t[:, None] * skt + offs_d[None, :], mask=live, other=0.0)
     lo = tl.min(tl.where(live, k, float("inf")), 0)
     hi = tl.max(tl.where(live, k, float("-inf")), 0)
-    tl.store(PMIN + page * smin_p + kvh * smin_h + offs_d, lo.to(PMIN.dtype.element_ty))
-    tl.store(PMAX + page * smax_p + kvh * smax_h + offs_d, hi.to(PMAX.dtype.element_ty))
+    write = offs_d < tl.where(fill > 0, HEAD_DIM, 0)  # (a fill of 0 is a padding entry: nothing to write)
+    tl.store(PMIN + page * smin_p + kvh * smin_h + offs_d, lo.to(PMIN.dtype.element_ty), mask=write)
+    tl.store(PMAX + page * smax_p + kvh * smax_h + offs_d, hi.to(PMAX.dtype.element_ty), mask=write)
 
 
 def cache_page_bounds(k_pages: Tensor, page_ids: Tensor, fill: Tensor, page_min: Tensor, page_max: Tensor) -> None:
-    """Set the bounds of pages ``page_ids [n]`` to the element-wise min/max of their first ``fill [n]`` (>= 1)
-    tokens, for every KV head, read from the cache (either layout of :mod:`.paged_decode`; the bounds' layout
-    matches it). One launch, no host sync: the vLLM path calls it every step for each Quest row's current page
-    (and once for a prompt's pages), after vLLM wrote the step's keys."""
+    """Set the bounds of pages ``page_ids [n]`` to the element-wise min/max of their first ``fill [n]`` tokens,
+    for every KV head, read from the cache (either layout of :mod:`.paged_decode`; the bounds' layout matches it). An
+    entry of fill 0 writes nothing (padding). One launch, no host sync: the vLLM path calls it every step for each
+    Quest row's current page (and once for a prompt's pages), after vLLM wrote the step's keys."""
     n = page_ids.numel()
     if n == 0:
         return

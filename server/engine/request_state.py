@@ -48,6 +48,9 @@ class EngineRequest:
     @property
     def next_input(self) -> int:
         """The token the next decode step feeds: the last sampled one, or one being recomputed after a resume."""
+        if self.cached_outputs >= len(self.output_ids):  # a launched step's token never accepted (a bug): say so
+            raise RuntimeError(f"request {self.request_id}: its cache holds {self.cached_outputs} generated tokens "
+                               f"but only {len(self.output_ids)} were accepted; no token to feed")
         return self.output_ids[self.cached_outputs]
 
     @property

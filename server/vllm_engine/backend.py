@@ -20,9 +20,11 @@ sparse methods for the rows of sparse requests and leave everything else to the 
     and value (Quest updates its last page's bounds from it). Like the prefill methods, the state is
     ``engine_impl``'s: the paged Triton state on CUDA, the reference elsewhere. The state holds its own copy of
     the tokens each KV head may read (all of them for Quest). See docs/vllm.md for the cost.
-  - except Quest on CUDA (:mod:`.cache_decode`): its rows run batched per layer over vLLM's own cache (FlashAttention
-    layout), with no copy and no decode state; the builder gathers them (``SparsePlan.quest``). The CPU backend's
-    cache layout is ISA-specific, so on the CPU every decode row keeps its state.
+  - except on CUDA (:mod:`.cache_decode`): Quest, SnapKV and Ada-SnapKV rows run batched per layer over vLLM's own
+    cache (FlashAttention layout), with no copy and no per-row decode state (SnapKV's keep-sets are fixed at the end
+    of prefill from the prompt's last queries and the keys read back from the cache); the builder gathers them
+    (``SparsePlan.quest`` / ``.keep``) and, unless vLLM runs eager, each layer replays a CUDA graph of their kernels.
+    The CPU backend's cache layout is ISA-specific, so on the CPU every decode row keeps its state.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from attention_backends import engine_impl, prepare_decode, sparse_decode, sparse_prefill
+from attention_backends import decode_keep, engine_impl, prepare_decode, sparse_decode, sparse_prefill
 from attention_backends.cost import causal_cells
 from attention_backends.prefill.common import ChunkNotAligned
 from attention_backends.prefill.dense import sdpa
@@ -102,13 +104,17 @@ class SparseImplMixin:
         if plan is None:
             return output
         name = getattr(layer, "layer_name", None) or str(id(layer))
+        ws.layer_names(name)
         parent_ms = timer.lap() if timer else 0.0
         out = output.view(query.shape[0], self.num_heads, -1)  # type: ignore[attr-defined]
         with torch.inference_mode():
             for row in plan.prefill:
-                self._prefill_row(name, row, query, key, value, out)
+                self._prefill_row(name, row, query, key, value, kv_cache, out)
             if plan.quest is not None:
-                cache_decode.quest_rows_forward(plan.quest, query, kv_cache, ws.cache_bounds().of(name), out)
+                cache_decode.quest_rows_forward(plan.quest, name, query, kv_cache, ws.cache_bounds().of(name), out,
+                                                ws.GRAPHS)
+            if plan.keep is not None:
+                cache_decode.keep_rows_forward(plan.keep, name, query, kv_cache, out, ws.GRAPHS)
             for row in plan.decode:
                 self._decode_row(name, row, query, key, value, out)
         if timer:
@@ -131,7 +137,7 @@ class SparseImplMixin:
             return "attention sinks (learned)"
         return None
 
-    def _prefill_row(self, name, row: SparseRow, query, key, value, out) -> None:
+    def _prefill_row(self, name, row: SparseRow, query, key, value, kv_cache, out) -> None:
         st = row.state
         if st.fallback is not None:
             return
@@ -158,9 +164,18 @@ class SparseImplMixin:
         st.dirty = True
         st.seen = ctx + n  # per-request tokens; every layer sees the same chunk, so set, not add
         prefill_ends = ctx + n >= st.prompt_len
+        if st.keeps_over_cache:  # the last `window` queries; at the end, the keep-sets over the cache's keys
+            window = int(st.spec.decode.params["window"])
+            tail = q if ls.window is None else torch.cat([ls.window, q], dim=1)
+            ls.window = tail[:, -window:].clone()
+            if prefill_ends:
+                keys = cache_decode.prompt_keys(kv_cache, row.blocks, st.prompt_len)
+                st.keep[name] = cache_decode.keep_set(decode_keep(ls.window, keys, st.spec.decode, impl=impl))
+                ls.window = None
         keeps_state = not st.spec.decode.is_dense and not st.cache_decode  # (cache_decode: reads vLLM's cache)
         if not keeps_state and (phase.is_dense or prefill_ends):
-            st.layers.pop(name, None)
+            if ls.window is None:
+                st.layers.pop(name, None)
             return
         if keeps_state:
             ls.q.append(q.detach().clone())

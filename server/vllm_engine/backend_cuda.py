@@ -18,7 +18,7 @@ from vllm.v1.attention.backends.flash_attn import (
 
 from . import worker_state as ws
 from .backend import SparseBuilderMixin, SparseImplMixin
-from .cache_decode import CacheLayout
+from .cache_decode import CacheLayout, RowGraphs
 
 
 class SparseFlashAttentionMetadataBuilder(SparseBuilderMixin, FlashAttentionMetadataBuilder):
@@ -30,6 +30,8 @@ class SparseFlashAttentionMetadataBuilder(SparseBuilderMixin, FlashAttentionMeta
         if kv_cache_spec.dtype in (torch.float16, torch.bfloat16) and blocks:  # (not a quantized cache)
             ws.CACHE = CacheLayout(kv_cache_spec.block_size, int(blocks), kv_cache_spec.num_kv_heads,
                                    kv_cache_spec.head_size, kv_cache_spec.dtype, torch.device(device))
+            if not vllm_config.model_config.enforce_eager and ws.GRAPHS is None:
+                ws.GRAPHS = RowGraphs()
 
 
 class SparseFlashAttentionImpl(SparseImplMixin, FlashAttentionImpl):

@@ -31,6 +31,7 @@ class SparseRow:
     context: int  # tokens already in the cache before this step
     state: ws.RequestState
     fallback: PrefillCallReport | None = None  # a prefill chunk the dense-fallback rule runs dense: its report
+    blocks: torch.Tensor | None = None  # the row's block table (a prefill row whose keep-sets read vLLM's cache)
 
     @property
     def owned(self) -> bool:
@@ -40,7 +41,7 @@ class SparseRow:
         st = self.state
         if self.context < st.prompt_len:
             return not st.spec.prefill.is_dense and self.fallback is None
-        return not st.spec.decode.is_dense and not (st.cache_decode and st.budget is None)
+        return not st.spec.decode.is_dense and not st.reads_every_page
 
 
 @dataclass
@@ -49,6 +50,7 @@ class SparsePlan:
     prefill: list[SparseRow] = field(default_factory=list)
     decode: list[SparseRow] = field(default_factory=list)  # rows of per-row decode states
     quest: cache_decode.QuestRows | None = None  # Quest rows over vLLM's cache, batched
+    keep: cache_decode.KeepRows | None = None  # SnapKV / Ada-SnapKV rows over vLLM's cache, batched
 
 
 def make_plan(common) -> SparsePlan | None:
@@ -84,6 +86,8 @@ def make_plan(common) -> SparsePlan | None:
                 heads, head_dim = ws.HEADS
                 row.fallback = prefill_fallback(state.spec.prefill, (heads, int(seq_lens[r]), head_dim),
                                                 common.seq_lens.device, engine_impl(common.seq_lens.device), context)
+            if state.keeps_over_cache and context + (end - start) >= state.prompt_len:  # its keep-sets read
+                row.blocks = common.block_table_tensor[r]  # the prompt's keys back from the cache
             plan.prefill.append(row)
         else:
             if end - start != 1:
@@ -97,21 +101,38 @@ def make_plan(common) -> SparsePlan | None:
 
 
 def _gather_cache_rows(common, plan: SparsePlan) -> None:
-    """Move the decode rows that read vLLM's cache out of ``plan.decode``: those the parent runs (every page read:
-    their report is known here) and those that become ``plan.quest``. Without room for the bounds they run dense."""
+    """Move the decode rows that read vLLM's cache out of ``plan.decode``: the SnapKV / Ada-SnapKV rows become
+    ``plan.keep``; of the Quest rows, those the parent runs (every page read: their report is known here) stay and
+    the others become ``plan.quest``. Without room for Quest's bounds its rows run dense."""
     cache_rows = [row for row in plan.decode if row.state.cache_decode]
     if not cache_rows:
         return
     plan.decode = [row for row in plan.decode if not row.state.cache_decode]
-    layout, bounds = ws.CACHE, ws.cache_bounds()
-    if layout is None or bounds is None:
+    layout = ws.CACHE
+    assert layout is not None  # (cache_decode is set only where the CUDA builder told the layout)
+    keep = [row for row in cache_rows if row.state.keeps_over_cache]
+    if keep:
+        heads = layout.kv_heads * ws.layers()
+        plan.keep = cache_decode.build_keep_rows(
+            [row.state for row in keep], [(row.start, row.row, row.context + 1, row.state.prompt_len) for row in keep],
+            common.block_table_tensor, ws.layer_names(), layout.block_size, _bucket(len(keep)))
+        for row in keep:  # what they read is known here
+            st = row.state
+            st.add_decode(cache_decode.keep_step_report(st.spec, st.keep_stack[2], row.context + 1, st.prompt_len,
+                                                        heads, layout.head_dim, layout.dtype.itemsize),
+                          (row.context + 1 - st.prompt_len) * heads)
+        plan.decode += keep  # (owned: parent_metadata cuts them; _decode_row leaves them to plan.keep)
+    cache_rows = [row for row in cache_rows if not row.state.keeps_over_cache]
+    if not cache_rows:
+        return
+    if ws.cache_bounds() is None:
         for row in cache_rows:
             row.state.disable("no room for Quest's page bounds beside vLLM's KV cache")
         return
     quest = []
     for row in cache_rows:
         st, seq = row.state, row.context + 1
-        if st.budget is None:  # every page: dense attention, vLLM's kernel (row.owned is False)
+        if st.reads_every_page:  # dense attention, vLLM's kernel (row.owned is False)
             heads = layout.kv_heads * ws.layers()
             st.add_decode(cache_decode.dense_step_report(st.spec, seq, st.prompt_len, heads, layout.head_dim,
                                                          layout.dtype.itemsize), (seq - st.prompt_len) * heads)
@@ -121,7 +142,7 @@ def _gather_cache_rows(common, plan: SparsePlan) -> None:
         plan.quest = cache_decode.build_quest_rows(
             [row.state for row in quest],
             [(row.start, row.row, row.context + 1, row.state.prompt_len, row.state.budget, not row.state.bounds_ready)
-             for row in quest], common.block_table_tensor, layout.kv_heads, layout.block_size)
+             for row in quest], common.block_table_tensor, layout.kv_heads, layout.block_size, _bucket(len(quest)))
         for row in quest:
             row.state.bounds_ready = True
         plan.decode += quest  # (for parent_metadata: they are owned; _decode_row leaves them to plan.quest)
@@ -149,3 +170,8 @@ def parent_metadata(common, plan: SparsePlan):
         upper = upper.clone()
         upper[rows] = cut.to(upper.dtype)
     return compat.with_seq_lens(common, seq_lens, upper, max(lens))
+
+
+def _bucket(rows: int) -> int | None:
+    """Rows in all, padding included, under the CUDA backend's row graphs (None: no graphs, no padding)."""
+    return None if ws.GRAPHS is None else ws.GRAPHS.bucket(rows)

@@ -74,6 +74,7 @@ class LayerState:
     k: list[Tensor] = field(default_factory=list)
     v: list[Tensor] = field(default_factory=list)
     decode: DecodeState | None = None
+    window: Tensor | None = None  # the prompt's last queries so far (keeps_over_cache)
 
 
 @dataclass
@@ -95,6 +96,19 @@ class RequestState:
     budget: int | None = None  # its Quest pages per KV head (None: every page)
     bounds_ready: bool = False  # its prompt's page bounds are written
     cache_tokens: int = 0  # tokens in its cache, summed over layers and KV heads (cache_decode)
+    # SnapKV / Ada-SnapKV over vLLM's cache: per layer (positions [h_kv, K], counts [h_kv]), then all layers stacked
+    keep: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    keep_stack: tuple[Tensor, Tensor, int] | None = None
+
+    @property
+    def reads_every_page(self) -> bool:
+        """A Quest request over vLLM's cache whose budget is every page (dense attention: vLLM's kernel runs it)."""
+        return self.cache_decode and not self.keeps_over_cache and self.budget is None
+
+    @property
+    def keeps_over_cache(self) -> bool:
+        """SnapKV / Ada-SnapKV reading vLLM's cache: the prompt's last queries until prefill ends, then keep-sets."""
+        return self.cache_decode and cache_decode.keeps_tokens(self.spec)
 
     def add_decode(self, report: DecodeCallReport, generated_dense: int) -> None:
         """One layer of one decode step (or all of them: :mod:`.cache_decode`). ``generated_dense``: generated
@@ -128,6 +142,7 @@ _SHAPE: ModelShape | None = None
 WRITES_COST = True  # False on tensor-parallel ranks other than 0
 CACHE: cache_decode.CacheLayout | None = None  # set by the CUDA backend's builder: decode may read vLLM's cache
 _BOUNDS: cache_decode.CacheBounds | None = None
+GRAPHS: cache_decode.RowGraphs | None = None  # set with CACHE where CUDA graphs run the rows (not enforce_eager)
 PENDING: list[cache_decode.QuestRows] = []  # this step's Quest rows, for end_step's accounting
 
 
@@ -148,6 +163,16 @@ def layers() -> int:
     return _SHAPE.num_layers if _SHAPE is not None else 0
 
 
+LAYER_NAMES: dict[str, None] = {}  # the attention layers' names, in the order they first ran (an ordered set)
+
+
+def layer_names(name: str | None = None) -> list[str]:
+    """Every attention layer's name in forward order (``name``: note a layer that runs)."""
+    if name is not None:
+        LAYER_NAMES.setdefault(name, None)
+    return list(LAYER_NAMES)
+
+
 def set_model_shape(shape: ModelShape) -> None:
     global _SHAPE
     _SHAPE = shape
@@ -164,7 +189,9 @@ def add(slot: int, params: Any, prompt_len: int, resumed: bool) -> None:
     key = (params.extra_args or {}).get(REQUEST_KEY)
     state = RequestState(key=key, spec=spec, prompt_len=prompt_len, cost=RequestCost.for_spec(spec))
     if cache_decode.reads_cache(spec, CACHE.block_size if CACHE is not None else None):
-        state.cache_decode, state.budget = True, cache_decode.request_budget(spec, prompt_len)
+        state.cache_decode = True
+        if not cache_decode.keeps_tokens(spec):
+            state.budget = cache_decode.request_budget(spec, prompt_len)
     if resumed:
         state.disable("resumed after preemption (its prompt state is gone)")
     SLOTS[slot] = state
