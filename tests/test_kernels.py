@@ -353,6 +353,12 @@ def test_vertical_slash_budget_search_matches_an_exhaustive_one():
 
 
 # ------------------------------------------------------------------------------------------------- decode
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of queries ``q [g, d]`` over keys/values ``[t, d]``, in float64."""
+    s = q.double() @ k.double().T / math.sqrt(q.shape[-1])
+    return torch.softmax(s, -1) @ v.double()
+
+
 def reference_decode(q, k, v, lengths):
     B, h, d = q.shape
     g = h // k.shape[1]
@@ -413,8 +419,7 @@ def test_quest_select_and_decode_match_reference(heads):
             toks = (pages[j][:, None] * page + torch.arange(page, device=DEV)).flatten()
             toks = toks[toks < n]
             assert int(sel_len[b, j]) == toks.numel()
-            s = q[b, j * grp:(j + 1) * grp].double() @ k[b, j, toks].double().T / math.sqrt(d)
-            expect[b, j * grp:(j + 1) * grp] = torch.softmax(s, -1) @ v[b, j, toks].double()
+            expect[b, j * grp:(j + 1) * grp] = attend(q[b, j * grp:(j + 1) * grp], k[b, j, toks], v[b, j, toks])
     assert_close(out, expect, dtype)
 
 
@@ -501,8 +506,7 @@ def test_paged_kernels_read_a_cache_whose_pages_hold_every_kv_head(dtype, heads)
             pos = [blocks[b].tolist().index(t) for t in toks]
             idx = (torch.tensor(pos)[:, None] * page + torch.arange(page)).flatten()
             idx = idx[idx < int(lengths[b, j])].to(DEV)
-            s = q[b, j * grp:(j + 1) * grp].double() @ k[b, j, idx].double().T / math.sqrt(d)
-            expect[b, j * grp:(j + 1) * grp] = torch.softmax(s, -1) @ v[b, j, idx].double()
+            expect[b, j * grp:(j + 1) * grp] = attend(q[b, j * grp:(j + 1) * grp], k[b, j, idx], v[b, j, idx])
     assert_close(out, expect, dtype)
 
 
@@ -535,8 +539,8 @@ def test_paged_decode_reads_per_head_keep_sets_over_a_cache_of_the_whole_sequenc
     expect = torch.empty(B, h, d, dtype=torch.float64)
     grp = h // h_kv
     for (b, j), idx in reads.items():
-        s_ = q[b, j * grp:(j + 1) * grp].double() @ k[b, j, idx.to(DEV)].double().T / math.sqrt(d)
-        expect[b, j * grp:(j + 1) * grp] = torch.softmax(s_, -1) @ v[b, j, idx.to(DEV)].double()
+        expect[b, j * grp:(j + 1) * grp] = attend(q[b, j * grp:(j + 1) * grp], k[b, j, idx.to(DEV)],
+                                                  v[b, j, idx.to(DEV)])
     assert_close(out, expect, torch.float32)
 
 

@@ -21,6 +21,27 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 1e-4 if DEV == "cpu" else 4e-3  # (CUDA: tl.dot's float32 is TF32; H200, 2026-12-02: 8.3e-4)
 
 
+REPORT_FIELDS = ("kv_tokens_read", "generated_tokens_read", "dense_kv_tokens_read", "kv_bytes_read",
+                 "dense_kv_bytes_read")
+
+
+def check_rows(out, q, tokens, rows, seqs, layer, k_all, v_all, refs, ref_reports, step):
+    """Each row's output (``out``, on the CPU) equals its reference state's step, which appends the row's fresh key
+    and value; the reference reports are collected for the step's report check."""
+    for i, r in enumerate(rows):
+        t = seqs[r] - 1
+        expect, report = sparse_decode(q[tokens[i]], k_all[layer, r, :, t], v_all[layer, r, :, t], refs[layer][r])
+        ref_reports[r].append(report)
+        err = float((out[tokens[i]].double() - expect.double()).norm() / expect.double().norm())
+        assert err < TOL, (step, layer, r, err)
+
+
+def assert_sums(got, reports, tag) -> None:
+    """A step's report sums its layers' reports."""
+    for name in REPORT_FIELDS:
+        assert getattr(got, name) == sum(getattr(x, name) for x in reports), (*tag, name)
+
+
 class Req:  # what cache_decode reads of the backend's RequestState
     def __init__(self, spec, prompt_len):
         self.spec, self.prompt_len = spec, prompt_len
@@ -73,21 +94,13 @@ def test_quest_rows_over_vllms_cache_match_the_reference_state_step_after_step(h
             cache_decode.quest_rows_forward(qr, f"layer{layer}", q.to(DEV), caches[layer], bounds.of(f"layer{layer}"),
                                             out, row_graphs)
             out = out.cpu()
-            for i, r in enumerate(rows):
-                t = seqs[r] - 1
-                expect, report = sparse_decode(q[tokens[i]], k_all[layer, r, :, t], v_all[layer, r, :, t],
-                                               refs[layer][r])
-                ref_reports[r].append(report)
-                err = float((out[tokens[i]].double() - expect.double()).norm() / expect.double().norm())
-                assert err < TOL, (step, layer, r, err)
+            check_rows(out, q, tokens, rows, seqs, layer, k_all, v_all, refs, ref_reports, step)
             assert not torch.isnan(out[tokens]).any()
             assert torch.isnan(out[[1, 2, 3, 4, 6, 7, 8]]).all()  # no other token of the batch written
         for (req, got, gen_dense), r in zip(cache_decode.step_reports(qr), rows, strict=True):
             # the step's report sums the layers' as the reference counts them (which pages held prompt tokens)
             assert req is reqs[r]
-            for field in ("kv_tokens_read", "generated_tokens_read", "dense_kv_tokens_read", "kv_bytes_read",
-                          "dense_kv_bytes_read"):
-                assert getattr(got, field) == sum(getattr(x, field) for x in ref_reports[r]), (step, r, field)
+            assert_sums(got, ref_reports[r], (step, r))
             assert gen_dense == (seqs[r] - prompts[r]) * h_kv * layers
             assert got.kv_cache_tokens == seqs[r] * h_kv * layers
 
@@ -218,16 +231,8 @@ def test_keep_rows_over_vllms_cache_match_the_reference_state_step_after_step(pa
             out = torch.full((8, h, d), float("nan"), device=DEV)
             cache_decode.keep_rows_forward(kr, name, q.to(DEV), caches[layer], out, row_graphs)
             out = out.cpu()
-            for i, r in enumerate(rows):
-                t = seqs[r] - 1
-                expect, report = sparse_decode(q[tokens[i]], k_all[layer, r, :, t], v_all[layer, r, :, t],
-                                               refs[layer][r])
-                ref_reports[r].append(report)
-                err = float((out[tokens[i]].double() - expect.double()).norm() / expect.double().norm())
-                assert err < TOL, (step, layer, r, err)
+            check_rows(out, q, tokens, rows, seqs, layer, k_all, v_all, refs, ref_reports, step)
             assert torch.isnan(out[[1, 2, 3, 5, 6]]).all()
         for r in rows:
             got = cache_decode.keep_step_report(spec, states[r].keep_stack[2], seqs[r], prompts[r], h_kv * layers, d, 4)
-            for field in ("kv_tokens_read", "generated_tokens_read", "dense_kv_tokens_read", "kv_bytes_read",
-                          "dense_kv_bytes_read"):
-                assert getattr(got, field) == sum(getattr(x, field) for x in ref_reports[r]), (step, r, field)
+            assert_sums(got, ref_reports[r], (step, r))
