@@ -182,8 +182,8 @@ def test_a_step_plan_batches_quest_rows_over_the_cache_and_leaves_the_rest_to_th
 
 
 @pytest.mark.parametrize("graphs", [False, True])
-@pytest.mark.parametrize("pattern", ["snapkv:4", "ada_snapkv:4"])
-def test_keep_rows_over_vllms_cache_match_the_reference_state_step_after_step(pattern, graphs):
+@pytest.mark.parametrize("method", ["snapkv", "ada_snapkv"])
+def test_keep_rows_over_vllms_cache_match_the_reference_state_step_after_step(method, graphs):
     """SnapKV / Ada-SnapKV over vLLM's cache: the prompt's keys read back from the cache, the keep-sets fixed from
     them, then every step one paged kernel per layer over the kept and generated tokens: the outputs and the
     host-side reports equal the per-request reference state's."""
@@ -193,7 +193,8 @@ def test_keep_rows_over_vllms_cache_match_the_reference_state_step_after_step(pa
 
     h, h_kv, d, block, layers = 4, 2, 16, 16, 2
     prompts, steps = [75, 130, 40], 6
-    spec = parse_pattern(pattern)
+    # a window of 32 queries: shorter than the prompts, longer than one prompt's first chunk
+    spec = parse_pattern({"decode": {"method": method, "compression_ratio": 4, "params": {"window": 32}}})
     window = int(spec.decode.params["window"])
     g = torch.Generator().manual_seed(7)
     rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float32)  # noqa: E731
@@ -215,8 +216,15 @@ def test_keep_rows_over_vllms_cache_match_the_reference_state_step_after_step(pa
         for b, n in enumerate(prompts):
             keys = cache_decode.prompt_keys(caches[layer], tables[b], n)
             assert torch.equal(keys.cpu(), k_all[layer, b, :, :n])
-            states[b].keep[name] = cache_decode.keep_set(decode_keep(q_prompt[b][:, -window:].to(DEV), keys,
-                                                                     spec.decode))
+            # the prompt prefilled in two chunks: the window follows them, the keep-sets come from the cache's keys
+            qd = q_prompt[b].to(DEV)
+            win = cache_decode.keep_window(None, qd[:, : n // 2], window)
+            win = cache_decode.keep_window(win, qd[:, n // 2 :], window)
+            assert torch.equal(win, qd[:, -window:]) and win.is_contiguous()
+            states[b].keep[name] = cache_decode.fix_keep_set(win, caches[layer], tables[b], spec, n, "reference")
+            expect = decode_keep(qd[:, -window:], k_all[layer, b, :, :n].to(DEV), spec.decode)
+            assert [p[: int(c)].tolist() for p, c in zip(*states[b].keep[name], strict=True)] == \
+                [e.tolist() for e in expect]
             refs[layer].append(prepare_decode(q_prompt[b], k_all[layer, b, :, :n], v_all[layer, b, :, :n], spec))
     for step in range(steps):
         seqs = [n + step + 1 for n in prompts]

@@ -40,7 +40,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from attention_backends import decode_keep, engine_impl, prepare_decode, sparse_decode, sparse_prefill
+from attention_backends import engine_impl, prepare_decode, sparse_decode, sparse_prefill
 from attention_backends.cost import causal_cells
 from attention_backends.prefill.common import ChunkNotAligned
 from attention_backends.prefill.dense import sdpa
@@ -165,12 +165,10 @@ class SparseImplMixin:
         st.seen = ctx + n  # per-request tokens; every layer sees the same chunk, so set, not add
         prefill_ends = ctx + n >= st.prompt_len
         if st.keeps_over_cache:  # the last `window` queries; at the end, the keep-sets over the cache's keys
-            window = int(st.spec.decode.params["window"])
-            tail = q if ls.window is None else torch.cat([ls.window, q], dim=1)
-            ls.window = tail[:, -window:].clone()
+            ls.window = cache_decode.keep_window(ls.window, q, int(st.spec.decode.params["window"]))
             if prefill_ends:
-                keys = cache_decode.prompt_keys(kv_cache, row.blocks, st.prompt_len)
-                st.keep[name] = cache_decode.keep_set(decode_keep(ls.window, keys, st.spec.decode, impl=impl))
+                st.keep[name] = cache_decode.fix_keep_set(ls.window, kv_cache, row.blocks, st.spec, st.prompt_len,
+                                                          impl)
                 ls.window = None
         keeps_state = not st.spec.decode.is_dense and not st.cache_decode  # (cache_decode: reads vLLM's cache)
         if not keeps_state and (phase.is_dense or prefill_ends):

@@ -3,7 +3,8 @@
 Same mixins as the CPU backend. The sparse rows run eager PyTorch inside the attention op, so a step that may
 have one never replays a full CUDA graph (:mod:`.graphs`: piecewise graphs capture everything but attention);
 the builder keeps its parent's graph support, so steps of dense requests alone replay vLLM's full graphs. The builder
-tells :mod:`.worker_state` the cache's layout, so Quest rows read vLLM's cache (:mod:`.cache_decode`). Runs on
+tells :mod:`.worker_state` the cache's layout, so Quest, SnapKV and Ada-SnapKV rows read vLLM's cache
+(:mod:`.cache_decode`), and, unless vLLM runs eager, turns on their per-layer CUDA graphs. Runs on
 the GPU machine with vLLM 0.25 (``benchmarks/e2e.py``, ``tests/gpu/``); CI has no CUDA build of vLLM.
 """
 

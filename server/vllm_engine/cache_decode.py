@@ -327,7 +327,22 @@ def prompt_keys(kv_cache: Tensor, blocks: Tensor, n: int) -> Tensor:
     bs = k_cache.shape[1]
     used = -(-n // bs)
     keys = k_cache[blocks[:used].long()]  # [used, bs, h_kv, d]
-    return keys.reshape(used * bs, *keys.shape[2:])[:n].permute(1, 0, 2)
+    return keys.reshape(used * bs, *keys.shape[2:])[:n].permute(1, 0, 2).contiguous()
+
+
+def keep_window(window: Tensor | None, q: Tensor, size: int) -> Tensor:
+    """The prompt's last ``size`` queries ``[h, <= size, d]`` after a prefill chunk's ``q [h, m, d]`` (a copy, never
+    a view of vLLM's buffers)."""
+    tail = q if window is None else torch.cat([window, q], dim=1)
+    return tail[:, -size:].clone(memory_format=torch.contiguous_format)
+
+
+def fix_keep_set(window: Tensor, kv_cache: Tensor, blocks: Tensor, spec: SparseSpec, prompt_len: int,
+                 impl: str) -> tuple[Tensor, Tensor]:
+    """At the end of prefill, one layer's keep-sets from the prompt's last queries and its keys in the cache."""
+    from attention_backends import decode_keep
+
+    return keep_set(decode_keep(window, prompt_keys(kv_cache, blocks, prompt_len), spec.decode, impl=impl))
 
 
 def keep_set(keep: list[Tensor]) -> tuple[Tensor, Tensor]:
