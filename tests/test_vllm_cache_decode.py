@@ -103,6 +103,8 @@ def test_quest_rows_over_vllms_cache_match_the_reference_state_step_after_step(h
             assert_sums(got, ref_reports[r], (step, r))
             assert gen_dense == (seqs[r] - prompts[r]) * h_kv * layers
             assert got.kv_cache_tokens == seqs[r] * h_kv * layers
+    if row_graphs is not None and DEV == "cuda":  # the later steps replayed captured graphs
+        assert row_graphs.broken is None and len(row_graphs.graphs) >= layers
 
 
 def test_a_step_plan_batches_quest_rows_over_the_cache_and_leaves_the_rest_to_their_paths(monkeypatch):
@@ -244,3 +246,5 @@ def test_keep_rows_over_vllms_cache_match_the_reference_state_step_after_step(me
         for r in rows:
             got = cache_decode.keep_step_report(spec, states[r].keep_stack[2], seqs[r], prompts[r], h_kv * layers, d, 4)
             assert_sums(got, ref_reports[r], (step, r))
+    if row_graphs is not None and DEV == "cuda":
+        assert row_graphs.broken is None and len(row_graphs.graphs) >= layers
