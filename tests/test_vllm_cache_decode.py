@@ -243,7 +243,7 @@ def test_keep_rows_over_vllms_cache_match_the_reference_state_step_after_step(me
             check_rows(out, q, tokens, rows, seqs, layer, k_all, v_all, refs, ref_reports, step)
             assert torch.isnan(out[[1, 2, 3, 5, 6]]).all()
         for r in rows:
-            got = cache_decode.keep_step_report(spec, states[r].keep_stack[2], seqs[r], prompts[r], h_kv * layers, d, 4)
+            got = cache_decode.host_step_report(spec, states[r].keep_stack[2], seqs[r], prompts[r], h_kv * layers, d, 4)
             assert_sums(got, ref_reports[r], (step, r))
     if row_graphs is not None and DEV == "cuda":
         assert row_graphs.broken is None and len(row_graphs.graphs) >= layers

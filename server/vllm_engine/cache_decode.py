@@ -309,16 +309,6 @@ def step_reports(rows: QuestRows) -> list[tuple[Any, DecodeCallReport, int]]:
     return reports
 
 
-def dense_step_report(spec: SparseSpec, seq_len: int, prompt_len: int, kv_heads: int, head_dim: int,
-                      element_bytes: int) -> DecodeCallReport:
-    """A step of a Quest row that reads every page (unbounded budget: vLLM's kernel attends), over ``kv_heads``
-    (every layer's)."""
-    return DecodeCallReport.of_step(
-        spec.decode, prompt_read=prompt_len * kv_heads, generated_read=(seq_len - prompt_len) * kv_heads,
-        prompt_len=prompt_len, generated=seq_len - prompt_len, kv_heads=kv_heads, head_dim=head_dim,
-        element_bytes=element_bytes, cache_tokens=seq_len * kv_heads)
-
-
 # ------------------------------------------------------------------------------------- SnapKV, Ada-SnapKV
 def prompt_keys(kv_cache: Tensor, blocks: Tensor, n: int) -> Tensor:
     """A sequence's first ``n`` keys read back from the layer's cache ``[blocks, 2, block_size, h_kv, d]`` through
@@ -448,12 +438,13 @@ def keep_rows_forward(rows: KeepRows, layer: str, query: Tensor, kv_cache: Tenso
     out.index_copy_(0, rows.tokens[: rows.n], res[: rows.n].to(out.dtype))
 
 
-def keep_step_report(spec: SparseSpec, kept_total: int, seq_len: int, prompt_len: int, kv_heads: int,
+def host_step_report(spec: SparseSpec, prompt_read: int, seq_len: int, prompt_len: int, kv_heads: int,
                      head_dim: int, element_bytes: int) -> DecodeCallReport:
-    """A step of a SnapKV / Ada-SnapKV row over vLLM's cache, over ``kv_heads`` (every layer's): its kept prompt
-    tokens and every generated token; the cache holds the whole sequence."""
+    """A step whose reads are known on the host, over ``kv_heads`` (every layer's): ``prompt_read`` prompt tokens
+    (SnapKV / Ada-SnapKV: the kept ones; a Quest row that reads every page: all) and every generated token. The
+    cache holds the whole sequence."""
     generated = seq_len - prompt_len
     return DecodeCallReport.of_step(
-        spec.decode, prompt_read=kept_total, generated_read=generated * kv_heads, prompt_len=prompt_len,
+        spec.decode, prompt_read=prompt_read, generated_read=generated * kv_heads, prompt_len=prompt_len,
         generated=generated, kv_heads=kv_heads, head_dim=head_dim, element_bytes=element_bytes,
         cache_tokens=seq_len * kv_heads)

@@ -110,17 +110,19 @@ def _gather_cache_rows(common, plan: SparsePlan) -> None:
     plan.decode = [row for row in plan.decode if not row.state.cache_decode]
     layout = ws.CACHE
     assert layout is not None  # (cache_decode is set only where the CUDA builder told the layout)
+    heads = layout.kv_heads * ws.layers()  # a step's reports count every layer's KV heads
+
+    def host_report(st, prompt_read: int, seq: int) -> None:  # a step whose reads are known here
+        st.add_decode(cache_decode.host_step_report(st.spec, prompt_read, seq, st.prompt_len, heads, layout.head_dim,
+                                                    layout.dtype.itemsize), (seq - st.prompt_len) * heads)
+
     keep = [row for row in cache_rows if row.state.keeps_over_cache]
     if keep:
-        heads = layout.kv_heads * ws.layers()
         plan.keep = cache_decode.build_keep_rows(
             [row.state for row in keep], [(row.start, row.row, row.context + 1, row.state.prompt_len) for row in keep],
             common.block_table_tensor, ws.layer_names(), layout.block_size, _bucket(len(keep)))
-        for row in keep:  # what they read is known here
-            st = row.state
-            st.add_decode(cache_decode.keep_step_report(st.spec, st.keep_stack[2], row.context + 1, st.prompt_len,
-                                                        heads, layout.head_dim, layout.dtype.itemsize),
-                          (row.context + 1 - st.prompt_len) * heads)
+        for row in keep:
+            host_report(row.state, row.state.keep_stack[2], row.context + 1)
         plan.decode += keep  # (owned: parent_metadata cuts them; _decode_row leaves them to plan.keep)
     cache_rows = [row for row in cache_rows if not row.state.keeps_over_cache]
     if not cache_rows:
@@ -131,11 +133,8 @@ def _gather_cache_rows(common, plan: SparsePlan) -> None:
         return
     quest = []
     for row in cache_rows:
-        st, seq = row.state, row.context + 1
-        if st.reads_every_page:  # dense attention, vLLM's kernel (row.owned is False)
-            heads = layout.kv_heads * ws.layers()
-            st.add_decode(cache_decode.dense_step_report(st.spec, seq, st.prompt_len, heads, layout.head_dim,
-                                                         layout.dtype.itemsize), (seq - st.prompt_len) * heads)
+        if row.state.reads_every_page:  # dense attention, vLLM's kernel (row.owned is False)
+            host_report(row.state, row.state.prompt_len * heads, row.context + 1)
             continue
         quest.append(row)
     if quest:
