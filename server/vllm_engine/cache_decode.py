@@ -120,22 +120,24 @@ class RowGraphs:
     def load(self, rows: Any, query: Tensor) -> tuple[Any, Tensor, Tensor]:
         """The static copy of ``rows`` (filled at the step's first layer) and its query input, gathered from this
         layer's ``query``, and output -> ``(rows copy, q [N, h, d], out [N, h, d])``."""
-        tensors = {name: getattr(rows, name) for name in rows.GRAPHED}
-        key = (type(rows).__name__, *((name, tuple(t.shape), t.dtype) for name, t in tensors.items()),
-               tuple(query.shape[1:]), query.dtype)
-        entry = self.static.get(key)
-        if entry is None:
-            copy = replace(rows, **{name: torch.empty_like(t) for name, t in tensors.items()})
-            q = query.new_empty(rows.tokens.shape[0], *query.shape[1:])
-            entry = self.static[key] = (copy, q, torch.empty_like(q))
-        copy, q, out = entry
-        if rows.static is not copy:  # the step's first layer
+        if rows.static is not None:  # a later layer of the step: the copy is made
+            copy, q, out = rows.static
+        else:
+            tensors = {name: getattr(rows, name) for name in rows.GRAPHED}
+            key = (type(rows).__name__, *((name, tuple(t.shape), t.dtype) for name, t in tensors.items()),
+                   tuple(query.shape[1:]), query.dtype)
+            entry = self.static.get(key)
+            if entry is None:
+                copy = replace(rows, **{name: torch.empty_like(t) for name, t in tensors.items()})
+                q = query.new_empty(rows.tokens.shape[0], *query.shape[1:])
+                entry = self.static[key] = (copy, q, torch.empty_like(q))
+            copy, q, out = entry
             for name, t in tensors.items():
                 getattr(copy, name).copy_(t)
             for f in fields(rows):  # the host values the kernels read at capture (the graph key holds them)
                 if f.name not in tensors:
                     setattr(copy, f.name, getattr(rows, f.name))
-            rows.static = copy
+            rows.static = entry
             if hasattr(rows, "counts"):  # what the graphs add is what the step's end reads
                 rows.counts = copy.counts
         torch.index_select(query, 0, copy.tokens, out=q)
@@ -186,7 +188,7 @@ class QuestRows:
     element_bytes: int = 2  # of the cache (set by the layers)
     head_dim: int = 0  # (set by the layers)
     host: list[tuple[int, int, int]] = field(default_factory=list)  # per real row (seq_len, prompt_len, budget)
-    static: Any = None  # this step's copy in RowGraphs' static buffers, once loaded
+    static: Any = None  # (copy, q, out): this step's copy in RowGraphs' static buffers, once loaded
 
     GRAPHED = ("tokens", "tables", "lengths", "budgets", "prompt_lens", "touched", "touched_fill", "counts")
 
@@ -371,7 +373,7 @@ class KeepRows:
     max_len: int  # bounds every row's length
     layers: dict[str, int]  # layer name -> index in the stacks
     n: int  # real rows
-    static: Any = None  # this step's copy in RowGraphs' static buffers, once loaded
+    static: Any = None  # (copy, q, out): this step's copy in RowGraphs' static buffers, once loaded
 
     GRAPHED = ("tokens", "tables", "positions", "kept", "lengths", "prompt_lens")
 
