@@ -57,16 +57,21 @@ def sequences(batch: int, kind: str, pool: PagePool, seed: int = 0) -> list[Sequ
     return seqs
 
 
-def host_step(seqs: list[SequenceKV], buf: StepBuffers, step: int, spare: int) -> None:
-    """What :meth:`Runner.launch_decode` does on the host before the graph replays, and after it."""
+def host_step(seqs: list[SequenceKV], buf: StepBuffers, step: int, spare: int) -> int:
+    """What :meth:`Runner.launch_decode` does on the host before the graph replays, and after it. Returns how many
+    sequences took pages (each a page-table edit the step buffers then apply): the work that varies by kind."""
+    edits = 0
     for s in seqs:
+        before = len(s.grown)
         spare -= s.prepare_append(2048 - step, spare)
+        edits += len(s.grown) > before
     lengths = torch.stack([s.lengths for s in seqs]) + 1
     prompt_kept = torch.stack([s.prompt_kept for s in seqs])
     b = len(seqs)
     buf.load(seqs, [1] * b, [32768 + step] * b, [0] * b, lengths, prompt_kept, b, 0)
     for s in seqs:
         s.commit_append()
+    return edits
 
 
 def main() -> None:
@@ -88,11 +93,12 @@ def main() -> None:
             spare = pool.free_pages if args.ahead else 0
             for step in range(3):  # first loads copy whole tables
                 host_step(seqs, buf, step, spare)
-            t0 = time.perf_counter()
+            t0, edits = time.perf_counter(), 0
             for step in range(args.steps):
-                host_step(seqs, buf, step, spare)
+                edits += host_step(seqs, buf, step, spare)
             us = (time.perf_counter() - t0) / args.steps * 1e6
-            print(f"batch {batch:3d} {kind:7s} {us:8.0f} us/step  {us / batch:6.0f} us/sequence", flush=True)
+            print(f"batch {batch:3d} {kind:7s} {us:8.0f} us/step  {us / batch:6.0f} us/sequence  "
+                  f"{edits / args.steps / batch:5.3f} table edits/sequence/step", flush=True)
 
 
 if __name__ == "__main__":

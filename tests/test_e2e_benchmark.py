@@ -147,16 +147,19 @@ def test_vllm_engines_tiny_against_bare_vllm(model_dir, tmp_path):
 
 def test_decode_host_benchmark_runs_and_pages_ahead_cut_the_host_work():
     """benchmarks/decode_host.py (the host's per-step bookkeeping): Ada-like sequences, whose heads take pages at
-    different steps, cost several times SnapKV-like ones unless heads take their pages ahead together."""
+    different steps, edit their page tables nearly every step unless heads take their pages ahead together (then
+    about once a page, like SnapKV-like ones). The edit counts are exact; the time only has to follow them (by a
+    margin a loaded 2-core CI machine keeps: about 7x measured)."""
     script = ROOT / "benchmarks" / "decode_host.py"
 
-    def per_step(ahead: int) -> dict[str, float]:
+    def per_step(ahead: int) -> dict[str, tuple[float, float]]:
         out = subprocess.run([sys.executable, str(script), "--batch", "8", "--steps", "40", "--kinds", "snapkv,ada",
                               "--ahead", str(ahead)], check=True, cwd=ROOT, capture_output=True, text=True,
                              timeout=300).stdout
         rows = [line.split() for line in out.splitlines() if line.startswith("batch")]
-        return {r[2]: float(r[3]) for r in rows}
+        return {r[2]: (float(r[3]), float(r[7])) for r in rows}  # kind: (us/step, table edits/sequence/step)
 
     before, after = per_step(0), per_step(1)
-    assert before["ada"] > 3 * before["snapkv"]
-    assert after["ada"] < 2 * after["snapkv"]
+    assert before["ada"][1] > 0.9  # some head crosses a page nearly every step
+    assert after["ada"][1] < 0.2 and before["snapkv"][1] < 0.2  # about once a page of 16 tokens
+    assert after["ada"][0] < before["ada"][0] / 2
