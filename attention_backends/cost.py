@@ -115,6 +115,15 @@ def mlp_flops(shape: ModelShape, tokens: int) -> float:
     return float(shape.num_layers * 2 * tokens * shape.intermediate_size * 3 * shape.hidden_size)
 
 
+def dense_chunk_flops(shape: ModelShape, start: int, end: int) -> float:
+    """FLOPs of prefilling prompt positions ``[start, end)`` with dense attention, logits left out: the chunk's
+    projections and MLP, and its queries against every key up to their own position (``start=0``: a whole
+    prompt)."""
+    m = end - start
+    cells = shape.num_layers * shape.num_heads * causal_cells(end, start)
+    return projection_flops(shape, m) + mlp_flops(shape, m) + float(cells * flops_per_cell(shape.head_dim))
+
+
 def logits_flops(shape: ModelShape, positions: int) -> float:
     """LM head: ``2 D V`` per position whose logits are computed."""
     return float(2 * shape.hidden_size * shape.vocab_size * positions)

@@ -31,7 +31,8 @@ What each engine measures (``--part`` picks a subset, so a run fits the device's
                the 8 streams' inter-token latency p50/p99 while it prefills (every gap between two deliveries of a
                stream that overlaps the time from its submission to its first token) against their steady p50/p99
                before it, and the long request's TTFT. The native engine prefills it in chunks
-               (``--max-prefill-chunk``, default 4096; ``--prefill-chunk`` here sets it) between decode steps;
+               (``--max-prefill-chunk``, default 4096; ``--prefill-chunk`` here sets it) between decode steps,
+               each sized by time (``--max-decode-stall``; ``--decode-stall`` here sets it);
                the bar is p99 during <= 2x steady.
 
 Prompts are random token ids (never reused, so no prefix cache hits). ``report`` merges the parts into
@@ -232,10 +233,11 @@ class BareVllm:
 
 
 def make_engine(name: str, model: str, max_model_len: int, tiny: bool, kv_memory: int | None = None,
-                prefill_chunk: int | None = None, sparse_prefill_chunk: int | None = None):
-    """``kv_memory``: bytes of KV cache (bare vLLM and native); default: each engine's own. ``prefill_chunk`` and
-    ``sparse_prefill_chunk``: the native engine's ``max_prefill_chunk`` and ``max_sparse_prefill_chunk`` (default:
-    its own)."""
+                prefill_chunk: int | None = None, sparse_prefill_chunk: int | None = None,
+                decode_stall: float | None = None):
+    """``kv_memory``: bytes of KV cache (bare vLLM and native); default: each engine's own. ``prefill_chunk``,
+    ``sparse_prefill_chunk`` and ``decode_stall``: the native engine's ``max_prefill_chunk``,
+    ``max_sparse_prefill_chunk`` and ``max_decode_stall`` (default: its own)."""
     cpu = tiny
     if name == "vllm":
         return BareVllm(model, max_model_len, cpu, kv_memory)
@@ -257,6 +259,8 @@ def make_engine(name: str, model: str, max_model_len: int, tiny: bool, kv_memory
         chunk = {} if prefill_chunk is None else {"max_prefill_chunk": prefill_chunk}
         if sparse_prefill_chunk is not None:
             chunk["max_sparse_prefill_chunk"] = sparse_prefill_chunk
+        if decode_stall is not None:
+            chunk["max_decode_stall"] = decode_stall
         return ServingEngine(NativeEngine.from_options(EngineOptions(model=model, max_model_len=max_model_len,
                                                                      kv_cache_memory=memory, max_num_seqs=128,
                                                                      device="cpu" if cpu else "auto", **chunk)))
@@ -494,7 +498,7 @@ async def run(args) -> None:
     t0 = time.monotonic()
     engine = make_engine(args.engine, args.dir, max_len, args.tiny, kv_memory,
                          args.prefill_chunk if args.prefill_chunk is not None else protocol.prefill_chunk,
-                         args.sparse_prefill_chunk)
+                         args.sparse_prefill_chunk, args.decode_stall)
     await engine.start()
     load_s = time.monotonic() - t0
     log(f"{args.engine} ready in {load_s:.0f} s")
@@ -504,6 +508,7 @@ async def run(args) -> None:
     result: dict = {"engine": args.engine, "device": device_name(), "load_s": load_s, "parts": list(parts),
                     "protocol": protocol.__dict__, "ttft": [], "decode": [], "capacity": [],
                     "kv_memory_mib": args.kv_memory_mib, "sparse_prefill_chunk": args.sparse_prefill_chunk,
+                    "decode_stall": args.decode_stall,
                     "versions": versions()}
     saver = asyncio.create_task(save_every(Path(args.out), result, 5.0))  # a call killed mid-part keeps its rows
     try:
@@ -775,6 +780,8 @@ def main() -> None:
                    help="the native engine's --max-prefill-chunk (default: the engine's; --tiny: 256)")
     r.add_argument("--sparse-prefill-chunk", type=int, default=None,
                    help="the native engine's --max-sparse-prefill-chunk (default: the engine's)")
+    r.add_argument("--decode-stall", type=float, default=None,
+                   help="the native engine's --max-decode-stall (default: the engine's; 0: fixed chunks)")
     r.add_argument("--patterns", default=None,
                    help="comma-separated patterns to measure in the ttft and decode parts (e.g. dense,quest:10, to "
                         "re-measure some cases beside their dense baseline); default: every pattern")

@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{PREFILL_CHUNK_ALIGN}), each engine step one chunk then one decode step of the running "
                    "requests, so a long prompt does not stall them (with nothing decoding, a dense prompt "
                    "prefills whole); 0 = whole prompts in one step")
+    g.add_argument("--max-decode-stall", type=float, default=d.max_decode_stall,
+                   help="native engine: while requests decode, size each dense prefill chunk (from the times the "
+                   "engine measures as it runs) to hold a decode step up by at most this multiple of the step's "
+                   "own time, so their inter-token latency stays under about 1 + this times its steady value "
+                   f"while a long prompt prefills; chunks stay between {PREFILL_CHUNK_ALIGN} tokens and "
+                   "--max-prefill-chunk, and a smaller value gives the long prompt less of the device (later "
+                   "first token). 0 = chunks of --max-prefill-chunk tokens")
     g.add_argument("--max-sparse-prefill-chunk", type=int, default=d.max_sparse_prefill_chunk,
                    help="native engine: prompts whose prefill method is sparse prefill in chunks of this many tokens "
                    f"(a multiple of {PREFILL_CHUNK_ALIGN}) whether or not anything decodes: a sparse method pays its "
@@ -119,6 +126,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         enforce_eager=args.enforce_eager,
         max_prefill_chunk=args.max_prefill_chunk,
         max_sparse_prefill_chunk=args.max_sparse_prefill_chunk,
+        max_decode_stall=args.max_decode_stall,
         host=args.host,
         port=args.port,
         served_model_name=args.served_model_name,

@@ -30,6 +30,10 @@ DEFAULT_PREFILL_CHUNK = 4096
 # H200, 2026-12-01: block_sparse:10/b64 at 128K, 4.99 s in 4096-token chunks, 4.05 s in 16384) and, computing about
 # a tenth of the cells, stalls running decodes about as long as a dense chunk of 4096 (docs/performance.md).
 DEFAULT_SPARSE_PREFILL_CHUNK = 16384
+# While requests decode, a dense chunk is sized to take at most this multiple of a decode step (server/engine/
+# chunk_pacer.py): 0.75 keeps a decoding request's inter-token latency under about twice its steady value with room
+# for the pacer's prediction error (its rate is measured on the chunks it runs).
+DEFAULT_DECODE_STALL = 0.75
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
@@ -76,6 +80,11 @@ class EngineSettings(BaseModel):
         DEFAULT_PREFILL_CHUNK, ge=0, multiple_of=PREFILL_CHUNK_ALIGN,
         description="native engine: longest prompt piece prefilled in one engine step, between decode steps of "
                     "the running requests; 0 = whole prompts (docs/deployment.md)")
+    max_decode_stall: float = Field(
+        DEFAULT_DECODE_STALL, ge=0, allow_inf_nan=False,
+        description="native engine: while requests decode, a dense prompt's chunk is sized (from measured times) to "
+                    "hold a decode step up by at most this multiple of the step's own time, between "
+                    f"{PREFILL_CHUNK_ALIGN} tokens and max_prefill_chunk; 0 = chunks of max_prefill_chunk tokens")
     max_sparse_prefill_chunk: int = Field(
         DEFAULT_SPARSE_PREFILL_CHUNK, ge=0, multiple_of=PREFILL_CHUNK_ALIGN,
         description="native engine: the chunk of a prompt whose prefill method is sparse, always (a sparse "

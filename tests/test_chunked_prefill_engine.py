@@ -125,6 +125,44 @@ def test_decodes_keep_flowing_while_a_long_prompt_prefills(model):
     assert engine.pool.counters().free_pages == engine.pool.num_pages
 
 
+def test_while_requests_decode_dense_chunks_are_paced_by_the_measured_times(model):
+    """With a decode-stall budget (``--max-decode-stall``) the engine times its decode steps and every dense chunk
+    it runs between them, and the pacer sizes the next chunk from those times: the first chunk, before any rate
+    is known, is one align (128 tokens); each chunk is a multiple of 128 up to --max-prefill-chunk; and the paced
+    prompt gets the tokens its whole prefill gets."""
+    long_prompt = [(5 * i + 1) % 96 for i in range(1500)]
+
+    def run(decoding: bool):
+        engine = tiny_engine(model, max_prefill_chunk=1024, max_decode_stall=1.0)
+        calls, timed = record_calls(engine), []
+        pacer = engine.scheduler.pacer
+        observe = pacer.observe_chunk
+        pacer.observe_chunk = lambda a, b, s: (timed.append((a, b, s)), observe(a, b, s))[1]
+
+        async def body(engine):
+            if not decoding:
+                return await collect(engine, make_request("long", long_prompt, max_tokens=4))
+            short = engine.generate(make_request("short", [3, 4, 5], max_tokens=400, ignore_eos=True))
+            for _ in range(4):  # a few decode steps timed
+                await short.__anext__()
+            long = await collect(engine, make_request("long", long_prompt, max_tokens=4))
+            await engine.abort("short")
+            async for _ in short:
+                pass
+            return long
+
+        return asyncio.run(with_engine(engine, body)), calls, timed, pacer
+
+    (paced, calls, timed, pacer), (whole, whole_calls, _, _) = run(True), run(False)
+    assert chunk_starts(whole_calls, "long") == [0]
+    chunks = [(c[2], c[3]) for c in calls if c[0] == "prefill" and c[1] == "long"]
+    assert chunks[0] == (0, 128) and chunks[-1][1] == 1500
+    assert all((b - a) % 128 == 0 and b - a <= 1024 for a, b in chunks[:-1])
+    assert [(a, b) for a, b, _ in timed] == chunks and all(s > 0 for _, _, s in timed)
+    assert pacer.decode_step_s is not None and pacer.seconds_per_flop is not None
+    assert paced.token_ids == whole.token_ids
+
+
 def test_abort_between_chunks_frees_every_page(model):
     engine = tiny_engine(model, max_prefill_chunk=128)
     calls = record_calls(engine)

@@ -42,7 +42,8 @@ def test_preempted_requests_resume_with_their_uninterrupted_output(model, monkey
 
     # 220 pages: the prompts fit side by side (44 pages each, the evicting ones at their eviction peaks), each whole
     # request (350 tokens: 92 pages) fits alone, all four grown (92 + 72 + 92 + 72) do not.
-    engine = tiny_engine(model, pages=220)
+    # (prompts in one piece each: a paced chunk would score its own part of the prompt)
+    engine = tiny_engine(model, pages=220, max_decode_stall=0)
     solo, together = asyncio.run(with_engine(engine, body))
     assert engine.preemptions >= 1
     for pattern, a, b in zip(patterns, solo, together, strict=True):

@@ -27,8 +27,9 @@ from server.contract.engine import (
     TokenLogprob,
     wait_drained,
 )
-from server.settings import EngineSettings
+from server.settings import PREFILL_CHUNK_ALIGN, EngineSettings
 
+from .chunk_pacer import ChunkPacer
 from .detokenizer import IncrementalDetokenizer
 from .page_pool import PagePool, pages_for_memory
 from .request_state import EngineRequest
@@ -77,8 +78,11 @@ class NativeEngine:
         pages = pages_for_memory(memory, page_size, cfg.head_dim, dtype)
         self.pool = PagePool(pages, page_size, cfg.head_dim, dtype, device)
         self.runner = ModelRunner(model, self.pool, self.shape)
+        pacer = ChunkPacer(self.shape, options.max_decode_stall, options.max_prefill_chunk, PREFILL_CHUNK_ALIGN) \
+            if options.max_decode_stall > 0 and options.max_prefill_chunk > 0 else None
         self.scheduler = Scheduler(self.pool, cfg.num_layers, cfg.num_kv_heads, options.max_num_seqs,
-                                   options.max_queue, options.max_prefill_chunk, options.max_sparse_prefill_chunk)
+                                   options.max_queue, options.max_prefill_chunk, options.max_sparse_prefill_chunk,
+                                   pacer)
         self.max_model_len = self._served_context(cfg.max_position_embeddings, cfg.sliding_window)
         if device.type == "cuda" and not options.enforce_eager:
             self.runner.enable_cuda_graphs(options.max_num_seqs, self.max_model_len)
@@ -243,6 +247,7 @@ class NativeEngine:
                         self._finish(req, "error", error="internal engine error")
 
     def _step(self) -> None:
+        started = time.perf_counter()
         with self._lock:
             for req in [r for r in self.scheduler.running if r.aborted]:
                 self._finish(req, "abort")
@@ -253,6 +258,7 @@ class NativeEngine:
             self._ahead = None
             self._complete(batch, step)
             if self._ahead is not None or pending is None:
+                self._pace_decode(started, pending)
                 return
         if pending is not None:
             self._publish()
@@ -266,8 +272,15 @@ class NativeEngine:
                              req.request_id, req.prompt_len + len(req.output_ids) - 1)
         if batch:
             self._decode(batch, spare)
+            self._pace_decode(started, pending)
         else:
             self._publish()
+
+    def _pace_decode(self, started: float, pending: EngineRequest | None) -> None:
+        """Time an engine step that decoded and prefilled nothing: one decode step, launch to tokens (a step whose
+        successor was launched ahead waited for its own tokens only), for the chunk pacer's budget."""
+        if pending is None and self.scheduler.pacer is not None:
+            self.scheduler.pacer.observe_decode_step(time.perf_counter() - started)
 
     def _prefill(self, req: EngineRequest) -> None:
         """Prefill the next chunk of a request's prompt; after its last chunk, sample the first token of a new
@@ -280,7 +293,14 @@ class NativeEngine:
                 req.kv = self.runner.new_sequence()
             if req.prefill_pos == 0:
                 req.prefill_dense = self.runner.prefill_runs_dense(req, self.scheduler.chunk_starts(req.request))
-            logits = self.runner.prefill(req, self.scheduler.prefill_end(req, req.prefill_dense))
+            start, end = req.prefill_pos, self.scheduler.prefill_end(req, req.prefill_dense)
+            pacer = self.scheduler.pacer if req.prefill_dense else None
+            paced = pacer is not None and self.scheduler.decoding()
+            began = time.perf_counter()
+            logits = self.runner.prefill(req, end)
+            if paced:  # a dense chunk between decode steps: its device time sizes the next one
+                self.runner.synchronize()
+                pacer.observe_chunk(start, end, time.perf_counter() - began)  # type: ignore[union-attr]
             if logits is None:  # more chunks to come; decodes run in between
                 return
             sp = req.request.sampling

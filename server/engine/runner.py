@@ -131,6 +131,11 @@ class ModelRunner:
         self.impl = "triton" if self.use_triton else "reference"  # what runs the methods' kernels
         self.stepper = DecodeStepper(model, pool, shape.num_layers, shape.num_kv_heads, use_triton=self.use_triton)
 
+    def synchronize(self) -> None:
+        """Wait for the device's queued work (timing a prefill chunk); nothing to wait for on the CPU."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def new_sequence(self) -> SequenceKV:
         return SequenceKV(self.pool, self.shape.num_layers, self.shape.num_kv_heads)
 

@@ -38,6 +38,7 @@ from attention_backends import DECODE_METHODS
 from attention_backends.decode.state import eviction_capacity
 from server.contract.engine import EngineOverloaded, GenerationRequest
 
+from .chunk_pacer import ChunkPacer
 from .page_pool import PagePool
 from .request_state import EngineRequest
 
@@ -47,10 +48,11 @@ MAX_RETRY_AFTER = 300.0
 
 class Scheduler:
     def __init__(self, pool: PagePool, num_layers: int, num_kv_heads: int, max_num_seqs: int, max_queue: int,
-                 max_prefill_chunk: int = 0, max_sparse_prefill_chunk: int = 0):
+                 max_prefill_chunk: int = 0, max_sparse_prefill_chunk: int = 0, pacer: ChunkPacer | None = None):
         self.pool = pool
         self.max_prefill_chunk = max_prefill_chunk
         self.max_sparse_prefill_chunk = max_sparse_prefill_chunk
+        self.pacer = pacer  # sizes dense chunks by time while requests decode (None: max_prefill_chunk tokens)
         self.num_kv_heads = num_kv_heads
         self.heads_total = num_layers * num_kv_heads
         self.max_num_seqs = max_num_seqs
@@ -83,7 +85,7 @@ class Scheduler:
         def layer_pages(tokens: int) -> int:  # at most, however a layer's tokens are spread over its heads
             return -(-tokens // ps) + h_kv
 
-        if min(self.chunk_end(request, 0, dense) for dense in (False, True)) < n:  # chunked, whichever runs
+        if self.may_chunk(request):
             peak = self.heads_total * -(-n // ps) + layer_pages(kept)
         else:
             peak = layers * layer_pages(kept) + h_kv * -(-n // ps)
@@ -93,11 +95,20 @@ class Scheduler:
         """Prompt tokens per chunk of a prefill that computes dense (``dense``) or sparse attention; 0: whole."""
         return self.max_prefill_chunk if dense else self.max_sparse_prefill_chunk
 
-    def chunk_end(self, request: GenerationRequest, start: int, dense: bool) -> int:
-        """Where the prefill chunk starting at prompt position ``start`` ends: :meth:`chunk_size` tokens on
-        (chunks start at multiples of it), or the prompt's end. A tail shorter than an eviction method's
-        observation window joins the chunk before it, so the last chunk holds the window's queries."""
-        n, size = len(request.prompt_token_ids), self.chunk_size(dense)
+    def may_chunk(self, request: GenerationRequest) -> bool:
+        """Whether some engine step may prefill ``request`` in more than one piece, whichever attention runs (a
+        paced dense chunk can be as short as the pacer's smallest)."""
+        n = len(request.prompt_token_ids)
+        if self.pacer is not None and self.chunk_end(request, 0, True, self.pacer.align) < n:
+            return True
+        return min(self.chunk_end(request, 0, dense) for dense in (False, True)) < n
+
+    def chunk_end(self, request: GenerationRequest, start: int, dense: bool, size: int | None = None) -> int:
+        """Where the prefill chunk starting at prompt position ``start`` ends: ``size`` (default
+        :meth:`chunk_size`) tokens on, or the prompt's end. A tail shorter than an eviction method's observation
+        window joins the chunk before it, so the last chunk holds the window's queries."""
+        n = len(request.prompt_token_ids)
+        size = self.chunk_size(dense) if size is None else size
         if not size or n - start <= size:
             return n
         decode = request.spec.decode
@@ -119,10 +130,16 @@ class Scheduler:
         computes what the whole prompt would, only slower (PyTorch's flash kernel does about half the cells per
         ms on a chunk's queries against all earlier keys as on a whole causal prompt, benchmarks/sdpa_chunk.py).
         Sparse prefill methods are defined per chunk, so they follow ``max_sparse_prefill_chunk`` alone: an answer
-        must not depend on load."""
-        if dense and not any(r.prefilled for r in self.running):
+        must not depend on load. A dense chunk while requests decode takes what the pacer's time budget allows,
+        if the engine has one."""
+        if dense and not self.decoding():
             return len(req.request.prompt_token_ids)
-        return self.chunk_end(req.request, req.prefill_pos, dense)
+        paced = self.pacer.chunk_tokens(req.prefill_pos) if dense and self.pacer is not None else None
+        return self.chunk_end(req.request, req.prefill_pos, dense, paced)
+
+    def decoding(self) -> bool:
+        """Whether some admitted request is past its prefill (a chunk now holds up its next token)."""
+        return any(r.prefilled for r in self.running)
 
     def need_alone(self, request: GenerationRequest) -> int:
         """Pages the request needs at its peak: what it must be able to hold with the pool to itself."""
