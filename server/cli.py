@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "own time, so their inter-token latency stays under about 1 + this times its steady value "
                    f"while a long prompt prefills; chunks stay between {PREFILL_CHUNK_ALIGN} tokens and "
                    "--max-prefill-chunk, and a smaller value gives the long prompt less of the device (later "
-                   "first token). 0 = chunks of --max-prefill-chunk tokens")
+                   "first token); when more requests prefill than decode the budget grows by their ratio. "
+                   "0 = chunks of --max-prefill-chunk tokens")
     g.add_argument("--max-sparse-prefill-chunk", type=int, default=d.max_sparse_prefill_chunk,
                    help="native engine: prompts whose prefill method is sparse prefill in chunks of this many tokens "
                    f"(a multiple of {PREFILL_CHUNK_ALIGN}) whether or not anything decodes: a sparse method pays its "

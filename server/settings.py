@@ -84,7 +84,8 @@ class EngineSettings(BaseModel):
         DEFAULT_DECODE_STALL, ge=0, allow_inf_nan=False,
         description="native engine: while requests decode, a dense prompt's chunk is sized (from measured times) to "
                     "hold a decode step up by at most this multiple of the step's own time, between "
-                    f"{PREFILL_CHUNK_ALIGN} tokens and max_prefill_chunk; 0 = chunks of max_prefill_chunk tokens")
+                    f"{PREFILL_CHUNK_ALIGN} tokens and max_prefill_chunk (a burst of prompts gets more: the budget "
+                    "grows by the ratio of prefilling to decoding requests); 0 = chunks of max_prefill_chunk tokens")
     max_sparse_prefill_chunk: int = Field(
         DEFAULT_SPARSE_PREFILL_CHUNK, ge=0, multiple_of=PREFILL_CHUNK_ALIGN,
         description="native engine: the chunk of a prompt whose prefill method is sparse, always (a sparse "

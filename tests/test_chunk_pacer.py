@@ -42,16 +42,17 @@ def test_chunk_flops_add_up_to_the_whole_prompts():
 
 def test_until_times_are_known_chunks_are_the_longest_then_the_shortest():
     pacer = ChunkPacer(QWEN7B, stall=0.75, max_chunk=4096, align=128)
-    assert pacer.budget_s is None and pacer.chunk_tokens(0) == 4096  # no decode timed: the fixed size
+    assert pacer.budget_s() is None and pacer.chunk_tokens(0) == 4096  # no decode timed: the fixed size
     pacer.observe_decode_step(9e-3)
-    assert pacer.budget_s == pytest.approx(0.75 * 9e-3)
+    assert pacer.budget_s() == pytest.approx(0.75 * 9e-3) and pacer.budget_s(4) == pytest.approx(3 * 9e-3)
     assert pacer.chunk_tokens(0) == 128  # no chunk timed: one align, to measure the rate
 
 
 def test_a_long_prompts_chunks_converge_to_the_budget_and_shrink_as_the_context_grows():
     """A 32K prompt on the stand-in device while decode steps take 20 ms: after the first few chunks every chunk
-    takes its budget (20 ms) within 15% (and one align of tokens), so a decoding request's inter-token latency stays near 2x; the chunks get
-    shorter as their queries attend to more keys; all are multiples of 128 within the bounds."""
+    takes its budget (20 ms) within 15% (and one align of tokens), so a decoding request's inter-token latency
+    stays near 2x; the chunks get shorter as their queries attend to more keys; all are multiples of 128 within
+    the bounds."""
     pacer = ChunkPacer(QWEN7B, stall=1.0, max_chunk=4096, align=128)
     for _ in range(5):
         pacer.observe_decode_step(20e-3)
@@ -74,7 +75,7 @@ def test_a_chunk_of_the_smallest_size_may_exceed_the_budget():
     pacer = ChunkPacer(QWEN7B, stall=0.75, max_chunk=4096, align=128)
     pacer.observe_decode_step(9e-3)
     pacer.observe_chunk(0, 128, device_seconds(0, 128))
-    assert device_seconds(130_944, 131_072) > pacer.budget_s
+    assert device_seconds(130_944, 131_072) > pacer.budget_s()
     assert pacer.chunk_tokens(130_944) == 128
 
 
@@ -85,6 +86,16 @@ def test_a_chunk_slower_than_predicted_makes_the_next_one_shorter():
     before = pacer.chunk_tokens(1024)
     pacer.observe_chunk(1024, 1024 + before, 30e-3)  # three times it
     assert pacer.chunk_tokens(1024 + before) < before
+
+
+def test_a_larger_share_buys_a_longer_chunk():
+    """A burst of prompts (more requests waiting for a first token than decoding) gets a budget that many times
+    larger: longer, more efficient chunks."""
+    pacer = ChunkPacer(QWEN7B, stall=0.75, max_chunk=8192, align=128)
+    pacer.observe_decode_step(20e-3)
+    pacer.observe_chunk(0, 1024, device_seconds(0, 1024))
+    one, four = pacer.chunk_tokens(1024), pacer.chunk_tokens(1024, share=4)
+    assert one < four <= 8192 and device_seconds(1024, 1024 + four) > 3 * device_seconds(1024, 1024 + one)
 
 
 def test_the_decode_step_is_the_median_of_the_latest_steps():

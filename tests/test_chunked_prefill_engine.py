@@ -163,6 +163,34 @@ def test_while_requests_decode_dense_chunks_are_paced_by_the_measured_times(mode
     assert paced.token_ids == whole.token_ids
 
 
+def test_a_burst_of_prompts_gets_longer_paced_chunks_than_one_prompt(model):
+    """The decode-stall budget protects decodes from a prefill, not a burst of prompts from one decode: with one
+    request decoding and four prefilling, a chunk gets four times the budget of a lone prompt's (3 decode steps
+    against 0.75: where 128 tokens take a step, a lone prompt's chunk stays at the 128-token floor, the burst's is
+    longer)."""
+    from server.engine.detokenizer import IncrementalDetokenizer
+    from server.engine.request_state import EngineRequest
+    from server.engine.sampler import SamplerState
+
+    engine = tiny_engine(model, max_prefill_chunk=4096, max_decode_stall=0.75)
+    scheduler, pacer = engine.scheduler, engine.scheduler.pacer
+    pacer.observe_decode_step(0.01)
+    pacer.observe_chunk(0, 128, 0.01)  # 128 tokens took a decode step: about 96 fit 0.75 of one
+
+    def admitted(rid: str, prefilled: bool) -> EngineRequest:
+        r = EngineRequest(make_request(rid, [1] * 3000), lambda out: None, SamplerState(),
+                          IncrementalDetokenizer(engine.tokenizer))
+        r.prefilled = prefilled
+        return r
+
+    long = admitted("long", prefilled=False)
+    scheduler.running = [admitted("decoding", True), long]
+    alone = scheduler.prefill_end(long, dense=True)
+    scheduler.running += [admitted(f"burst{i}", False) for i in range(3)]
+    burst = scheduler.prefill_end(long, dense=True)
+    assert alone == 128 and burst > alone  # the floor; then a budget of 3 decode steps
+
+
 def test_abort_between_chunks_frees_every_page(model):
     engine = tiny_engine(model, max_prefill_chunk=128)
     calls = record_calls(engine)

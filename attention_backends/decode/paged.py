@@ -38,6 +38,12 @@ def paged_decode_attention(q: Tensor, keys: Tensor, values: Tensor, tables: Tens
     return out.reshape(b, h, d).to(q.dtype)
 
 
+def pow2_bucket(n: int) -> int:
+    """``n`` rounded up to a power of two (at least 1): the size class of a decode shape (page counts, Quest widths,
+    lengths), so the Triton kernels compile and CUDA graphs capture once per class, not per value."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
 def page_fill(lengths: Tensor, num_pages: int, page_size: int) -> Tensor:
     """Valid tokens per page ``[..., num_pages]`` for heads holding ``lengths [...]`` tokens."""
     starts = torch.arange(num_pages, device=lengths.device) * page_size

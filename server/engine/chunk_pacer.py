@@ -15,6 +15,10 @@ projections, MLP, the chunk's queries against all earlier keys), averaged over t
 and the earlier keys once) is folded into the rate at the sizes the pacer actually runs, where the estimate
 converges: a chunk that took less than its budget makes the next one longer, one that took more makes it shorter.
 
+The budget protects decodes from a prefill, not the other way round: when more admitted requests wait for their
+first token than decode (a burst of prompts), the budget grows by that ratio (``share``), so the device's time
+goes to each phase in proportion to the requests waiting on it, and a burst prefills in long, efficient chunks.
+
 Only dense prefills are paced: a sparse method is defined per chunk, so its chunks stay the fixed
 ``max_sparse_prefill_chunk`` (its answer must not depend on load).
 """
@@ -58,17 +62,17 @@ class ChunkPacer:
         """The decode step's time: the median of the latest ones (``None`` before the first)."""
         return statistics.median(self._decode_steps) if self._decode_steps else None
 
-    @property
-    def budget_s(self) -> float | None:
-        """The time a chunk may take (``None`` until a decode step has been timed)."""
+    def budget_s(self, share: float = 1.0) -> float | None:
+        """The time a chunk may take: ``stall`` decode steps, times ``share`` (``None`` until a decode step has
+        been timed)."""
         step = self.decode_step_s
-        return None if step is None else self.stall * step
+        return None if step is None else self.stall * step * share
 
-    def chunk_tokens(self, start: int) -> int:
+    def chunk_tokens(self, start: int, share: float = 1.0) -> int:
         """Tokens of the next chunk starting at prompt position ``start``: the most (a multiple of ``align``, at
-        most ``max_chunk``, at least ``align``) predicted to fit the budget; ``max_chunk`` before any decode step
-        has been timed; ``align`` before any chunk has."""
-        budget = self.budget_s
+        most ``max_chunk``, at least ``align``) predicted to fit :meth:`budget_s` with ``share``; ``max_chunk``
+        before any decode step has been timed; ``align`` before any chunk has."""
+        budget = self.budget_s(share)
         if budget is None:
             return self.max_chunk
         if self.seconds_per_flop is None:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from attention_backends.decode import quest
-from attention_backends.decode.paged import page_fill, paged_decode_attention
+from attention_backends.decode.paged import page_fill, paged_decode_attention, pow2_bucket
 
 from .page_pool import PagePool
 from .sequence_kv import SequenceKV
@@ -39,10 +39,6 @@ except Exception:  # pragma: no cover
 
 # Batch buckets CUDA graphs are captured for; a batch runs in the smallest bucket that holds it.
 GRAPH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
 
 
 class DecodeKernels:
@@ -251,8 +247,8 @@ class DecodeStepper:
         quest = [b for b in budgets if b > 0]
         if not quest:
             return StepShape(rows, table_pages, True)
-        return StepShape(rows, table_pages, len(quest) < len(budgets), _pow2(max(quest)),
-                         min(_pow2(max_pages), table_pages))
+        return StepShape(rows, table_pages, len(quest) < len(budgets), pow2_bucket(max(quest)),
+                         min(pow2_bucket(max_pages), table_pages))
 
     def run(self, seqs: list[SequenceKV], ids: list[int] | Tensor, positions: list[int], budgets: list[int],
             lengths: Tensor, prompt_kept: Tensor) -> tuple[Tensor, Tensor]:

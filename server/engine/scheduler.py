@@ -131,10 +131,14 @@ class Scheduler:
         ms on a chunk's queries against all earlier keys as on a whole causal prompt, benchmarks/sdpa_chunk.py).
         Sparse prefill methods are defined per chunk, so they follow ``max_sparse_prefill_chunk`` alone: an answer
         must not depend on load. A dense chunk while requests decode takes what the pacer's time budget allows,
-        if the engine has one."""
+        if the engine has one, scaled by how many more admitted requests prefill than decode."""
         if dense and not self.decoding():
             return len(req.request.prompt_token_ids)
-        paced = self.pacer.chunk_tokens(req.prefill_pos) if dense and self.pacer is not None else None
+        paced = None
+        if dense and self.pacer is not None:
+            decoding = sum(r.prefilled for r in self.running)
+            share = max(1.0, (len(self.running) - decoding) / decoding)  # requests waiting on each phase
+            paced = self.pacer.chunk_tokens(req.prefill_pos, share)
         return self.chunk_end(req.request, req.prefill_pos, dense, paced)
 
     def decoding(self) -> bool:

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from attention_backends import DECODE_METHODS, DecodeCallReport, SparseSpec
+from attention_backends.decode.paged import pow2_bucket
 from attention_backends.decode.quest import budget_pages
 
 log = logging.getLogger("sparse_serve.vllm_engine")
@@ -197,10 +198,6 @@ class QuestRows:
         return len(self.host)
 
 
-def _pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
-
-
 def build_quest_rows(states: list[Any], rows: list[tuple[int, int, int, int, int, bool]], block_table: Tensor,
                      kv_heads: int, block_size: int, pad_to: int | None = None) -> QuestRows:
     """``rows``: per Quest row ``(token, batch row, seq_len, prompt_len, budget, first)`` (``first``: its first
@@ -212,7 +209,7 @@ def build_quest_rows(states: list[Any], rows: list[tuple[int, int, int, int, int
     total = max(n, pad_to or n)
     pages = max(-(-seq // block_size) for _, _, seq, _, _, _ in rows)
     if pad_to is not None:
-        pages = _pow2(pages)
+        pages = pow2_bucket(pages)
     host = torch.zeros(total, 7, dtype=torch.int64)  # token, batch row, seq, prompt, budget, current block, fill
     bulk = []  # (row index, logical block, tokens)
     for i, (tok, r, seq, plen, bud, first) in enumerate(rows):
@@ -239,7 +236,7 @@ def build_quest_rows(states: list[Any], rows: list[tuple[int, int, int, int, int
         touched_fill=dev_rows[:, 6].to(torch.int32),
         bulk=tables[blk[:, 0], blk[:, 1]].contiguous(),
         bulk_fill=blk[:, 2].to(torch.int32),
-        width=min(_pow2(max(bud for *_, bud, _ in rows)), _pow2(pages)),
+        width=min(pow2_bucket(max(bud for *_, bud, _ in rows)), pow2_bucket(pages)),
         block_size=block_size,
         counts=torch.zeros(2, total, dtype=torch.int64, device=dev),
         host=[(seq, plen, bud) for _, _, seq, plen, bud, _ in rows],
@@ -390,7 +387,7 @@ def build_keep_rows(states: list[Any], rows: list[tuple[int, int, int, int]], bl
     pages = max(-(-seq // block_size) for _, _, seq, _ in rows)
     max_len = width + max(seq - plen for _, _, seq, plen in rows)
     if pad_to is not None:
-        width, pages, max_len = _pow2(width), _pow2(pages), _pow2(max_len)
+        width, pages, max_len = pow2_bucket(width), pow2_bucket(pages), pow2_bucket(max_len)
     positions = torch.zeros(total, len(layers), *stacks[0][0].shape[1:-1], width, dtype=torch.int32, device=dev)
     kept = torch.zeros(total, *stacks[0][1].shape, dtype=torch.int32, device=dev)
     for i, (p, c, _) in enumerate(stacks):
