@@ -18,7 +18,8 @@
 * Interleaving (chunked prefill): each engine step prefills at most one chunk of the oldest admitted request
   still prefilling (:meth:`chunk_end`; 0 = the whole prompt), then runs one decode step for every prefilled
   request. A running request thus waits for at most one chunk between two of its tokens, and long prompts cannot
-  stall decodes. Chunks of dense attention hold at most ``max_prefill_chunk`` prompt tokens and exist for the
+  stall decodes. Chunks of dense attention hold at most ``max_prefill_chunk`` prompt tokens, fewer where the
+  engine's :class:`~.chunk_pacer.ChunkPacer` predicts more would hold a decode step up too long, and exist for the
   decodes: a prefill that computes dense attention (a dense pattern, or a sparse one that falls back to dense
   at its length) with no request decoding runs the rest of its prompt at once (:meth:`prefill_end`). A sparse
   prefill method is defined per chunk and always runs in chunks of ``max_sparse_prefill_chunk`` (longer by
