@@ -257,6 +257,20 @@ def test_max_prefill_chunk_is_validated():
     assert EngineOptions().max_prefill_chunk == 4096 and EngineOptions(max_prefill_chunk=0).max_prefill_chunk == 0
 
 
+def test_max_decode_stall_is_validated_and_zero_turns_pacing_off(model):
+    for bad in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            EngineOptions(max_decode_stall=bad)
+    assert EngineOptions().max_decode_stall == 0.75
+    assert tiny_engine(model).scheduler.pacer.stall == 0.75
+    assert tiny_engine(model, max_decode_stall=0).scheduler.pacer is None
+    assert tiny_engine(model, max_prefill_chunk=0).scheduler.pacer is None  # whole prompts: nothing to pace
+    from server.cli import build_parser, settings_from_args
+
+    settings = settings_from_args(build_parser().parse_args(["--max-decode-stall", "1.5"]))
+    assert EngineOptions.from_settings(settings).max_decode_stall == 1.5
+
+
 FALLBACK_PROMPT = [(7 * i + 3) % 96 for i in range(600)]
 
 
