@@ -11,10 +11,23 @@ import pytest
 import torch
 from engine_helpers import ByteTokenizer, collect, make_request, tiny_model
 
+from server.engine.decode_step import DecodeStepper
 from server.engine.engine import EngineOptions, NativeEngine
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="Triton kernels need a GPU or TRITON_INTERPRET=1 (make test sets it)")
+
+
+def use_triton_kernels(engine: NativeEngine, bucketed: bool = False) -> None:
+    """Switch a CPU engine to the CUDA code path: Triton prefill methods and decode kernels, and with ``bucketed``
+    the CUDA decode layout (batches padded to their bucket in static buffers; not captured: no CUDA here)."""
+    runner = engine.runner
+    runner.use_triton, runner.impl = True, "triton"
+    if bucketed:
+        runner.enable_cuda_graphs(engine.options.max_num_seqs, engine.max_model_len, capture=False)
+    else:
+        runner.stepper = DecodeStepper(runner.model, runner.pool, runner.shape.num_layers, runner.shape.num_kv_heads,
+                                       use_triton=True)
 
 
 @pytest.mark.parametrize(("pattern", "chunk", "length"), [
@@ -33,7 +46,8 @@ def test_triton_path_matches_pytorch_path(pattern, chunk, length):
         engine = NativeEngine(model, tok, EngineOptions(device="cpu", dtype="float32", kv_cache_memory=8 << 20,
                                                         max_prefill_chunk=chunk,
                                                         max_sparse_prefill_chunk=chunk), "tiny")
-        engine.runner.use_triton = use_triton
+        if use_triton:
+            use_triton_kernels(engine)
         await engine.start()
         try:
             return await collect(engine, make_request(str(pattern), prompt, pattern, max_tokens=6, logprobs=1,
@@ -51,3 +65,28 @@ def test_triton_path_matches_pytorch_path(pattern, chunk, length):
     fast, ref = triton_path.final.cost.prefill, torch_path.final.cost.prefill
     assert fast.dense_units == ref.dense_units and 0 < fast.actual_units <= fast.dense_units
     assert not isinstance(fast.actual_units, torch.Tensor) and not isinstance(fast.attention_flops, torch.Tensor)
+
+
+def test_cuda_decode_layout_gives_each_request_of_a_mixed_batch_its_tokens_alone():
+    """The CUDA decode step (Triton kernels over padded static buffers) on a batch of dense, Quest and SnapKV rows:
+    each request gets the tokens the PyTorch path gives it alone (2026-12-02: a Quest row after the first row of a
+    mixed batch read another row's input as its page budget)."""
+    model, tok = tiny_model(), ByteTokenizer()
+    prompt = [(7 * i + 3) % 96 for i in range(300)]
+    patterns = ["dense", "quest:4", "snapkv:4"]
+
+    async def generate(cuda_layout: bool, batch: list[str]):
+        engine = NativeEngine(model, tok, EngineOptions(device="cpu", dtype="float32", kv_cache_memory=8 << 20,
+                                                        max_num_seqs=8), "tiny")
+        if cuda_layout:
+            use_triton_kernels(engine, bucketed=True)
+        await engine.start()
+        try:
+            reqs = [make_request(f"{p}-{i}", prompt, p, max_tokens=8, ignore_eos=True) for i, p in enumerate(batch)]
+            return [r.token_ids for r in await asyncio.gather(*(collect(engine, r) for r in reqs))]
+        finally:
+            await engine.shutdown(timeout=5)
+
+    alone = [asyncio.run(generate(False, [p]))[0] for p in patterns]
+    assert len({tuple(t) for t in alone}) == 3  # the methods differ here: a swapped row would show
+    assert asyncio.run(generate(True, patterns)) == alone

@@ -427,6 +427,8 @@ def test_quest_select_and_decode_match_reference(heads):
 def test_quest_select_matches_reference_select_pages(heads):
     # The one Quest selection: the Triton kernel against its PyTorch reference (the engine's portable path and
     # QuestState), batched with a budget per row: 0 (a non-Quest row), below, at and above the row's pages.
+    # (2026-12-02: the kernel read the budgets as contiguous, so a Quest row after the first of a mixed batch on
+    # CUDA took another row's input as its budget)
     h, h_kv = heads
     B, d, page, P = 5, 16, 8, 9
     g = torch.Generator().manual_seed(60 + h)
@@ -436,7 +438,10 @@ def test_quest_select_matches_reference_select_pages(heads):
     tables = torch.randperm(B * h_kv * P, generator=g).view(B, h_kv, P).to(DEV, torch.int32)
     lengths = torch.randint(1, P * page + 1, (B, h_kv), generator=g).to(DEV, torch.int32)
     prompt_kept = (lengths - torch.randint(0, page, (B, h_kv), generator=g).to(DEV)).clamp(min=0).to(torch.int32)
-    budgets = torch.tensor([0, 1, 3, 6, 9], dtype=torch.int32, device=DEV)
+    # the budgets as a column of packed per-row inputs (the engine's decode step buffers): a strided view
+    packed = torch.full((B, 3), 99, dtype=torch.int32, device=DEV)
+    packed[:, 1] = torch.tensor([0, 1, 3, 6, 9], dtype=torch.int32)
+    budgets = packed[:, 1]
     prompt_read = torch.full((B, h_kv), -1, dtype=torch.int32, device=DEV)
     sel, sel_len = quest_select(q, page_min, page_max, tables, lengths, budgets, page, width=16,
                                 prompt_kept=prompt_kept, prompt_read=prompt_read)

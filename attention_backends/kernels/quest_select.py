@@ -69,7 +69,7 @@ def _quest_scores_kernel(
 
 @triton.jit
 def _quest_select_kernel(
-    S, PT, LEN, BUD, KEPT, OPT, OLEN, OPROMPT, ACC, s_r, spt_b, spt_h, slen_b, skept_b, so_r, s_acc, h_kv, width,
+    S, PT, LEN, BUD, KEPT, OPT, OLEN, OPROMPT, ACC, s_r, spt_b, spt_h, slen_b, sbud, skept_b, so_r, s_acc, h_kv, width,
     PAGE: tl.constexpr, BLOCK: tl.constexpr, COUNT_PROMPT: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
     bh = tl.program_id(0)
@@ -79,7 +79,7 @@ def _quest_select_kernel(
     x = tl.load(S + bh * s_r + j, mask=valid, other=0.0)
     x = tl.where(j == npages - 1, float("inf"), x)
     key = _order_key(x)
-    kk = tl.minimum(tl.minimum(tl.load(BUD + b), width), npages)  # a row of budget 0 selects nothing
+    kk = tl.minimum(tl.minimum(tl.load(BUD + b * sbud), width), npages)  # a row of budget 0 selects nothing
     thr = _kth_largest_key(key, tl.maximum(kk, 1), valid)
     page_id = tl.load(PT + b * spt_b + kvh * spt_h + j, mask=valid, other=0)
     sel = _select_write(key, page_id, valid, kk, thr, OPT + bh * so_r)  # the winners' page ids, in position order
@@ -191,7 +191,8 @@ def quest_select(q: Tensor, page_min: Tensor, page_max: Tensor, page_table: Tens
     _quest_select_kernel[(B * h_kv,)](
         scores, page_table, lengths, budget_pages, prompt_kept if count_prompt else lengths, sel, sel_len,
         prompt_read if count_prompt else sel_len, read_counts if accumulate else sel_len, scores.stride(0),
-        page_table.stride(0), page_table.stride(1), lengths.stride(0), prompt_kept.stride(0) if count_prompt else 0,
+        page_table.stride(0), page_table.stride(1), lengths.stride(0), budget_pages.stride(0),
+        prompt_kept.stride(0) if count_prompt else 0,
         sel.stride(1), read_counts.stride(0) if accumulate else 0, h_kv, k,
         PAGE=page_size, BLOCK=block, COUNT_PROMPT=count_prompt, ACCUMULATE=accumulate, num_warps=warps)
     return sel, sel_len

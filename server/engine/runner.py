@@ -202,12 +202,13 @@ class ModelRunner:
         return logits
 
     # -- decode -----------------------------------------------------------------------------------------
-    def enable_cuda_graphs(self, max_rows: int, max_model_len: int) -> None:
-        """Replay decode steps as CUDA graphs (batches up to ``max_rows``, contexts up to ``max_model_len``)."""
+    def enable_cuda_graphs(self, max_rows: int, max_model_len: int, capture: bool = True) -> None:
+        """Replay decode steps as CUDA graphs (batches up to ``max_rows``, contexts up to ``max_model_len``).
+        ``capture=False``: the same padded static buffers, run eagerly (the CUDA layout, testable on the CPU)."""
         pages = -(-(max_model_len + 1) // self.pool.page_size)
         self.stepper = DecodeStepper(self.model, self.pool, self.shape.num_layers, self.shape.num_kv_heads,
                                      use_triton=self.use_triton, buckets=bucket_sizes(max_rows), max_pages=pages,
-                                     capture=True)
+                                     capture=capture)
 
     @torch.inference_mode()
     def launch_decode(self, batch: list[EngineRequest], spare_pages: int = 0, *, greedy: bool = False,
