@@ -32,7 +32,7 @@ What each engine measures (``--part`` picks a subset, so a run fits the device's
                stream that overlaps the time from its submission to its first token) against their steady p50/p99
                before it, and the long request's TTFT. The native engine prefills it in chunks
                (``--max-prefill-chunk``, default 4096; ``--prefill-chunk`` here sets it) between decode steps,
-               each sized by time (``--max-decode-stall``; ``--decode-stall`` here sets it);
+               or, with ``--decode-stall`` (the engine's ``--max-decode-stall``, off by default), each sized by time;
                the bar is p99 during <= 2x steady.
 
 Prompts are random token ids (never reused, so no prefix cache hits). ``report`` merges the parts into

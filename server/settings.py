@@ -30,10 +30,12 @@ DEFAULT_PREFILL_CHUNK = 4096
 # H200, 2026-12-01: block_sparse:10/b64 at 128K, 4.99 s in 4096-token chunks, 4.05 s in 16384) and, computing about
 # a tenth of the cells, stalls running decodes about as long as a dense chunk of 4096 (docs/performance.md).
 DEFAULT_SPARSE_PREFILL_CHUNK = 16384
-# While requests decode, a dense chunk is sized to take at most this multiple of a decode step (server/engine/
-# chunk_pacer.py): 0.75 keeps a decoding request's inter-token latency under about twice its steady value with room
-# for the pacer's prediction error (its rate is measured on the chunks it runs).
-DEFAULT_DECODE_STALL = 0.75
+# While requests decode, a dense chunk may be sized to take at most this multiple of a decode step (server/engine/
+# chunk_pacer.py). Off by default: on the H200 (2026-12-02, Qwen2.5-7B-shaped) 0.75 cut the p99 inter-token latency
+# of 8 decodes during a 128K prefill from 82x to 8.9x steady, but chunks at the 128-token floor prefill so slowly that
+# the long prompt's TTFT went from 15 s to 69 s and a burst of 8 32K prompts took 77 s instead of about 10 s
+# (benchmarks/results/e2e-NVIDIA-H200-2026-12-02-parts/lease3/README.md).
+DEFAULT_DECODE_STALL = 0.0
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 

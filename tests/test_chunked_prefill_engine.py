@@ -261,10 +261,10 @@ def test_max_decode_stall_is_validated_and_zero_turns_pacing_off(model):
     for bad in (-0.5, float("nan"), float("inf")):
         with pytest.raises(ValueError):
             EngineOptions(max_decode_stall=bad)
-    assert EngineOptions().max_decode_stall == 0.75
-    assert tiny_engine(model).scheduler.pacer.stall == 0.75
-    assert tiny_engine(model, max_decode_stall=0).scheduler.pacer is None
-    assert tiny_engine(model, max_prefill_chunk=0).scheduler.pacer is None  # whole prompts: nothing to pace
+    assert EngineOptions().max_decode_stall == 0  # off by default (server/settings.py says why)
+    assert tiny_engine(model).scheduler.pacer is None
+    assert tiny_engine(model, max_decode_stall=0.75).scheduler.pacer.stall == 0.75
+    assert tiny_engine(model, max_prefill_chunk=0, max_decode_stall=0.75).scheduler.pacer is None  # nothing to pace
     from server.cli import build_parser, settings_from_args
 
     settings = settings_from_args(build_parser().parse_args(["--max-decode-stall", "1.5"]))
