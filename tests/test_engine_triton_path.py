@@ -68,12 +68,12 @@ def test_triton_path_matches_pytorch_path(pattern, chunk, length):
 
 
 def test_cuda_decode_layout_gives_each_request_of_a_mixed_batch_its_tokens_alone():
-    """The CUDA decode step (Triton kernels over padded static buffers) on a batch of dense, Quest and SnapKV rows:
-    each request gets the tokens the PyTorch path gives it alone (2026-12-02: a Quest row after the first row of a
-    mixed batch read another row's input as its page budget)."""
+    """The CUDA decode step (Triton kernels over padded static buffers) on a batch of dense, Quest (two budgets: the
+    step's selection width is the larger's) and SnapKV rows: each request gets the tokens the PyTorch path gives it
+    alone (2026-12-02: a Quest row after the first row of a mixed batch read another row's input as its budget)."""
     model, tok = tiny_model(), ByteTokenizer()
     prompt = [(7 * i + 3) % 96 for i in range(300)]
-    patterns = ["dense", "quest:4", "snapkv:4"]
+    patterns = ["dense", "quest:10", "quest:2", "snapkv:4"]
 
     async def generate(cuda_layout: bool, batch: list[str]):
         engine = NativeEngine(model, tok, EngineOptions(device="cpu", dtype="float32", kv_cache_memory=8 << 20,
@@ -88,5 +88,5 @@ def test_cuda_decode_layout_gives_each_request_of_a_mixed_batch_its_tokens_alone
             await engine.shutdown(timeout=5)
 
     alone = [asyncio.run(generate(False, [p]))[0] for p in patterns]
-    assert len({tuple(t) for t in alone}) == 3  # the methods differ here: a swapped row would show
+    assert len({tuple(t) for t in alone}) == len(patterns)  # the methods differ here: a swapped row would show
     assert asyncio.run(generate(True, patterns)) == alone
