@@ -338,3 +338,45 @@ def test_sliding_window_model_is_refused_unless_the_window_covers_the_context():
     assert tiny_engine(model, max_model_len=128).max_model_len == 128
     model.config.sliding_window = 512
     assert tiny_engine(model).max_model_len == 512
+
+
+def test_a_step_that_fails_after_its_launch_is_retried_from_the_last_accepted_token(monkeypatch):
+    """Reading a launched decode step fails once (after the engine launched the greedy batch's next step on its
+    tokens): both steps are undone and the requests, retried one by one, give the tokens of a run without the
+    fault (2026-12-02 on the H200: every retry raised "no token to feed" and the requests ended in errors)."""
+    from server.engine.runner import PendingDecode
+
+    model = tiny_model()
+    prompts = {f"r{i}": [(5 * i + 3 * j) % 90 for j in range(40 + 7 * i)] for i in range(3)}
+    seen = {"n": 0, "ahead": False}
+
+    def generate(fault: bool):
+        engine = tiny_engine(model)
+        if fault:
+            real, calls = PendingDecode.tokens, seen
+
+            def tokens(step):
+                calls["n"] += 1
+                if calls["n"] == 4:  # a step of the three-request batch, with its successor launched ahead
+                    calls["ahead"] = engine._ahead is not None
+                    raise RuntimeError("injected fault reading a step")
+                return real(step)
+
+            monkeypatch.setattr(PendingDecode, "tokens", tokens)
+
+        async def body(engine):
+            return await asyncio.gather(*(collect(engine, make_request(r, ids, max_tokens=12, ignore_eos=True))
+                                          for r, ids in prompts.items()))
+
+        try:
+            return asyncio.run(with_engine(engine, body)), engine
+        finally:
+            monkeypatch.undo()
+
+    clean, _ = generate(False)
+    faulty, engine = generate(True)
+    assert engine.decode_retries == 1 and seen["ahead"]
+    for a, b in zip(clean, faulty, strict=True):
+        assert b.final.finish_reason == "length" and b.token_ids == a.token_ids
+        assert b.final.cost.decode.kv_cache_tokens == a.final.cost.decode.kv_cache_tokens
+    assert engine.pool.counters().free_pages == engine.pool.num_pages

@@ -368,9 +368,15 @@ class NativeEngine:
                 sampled = sample(logits[rows], [batch[i].request.sampling for i in rows],
                                  [batch[i].sampler for i in rows]) if rows else []
         except Exception:
+            # no token of this step was accepted, nor of the step launched after it: undo both launches (each
+            # advanced the requests' caches), or every retry would find no token to feed
+            launched = 1 + (self._ahead is not None)
             self._ahead = None
             self._publish()
-            self._retry_alone([batch[i] for i in live])
+            again = [batch[i] for i in live]
+            for req in again:
+                req.rewind_decode(launched)
+            self._retry_alone(again)
             return
         with self._lock:
             for i, token in zip(rows, sampled, strict=True):

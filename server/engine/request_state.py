@@ -78,6 +78,12 @@ class EngineRequest:
         elif not self.output_ids:  # preempted between prefill chunks: its prefill starts over, and so does its cost
             self.cost = RequestCost.for_spec(self.request.spec)
 
+    def rewind_decode(self, steps: int) -> None:
+        """Undo the last ``steps`` launched decode steps, none of whose tokens was accepted (a step that failed
+        after its launch, and the step launched after it), so the request can decode again from its last token."""
+        self.cached_outputs -= steps
+        self.kv.uncommit_appends(steps)  # type: ignore[union-attr]
+
     def catch_up(self) -> None:
         """After a prefill or decode step: once a resumed request's cache is whole again, restore its cost."""
         if self._cost_at_preemption is not None and self.samples_next:

@@ -211,3 +211,9 @@ class SequenceKV:
         self.lengths += 1
         if self._room is not None:
             self._room -= 1
+
+    def uncommit_appends(self, steps: int) -> None:
+        """Forget the last ``steps`` appended tokens (a decode step whose output was never accepted); their pages
+        stay held, and the step run again writes the same slots."""
+        self.lengths -= steps
+        self._room = None
