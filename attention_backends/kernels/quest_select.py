@@ -130,6 +130,7 @@ def cache_page_bounds(k_pages: Tensor, page_ids: Tensor, fill: Tensor, page_min:
     n = page_ids.numel()
     if n == 0:
         return
+    assert page_ids.dim() == 1 and page_ids.stride(0) == 1 and fill.stride(0) == 1
     h_kv = 1 if k_pages.dim() == 3 else k_pages.shape[2]
     _cache_page_bounds_kernel[(n, h_kv)](
         k_pages, page_ids, fill, page_min, page_max, *page_strides(k_pages, h_kv),
@@ -178,6 +179,8 @@ def quest_select(q: Tensor, page_min: Tensor, page_max: Tensor, page_table: Tens
     k = int(min(width, max_pages))
     sel = torch.zeros(B, h_kv, k, dtype=torch.int32, device=q.device)
     sel_len = torch.empty(B, h_kv, dtype=torch.int32, device=q.device)
+    # the kernels step along a row's pages and heads by 1; rows, and the budgets, go through their strides
+    assert page_table.stride(-1) == 1 and lengths.stride(-1) == 1
     count_prompt = prompt_kept is not None
     if count_prompt:
         assert prompt_read is not None and prompt_read.is_contiguous() and prompt_kept.stride(-1) == 1
