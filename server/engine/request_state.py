@@ -80,7 +80,8 @@ class EngineRequest:
 
     def rewind_decode(self, steps: int) -> None:
         """Undo the last ``steps`` launched decode steps, none of whose tokens was accepted (a step that failed
-        after its launch, and the step launched after it), so the request can decode again from its last token."""
+        after its launch, and the step launched after it), so the request can decode again from its last token.
+        Costs a failed step accounted stay: the device did that work."""
         self.cached_outputs -= steps
         self.kv.uncommit_appends(steps)  # type: ignore[union-attr]
 
