@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "first token); when more requests prefill than decode the budget grows by their ratio. "
                    "Default 0 (off): chunks of --max-prefill-chunk tokens. Opt in where inter-token latency "
                    "matters more than time to first token: on an H200 0.75 cut the p99 of 8 decodes during a 128K "
-                   "prefill from 82x to 8.9x steady, and made that prompt's first token 4.5x later")
+                   "prefill from 79x to 8.9x steady, and made that prompt's first token 4.5x later")
     g.add_argument("--max-sparse-prefill-chunk", type=int, default=d.max_sparse_prefill_chunk,
                    help="native engine: prompts whose prefill method is sparse prefill in chunks of this many tokens "
                    f"(a multiple of {PREFILL_CHUNK_ALIGN}) whether or not anything decodes: a sparse method pays its "

@@ -32,7 +32,7 @@ DEFAULT_PREFILL_CHUNK = 4096
 DEFAULT_SPARSE_PREFILL_CHUNK = 16384
 # While requests decode, a dense chunk may be sized to take at most this multiple of a decode step (server/engine/
 # chunk_pacer.py). Off by default: on the H200 (2026-12-02, Qwen2.5-7B-shaped) 0.75 cut the p99 inter-token latency
-# of 8 decodes during a 128K prefill from 82x to 8.9x steady, but chunks at the 128-token floor prefill so slowly that
+# of 8 decodes during a 128K prefill from 79x to 8.9x steady, but chunks at the 128-token floor prefill so slowly that
 # the long prompt's TTFT went from 15 s to 69 s and a burst of 8 32K prompts took 77 s instead of about 10 s
 # (benchmarks/results/e2e-NVIDIA-H200-2026-12-02-parts/lease3/README.md).
 DEFAULT_DECODE_STALL = 0.0
