@@ -11,7 +11,6 @@ import pytest
 import torch
 from engine_helpers import ByteTokenizer, collect, make_request, tiny_model
 
-from server.engine.decode_step import DecodeStepper
 from server.engine.engine import EngineOptions, NativeEngine
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
@@ -21,13 +20,9 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and no
 def use_triton_kernels(engine: NativeEngine, bucketed: bool = False) -> None:
     """Switch a CPU engine to the CUDA code path: Triton prefill methods and decode kernels, and with ``bucketed``
     the CUDA decode layout (batches padded to their bucket in static buffers; not captured: no CUDA here)."""
-    runner = engine.runner
-    runner.use_triton, runner.impl = True, "triton"
+    engine.runner.use_triton_kernels()
     if bucketed:
-        runner.enable_cuda_graphs(engine.options.max_num_seqs, engine.max_model_len, capture=False)
-    else:
-        runner.stepper = DecodeStepper(runner.model, runner.pool, runner.shape.num_layers, runner.shape.num_kv_heads,
-                                       use_triton=True)
+        engine.runner.enable_cuda_graphs(engine.options.max_num_seqs, engine.max_model_len, capture=False)
 
 
 @pytest.mark.parametrize(("pattern", "chunk", "length"), [

@@ -29,7 +29,7 @@ from attention_backends.prefill_cost import fallback_report, prompt_fallback
 from attention_backends.spec import DECODE_METHODS
 from server.contract.engine import TokenLogprob
 
-from .decode_step import DecodeStepper, bucket_sizes, triton_paged_decode
+from .decode_step import DecodeStepper, TritonDecodeKernels, bucket_sizes, triton_paged_decode
 from .page_pool import PagePool
 from .request_state import EngineRequest
 from .sampler import token_logprobs
@@ -128,8 +128,18 @@ class ModelRunner:
         self.device = pool.device
         # On CUDA the Triton kernels run prefill methods and paged decode; elsewhere the PyTorch paths do.
         self.use_triton = engine_impl(pool.device) == "triton" and triton_paged_decode is not None
-        self.impl = "triton" if self.use_triton else "reference"  # what runs the methods' kernels
         self.stepper = DecodeStepper(model, pool, shape.num_layers, shape.num_kv_heads, use_triton=self.use_triton)
+
+    @property
+    def impl(self) -> str:
+        """What runs the methods' kernels: ``"triton"`` or ``"reference"``."""
+        return "triton" if self.use_triton else "reference"
+
+    def use_triton_kernels(self) -> None:
+        """Run the methods and the decode steps with the Triton kernels (CUDA's path) on any device: on the CPU,
+        under ``TRITON_INTERPRET=1``, for tests of that path."""
+        self.use_triton = True
+        self.stepper.kernels = TritonDecodeKernels(self.pool)
 
     def synchronize(self) -> None:
         """Wait for the device's queued work (timing a prefill chunk); nothing to wait for on the CPU."""
