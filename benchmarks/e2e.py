@@ -102,7 +102,10 @@ DENSE = "dense"
 # Patterns are the string grammar, or a label of SPECS for one that needs parameters. block_sparse's default block
 # is 16 (the paper's accuracy choice, computed as exact 16x16 tiles); the speed bar is for block 64.
 SPECS = {"block_sparse:10/b64": {"prefill": {"method": "block_sparse", "compression_ratio": 10,
-                                             "params": {"block_size": 64}}}}
+                                             "params": {"block_size": 64}}},
+         # Quest on 32-token pages (half the page bounds to score): only with --patterns, on the native engine
+         # run with --page-size 32 (it runs Quest on its own KV pages)
+         "quest:10/p32": {"decode": {"method": "quest", "compression_ratio": 10, "params": {"page_size": 32}}}}
 PREFILL_PATTERNS = ("vertical_slash:10", "flexprefill:10", "block_sparse:10/b64", "block_sparse:10")
 DECODE_PATTERNS = ("snapkv:10", "ada_snapkv:10", "quest:10")  # quest last: on vLLM its side copy is the largest
 AGREE_PATTERNS = ("dense", "vertical_slash:1", "flexprefill:1", "block_sparse:1", "quest:1", "snapkv:1",
@@ -234,13 +237,15 @@ class BareVllm:
 
 def make_engine(name: str, model: str, max_model_len: int, tiny: bool, kv_memory: int | None = None,
                 prefill_chunk: int | None = None, sparse_prefill_chunk: int | None = None,
-                decode_stall: float | None = None):
+                decode_stall: float | None = None, page_size: int | None = None):
     """``kv_memory``: bytes of KV cache (bare vLLM and native); default: each engine's own. ``prefill_chunk``,
-    ``sparse_prefill_chunk`` and ``decode_stall``: the native engine's ``max_prefill_chunk``,
-    ``max_sparse_prefill_chunk`` and ``max_decode_stall`` (default: its own)."""
+    ``sparse_prefill_chunk``, ``decode_stall`` and ``page_size``: the native engine's ``max_prefill_chunk``,
+    ``max_sparse_prefill_chunk``, ``max_decode_stall`` and ``page_size`` (default: its own)."""
     cpu = tiny
     if name == "vllm":
         return BareVllm(model, max_model_len, cpu, kv_memory)
+    if page_size is not None and name != "native":
+        raise SystemExit("--page-size is for the native engine")
     if name == "sparse-vllm":
         from server.vllm_engine.engine import VllmEngine, VllmOptions
 
@@ -256,14 +261,16 @@ def make_engine(name: str, model: str, max_model_len: int, tiny: bool, kv_memory
         # 80 GiB: room for 32 x (32K + decode_max_tokens) worst-case reservations, and for a 128K prefill's
         # activations beside it (96 GiB ran out of memory there on an H200)
         memory = kv_memory or ((256 << 20) if cpu else (80 << 30))
-        chunk = {} if prefill_chunk is None else {"max_prefill_chunk": prefill_chunk}
+        extra = {} if prefill_chunk is None else {"max_prefill_chunk": prefill_chunk}
         if sparse_prefill_chunk is not None:
-            chunk["max_sparse_prefill_chunk"] = sparse_prefill_chunk
+            extra["max_sparse_prefill_chunk"] = sparse_prefill_chunk
         if decode_stall is not None:
-            chunk["max_decode_stall"] = decode_stall
+            extra["max_decode_stall"] = decode_stall
+        if page_size is not None:
+            extra["page_size"] = page_size
         return ServingEngine(NativeEngine.from_options(EngineOptions(model=model, max_model_len=max_model_len,
                                                                      kv_cache_memory=memory, max_num_seqs=128,
-                                                                     device="cpu" if cpu else "auto", **chunk)))
+                                                                     device="cpu" if cpu else "auto", **extra)))
     raise SystemExit(f"unknown engine {name!r}")
 
 
@@ -285,8 +292,14 @@ class Bench:
         if self.deadline is not None and time.monotonic() > self.deadline:
             raise OutOfTime
 
-    def chosen(self, patterns: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(p for p in patterns if self.only is None or p in self.only)
+    def chosen(self, patterns: tuple[str, ...], phase: str) -> tuple[str, ...]:
+        """``patterns`` that ``--patterns`` names (all without it), then the SPECS labels of ``phase`` it names
+        that no default list holds (variants measured only on request, e.g. quest:10/p32)."""
+        if self.only is None:
+            return patterns
+        extra = tuple(label for label, spec in SPECS.items() if label in self.only and label not in patterns
+                      and phase in spec and self.sparse)
+        return tuple(p for p in patterns if p in self.only) + extra
 
     def prompt(self, n: int) -> list[int]:
         return [self.rng.randrange(self.vocab) for _ in range(n)]
@@ -298,7 +311,7 @@ class Bench:
 
     async def ttft(self, rows: list[dict]) -> None:
         """Appends to ``rows`` as it goes, so a deadline or a failure keeps what was measured."""
-        for pattern in self.chosen((DENSE, *PREFILL_PATTERNS) if self.sparse else (DENSE,)):
+        for pattern in self.chosen((DENSE, *PREFILL_PATTERNS) if self.sparse else (DENSE,), "prefill"):
             self.check_time()
             await self.warmup(pattern)
             for n in self.p.ttft_lengths:
@@ -319,7 +332,7 @@ class Bench:
                     f"{s.report or ''} {s.error or ''}")
 
     async def decode(self, batch: int, context: int, rows: list[dict]) -> None:
-        for pattern in self.chosen((DENSE, *DECODE_PATTERNS) if self.sparse else (DENSE,)):
+        for pattern in self.chosen((DENSE, *DECODE_PATTERNS) if self.sparse else (DENSE,), "decode"):
             self.check_time()
             await self.warmup(pattern)
             rows.append({"pattern": pattern, "batch": batch, "context": context,
@@ -498,7 +511,7 @@ async def run(args) -> None:
     t0 = time.monotonic()
     engine = make_engine(args.engine, args.dir, max_len, args.tiny, kv_memory,
                          args.prefill_chunk if args.prefill_chunk is not None else protocol.prefill_chunk,
-                         args.sparse_prefill_chunk, args.decode_stall)
+                         args.sparse_prefill_chunk, args.decode_stall, args.page_size)
     await engine.start()
     load_s = time.monotonic() - t0
     log(f"{args.engine} ready in {load_s:.0f} s")
@@ -508,7 +521,7 @@ async def run(args) -> None:
     result: dict = {"engine": args.engine, "device": device_name(), "load_s": load_s, "parts": list(parts),
                     "protocol": protocol.__dict__, "ttft": [], "decode": [], "capacity": [],
                     "kv_memory_mib": args.kv_memory_mib, "sparse_prefill_chunk": args.sparse_prefill_chunk,
-                    "decode_stall": args.decode_stall,
+                    "decode_stall": args.decode_stall, "page_size": args.page_size,
                     "versions": versions()}
     saver = asyncio.create_task(save_every(Path(args.out), result, 5.0))  # a call killed mid-part keeps its rows
     try:
@@ -782,6 +795,9 @@ def main() -> None:
                    help="the native engine's --max-sparse-prefill-chunk (default: the engine's)")
     r.add_argument("--decode-stall", type=float, default=None,
                    help="the native engine's --max-decode-stall (default: the engine's; 0: fixed chunks)")
+    r.add_argument("--page-size", type=int, default=None,
+                   help="the native engine's --page-size (default: the engine's, 16); Quest runs on these pages, so "
+                        "measure it with a matching label, e.g. --page-size 32 --patterns dense,quest:10/p32")
     r.add_argument("--patterns", default=None,
                    help="comma-separated patterns to measure in the ttft and decode parts (e.g. dense,quest:10, to "
                         "re-measure some cases beside their dense baseline); default: every pattern")

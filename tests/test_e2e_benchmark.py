@@ -104,6 +104,20 @@ def test_patterns_picks_the_cases_to_measure(model_dir, tmp_path):
     assert all(r["tokens_per_s"] > 0 for r in part["decode"])
 
 
+def test_page_size_runs_quest_on_the_native_engines_larger_pages(model_dir, tmp_path):
+    """``--page-size 32`` with the ``quest:10/p32`` label: Quest's pages are the engine's, so both change together
+    (the label is measured only when named; the engine rejects a Quest page size that is not its own)."""
+    out = tmp_path / "p32.json"
+    e2e("run", "--engine", "native", "--tiny", "--dir", str(model_dir), "--part", "decode:2", "--page-size", "32",
+        "--patterns", "dense,quest:10/p32", "--out", str(out))
+    part = load(out)
+    assert part["page_size"] == 32
+    assert {r["pattern"] for r in part["decode"]} == {"dense", "quest:10/p32"}
+    quest = next(r for r in part["decode"] if r["pattern"] == "quest:10/p32")
+    assert quest["error"] is None and quest["tokens_per_s"] > 0
+    assert quest["report"]["decode_method"] == "quest" and quest["report"]["decode_ratio"] > 1
+
+
 def test_native_capacity_on_a_fixed_kv_memory(model_dir, tmp_path):
     """The capacity part: on the same KV memory, the evicting methods hold more requests at once than dense, and
     the report states the memory."""
