@@ -20,3 +20,10 @@ Entry points (layouts in each module's docstring):
 * :mod:`.methods` -- every method behind the references' contract (registries ``PREFILL`` / ``DECODE``), used
   by ``attention_backends.sparse_prefill(..., impl="triton")`` and ``prepare_decode(..., impl="triton")``.
 """
+
+
+def steps_by_one(*tensors) -> bool:
+    """Whether a kernel may step along each tensor's last dimension by one element. A dimension of size one
+    passes whatever its stride: torch keeps a view's stride there (a batch of one decode row sliced from a
+    ``[1, 4]`` matrix has stride 4), and no kernel ever steps along it."""
+    return all(t.shape[-1] <= 1 or t.stride(-1) == 1 for t in tensors)

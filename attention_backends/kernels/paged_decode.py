@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import steps_by_one
 from .sparse_prefill import LOG2E
 
 _NEG = tl.constexpr(-1.0e30)
@@ -170,7 +171,7 @@ def paged_decode(
     kst, vst = page_strides(k_pages, h_kv), page_strides(v_pages, h_kv)
     assert h % h_kv == 0
     assert q.stride(-1) == 1 and k_pages.stride(-1) == 1 and v_pages.stride(-1) == 1
-    assert page_table.stride(-1) == 1 and lengths.stride(-1) == 1
+    assert steps_by_one(page_table, lengths)
     group = h // h_kv
     dev = q.device
     if max_len is None:
@@ -190,7 +191,7 @@ def paged_decode(
     if keep is not None:
         positions, kept, prompt_lens = keep
         assert positions.shape[:2] == (B, h_kv) and kept.shape == (B, h_kv) and prompt_lens.shape == (B,)
-        assert positions.stride(-1) == 1 and kept.stride(-1) == 1 and prompt_lens.stride(0) == 1
+        assert steps_by_one(positions, kept, prompt_lens)
         kargs = (positions, kept, prompt_lens, positions.stride(0), positions.stride(1), kept.stride(0))
     else:
         kargs = (lengths, lengths, lengths, 0, 0, 0)  # (unused)

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import steps_by_one
 from .paged_decode import page_strides, paged_decode
 from .topk import _kth_largest_key, _order_key, _select_write
 
@@ -130,7 +131,7 @@ def cache_page_bounds(k_pages: Tensor, page_ids: Tensor, fill: Tensor, page_min:
     n = page_ids.numel()
     if n == 0:
         return
-    assert page_ids.dim() == 1 and page_ids.stride(0) == 1 and fill.stride(0) == 1
+    assert page_ids.dim() == 1 and steps_by_one(page_ids, fill)
     h_kv = 1 if k_pages.dim() == 3 else k_pages.shape[2]
     _cache_page_bounds_kernel[(n, h_kv)](
         k_pages, page_ids, fill, page_min, page_max, *page_strides(k_pages, h_kv),
@@ -180,13 +181,13 @@ def quest_select(q: Tensor, page_min: Tensor, page_max: Tensor, page_table: Tens
     sel = torch.zeros(B, h_kv, k, dtype=torch.int32, device=q.device)
     sel_len = torch.empty(B, h_kv, dtype=torch.int32, device=q.device)
     # the kernels step along a row's pages and heads by 1; rows, and the budgets, go through their strides
-    assert page_table.stride(-1) == 1 and lengths.stride(-1) == 1
+    assert steps_by_one(page_table, lengths)
     count_prompt = prompt_kept is not None
     if count_prompt:
-        assert prompt_read is not None and prompt_read.is_contiguous() and prompt_kept.stride(-1) == 1
+        assert prompt_read is not None and prompt_read.is_contiguous() and steps_by_one(prompt_kept)
     accumulate = read_counts is not None
     if accumulate:
-        assert count_prompt and read_counts.dtype == torch.int64 and read_counts.stride(-1) == 1
+        assert count_prompt and read_counts.dtype == torch.int64 and steps_by_one(read_counts)
     block = max(16, triton.next_power_of_2(max_pages))
     # 8192 pages: 8 warps 20.6 us, 16 warps 22.1 us, 32 warps 27.9 us (H200, graph replay, random scores: few
     # search steps); 16K-entry rows take 16 warps (at 8, 64 entries per thread)
