@@ -22,3 +22,22 @@ def test_cost_file_goes_to_the_directory_set_after_import(tmp_path, monkeypatch)
     written = json.loads((tmp_path / "req-1.json").read_text())
     assert isinstance(written, dict) and written
     assert not state.dirty
+
+
+def test_each_step_replaces_the_cost_file_and_leaves_nothing_else():
+    """The worker rewrites a request's file every step it runs in: the front end reads the last step's account
+    (never a half-written file), and after the read the engine's directory is empty again."""
+    from server.vllm_engine.accounting import cost_dir, read_cost, write_cost
+
+    directory = cost_dir()
+    try:
+        cost = RequestCost.for_spec(parse_pattern("snapkv:10"))
+        for step in range(1, 4):
+            cost.decode.kv_bytes_read = 1000.0 * step
+            write_cost(directory, "req-2", cost)
+            assert sorted(p.name for p in directory.iterdir()) == ["req-2.json"]
+        got = read_cost(directory, "req-2")
+        assert got is not None and got.decode.kv_bytes_read == 3000.0 and got.decode.method == "snapkv"
+        assert list(directory.iterdir()) == []
+    finally:
+        directory.rmdir()

@@ -28,12 +28,25 @@ from server.contract.cost import PhaseCost, RequestCost
 COST_DIR_ENV = "SPARSE_SERVE_VLLM_COST_DIR"
 
 
+def cost_dir() -> Path:
+    """A fresh directory for one engine's side files: in memory (``/dev/shm``) where the machine has it. A write per
+    sparse request and step costs about 55 us there, against 350-380 us on an ext4 /tmp (the rename is journaled):
+    at a batch of 32, 12 ms of host time a step (this machine, 2026-12-03; an H200 step at that batch is ~20 ms)."""
+    shm = Path("/dev/shm")
+    root = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+    return Path(tempfile.mkdtemp(prefix="sparse-serve-vllm-cost-", dir=root))
+
+
 def write_cost(directory: str | Path, key: str, cost: RequestCost) -> None:
-    directory = Path(directory)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        json.dump(asdict(cost), f)
-    os.replace(tmp, directory / f"{key}.json")
+    """Replace ``<key>.json`` atomically. One writer per key (the worker that runs the request), so the temporary
+    file's name is fixed: no unique name to make each step."""
+    tmp = os.path.join(directory, f".{key}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, json.dumps(asdict(cost)).encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, os.path.join(directory, f"{key}.json"))
 
 
 def read_cost(directory: str | Path, key: str, remove: bool = True) -> RequestCost | None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -36,7 +35,7 @@ from server.contract.engine import (
 )
 from server.settings import EngineSettings
 
-from .accounting import COST_DIR_ENV, dense_cost, read_cost
+from .accounting import COST_DIR_ENV, cost_dir, dense_cost, read_cost
 from .worker_state import PATTERN_KEY, REQUEST_KEY, encode_spec
 
 log = logging.getLogger("sparse_serve.vllm_engine")
@@ -83,7 +82,7 @@ class VllmEngine:
         self.tokenizer = load_hf_tokenizer(options.model)
         self.model_name = options.served_model_name or Path(options.model).name
         self.max_model_len = options.max_model_len or int(config.get("max_position_embeddings", 2048))
-        self._cost_dir = Path(tempfile.mkdtemp(prefix="sparse-serve-vllm-cost-"))
+        self._cost_dir = cost_dir()
         self._element_bytes = 4 if self._dtype() == "float32" else 2
         self._llm = None
         self._requests: dict[str, GenerationRequest] = {}
