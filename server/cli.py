@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(a multiple of {PREFILL_CHUNK_ALIGN}) whether or not anything decodes: a sparse method pays its "
                    "index once per chunk and is defined per chunk, so its answer depends on this size, never on "
                    "load. Longer than --max-prefill-chunk by default: such a chunk computes a fraction of the "
-                   "cells; 0 = whole prompts")
+                   "cells (default %(default)s); 0 = whole prompts")
     g.add_argument("--served-model-name", default=None,
                    help="the model name clients send and /v1/models lists (default: the model's name)")
 

@@ -26,10 +26,12 @@ API_KEY_ENV = "SPARSE_SERVE_API_KEY"
 # at the cost of prefill time.
 PREFILL_CHUNK_ALIGN = 128
 DEFAULT_PREFILL_CHUNK = 4096
-# Sparse prefill methods pay their index once per chunk and layer; a chunk 4x longer amortises it (measured on the
-# H200, 2026-12-01: block_sparse:10/b64 at 128K, 4.99 s in 4096-token chunks, 4.05 s in 16384) and, computing about
-# a tenth of the cells, stalls running decodes about as long as a dense chunk of 4096 (docs/performance.md).
-DEFAULT_SPARSE_PREFILL_CHUNK = 16384
+# Sparse prefill methods pay their index once per chunk and layer, so longer chunks amortise it (H200, Qwen2.5-7B-
+# shaped: block_sparse:10/b64 at 128K 4.99 s in 4096-token chunks, 4.05 s in 16384 (2026-12-01); vertical_slash:10
+# at 128K 6.73 s in 16384, 5.88 s in 32768, 5.10 s in 65536, 4.87 s whole, dense 9.02 s (2026-12-02/03)). 32768
+# takes most of that gain while a chunk, computing about a tenth of its cells, holds running decodes up about twice
+# as long as a dense chunk of 4096 (a 64K chunk: four times); a 32K prompt is then one chunk (docs/performance.md).
+DEFAULT_SPARSE_PREFILL_CHUNK = 32768
 # While requests decode, a dense chunk may be sized to take at most this multiple of a decode step (server/engine/
 # chunk_pacer.py). Off by default: on the H200 (2026-12-02, Qwen2.5-7B-shaped) 0.75 cut the p99 inter-token latency
 # of 8 decodes during a 128K prefill from 79x to 8.9x steady, but chunks at the 128-token floor prefill so slowly that

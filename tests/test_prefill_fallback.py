@@ -137,6 +137,10 @@ def test_shipped_h200_profile_reproduces_the_recorded_orderings():
         assert decide(prefill_phase(method), 131072, H, D, prof, q_offset=131072 - 16384) is None
     for method in ("vertical_slash", "flexprefill"):
         assert [chunked(prefill_phase(method), n) for n in (8192, 32768, 131072)] == ["dense", "dense", None]
+    # in 32768-token chunks (the default since 2026-12-03; e2e-NVIDIA-H200-2026-12-03-parts): a 32K prompt is one
+    # chunk, where vertical_slash pays (1.052 s against dense's 1.082) and flexprefill does not (it fell back)
+    assert [chunked(prefill_phase("vertical_slash"), n, 32768) for n in (8192, 32768, 131072)] == ["dense", None, None]
+    assert [chunked(prefill_phase("flexprefill"), n, 32768) for n in (8192, 32768, 131072)] == ["dense", "dense", None]
     b64 = prefill_phase("block_sparse", params={"block_size": 64})
     assert [chunked(b64, n) for n in (8192, 32768, 131072)] == [None] * 3
     assert [chunked(prefill_phase("block_sparse", 4), n) for n in (8192, 32768, 131072)] == ["dense"] * 3
