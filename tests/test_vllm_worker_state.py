@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+
 from attention_backends import parse_pattern
 from server.contract.cost import RequestCost
 from server.vllm_engine import worker_state as ws
@@ -41,3 +44,26 @@ def test_each_step_replaces_the_cost_file_and_leaves_nothing_else():
         assert list(directory.iterdir()) == []
     finally:
         directory.rmdir()
+
+
+def test_step_profile_covers_the_steps_asked_for(tmp_path, monkeypatch):
+    """SPARSE_SERVE_VLLM_PROFILE=FILE:SKIP:STEPS: the worker's end of step profiles steps SKIP+1 .. SKIP+STEPS and
+    writes their time per step and the operators that took it; nothing before, nothing after."""
+    from server.vllm_engine import step_profile
+
+    out = tmp_path / "profile.txt"
+    monkeypatch.setenv(step_profile.PROFILE_ENV, f"{out}:2:3")
+    monkeypatch.setattr(step_profile, "_READ", False)
+    monkeypatch.setattr(step_profile, "_PROFILE", None)
+    state = ws.RequestState(key="", spec=parse_pattern("quest:4"), prompt_len=8, cost=RequestCost())
+    monkeypatch.setitem(ws.SLOTS, 0, state)
+    x = torch.randn(64, 64)
+    for step in range(7):
+        x = torch.mm(x, x).tanh()  # this step's work
+        ws.end_step()
+        assert out.exists() == (step >= 5)  # written at the end of the fifth step's successor
+    text = out.read_text()
+    assert text.startswith("3 steps after 2:") and "ms a step" in text
+    assert "aten::mm" in text and "aten::tanh" in text
+    with pytest.raises(ValueError):
+        step_profile.StepProfile("x.txt:-1")

@@ -34,6 +34,7 @@ import os
 import time
 
 import torch
+from torch.profiler import record_function
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
     CPUAttentionBackendImpl,
@@ -55,10 +56,11 @@ log = logging.getLogger("sparse_serve.vllm_engine")
 
 class SparseBuilderMixin:
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
-        plan = make_plan(common_attn_metadata)
-        if plan is not None:
-            common_attn_metadata = parent_metadata(common_attn_metadata, plan)
-            common_prefix_len = 0  # cascade attention splits every row at the shared prefix, cut rows included
+        with record_function("sparse_serve::plan"):  # (named in a step profile: step_profile.py)
+            plan = make_plan(common_attn_metadata)
+            if plan is not None:
+                common_attn_metadata = parent_metadata(common_attn_metadata, plan)
+                common_prefix_len = 0  # cascade attention splits every row at the shared prefix, cut rows included
         metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)  # type: ignore[misc]
         if plan is not None:
             metadata.sparse_plan = plan
@@ -107,7 +109,7 @@ class SparseImplMixin:
         ws.layer_names(name)
         parent_ms = timer.lap() if timer else 0.0
         out = output.view(query.shape[0], self.num_heads, -1)  # type: ignore[attr-defined]
-        with torch.inference_mode():
+        with torch.inference_mode(), record_function("sparse_serve::rows"):
             for row in plan.prefill:
                 self._prefill_row(name, row, query, key, value, kv_cache, out)
             if plan.quest is not None:

@@ -24,7 +24,7 @@ from attention_backends import DecodeCallReport, DecodeState, InvalidSparsePatte
 from attention_backends.cost import ModelShape
 from server.contract.cost import RequestCost
 
-from . import cache_decode
+from . import cache_decode, step_profile
 from .accounting import COST_DIR_ENV, write_cost
 
 log = logging.getLogger("sparse_serve.vllm_engine")
@@ -218,6 +218,12 @@ def move(src: int, dst: int, swap: bool) -> None:
 
 def end_step(slots: list[int] | None = None) -> None:
     """After a step's forward: fold decode steps into the costs and write the dirty side files."""
+    step_profile.step_ended()
+    with torch.profiler.record_function("sparse_serve::end_step"):
+        _end_step(slots)
+
+
+def _end_step(slots: list[int] | None) -> None:
     for rows in PENDING:
         for state, report, generated_dense in cache_decode.step_reports(rows):
             state.add_decode(report, generated_dense)
