@@ -8,7 +8,7 @@
 # TTFT, agreement, decode at batch 1/4/8/32/128K; batch 4 at 32K is the most 8 GiB holds for vLLM: its best
 # batch on the capacity memory),
 # sparse-vllm (`sparse-serve --engine vllm`: dense and each method; needs vllm's three parts), sparse-vllm-decode
-# (its batch-32 and 128K decode, which sparse-vllm's deadline cut on 2026-12-01), sdpa
+# (its sparse decode methods at batch 1, 8 and 32, and a profile of 20 steps of the first), sdpa
 # (benchmarks/sdpa_chunk.py), calibrate (benchmarks/calibrate_fallback.py: the dense-fallback profile of this card,
 # under $OUT and /tmp/e2e-prefill-profile.json; the steps after it in the same call use it, later calls of the lease
 # with SPARSE_SERVE_PREFILL_PROFILE=/tmp/e2e-prefill-profile.json; commit it as
@@ -53,9 +53,11 @@ for step in "$@"; do
     sparse-vllm)
       plugin
       e2e sparse-vllm --engine sparse-vllm --part ttft,agree,decode:1,decode:8,decode:32 --deadline 420 ;;
-    sparse-vllm-decode)  # what sparse-vllm's deadline left out on 2026-12-01 (start-up alone is ~190 s)
+    sparse-vllm-decode)  # the sparse decode methods alone at 32K (start-up alone is 175-230 s), with a torch profile
+      # of 20 steps at batch 1 inside its window (server/vllm_engine/step_profile.py; 2026-12-03: 0.31-0.63x vLLM)
       plugin
-      e2e sparse-vllm-decode --engine sparse-vllm --part decode:32,decode:long --deadline 420 ;;
+      SPARSE_SERVE_VLLM_PROFILE="$out/sparse-vllm-profile-b1.txt:200:20" E2E_PATTERNS=${E2E_PATTERNS:-quest:10,snapkv:10,ada_snapkv:10} \
+        e2e sparse-vllm-decode --engine sparse-vllm --part decode:1,decode:8,decode:32 --deadline 420 ;;
     sdpa) python3 benchmarks/sdpa_chunk.py 2>&1 | tee "$out/sdpa-chunk.log" ;;
     calibrate) python3 benchmarks/calibrate_fallback.py --out "$out/prefill-profile.json" > "$out/calibrate.log" 2>&1
       tail -2 "$out/calibrate.log"
