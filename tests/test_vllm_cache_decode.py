@@ -4,6 +4,7 @@ module is plain PyTorch and Triton (the interpreter on the CPU)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -40,6 +41,20 @@ def assert_sums(got, reports, tag) -> None:
     """A step's report sums its layers' reports."""
     for name in REPORT_FIELDS:
         assert getattr(got, name) == sum(getattr(x, name) for x in reports), (*tag, name)
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """On CUDA, an operation that waits for the device raises here (torch's sync debug mode): a step's builder runs
+    while vLLM's previous step computes, and a wait there idles the GPU while the step is launched."""
+    if DEV != "cuda":
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 class Req:  # what cache_decode reads of the backend's RequestState
@@ -136,8 +151,9 @@ def test_a_step_plan_batches_quest_rows_over_the_cache_and_leaves_the_rest_to_th
         ws.SLOTS[slot].seen = prompt
     assert [st.cache_decode for st in ws.SLOTS.values()] == [True, True, True, False]
     snap = ws.SLOTS[2]  # its keep-sets, as its prefill's last chunk left them: 8 and 6 positions in l0, 7 and 7 in l1
-    snap.keep = {"l0": cache_decode.keep_set([torch.arange(8), torch.arange(6)]),
-                 "l1": cache_decode.keep_set([torch.arange(7), torch.arange(7) + 50])}
+    ar = lambda n: torch.arange(n, device=DEV)  # noqa: E731
+    snap.keep = {"l0": cache_decode.keep_set([ar(8), ar(6)]), "l1": cache_decode.keep_set([ar(7), ar(7) + 50])}
+    cache_decode.stacked_keep(snap, ["l0", "l1"])  # (its one read of the device, once per request: its first step)
 
     @dataclass
     class Common:  # the fields of vLLM's CommonAttentionMetadata that a plan reads
@@ -148,11 +164,12 @@ def test_a_step_plan_batches_quest_rows_over_the_cache_and_leaves_the_rest_to_th
         block_table_tensor: torch.Tensor
         max_seq_len: int
 
-    def step(seq_lens):
+    def step(seq_lens):  # (on CUDA: the step's tensors on the device, and no wait for it while planning)
         lens = torch.tensor(seq_lens, dtype=torch.int32)
-        common = Common(4, torch.arange(5, dtype=torch.int32), lens, lens,
-                        torch.arange(4 * 10, dtype=torch.int32).view(4, 10), max(seq_lens))
-        return common, make_plan(common)
+        common = Common(4, torch.arange(5, dtype=torch.int32), lens.to(DEV), lens,
+                        torch.arange(4 * 10, dtype=torch.int32, device=DEV).view(4, 10), max(seq_lens))
+        with no_host_sync():
+            return common, make_plan(common)
 
     common, plan = step([76, 41, 61, 31])
     assert [r.row for r in plan.decode] == [3, 2, 0]  # (the per-row state, the keep rows, the Quest rows)
@@ -164,7 +181,9 @@ def test_a_step_plan_batches_quest_rows_over_the_cache_and_leaves_the_rest_to_th
     assert snap_cost.kv_bytes_read == (28 + 1 * h_kv * layers) * 2 * d * 4
     assert plan.quest.touched.tolist() == [4] and plan.quest.touched_fill.tolist() == [12]  # its current block
     assert plan.quest.bulk.tolist() == [0, 1, 2, 3] and plan.quest.bulk_fill.tolist() == [16] * 4  # its prompt's
-    assert parent_metadata(common, plan).seq_lens.tolist() == [1, 41, 1, 1]
+    with no_host_sync():
+        parent = parent_metadata(common, plan)
+    assert parent.seq_lens.tolist() == [1, 41, 1, 1] and parent.seq_lens_cpu_upper_bound.tolist() == [1, 41, 1, 1]
     quest1 = ws.SLOTS[1].cost.decode  # every page read: the report says ratio 1 without a device count
     assert quest1.actual_units == quest1.dense_units == 40 * h_kv * layers
     assert ws.PENDING == [plan.quest]

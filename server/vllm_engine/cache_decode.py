@@ -198,6 +198,16 @@ class QuestRows:
         return len(self.host)
 
 
+def to_device(host: Tensor, dev: torch.device) -> Tensor:
+    """A step's host-built tensor on ``dev`` without waiting for the device. A plain ``.to("cuda")`` of pageable
+    memory synchronises the stream, so the builder of the next step (which vLLM runs while this one computes) would
+    wait for the GPU to drain and the GPU would then idle while the step is launched: copy from pinned memory
+    instead (the caching host allocator keeps it until the copy is done)."""
+    if dev.type == "cuda":
+        host = host.pin_memory()
+    return host.to(dev, non_blocking=True)
+
+
 def build_quest_rows(states: list[Any], rows: list[tuple[int, int, int, int, int, bool]], block_table: Tensor,
                      kv_heads: int, block_size: int, pad_to: int | None = None) -> QuestRows:
     """``rows``: per Quest row ``(token, batch row, seq_len, prompt_len, budget, first)`` (``first``: its first
@@ -217,10 +227,7 @@ def build_quest_rows(states: list[Any], rows: list[tuple[int, int, int, int, int
         host[i] = torch.tensor([tok, r, seq, plen, bud, last, seq - last * block_size])
         if first:
             bulk += [(i, blk, block_size) for blk in range(last)]
-    packed = torch.cat([host.flatten(), torch.tensor(bulk, dtype=torch.int64).flatten()])
-    if dev.type == "cuda":  # a pageable copy would wait for the stream (the previous step) to drain
-        packed = packed.pin_memory()
-    packed = packed.to(dev, non_blocking=True)
+    packed = to_device(torch.cat([host.flatten(), torch.tensor(bulk, dtype=torch.int64).flatten()]), dev)
     dev_rows = packed[: 7 * total].view(total, 7)
     blk = packed[7 * total :].view(-1, 3)
     tables = block_table[dev_rows[:, 1]][:, :pages].to(torch.int32)
@@ -395,9 +402,7 @@ def build_keep_rows(states: list[Any], rows: list[tuple[int, int, int, int]], bl
         kept[i] = c
     host = torch.zeros(total, 4, dtype=torch.int64)
     host[:n] = torch.tensor([[tok, r, seq - plen, plen] for tok, r, seq, plen in rows], dtype=torch.int64)
-    if dev.type == "cuda":
-        host = host.pin_memory()
-    dev_rows = host.to(dev, non_blocking=True)
+    dev_rows = to_device(host, dev)
     real = (torch.arange(total, device=dev) < n).view(-1, 1, 1)
     return KeepRows(
         tokens=dev_rows[:, 0],

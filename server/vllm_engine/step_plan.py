@@ -161,13 +161,12 @@ def parent_metadata(common, plan: SparsePlan):
     for row in owned:
         lens[row.row] = 1
     rows = torch.tensor([row.row for row in owned])
-    cut = torch.ones(len(owned), dtype=common.seq_lens.dtype)
     seq_lens = common.seq_lens.clone()
-    seq_lens[rows.to(seq_lens.device)] = cut.to(seq_lens.device)
+    seq_lens.index_fill_(0, cache_decode.to_device(rows, seq_lens.device), 1)
     upper = common.seq_lens_cpu_upper_bound
     if upper is not None:
         upper = upper.clone()
-        upper[rows] = cut.to(upper.dtype)
+        upper[rows] = 1
     return compat.with_seq_lens(common, seq_lens, upper, max(lens))
 
 
