@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -53,8 +54,8 @@ def test_step_profile_covers_the_steps_asked_for(tmp_path, monkeypatch):
 
     out = tmp_path / "profile.txt"
     monkeypatch.setenv(step_profile.PROFILE_ENV, f"{out}:2:3")
-    monkeypatch.setattr(step_profile, "_READ", False)
-    monkeypatch.setattr(step_profile, "_PROFILE", None)
+    # a fresh read of the variable for this test alone (the module keeps the first one)
+    monkeypatch.setattr(step_profile, "requested", functools.cache(step_profile.requested.__wrapped__))
     state = ws.RequestState(key="", spec=parse_pattern("quest:4"), prompt_len=8, cost=RequestCost())
     monkeypatch.setitem(ws.SLOTS, 0, state)
     x = torch.randn(64, 64)

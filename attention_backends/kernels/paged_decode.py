@@ -170,8 +170,7 @@ def paged_decode(
     h_kv = page_table.shape[1]
     kst, vst = page_strides(k_pages, h_kv), page_strides(v_pages, h_kv)
     assert h % h_kv == 0
-    assert q.stride(-1) == 1 and k_pages.stride(-1) == 1 and v_pages.stride(-1) == 1
-    assert steps_by_one(page_table, lengths)
+    assert steps_by_one(q, k_pages, v_pages, page_table, lengths)
     group = h // h_kv
     dev = q.device
     if max_len is None:

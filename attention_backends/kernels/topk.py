@@ -144,7 +144,7 @@ def row_topk(scores: Tensor, lengths: Tensor, k: int, force_last: bool = False) 
     """``scores [R, N]`` float32, ``lengths [R]`` int32 -> ``[R, k]`` int32 ascending ids of each row's
     ``min(k, length)`` largest among its first ``length`` entries (ties: lower index first)."""
     R, N = scores.shape
-    assert scores.stride(-1) == 1 and scores.dtype == torch.float32 and steps_by_one(lengths)
+    assert steps_by_one(scores, lengths) and scores.dtype == torch.float32
     out = torch.zeros(R, k, dtype=torch.int32, device=scores.device)
     block = max(16, triton.next_power_of_2(N))
     warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)

@@ -13,6 +13,7 @@ that no kernel profile shows.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -34,29 +35,25 @@ class StepProfile:
             raise ValueError(f"{PROFILE_ENV}={setting!r}: FILE[:SKIP[:STEPS]] with SKIP >= 0, STEPS >= 1")
         self.seen = 0
         self.started = 0.0
-        self.prof: torch.profiler.profile | None = None
-        self.done = False
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.prof = torch.profiler.profile(activities=activities)
 
     def step(self) -> None:
         """One step's end (called once per step that holds a sparse request)."""
-        if self.done:
-            return
         self.seen += 1
         if self.seen == self.skip + 1:
-            activities = [torch.profiler.ProfilerActivity.CPU]
             if torch.cuda.is_available():
-                activities.append(torch.profiler.ProfilerActivity.CUDA)
                 torch.cuda.synchronize()
-            self.prof = torch.profiler.profile(activities=activities)
-            self.prof.__enter__()
+            self.prof.start()
             self.started = time.perf_counter()
-        elif self.seen == self.skip + 1 + self.steps and self.prof is not None:
+        elif self.seen == self.skip + 1 + self.steps:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             wall = time.perf_counter() - self.started
-            self.prof.__exit__(None, None, None)
+            self.prof.stop()
             self._write(wall)
-            self.done = True
 
     def _write(self, wall: float) -> None:
         table = self.prof.key_averages()
@@ -70,18 +67,16 @@ class StepProfile:
         log.warning("wrote the profile of %d sparse steps to %s", self.steps, self.path)
 
 
-_PROFILE: StepProfile | None = None
-_READ = False
+@functools.cache
+def requested() -> StepProfile | None:
+    """The profile ``SPARSE_SERVE_VLLM_PROFILE`` asks for, read at the first step, not at import: the worker is forked
+    from a front end that set the variable after its imports."""
+    setting = os.environ.get(PROFILE_ENV)
+    return StepProfile(setting) if setting else None
 
 
 def step_ended() -> None:
-    """Count a step for the profile ``SPARSE_SERVE_VLLM_PROFILE`` asks for (read at the first call: the worker is
-    forked from a front end that set it later than its imports)."""
-    global _PROFILE, _READ
-    if not _READ:
-        _READ = True
-        setting = os.environ.get(PROFILE_ENV)
-        if setting:
-            _PROFILE = StepProfile(setting)
-    if _PROFILE is not None:
-        _PROFILE.step()
+    """Count a step for the requested profile."""
+    profile = requested()
+    if profile is not None:
+        profile.step()
