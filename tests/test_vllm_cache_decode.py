@@ -57,6 +57,12 @@ def no_host_sync():
         torch.cuda.set_sync_debug_mode(0)
 
 
+def launched_without_sync(check: bool):
+    """A decode step's rows (plan and every layer) launch without waiting for the device: vLLM's next step is
+    planned and launched while this one computes (two steps in flight), so a wait idles the GPU."""
+    return no_host_sync() if check else contextlib.nullcontext()
+
+
 class Req:  # what cache_decode reads of the backend's RequestState
     def __init__(self, spec, prompt_len):
         self.spec, self.prompt_len = spec, prompt_len
@@ -102,14 +108,17 @@ def test_quest_rows_over_vllms_cache_match_the_reference_state_step_after_step(h
         q = rand(10, h, d)
         spec_rows = [(tokens[i], i, seqs[rows[i]], prompts[rows[i]], reqs[rows[i]].budget, step == 0)
                      for i in range(B)]
-        qr = cache_decode.build_quest_rows([reqs[r] for r in rows], spec_rows, batch_table.to(DEV), h_kv, block,
-                                           pad_to=row_graphs.bucket(B) if row_graphs else None)
+        batch_table, q_dev = batch_table.to(DEV), q.to(DEV)
+        outs = [torch.full((10, h, d), float("nan"), device=DEV) for _ in range(layers)]
+        with launched_without_sync(graphs and step >= 2):  # (once the shapes' graphs are captured)
+            qr = cache_decode.build_quest_rows([reqs[r] for r in rows], spec_rows, batch_table, h_kv, block,
+                                               pad_to=row_graphs.bucket(B) if row_graphs else None)
+            for layer in range(layers):
+                cache_decode.quest_rows_forward(qr, f"layer{layer}", q_dev, caches[layer], bounds.of(f"layer{layer}"),
+                                                outs[layer], row_graphs)
         ref_reports = {r: [] for r in rows}
         for layer in range(layers):
-            out = torch.full((10, h, d), float("nan"), device=DEV)
-            cache_decode.quest_rows_forward(qr, f"layer{layer}", q.to(DEV), caches[layer], bounds.of(f"layer{layer}"),
-                                            out, row_graphs)
-            out = out.cpu()
+            out = outs[layer].cpu()
             check_rows(out, q, tokens, rows, seqs, layer, k_all, v_all, refs, ref_reports, step)
             assert not torch.isnan(out[tokens]).any()
             assert torch.isnan(out[[t for t in range(10) if t not in tokens]]).all()  # no other token written
@@ -252,16 +261,19 @@ def test_keep_rows_over_vllms_cache_match_the_reference_state_step_after_step(me
     for step in range(steps):
         seqs = [n + step + 1 for n in prompts]
         tokens, rows = ([4, 0, 7], [1, 2, 0]) if B == 3 else ([4], [0])  # the step's order is not the requests'
-        kr = cache_decode.build_keep_rows([states[r] for r in rows],
-                                          [(tokens[i], i, seqs[r], prompts[r]) for i, r in enumerate(rows)],
-                                          tables[rows], names, block,
-                                          pad_to=row_graphs.bucket(B) if row_graphs else None)
         q = rand(8, h, d)
+        batch_table, q_dev = tables[rows].to(DEV), q.to(DEV)
+        outs = [torch.full((8, h, d), float("nan"), device=DEV) for _ in names]
+        with launched_without_sync(graphs and step >= 2):
+            kr = cache_decode.build_keep_rows([states[r] for r in rows],
+                                              [(tokens[i], i, seqs[r], prompts[r]) for i, r in enumerate(rows)],
+                                              batch_table, names, block,
+                                              pad_to=row_graphs.bucket(B) if row_graphs else None)
+            for layer, name in enumerate(names):
+                cache_decode.keep_rows_forward(kr, name, q_dev, caches[layer], outs[layer], row_graphs)
         ref_reports = {r: [] for r in rows}
-        for layer, name in enumerate(names):
-            out = torch.full((8, h, d), float("nan"), device=DEV)
-            cache_decode.keep_rows_forward(kr, name, q.to(DEV), caches[layer], out, row_graphs)
-            out = out.cpu()
+        for layer in range(len(names)):
+            out = outs[layer].cpu()
             check_rows(out, q, tokens, rows, seqs, layer, k_all, v_all, refs, ref_reports, step)
             assert torch.isnan(out[[t for t in range(8) if t not in tokens]]).all()
         for r in rows:

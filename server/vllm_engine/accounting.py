@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from attention_backends import PrefillCallReport, SparseSpec
@@ -46,28 +46,51 @@ def _fields(phase: PhaseCost) -> dict:
     return {name: getattr(phase, name) for name in _PHASE_FIELDS}
 
 
-def write_cost(directory: str | Path, key: str, cost: RequestCost) -> None:
+def write_cost(directory: str | Path, key: str, cost: RequestCost, decode_steps: int = 0,
+               counted_on_device: bool = False) -> None:
     """Replace ``<key>.json`` atomically. One writer per key (the worker that runs the request), so the temporary
-    file's name is fixed: no unique name to make each step."""
+    file's name is fixed: no unique name to make each step. ``decode_steps``: the decode steps the account holds;
+    ``counted_on_device``: its steps are folded after they ran (:mod:`.count_reader`), so the front end waits for
+    the last one."""
     tmp = os.path.join(directory, f".{key}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, json.dumps({"prefill": _fields(cost.prefill), "decode": _fields(cost.decode)}).encode())
+        os.write(fd, json.dumps({"prefill": _fields(cost.prefill), "decode": _fields(cost.decode),
+                                 "decode_steps": decode_steps, "counted_on_device": counted_on_device}).encode())
     finally:
         os.close(fd)
     os.replace(tmp, os.path.join(directory, f"{key}.json"))
 
 
-def read_cost(directory: str | Path, key: str, remove: bool = True) -> RequestCost | None:
-    path = Path(directory) / f"{key}.json"
+@dataclass
+class CostFile:
+    cost: RequestCost
+    decode_steps: int
+    counted_on_device: bool
+
+    def complete(self, completion_tokens: int) -> bool:
+        """Whether the account holds every decode step of a request that produced ``completion_tokens`` (the first
+        comes from its prefill). Only an account folded after its steps ran can lag."""
+        return not self.counted_on_device or self.decode_steps >= completion_tokens - 1
+
+
+def load_cost(directory: str | Path, key: str) -> CostFile | None:
+    """The request's side file as last written (None: none, or unreadable)."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads((Path(directory) / f"{key}.json").read_text())
         cost = RequestCost(PhaseCost(**data["prefill"]), PhaseCost(**data["decode"]))
+        return CostFile(cost, int(data.get("decode_steps", 0)), bool(data.get("counted_on_device", False)))
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def read_cost(directory: str | Path, key: str, remove: bool = True) -> RequestCost | None:
+    loaded = load_cost(directory, key)
+    if loaded is None:
+        return None
     if remove:
-        path.unlink(missing_ok=True)
-    return cost
+        (Path(directory) / f"{key}.json").unlink(missing_ok=True)
+    return loaded.cost
 
 
 def dense_cost(spec: SparseSpec, shape: ModelShape, prompt_len: int, completion_tokens: int,

@@ -13,8 +13,8 @@ cache on this path:
 * per layer, :func:`quest_rows_forward` writes those bounds from the cache (vLLM wrote the step's keys before the
   attention op runs), selects each (row, KV head)'s pages with Quest's kernel (one budget per row) and runs the
   paged attention over them, three Triton launches and no host sync for the whole batch;
-* the rows' prompt and total tokens read add up on the device over the layers (``QuestRows.counts``); the step's
-  end reads them once for the cost (:func:`step_reports`).
+* the rows' prompt and total tokens read add up on the device over the layers (``QuestRows.counts``); after the
+  step, a reader thread reads them for the cost (:mod:`.count_reader`, :func:`step_reports`).
 
 SnapKV and Ada-SnapKV (:class:`KeepRows`) fix each (layer, KV head)'s kept prompt positions at the end of prefill,
 from the last ``window`` queries (kept while the prompt prefills) and the prompt's keys read back from vLLM's cache
@@ -294,12 +294,14 @@ def quest_rows_forward(rows: QuestRows, layer: str, query: Tensor, kv_cache: Ten
     out.index_copy_(0, rows.tokens[:n], res[:n].to(out.dtype))
 
 
-def step_reports(rows: QuestRows) -> list[tuple[Any, DecodeCallReport, int]]:
+def step_reports(rows: QuestRows, counts: list[list[int]] | None = None) -> list[tuple[Any, DecodeCallReport, int]]:
     """``(request, report, generated tokens a dense step reads)`` per row for the whole step (every layer that ran
-    it), from the device counts (read here: one wait for the device per step)."""
+    it), from the device counts: ``counts``, ``rows.counts`` read on the host (the worker's :mod:`.count_reader`),
+    else read here (one wait for the device)."""
     if not rows.layers:
         return []
-    counts = rows.counts.tolist()
+    if counts is None:
+        counts = rows.counts.tolist()
     kv_heads, head_dim = rows.lengths.shape[1] * rows.layers, rows.head_dim
     reports = []
     for i, (seq, plen, bud) in enumerate(rows.host):

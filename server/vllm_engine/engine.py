@@ -12,6 +12,7 @@ tokens; it raises instead of silently serving dense.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -35,9 +36,12 @@ from server.contract.engine import (
 )
 from server.settings import EngineSettings
 
-from .accounting import COST_DIR_ENV, cost_dir, dense_cost, read_cost
+from .accounting import COST_DIR_ENV, cost_dir, dense_cost, load_cost
 from .worker_state import PATTERN_KEY, REQUEST_KEY, encode_spec
 
+# the longest the front end waits for a sparse request's last decode step in its cost file (the worker writes it
+# within about a step of the last token; missing it, the report holds the steps before and says so in the log)
+COST_FILE_WAIT_S = 2.0
 log = logging.getLogger("sparse_serve.vllm_engine")
 
 
@@ -286,7 +290,7 @@ class VllmEngine:
                     out.finished = True
                     reason = c.finish_reason if c.finish_reason in ("stop", "length") else "abort"
                     out.finish_reason = "length" if scoring_only and reason == "stop" else reason
-                    out.cost, measured = self._cost(request, key, completion)
+                    out.cost, measured = await self._cost(request, key, completion)
                     out._sparse_measured = measured  # type: ignore[attr-defined]
                     out.timings = timings
                 yield out
@@ -314,12 +318,12 @@ class VllmEngine:
         return [None if entry is None else _token_logprob(tok, entry, k)
                 for tok, entry in zip(request.prompt_token_ids, ro.prompt_logprobs, strict=True)]
 
-    def _cost(self, request: GenerationRequest, key: str, completion: int) -> tuple[RequestCost, bool]:
+    async def _cost(self, request: GenerationRequest, key: str, completion: int) -> tuple[RequestCost, bool]:
         """The request's cost, and whether the worker measured it (else it is dense attention's)."""
         prompt_len = len(request.prompt_token_ids)
         cost = None
         if not request.spec.is_dense:
-            cost = read_cost(self._cost_dir, key)
+            cost = await self._read_cost(key, completion)
             if cost is None:
                 log.warning("no sparse cost report for %s; reporting dense cost", request.request_id)
         measured = cost is not None
@@ -328,6 +332,21 @@ class VllmEngine:
         if cost.prefill.dense_units:  # the prefill ran (a request aborted while queued has none)
             cost.end_prefill(self.shape, prompt_len)
         return cost, measured
+
+    async def _read_cost(self, key: str, completion: int) -> RequestCost | None:
+        """The worker's account of a sparse request. A Quest account over vLLM's cache is folded just after each step
+        ran (off the step's path: ``count_reader``), so its last step may land after the last token: wait for it."""
+        deadline = time.monotonic() + COST_FILE_WAIT_S
+        loaded = load_cost(self._cost_dir, key)
+        while loaded is not None and not loaded.complete(completion) and time.monotonic() < deadline:
+            await asyncio.sleep(0.002)
+            loaded = load_cost(self._cost_dir, key)
+        if loaded is None:
+            return None
+        if not loaded.complete(completion):
+            log.warning("the cost report of %s holds %d of its %d decode steps", key, loaded.decode_steps,
+                        completion - 1)
+        return loaded.cost
 
     async def abort(self, request_id: str) -> None:
         if self._llm is not None:

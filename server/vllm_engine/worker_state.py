@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ from server.contract.cost import RequestCost
 
 from . import cache_decode, step_profile
 from .accounting import COST_DIR_ENV, write_cost
+from .count_reader import CountReader
 
 log = logging.getLogger("sparse_serve.vllm_engine")
 
@@ -91,6 +93,7 @@ class RequestState:
     # whole-model FLOPs at its end
     step_read: int = 0
     step_dense: int = 0
+    decode_steps: int = 0  # steps folded into the account (its cost file says so: the front end waits for all)
     # decode over vLLM's own cache (:mod:`.cache_decode`): then no layer keeps a decode state
     cache_decode: bool = False
     budget: int | None = None  # its Quest pages per KV head (None: every page)
@@ -104,6 +107,12 @@ class RequestState:
     def reads_every_page(self) -> bool:
         """A Quest request over vLLM's cache whose budget is every page (dense attention: vLLM's kernel runs it)."""
         return self.cache_decode and not self.keeps_over_cache and self.budget is None
+
+    @property
+    def counted_on_device(self) -> bool:
+        """A Quest request over vLLM's cache with a page budget: its decode reads are counted on the device and its
+        decode steps are folded by the reader thread (:mod:`.count_reader`), under :data:`LOCK`."""
+        return self.cache_decode and not self.keeps_over_cache and self.budget is not None
 
     @property
     def keeps_over_cache(self) -> bool:
@@ -124,6 +133,7 @@ class RequestState:
         if not self.step_dense:
             return
         self.cost.end_decode_step(shape, self.step_read, self.step_dense)
+        self.decode_steps += 1
         self.cost.decode.kv_cache_tokens = self.cache_tokens or sum(
             ls.decode.cache_tokens for ls in self.layers.values() if ls.decode is not None)
         self.step_read = self.step_dense = 0
@@ -144,6 +154,7 @@ CACHE: cache_decode.CacheLayout | None = None  # set by the CUDA backend's build
 _BOUNDS: cache_decode.CacheBounds | None = None
 GRAPHS: cache_decode.RowGraphs | None = None  # set with CACHE where CUDA graphs run the rows (not enforce_eager)
 PENDING: list[cache_decode.QuestRows] = []  # this step's Quest rows, for end_step's accounting
+LOCK = threading.Lock()  # the accounts and cost files: the step's end and the count reader's thread both write them
 
 
 def cache_bounds() -> cache_decode.CacheBounds | None:
@@ -224,27 +235,44 @@ def end_step(slots: list[int] | None = None) -> None:
 
 
 def _end_step(slots: list[int] | None) -> None:
-    for rows in PENDING:
-        for state, report, generated_dense in cache_decode.step_reports(rows):
-            state.add_decode(report, generated_dense)
+    READER.submit(PENDING[:])  # this step's Quest counts: folded when the device has them, not waited for here
     PENDING.clear()
-    for slot, state in list(SLOTS.items()):
-        if slots is not None and slot not in slots:
-            continue
-        if not state.dirty:
-            continue
-        state.dirty = False
-        if _SHAPE is not None:
-            state.end_decode_step(_SHAPE)
-        # read when used, not at import: a worker forked from a front end that imported this module before
-        # VllmEngine.start() set the variable (vLLM forks on CUDA) would otherwise never write a cost file
-        cost_dir = os.environ.get(COST_DIR_ENV)
-        if cost_dir and WRITES_COST and state.key and state.fallback is None:
-            state.cost.settle()  # the step's sparse prefill reports, read once per step
-            try:
-                write_cost(cost_dir, state.key, state.cost)
-            except OSError:
-                log.exception("could not write the cost of %s", state.key)
+    with LOCK:
+        for slot, state in list(SLOTS.items()):
+            if (slots is None or slot in slots) and state.dirty:
+                _settle(state)
+
+
+def _fold_quest_counts(batches: list[cache_decode.QuestRows], counts: list[list[list[int]]]) -> None:
+    """(the count reader's ``fold``) One step's Quest reports into their requests' accounts, and their files."""
+    with LOCK:
+        settled = {}
+        for rows, rows_counts in zip(batches, counts, strict=True):
+            for state, report, generated_dense in cache_decode.step_reports(rows, rows_counts):
+                state.add_decode(report, generated_dense)
+                settled[id(state)] = state
+        for state in settled.values():
+            _settle(state)
+
+
+READER = CountReader(_fold_quest_counts)
+
+
+def _settle(state: RequestState) -> None:
+    """Fold the step into a dirty request's account and write its cost file (under :data:`LOCK`)."""
+    state.dirty = False
+    if _SHAPE is not None:
+        state.end_decode_step(_SHAPE)
+    # read when used, not at import: a worker forked from a front end that imported this module before
+    # VllmEngine.start() set the variable (vLLM forks on CUDA) would otherwise never write a cost file
+    cost_dir = os.environ.get(COST_DIR_ENV)
+    if cost_dir and WRITES_COST and state.key and state.fallback is None:
+        state.cost.settle()  # the step's sparse prefill reports, read once per step
+        try:
+            write_cost(cost_dir, state.key, state.cost, decode_steps=state.decode_steps,
+                       counted_on_device=state.counted_on_device)
+        except OSError:
+            log.exception("could not write the cost of %s", state.key)
 
 
 def cat(parts: list[Tensor]) -> Tensor:
