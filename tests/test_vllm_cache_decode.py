@@ -281,3 +281,160 @@ def test_keep_rows_over_vllms_cache_match_the_reference_state_step_after_step(me
             assert_sums(got, ref_reports[r], (step, r))
     if row_graphs is not None and DEV == "cuda":
         assert row_graphs.broken is None and len(row_graphs.graphs) >= layers
+
+
+def test_quest_rows_in_the_full_decode_graph_buffers_match_the_reference_and_leave_other_rows_alone():
+    """Quest inside vLLM's full decode graph (``quest_slots``): the kernels run over every row of a uniform decode
+    batch from persistent per-row buffers the builder writes each step. Captured once with no Quest row (as vLLM
+    captures at start-up; on the CPU the same code runs eagerly each step), then replayed: the Quest rows equal the
+    reference state step after step, a dense row and a padding row keep what vLLM's kernel wrote, vLLM's kernel gets
+    the Quest rows cut to one key, and the device counts give the reference's reports."""
+    from server.vllm_engine.quest_slots import QuestSlots, SlotStep
+
+    h, h_kv, d, block, layers = 4, 2, 16, 16, 2
+    prompts = [75, 50, 135, 0]  # rows 0 and 2 Quest, row 1 dense, row 3 padding (vLLM: length 0, block 0)
+    quest_rows = [0, 2]
+    spec = parse_pattern("quest:4")
+    steps = 10
+    g = torch.Generator().manual_seed(11)
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float32)  # noqa: E731
+    B, cap = len(prompts), max(prompts) + steps
+    k_all, v_all = rand(layers, B, h_kv, cap, d), rand(layers, B, h_kv, cap, d)
+    caches = []
+    for layer in range(layers):
+        cache, tables = shared_pages_from_contiguous(k_all[layer], v_all[layer], block,
+                                                     generator=torch.Generator().manual_seed(100))
+        caches.append(cache.to(DEV))
+    tables[3] = 0
+    tables = tables.to(DEV)
+    refs = [[prepare_decode(rand(h, n, d), k_all[layer, b, :, :n], v_all[layer, b, :, :n], spec) if b in quest_rows
+             else None for b, n in enumerate(prompts)] for layer in range(layers)]
+    reqs = [Req(spec, n) for n in prompts]
+    assert [reqs[b].budget for b in quest_rows] == [2, 3]
+    layout = cache_decode.CacheLayout(block, caches[0].shape[0], h_kv, d, torch.float32, torch.device(DEV))
+    bounds = layout.bounds(layers)
+    for layer in range(layers):  # the prompts' bounds, written when their prefill ended
+        for b in quest_rows:
+            cache_decode.prompt_bounds(caches[layer], tables[b], prompts[b], bounds.of(f"layer{layer}"))
+    slots = QuestSlots(8, h_kv, block, torch.device(DEV), width=4)
+    q_in = torch.zeros(B, h, d, device=DEV)
+    outs = [torch.zeros(B, h, d, device=DEV) for _ in range(layers)]
+    step_of = lambda seqs: SlotStep(slots, B, tables, layers=layers, head_dim=d, element_bytes=4,  # noqa: E731
+                                    block_size=block)
+
+    def run(step):
+        for layer in range(layers):
+            slots.forward(step, q_in, caches[layer], bounds.of(f"layer{layer}"), outs[layer])
+
+    graph = None
+    if DEV == "cuda":  # vLLM's capture: a warm-up, then the capture, no Quest row in the batch
+        slots.fill(torch.full((B,), 5, dtype=torch.int32, device=DEV), tables, [])
+        run(step_of(None))
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run(step_of(None))
+    sentinel = 7.0
+    for step in range(steps):
+        seqs = [n + step + 1 if n else 0 for n in prompts]
+        st = step_of(seqs)
+        for b in quest_rows:
+            st.states.append(reqs[b])
+            st.index.append(b)
+            st.host.append((seqs[b], prompts[b], reqs[b].budget))
+        q = rand(B, h, d)
+        q_in.copy_(q.to(DEV))
+        for out in outs:
+            out.fill_(sentinel)  # what vLLM's kernel wrote for every row
+        with launched_without_sync(step >= 1):
+            slots.fill(torch.tensor(seqs, dtype=torch.int32).to(DEV), tables,
+                       [(b, prompts[b], reqs[b].budget) for b in quest_rows])
+            if graph is not None:
+                graph.replay()
+            else:
+                run(st)
+        assert slots.seq_cut[:B].tolist() == [1, seqs[1], 1, 0]
+        ref_reports = {b: [] for b in quest_rows}
+        for layer in range(layers):
+            out = outs[layer].cpu()
+            check_rows(out, q, quest_rows, quest_rows, seqs, layer, k_all, v_all, refs, ref_reports, step)
+            assert (out[[1, 3]] == sentinel).all()
+        for (req, got, gen_dense), b in zip(cache_decode.step_reports(st, slots.counts.tolist()), quest_rows,
+                                            strict=True):
+            assert req is reqs[b]
+            assert_sums(got, ref_reports[b], (step, b))
+            assert gen_dense == (seqs[b] - prompts[b]) * h_kv * layers
+
+
+def test_a_uniform_decode_step_plans_its_quest_rows_into_the_full_graph_buffers(monkeypatch):
+    """Where vLLM captures full decode graphs, every uniform decode step writes the graph's buffers (sparse rows or
+    not: a replay reads them) and hands vLLM's kernel the buffer's lengths, Quest rows cut to one key, with vLLM's
+    longest sequence kept. A step with a row the graph does not take (SnapKV here) plans per step as before, and
+    the dispatcher keeps such steps, and prefilling sparse requests, out of the full graphs."""
+    from dataclasses import dataclass
+    from types import SimpleNamespace
+
+    from attention_backends.cost import ModelShape
+    from server.vllm_engine import worker_state as ws
+    from server.vllm_engine.quest_slots import QuestSlots
+    from server.vllm_engine.step_plan import make_plan, parent_metadata
+
+    layers, h_kv, d, block = 2, 2, 16, 16
+    monkeypatch.setattr(ws, "CACHE", cache_decode.CacheLayout(block, 40, h_kv, d, torch.float32, torch.device(DEV)))
+    monkeypatch.setattr(ws, "_BOUNDS", None)
+    monkeypatch.setattr(ws, "GRAPHS", cache_decode.RowGraphs())
+    slots = QuestSlots(8, h_kv, block, torch.device(DEV))
+    monkeypatch.setattr(ws, "QUEST_GRAPH", slots)
+    monkeypatch.setattr(ws, "PENDING", [])
+    monkeypatch.setattr(ws, "SLOTS", {})
+    monkeypatch.setattr(ws, "_SHAPE", ModelShape(layers, 4, h_kv, d, 64, 128, 100))
+    monkeypatch.setattr(ws, "LAYER_NAMES", {"l0": None, "l1": None})
+
+    @dataclass
+    class Common:
+        num_reqs: int
+        max_query_len: int
+        query_start_loc_cpu: torch.Tensor
+        seq_lens: torch.Tensor
+        seq_lens_cpu_upper_bound: torch.Tensor
+        block_table_tensor: torch.Tensor
+        max_seq_len: int
+
+    def step(seq_lens, max_seq_len=4096):
+        n = len(seq_lens)
+        lens = torch.tensor(seq_lens, dtype=torch.int32)
+        common = Common(n, 1, torch.arange(n + 1, dtype=torch.int32), lens.to(DEV), lens,
+                        torch.arange(n * 10, dtype=torch.int32, device=DEV).view(n, 10), max_seq_len)
+        with no_host_sync():
+            plan = make_plan(common)
+            return plan, parent_metadata(common, plan)
+
+    plan, parent = step([76, 41, 61])  # no sparse request yet: the buffers still follow the step
+    assert plan.slots is not None and plan.slots.index == [] and ws.PENDING == []
+    assert parent.seq_lens.data_ptr() == slots.seq_cut.data_ptr() and parent.seq_lens.tolist() == [76, 41, 61]
+    for slot, (pattern, prompt) in enumerate([("quest:8", 75), ("dense", 40), ("quest:1", 60)]):
+        ws.add(slot, SimpleNamespace(extra_args={ws.PATTERN_KEY: pattern, ws.REQUEST_KEY: f"r{slot}"}), prompt,
+               resumed=False)
+    ws.SLOTS[2].seen = 60
+    assert ws.full_graph_blocked()  # the Quest request still prefills (its chunk is not a uniform decode row)
+    ws.SLOTS[0].seen = 75
+    assert not ws.full_graph_blocked()
+    plan, parent = step([76, 41, 61])
+    assert plan.slots.index == [0] and plan.slots.host == [(76, 75, ws.SLOTS[0].budget)]
+    assert ws.PENDING == [plan.slots]
+    assert parent.seq_lens.data_ptr() == slots.seq_cut.data_ptr() and parent.seq_lens.tolist() == [1, 41, 61]
+    assert parent.seq_lens_cpu_upper_bound.tolist() == [1, 41, 61] and parent.max_seq_len == 4096
+    assert slots.budgets[:3].tolist() == [ws.SLOTS[0].budget, 0, 0]
+    assert slots.touched[0] == 4 and slots.touched_fill[:3].tolist() == [12, 0, 0]  # (fill 0: no bounds written)
+    quest1 = ws.SLOTS[2].cost.decode  # quest:1 reads every page: vLLM's kernel, its report written here
+    assert quest1.actual_units == quest1.dense_units == 60 * h_kv * layers
+
+    ws.add(3, SimpleNamespace(extra_args={ws.PATTERN_KEY: "snapkv:8", ws.REQUEST_KEY: "r3"}), 60, resumed=False)
+    ws.SLOTS[3].seen = 60
+    snap = ws.SLOTS[3]
+    snap.keep = {name: cache_decode.keep_set([torch.arange(8, device=DEV)] * h_kv) for name in ("l0", "l1")}
+    cache_decode.stacked_keep(snap, ["l0", "l1"])
+    assert ws.full_graph_blocked()
+    plan, parent = step([77, 42, 62, 61])
+    assert plan.slots is None and plan.quest is not None and plan.keep is not None
+    assert parent.seq_lens.tolist() == [1, 42, 62, 1]

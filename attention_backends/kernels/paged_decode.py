@@ -98,8 +98,12 @@ def _paged_decode_split_kernel(
 
 
 @triton.jit
-def _combine_kernel(MP, LP, AP, Out, num_splits, HEAD_DIM: tl.constexpr, S_PAD: tl.constexpr):
+def _combine_kernel(MP, LP, AP, Out, LEN, num_splits, slen_b, h, group, HEAD_DIM: tl.constexpr, S_PAD: tl.constexpr,
+                    SKIP_EMPTY: tl.constexpr):
     row = tl.program_id(0)  # b * h + head
+    width = HEAD_DIM
+    if SKIP_EMPTY:  # a row of length 0 leaves its output as it was
+        width = tl.where(tl.load(LEN + (row // h) * slen_b + (row % h) // group) > 0, HEAD_DIM, 0)
     s = tl.arange(0, S_PAD)
     s_ok = s < num_splits
     m = tl.load(MP + row * num_splits + s, mask=s_ok, other=_NEG)
@@ -111,7 +115,7 @@ def _combine_kernel(MP, LP, AP, Out, num_splits, HEAD_DIM: tl.constexpr, S_PAD: 
     denom = tl.sum(w * l_, 0)
     num = tl.sum(w[:, None] * a, 0)
     denom = tl.where(denom > 0, denom, 1.0)
-    tl.store(Out + row * HEAD_DIM + offs_d, (num / denom).to(Out.dtype.element_ty))
+    tl.store(Out + row * HEAD_DIM + offs_d, (num / denom).to(Out.dtype.element_ty), mask=offs_d < width)
 
 
 def page_strides(pages: Tensor, h_kv: int) -> tuple[int, int, int]:
@@ -152,11 +156,12 @@ def paged_decode(
     num_warps: int = 4,
     num_stages: int | None = None,
     keep: tuple[Tensor, Tensor, Tensor] | None = None,
+    skip_empty: bool = False,
 ) -> Tensor:
     """Decode attention of ``q [B, h, d]`` over paged K/V (layout in the module docstring) -> ``[B, h, d]``.
 
     ``max_len`` bounds ``lengths`` (default: ``max_pages * page_size``); it only sizes the grid. A row of
-    length 0 writes zeros.
+    length 0 writes zeros, or, with ``skip_empty``, leaves ``out`` as it was (rows another kernel wrote).
 
     ``keep = (positions [B, h_kv, K], kept [B, h_kv], prompt_lens [B])`` (int32): each (row, KV head) reads the
     ``kept`` prompt positions listed first in ``positions`` (a SnapKV / Ada-SnapKV read-set over a cache that holds
@@ -205,8 +210,8 @@ def paged_decode(
     if out is None:
         out = torch.empty(B, h, d, dtype=q.dtype, device=dev)
     assert out.is_contiguous()
-    _combine_kernel[(B * h,)](mp, lp, ap, out, num_splits, HEAD_DIM=d,
-                              S_PAD=max(2, triton.next_power_of_2(num_splits)), num_warps=4)
+    _combine_kernel[(B * h,)](mp, lp, ap, out, lengths, num_splits, lengths.stride(0), h, group, HEAD_DIM=d,
+                              S_PAD=max(2, triton.next_power_of_2(num_splits)), SKIP_EMPTY=skip_empty, num_warps=4)
     return out
 
 

@@ -75,26 +75,31 @@ def _quest_select_kernel(
 ):
     bh = tl.program_id(0)
     b, kvh, length, npages = _row_pages(bh, h_kv, LEN, slen_b, PAGE)
-    j = tl.arange(0, BLOCK)
-    valid = j < npages
-    x = tl.load(S + bh * s_r + j, mask=valid, other=0.0)
-    x = tl.where(j == npages - 1, float("inf"), x)
-    key = _order_key(x)
     kk = tl.minimum(tl.minimum(tl.load(BUD + b * sbud), width), npages)  # a row of budget 0 selects nothing
-    thr = _kth_largest_key(key, tl.maximum(kk, 1), valid)
-    page_id = tl.load(PT + b * spt_b + kvh * spt_h + j, mask=valid, other=0)
-    sel = _select_write(key, page_id, valid, kk, thr, OPT + bh * so_r)  # the winners' page ids, in position order
-    last_len = length - (npages - 1) * PAGE
-    tokens = tl.where(kk > 0, (kk - 1) * PAGE + last_len, 0)
-    tl.store(OLEN + bh, tokens)
-    if COUNT_PROMPT:  # prompt tokens among the selected: the head's first KEPT tokens are its prompt's
-        kept = tl.load(KEPT + b * skept_b + kvh)
-        fill = tl.minimum(tl.maximum(kept - j * PAGE, 0), PAGE)
-        prompt_tokens = tl.sum(tl.where(sel, fill, 0), 0)
-        tl.store(OPROMPT + bh, prompt_tokens)
-        if ACCUMULATE:  # the row's running (prompt, total) tokens read, summed over heads (and layers)
-            tl.atomic_add(ACC + b, prompt_tokens.to(tl.int64))
-            tl.atomic_add(ACC + s_acc + b, tokens.to(tl.int64))
+    if kk > 0:  # (an empty row returns at once: a full decode graph runs every batch row, most of them not Quest's)
+        j = tl.arange(0, BLOCK)
+        valid = j < npages
+        x = tl.load(S + bh * s_r + j, mask=valid, other=0.0)
+        x = tl.where(j == npages - 1, float("inf"), x)
+        key = _order_key(x)
+        thr = _kth_largest_key(key, kk, valid)
+        page_id = tl.load(PT + b * spt_b + kvh * spt_h + j, mask=valid, other=0)
+        sel = _select_write(key, page_id, valid, kk, thr, OPT + bh * so_r)  # the winners' ids, in position order
+        last_len = length - (npages - 1) * PAGE
+        tokens = (kk - 1) * PAGE + last_len
+        tl.store(OLEN + bh, tokens)
+        if COUNT_PROMPT:  # prompt tokens among the selected: the head's first KEPT tokens are its prompt's
+            kept = tl.load(KEPT + b * skept_b + kvh)
+            fill = tl.minimum(tl.maximum(kept - j * PAGE, 0), PAGE)
+            prompt_tokens = tl.sum(tl.where(sel, fill, 0), 0)
+            tl.store(OPROMPT + bh, prompt_tokens)
+            if ACCUMULATE:  # the row's running (prompt, total) tokens read, summed over heads (and layers)
+                tl.atomic_add(ACC + b, prompt_tokens.to(tl.int64))
+                tl.atomic_add(ACC + s_acc + b, tokens.to(tl.int64))
+    else:
+        tl.store(OLEN + bh, 0)
+        if COUNT_PROMPT:
+            tl.store(OPROMPT + bh, 0)
 
 
 def _bound_strides(bounds: Tensor, h_kv: int) -> tuple[int, int]:

@@ -24,6 +24,8 @@ sparse methods for the rows of sparse requests and leave everything else to the 
     cache (FlashAttention layout), with no copy and no per-row decode state (SnapKV's keep-sets are fixed at the end
     of prefill from the prompt's last queries and the keys read back from the cache); the builder gathers them
     (``SparsePlan.quest`` / ``.keep``) and, unless vLLM runs eager, each layer replays a CUDA graph of their kernels.
+    Unless vLLM runs eager, a uniform decode step whose sparse rows are all Quest rows runs them inside vLLM's full
+    decode graph instead, over persistent per-row buffers (``SparsePlan.slots``, :mod:`.quest_slots`).
     The CPU backend's cache layout is ISA-specific, so on the CPU every decode row keeps its state.
 """
 
@@ -110,6 +112,11 @@ class SparseImplMixin:
         parent_ms = timer.lap() if timer else 0.0
         out = output.view(query.shape[0], self.num_heads, -1)  # type: ignore[attr-defined]
         with torch.inference_mode(), record_function("sparse_serve::rows"):
+            if plan.slots is not None:  # (captured into vLLM's full decode graph: launched rows or not)
+                bounds = ws.cache_bounds()
+                if bounds is not None:
+                    n = plan.slots.n
+                    ws.QUEST_GRAPH.forward(plan.slots, query[:n], kv_cache, bounds.of(name), out[:n])
             for row in plan.prefill:
                 self._prefill_row(name, row, query, key, value, kv_cache, out)
             if plan.quest is not None:
@@ -166,6 +173,11 @@ class SparseImplMixin:
         st.dirty = True
         st.seen = ctx + n  # per-request tokens; every layer sees the same chunk, so set, not add
         prefill_ends = ctx + n >= st.prompt_len
+        if prefill_ends and st.counted_on_device:  # Quest over the cache: its prompt's key bounds, once
+            bounds = ws.cache_bounds()
+            if bounds is not None:
+                cache_decode.prompt_bounds(kv_cache, row.blocks, st.prompt_len, bounds.of(name))
+                st.bounds_ready = True
         if st.keeps_over_cache:  # the last `window` queries; at the end, the keep-sets over the cache's keys
             ls.window = cache_decode.keep_window(ls.window, q, int(st.spec.decode.params["window"]))
             if prefill_ends:

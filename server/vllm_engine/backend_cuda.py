@@ -1,14 +1,17 @@
 """The sparse backend on CUDA: vLLM's ``CUSTOM`` backend slot, over vLLM's FlashAttention backend.
 
-Same mixins as the CPU backend. The sparse rows run eager PyTorch inside the attention op, so a step that may
-have one never replays a full CUDA graph (:mod:`.graphs`: piecewise graphs capture everything but attention);
-the builder keeps its parent's graph support, so steps of dense requests alone replay vLLM's full graphs. The builder
+Same mixins as the CPU backend. The builder keeps its parent's graph support, so uniform decode steps replay vLLM's
+full graphs; those graphs also hold the Quest rows' kernels over persistent per-row buffers (:mod:`.quest_slots`).
+Any other sparse row runs eager PyTorch inside the attention op, so a step that may have one replays piecewise
+graphs (:mod:`.graphs`: they capture everything but attention). The builder
 tells :mod:`.worker_state` the cache's layout, so Quest, SnapKV and Ada-SnapKV rows read vLLM's cache
 (:mod:`.cache_decode`), and, unless vLLM runs eager, turns on their per-layer CUDA graphs. Runs on
 the GPU machine with vLLM 0.25 (``benchmarks/e2e.py``, ``tests/gpu/``); CI has no CUDA build of vLLM.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from vllm.v1.attention.backends.flash_attn import (
@@ -20,6 +23,11 @@ from vllm.v1.attention.backends.flash_attn import (
 from . import worker_state as ws
 from .backend import SparseBuilderMixin, SparseImplMixin
 from .cache_decode import CacheLayout, RowGraphs
+from .quest_slots import QuestSlots
+
+# SPARSE_SERVE_VLLM_QUEST_GRAPH=0: Quest rows never run inside vLLM's full decode graphs (the steps that hold them
+# replay piecewise graphs, the rows in their own per-layer graphs), to compare or to rule the full-graph path out
+QUEST_GRAPH_ENV = "SPARSE_SERVE_VLLM_QUEST_GRAPH"
 
 
 class SparseFlashAttentionMetadataBuilder(SparseBuilderMixin, FlashAttentionMetadataBuilder):
@@ -33,6 +41,9 @@ class SparseFlashAttentionMetadataBuilder(SparseBuilderMixin, FlashAttentionMeta
                                    kv_cache_spec.head_size, kv_cache_spec.dtype, torch.device(device))
             if not vllm_config.model_config.enforce_eager and ws.GRAPHS is None:
                 ws.GRAPHS = RowGraphs()
+                if os.environ.get(QUEST_GRAPH_ENV, "1") != "0":
+                    ws.QUEST_GRAPH = QuestSlots(vllm_config.scheduler_config.max_num_seqs, kv_cache_spec.num_kv_heads,
+                                                kv_cache_spec.block_size, torch.device(device))
 
 
 class SparseFlashAttentionImpl(SparseImplMixin, FlashAttentionImpl):

@@ -197,6 +197,15 @@ class QuestRows:
     def n(self) -> int:
         return len(self.host)
 
+    @property
+    def index(self) -> range:
+        """Each real row's column in ``counts``."""
+        return range(self.n)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.lengths.shape[1]
+
 
 def to_device(host: Tensor, dev: torch.device) -> Tensor:
     """A step's host-built tensor on ``dev`` without waiting for the device. A plain ``.to("cuda")`` of pageable
@@ -294,6 +303,19 @@ def quest_rows_forward(rows: QuestRows, layer: str, query: Tensor, kv_cache: Ten
     out.index_copy_(0, rows.tokens[:n], res[:n].to(out.dtype))
 
 
+def prompt_bounds(kv_cache: Tensor, blocks: Tensor, prompt_len: int, bounds: tuple[Tensor, Tensor]) -> None:
+    """At the end of a Quest request's prefill, one layer's key bounds of every block of its prompt (``blocks``: its
+    block table row), read from vLLM's cache, which holds the prompt by then. Its decode steps then write only their
+    current block's."""
+    from attention_backends.kernels.quest_select import cache_page_bounds
+
+    block = kv_cache.shape[2]
+    used = -(-prompt_len // block)
+    fill = torch.full((used,), block, dtype=torch.int32)
+    fill[-1] = prompt_len - (used - 1) * block
+    cache_page_bounds(kv_cache[:, 0], blocks[:used].to(torch.int32), to_device(fill, kv_cache.device), *bounds)
+
+
 def step_reports(rows: QuestRows, counts: list[list[int]] | None = None) -> list[tuple[Any, DecodeCallReport, int]]:
     """``(request, report, generated tokens a dense step reads)`` per row for the whole step (every layer that ran
     it), from the device counts: ``counts``, ``rows.counts`` read on the host (the worker's :mod:`.count_reader`),
@@ -302,10 +324,10 @@ def step_reports(rows: QuestRows, counts: list[list[int]] | None = None) -> list
         return []
     if counts is None:
         counts = rows.counts.tolist()
-    kv_heads, head_dim = rows.lengths.shape[1] * rows.layers, rows.head_dim
+    kv_heads, head_dim = rows.kv_heads * rows.layers, rows.head_dim
     reports = []
     for i, (seq, plen, bud) in enumerate(rows.host):
-        prompt_read, total = counts[0][i], counts[1][i]
+        prompt_read, total = counts[0][rows.index[i]], counts[1][rows.index[i]]
         pages = math.ceil(seq / rows.block_size)
         state = rows.states[i]
         reports.append((state, DecodeCallReport.of_step(

@@ -26,7 +26,7 @@ def keep_sparse_steps_out_of_full_graphs() -> None:
 
     @functools.wraps(original)
     def dispatch(self, num_tokens, *args, invalid_modes=None, **kwargs):
-        if ws.sparse_rows_possible():
+        if ws.full_graph_blocked():
             invalid_modes = {*(invalid_modes or ()), CUDAGraphMode.FULL}
         return original(self, num_tokens, *args, invalid_modes=invalid_modes, **kwargs)
 

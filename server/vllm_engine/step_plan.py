@@ -20,6 +20,7 @@ from attention_backends.reports import PrefillCallReport
 
 from . import cache_decode, compat
 from . import worker_state as ws
+from .quest_slots import SlotStep
 
 
 @dataclass
@@ -51,20 +52,23 @@ class SparsePlan:
     decode: list[SparseRow] = field(default_factory=list)  # rows of per-row decode states
     quest: cache_decode.QuestRows | None = None  # Quest rows over vLLM's cache, batched
     keep: cache_decode.KeepRows | None = None  # SnapKV / Ada-SnapKV rows over vLLM's cache, batched
+    slots: SlotStep | None = None  # a uniform decode step over the full graph's buffers (:mod:`.quest_slots`)
 
 
 def make_plan(common) -> SparsePlan | None:
-    """Which rows of this step are sparse, and in which phase. ``None``: every row is dense."""
-    if not ws.SLOTS:
-        return None
-    if ws.UNSUPPORTED is not None:  # an attention layer the methods do not implement: nothing runs sparse
-        for state in ws.SLOTS.values():
-            state.disable(ws.UNSUPPORTED)
-        return None
+    """Which rows of this step are sparse, and in which phase. ``None``: every row is dense and vLLM's kernel gets
+    its metadata untouched. A uniform decode step (one token a row) where the CUDA backend keeps Quest's graph
+    buffers (:data:`.worker_state.QUEST_GRAPH`) always gets a plan: vLLM's full decode graph reads those buffers,
+    so they are written every such step, sparse rows or not."""
+    graph = ws.QUEST_GRAPH if ws.QUEST_GRAPH is not None and int(common.max_query_len) == 1 else None
+    if not ws.SLOTS or ws.UNSUPPORTED is not None:
+        if ws.UNSUPPORTED is not None:  # an attention layer the methods do not implement: nothing runs sparse
+            for state in ws.SLOTS.values():
+                state.disable(ws.UNSUPPORTED)
+        return _slot_plan(common, SparsePlan(_seq_lens(common))) if graph is not None else None
     num_reqs = int(common.num_reqs)
     qsl = common.query_start_loc_cpu[: num_reqs + 1].tolist()
-    seq = common.seq_lens_cpu_upper_bound
-    seq_lens = (seq if seq is not None else common.seq_lens.cpu())[:num_reqs].tolist()
+    seq_lens = _seq_lens(common)
     req_idx = getattr(common, "req_idx", None)
     plan = SparsePlan(seq_lens)
     for r in range(num_reqs):
@@ -86,17 +90,59 @@ def make_plan(common) -> SparsePlan | None:
                 heads, head_dim = ws.HEADS
                 row.fallback = prefill_fallback(state.spec.prefill, (heads, int(seq_lens[r]), head_dim),
                                                 common.seq_lens.device, engine_impl(common.seq_lens.device), context)
-            if state.keeps_over_cache and context + (end - start) >= state.prompt_len:  # its keep-sets read
-                row.blocks = common.block_table_tensor[r]  # the prompt's keys back from the cache
+            if state.cache_decode and context + (end - start) >= state.prompt_len:  # the prompt's blocks: keep-sets
+                row.blocks = common.block_table_tensor[r]  # read its keys back, Quest writes their bounds
             plan.prefill.append(row)
         else:
             if end - start != 1:
                 state.disable("more than one new token per decode step (speculative decoding)")
                 continue
             plan.decode.append(row)
+    if graph is not None and not plan.prefill and all(ws.in_quest_graph(row.state) for row in plan.decode):
+        return _slot_plan(common, plan)
     _gather_cache_rows(common, plan)
     if not plan.prefill and not plan.decode:
         return None
+    return plan
+
+
+def _seq_lens(common) -> list[int]:
+    """Every row's sequence length (a host upper bound) as vLLM scheduled it."""
+    seq = common.seq_lens_cpu_upper_bound
+    return (seq if seq is not None else common.seq_lens.cpu())[: int(common.num_reqs)].tolist()
+
+
+def _host_report(st, prompt_read: int, seq: int) -> None:
+    """A decode step whose reads are known on the host (SnapKV / Ada-SnapKV; a Quest row that reads every page)."""
+    layout = ws.CACHE
+    heads = layout.kv_heads * ws.layers()  # a step's reports count every layer's KV heads
+    st.add_decode(cache_decode.host_step_report(st.spec, prompt_read, seq, st.prompt_len, heads, layout.head_dim,
+                                                layout.dtype.itemsize), (seq - st.prompt_len) * heads)
+
+
+def _slot_plan(common, plan: SparsePlan) -> SparsePlan:
+    """A uniform decode step whose sparse rows are all Quest rows over vLLM's cache that its full decode graph takes
+    (:mod:`.quest_slots`): their per-row values go into the graph's buffers, one host-to-device copy."""
+    graph, layout = ws.QUEST_GRAPH, ws.CACHE
+    n = int(common.num_reqs)
+    step = SlotStep(graph, n, common.block_table_tensor[:n], layers=ws.layers(), head_dim=layout.head_dim,
+                    element_bytes=layout.dtype.itemsize, block_size=layout.block_size)
+    rows = []
+    for row in plan.decode:
+        st, seq = row.state, row.context + 1
+        if st.spec.decode.is_dense:  # (a sparse prefill's decode: vLLM's kernel)
+            continue
+        if st.reads_every_page:  # dense attention, vLLM's kernel (row.owned is False)
+            _host_report(st, st.prompt_len * layout.kv_heads * ws.layers(), seq)
+            continue
+        rows.append((row.row, st.prompt_len, st.budget))
+        step.states.append(st)
+        step.index.append(row.row)
+        step.host.append((seq, st.prompt_len, st.budget))
+    graph.fill(common.seq_lens[:n], step.block_table, rows)
+    if step.index:
+        ws.PENDING.append(step)
+    plan.slots = step
     return plan
 
 
@@ -112,17 +158,13 @@ def _gather_cache_rows(common, plan: SparsePlan) -> None:
     assert layout is not None  # (cache_decode is set only where the CUDA builder told the layout)
     heads = layout.kv_heads * ws.layers()  # a step's reports count every layer's KV heads
 
-    def host_report(st, prompt_read: int, seq: int) -> None:  # a step whose reads are known here
-        st.add_decode(cache_decode.host_step_report(st.spec, prompt_read, seq, st.prompt_len, heads, layout.head_dim,
-                                                    layout.dtype.itemsize), (seq - st.prompt_len) * heads)
-
     keep = [row for row in cache_rows if row.state.keeps_over_cache]
     if keep:
         plan.keep = cache_decode.build_keep_rows(
             [row.state for row in keep], [(row.start, row.row, row.context + 1, row.state.prompt_len) for row in keep],
             common.block_table_tensor, ws.layer_names(), layout.block_size, _bucket(len(keep)))
         for row in keep:
-            host_report(row.state, row.state.keep_stack[2], row.context + 1)
+            _host_report(row.state, row.state.keep_stack[2], row.context + 1)
         plan.decode += keep  # (owned: parent_metadata cuts them; _decode_row leaves them to plan.keep)
     cache_rows = [row for row in cache_rows if not row.state.keeps_over_cache]
     if not cache_rows:
@@ -134,7 +176,7 @@ def _gather_cache_rows(common, plan: SparsePlan) -> None:
     quest = []
     for row in cache_rows:
         if row.state.reads_every_page:  # dense attention, vLLM's kernel (row.owned is False)
-            host_report(row.state, row.state.prompt_len * heads, row.context + 1)
+            _host_report(row.state, row.state.prompt_len * heads, row.context + 1)
             continue
         quest.append(row)
     if quest:
@@ -154,6 +196,8 @@ def parent_metadata(common, plan: SparsePlan):
     a row's queries see at most its first key and the kernel skips their tiles (slot_mapping, hence the cache write,
     is untouched). Cut to their query length instead, a whole 128K prompt kept its whole causal square: the parent's
     dense pass stayed (H200, 2026-12-01: 214 ms per layer beside the method's 37)."""
+    if plan.slots is not None:  # the graph's buffer: vLLM's full graph reads the lengths from there
+        return _slot_metadata(common, plan)
     owned = [row for row in plan.prefill + plan.decode if row.owned]
     if not owned:
         return common
@@ -168,6 +212,18 @@ def parent_metadata(common, plan: SparsePlan):
         upper = upper.clone()
         upper[rows] = 1
     return compat.with_seq_lens(common, seq_lens, upper, max(lens))
+
+
+def _slot_metadata(common, plan: SparsePlan):
+    """``common`` with ``seq_cut`` (:class:`.quest_slots.QuestSlots`) as its sequence lengths, and vLLM's longest
+    sequence kept (a full graph was captured for ``max_model_len``; the kernel's schedule is built from the real
+    lengths)."""
+    step = plan.slots
+    upper = common.seq_lens_cpu_upper_bound
+    if upper is not None and step.index:
+        upper = upper.clone()
+        upper[step.index] = 1
+    return compat.with_seq_lens(common, ws.QUEST_GRAPH.seq_cut[: step.n], upper, int(common.max_seq_len))
 
 
 def _bucket(rows: int) -> int | None:

@@ -28,6 +28,7 @@ from server.contract.cost import RequestCost
 from . import cache_decode, step_profile
 from .accounting import COST_DIR_ENV, write_cost
 from .count_reader import CountReader
+from .quest_slots import QuestSlots
 
 log = logging.getLogger("sparse_serve.vllm_engine")
 
@@ -153,6 +154,7 @@ WRITES_COST = True  # False on tensor-parallel ranks other than 0
 CACHE: cache_decode.CacheLayout | None = None  # set by the CUDA backend's builder: decode may read vLLM's cache
 _BOUNDS: cache_decode.CacheBounds | None = None
 GRAPHS: cache_decode.RowGraphs | None = None  # set with CACHE where CUDA graphs run the rows (not enforce_eager)
+QUEST_GRAPH: QuestSlots | None = None  # set with GRAPHS: Quest rows inside vLLM's full decode graphs
 PENDING: list[cache_decode.QuestRows] = []  # this step's Quest rows, for end_step's accounting
 LOCK = threading.Lock()  # the accounts and cost files: the step's end and the count reader's thread both write them
 
@@ -208,11 +210,19 @@ def add(slot: int, params: Any, prompt_len: int, resumed: bool) -> None:
     SLOTS[slot] = state
 
 
-def sparse_rows_possible() -> bool:
-    """Whether the next step may run a sparse row: some sparse request (not run dense) still prefilling, or
-    decoding with a sparse decode method."""  # (a Quest row that reads every page runs vLLM's kernel: no matter)
-    return any(st.fallback is None and (st.seen < st.prompt_len or not st.spec.decode.is_dense)
-               for st in SLOTS.values())
+def in_quest_graph(state: RequestState) -> bool:
+    """Whether a decoding request's rows run inside vLLM's full decode graph: dense decode rows (vLLM's kernel), and
+    Quest rows over vLLM's cache whose budget the graph's buffers take (:mod:`.quest_slots`)."""
+    if state.spec.decode.is_dense or state.reads_every_page:
+        return True
+    return (QUEST_GRAPH is not None and state.cache_decode and not state.keeps_over_cache
+            and QUEST_GRAPH.takes(state.budget) and cache_bounds() is not None)
+
+
+def full_graph_blocked() -> bool:
+    """Whether the next step may run a sparse row outside vLLM's full decode graph: some sparse request (not run
+    dense) still prefilling, or decoding with a sparse method the graph does not take."""
+    return any(st.fallback is None and (st.seen < st.prompt_len or not in_quest_graph(st)) for st in SLOTS.values())
 
 
 def remove(slot: int) -> None:
