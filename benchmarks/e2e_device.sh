@@ -54,7 +54,8 @@ for step in "$@"; do
       plugin
       e2e sparse-vllm --engine sparse-vllm --part ttft,agree,decode:1,decode:8,decode:32 --deadline 420 ;;
     sparse-vllm-decode)  # the sparse decode methods alone at 32K (start-up alone is 175-230 s), with a torch profile
-      # of 20 steps at batch 1 inside its window (server/vllm_engine/step_profile.py; 2026-12-03: 0.31-0.63x vLLM)
+      # of 20 steps at batch 1 inside its window (server/vllm_engine/step_profile.py; 2026-12-03, Quest in vLLM's full
+      # decode graph: 0.65 / 1.11 / 1.77x vLLM at batch 1 / 8 / 32)
       plugin
       SPARSE_SERVE_VLLM_PROFILE="$out/sparse-vllm-profile-b1.txt:200:20" E2E_PATTERNS=${E2E_PATTERNS:-quest:10,snapkv:10,ada_snapkv:10} \
         e2e sparse-vllm-decode --engine sparse-vllm --part decode:1,decode:8,decode:32 --deadline 420 ;;

@@ -346,9 +346,9 @@ def test_quest_rows_in_the_full_decode_graph_buffers_match_the_reference_and_lea
         q_in.copy_(q.to(DEV))
         for out in outs:
             out.fill_(sentinel)  # what vLLM's kernel wrote for every row
+        seq_lens = torch.tensor(seqs, dtype=torch.int32).to(DEV)  # (vLLM's persistent buffer, written before)
         with launched_without_sync(step >= 1):
-            slots.fill(torch.tensor(seqs, dtype=torch.int32).to(DEV), tables,
-                       [(b, prompts[b], reqs[b].budget) for b in quest_rows])
+            slots.fill(seq_lens, tables, [(b, prompts[b], reqs[b].budget) for b in quest_rows])
             if graph is not None:
                 graph.replay()
             else:
