@@ -438,3 +438,19 @@ def test_a_uniform_decode_step_plans_its_quest_rows_into_the_full_graph_buffers(
     plan, parent = step([77, 42, 62, 61])
     assert plan.slots is None and plan.quest is not None and plan.keep is not None
     assert parent.seq_lens.tolist() == [1, 42, 62, 1]
+
+
+def test_the_graph_buffers_forget_quest_rows_once_a_step_has_none():
+    """A step without Quest rows writes only the lengths vLLM's kernel reads; the step after Quest rows clears every
+    buffer row, so a later, larger batch replays no stale budget over a dense row's output."""
+    from server.vllm_engine.quest_slots import QuestSlots
+
+    slots = QuestSlots(8, 2, 16, torch.device(DEV))
+    table = torch.arange(8 * 10, dtype=torch.int32, device=DEV).view(8, 10)
+    seq = lambda *s: torch.tensor(s, dtype=torch.int32).to(DEV)  # noqa: E731
+    slots.fill(seq(70, 40, 90, 33), table[:4], [(2, 80, 3)])
+    assert slots.budgets[:4].tolist() == [0, 0, 3, 0] and slots.seq_cut[:4].tolist() == [70, 40, 1, 33]
+    for lens in [(71, 41), (72, 42, 91, 34)]:  # two dense steps, the second wider than the first
+        slots.fill(seq(*lens), table[: len(lens)], [])
+        assert slots.seq_cut[: len(lens)].tolist() == list(lens)
+        assert not slots.budgets.any() and not slots.lengths.any() and not slots.touched_fill.any()

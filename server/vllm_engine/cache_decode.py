@@ -259,21 +259,31 @@ def build_quest_rows(states: list[Any], rows: list[tuple[int, int, int, int, int
     )
 
 
-def _quest_kernels(rows: QuestRows, q: Tensor, k_cache: Tensor, v_cache: Tensor, bounds: tuple[Tensor, Tensor],
-                   out: Tensor) -> None:
-    """The device work of one layer for ``rows`` (no host sync, fixed shapes: what a CUDA graph captures)."""
+def quest_layer(q: Tensor, k_cache: Tensor, v_cache: Tensor, bounds: tuple[Tensor, Tensor], tables: Tensor,
+                lengths: Tensor, budgets: Tensor, prompt_lens: Tensor, touched: Tensor, touched_fill: Tensor,
+                counts: Tensor, block_size: int, width: int, out: Tensor, skip_empty: bool = False) -> None:
+    """One layer of Quest rows over vLLM's cache, on the device (no host sync, fixed shapes: what a CUDA graph
+    captures): the touched blocks' bounds, each (row, KV head)'s pages (``tables [n, P]``, ``lengths`` /
+    ``prompt_lens [n, h_kv]``, ``budgets [n]``), the paged attention into ``out``, and the tokens read added to
+    ``counts [2, n]``. ``skip_empty``: a row without budget keeps its ``out`` (another kernel wrote it)."""
     from attention_backends.kernels.paged_decode import paged_decode  # Triton: CUDA only
     from attention_backends.kernels.quest_select import cache_page_bounds, quest_select
 
     key_min, key_max = bounds
-    cache_page_bounds(k_cache, rows.touched, rows.touched_fill, key_min, key_max)
-    n, h_kv = rows.lengths.shape
-    table = rows.tables[:, None, :].expand(n, h_kv, rows.tables.shape[1])
+    cache_page_bounds(k_cache, touched, touched_fill, key_min, key_max)
+    n, h_kv = lengths.shape
+    table = tables[:, None, :].expand(n, h_kv, tables.shape[1])
     prompt_read = torch.empty(n, h_kv, dtype=torch.int32, device=q.device)
-    sel, sel_len = quest_select(q, key_min, key_max, table, rows.lengths, rows.budgets, rows.block_size,
-                                width=rows.width, prompt_kept=rows.prompt_lens, prompt_read=prompt_read,
-                                read_counts=rows.counts)
-    paged_decode(q, k_cache, v_cache, sel, sel_len, max_len=sel.shape[2] * rows.block_size, out=out)
+    sel, sel_len = quest_select(q, key_min, key_max, table, lengths, budgets, block_size, width=width,
+                                prompt_kept=prompt_lens, prompt_read=prompt_read, read_counts=counts)
+    paged_decode(q, k_cache, v_cache, sel, sel_len, max_len=sel.shape[2] * block_size, out=out,
+                 skip_empty=skip_empty)
+
+
+def _quest_kernels(rows: QuestRows, q: Tensor, k_cache: Tensor, v_cache: Tensor, bounds: tuple[Tensor, Tensor],
+                   out: Tensor) -> None:
+    quest_layer(q, k_cache, v_cache, bounds, rows.tables, rows.lengths, rows.budgets, rows.prompt_lens, rows.touched,
+                rows.touched_fill, rows.counts, rows.block_size, rows.width, out)
 
 
 def quest_rows_forward(rows: QuestRows, layer: str, query: Tensor, kv_cache: Tensor, bounds: tuple[Tensor, Tensor],

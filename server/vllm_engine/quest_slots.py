@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .cache_decode import to_device
+from .cache_decode import quest_layer, to_device
 
 # The widest page budget a captured graph selects (pages of vLLM's block size): 1024 16-token pages is quest:10 up to
 # 160K tokens. A wider budget runs on the per-step path, outside the full graphs.
@@ -72,23 +72,33 @@ class QuestSlots:
         self.touched = torch.zeros(max_rows, **i32)
         self.touched_fill = torch.zeros(max_rows, **i32)
         self.counts = torch.zeros(2, max_rows, dtype=torch.int64, device=device)
+        self._quest_rows = False  # whether the last fill wrote Quest rows (the buffers then need clearing)
 
-    def takes(self, budget: int | None) -> bool:
-        """Whether a Quest row of this budget (pages; None: every page, vLLM's kernel) runs here."""
-        return budget is None or budget <= self.width
+    def takes(self, budget: int) -> bool:
+        """Whether a Quest row of this budget (pages) runs here."""
+        return budget <= self.width
 
     def fill(self, seq_lens: Tensor, block_table: Tensor, rows: list[tuple[int, int, int]]) -> None:
         """A step of ``n`` batch rows (``seq_lens [n]``, ``block_table [n, max_blocks]``: vLLM's, on the device);
-        ``rows``: per Quest row ``(batch row, prompt_len, budget)``. One host-to-device copy, no wait."""
+        ``rows``: per Quest row ``(batch row, prompt_len, budget)``. One host-to-device copy, no wait. A step without
+        Quest rows after one without writes only the lengths vLLM's kernel reads (the rest is already zero)."""
         n = seq_lens.shape[0]
         if n > self.max_rows:
             raise RuntimeError(f"a decode step of {n} rows; Quest's graph buffers hold {self.max_rows}")
+        seq = seq_lens.to(torch.int32)
+        if not rows:
+            self.seq_cut[:n].copy_(seq)
+            if self._quest_rows:  # every row of every buffer, not only this step's: no stale budget stays
+                for buf in (self.lengths, self.prompt_lens, self.budgets, self.touched_fill, self.counts):
+                    buf.zero_()
+                self._quest_rows = False
+            return
+        self._quest_rows = True
         host = torch.zeros(n, 3, dtype=torch.int32)  # Quest row?, prompt_len, budget
-        for r, prompt_len, budget in rows:
-            host[r] = torch.tensor([1, prompt_len, budget], dtype=torch.int32)
+        index = torch.tensor([r for r, _, _ in rows])
+        host[index] = torch.tensor([[1, prompt_len, budget] for _, prompt_len, budget in rows], dtype=torch.int32)
         per_row = to_device(host, seq_lens.device)
         quest = per_row[:, 0] > 0
-        seq = seq_lens.to(torch.int32)
         self.seq_cut[:n].copy_(torch.where(quest, 1, seq))
         self.lengths[:n].copy_(torch.where(quest, seq, 0)[:, None].expand(n, self.kv_heads))
         self.prompt_lens[:n].copy_(per_row[:, 1:2].expand(n, self.kv_heads))
@@ -103,17 +113,8 @@ class QuestSlots:
         """One layer over the step's ``n`` batch rows (one query token each: ``query``/``out [n, h, d]``): the Quest
         rows' outputs written into ``out``, every other row's left as vLLM's kernel wrote it. Fixed shapes, no host
         sync: what the full graph captures."""
-        from attention_backends.kernels.paged_decode import paged_decode  # Triton: CUDA only
-        from attention_backends.kernels.quest_select import cache_page_bounds, quest_select
-
         n = step.n
         k_cache, v_cache = kv_cache.unbind(1)
-        key_min, key_max = bounds
-        cache_page_bounds(k_cache, self.touched[:n], self.touched_fill[:n], key_min, key_max)
-        table = step.block_table[:n, None, :].expand(n, self.kv_heads, step.block_table.shape[1])
-        prompt_read = torch.empty(n, self.kv_heads, dtype=torch.int32, device=query.device)
-        sel, sel_len = quest_select(query, key_min, key_max, table, self.lengths[:n], self.budgets[:n],
-                                    self.block_size, width=self.width, prompt_kept=self.prompt_lens[:n],
-                                    prompt_read=prompt_read, read_counts=self.counts[:, :n])
-        paged_decode(query, k_cache, v_cache, sel, sel_len, max_len=self.width * self.block_size, out=out,
-                     skip_empty=True)
+        quest_layer(query, k_cache, v_cache, bounds, step.block_table[:n], self.lengths[:n], self.budgets[:n],
+                    self.prompt_lens[:n], self.touched[:n], self.touched_fill[:n], self.counts[:, :n],
+                    self.block_size, self.width, out, skip_empty=True)

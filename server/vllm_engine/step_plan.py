@@ -112,10 +112,13 @@ def _seq_lens(common) -> list[int]:
     return (seq if seq is not None else common.seq_lens.cpu())[: int(common.num_reqs)].tolist()
 
 
-def _host_report(st, prompt_read: int, seq: int) -> None:
-    """A decode step whose reads are known on the host (SnapKV / Ada-SnapKV; a Quest row that reads every page)."""
+def _host_report(st, prompt_read: int | None, seq: int) -> None:
+    """A decode step whose reads are known on the host: SnapKV / Ada-SnapKV (``prompt_read``: its kept tokens), or a
+    Quest row that reads every page (None: the whole prompt in every layer's KV heads)."""
     layout = ws.CACHE
     heads = layout.kv_heads * ws.layers()  # a step's reports count every layer's KV heads
+    if prompt_read is None:
+        prompt_read = st.prompt_len * heads
     st.add_decode(cache_decode.host_step_report(st.spec, prompt_read, seq, st.prompt_len, heads, layout.head_dim,
                                                 layout.dtype.itemsize), (seq - st.prompt_len) * heads)
 
@@ -133,7 +136,7 @@ def _slot_plan(common, plan: SparsePlan) -> SparsePlan:
         if st.spec.decode.is_dense:  # (a sparse prefill's decode: vLLM's kernel)
             continue
         if st.reads_every_page:  # dense attention, vLLM's kernel (row.owned is False)
-            _host_report(st, st.prompt_len * layout.kv_heads * ws.layers(), seq)
+            _host_report(st, None, seq)
             continue
         rows.append((row.row, st.prompt_len, st.budget))
         step.states.append(st)
@@ -156,7 +159,6 @@ def _gather_cache_rows(common, plan: SparsePlan) -> None:
     plan.decode = [row for row in plan.decode if not row.state.cache_decode]
     layout = ws.CACHE
     assert layout is not None  # (cache_decode is set only where the CUDA builder told the layout)
-    heads = layout.kv_heads * ws.layers()  # a step's reports count every layer's KV heads
 
     keep = [row for row in cache_rows if row.state.keeps_over_cache]
     if keep:
@@ -176,7 +178,7 @@ def _gather_cache_rows(common, plan: SparsePlan) -> None:
     quest = []
     for row in cache_rows:
         if row.state.reads_every_page:  # dense attention, vLLM's kernel (row.owned is False)
-            _host_report(row.state, row.state.prompt_len * heads, row.context + 1)
+            _host_report(row.state, None, row.context + 1)
             continue
         quest.append(row)
     if quest:
@@ -204,14 +206,20 @@ def parent_metadata(common, plan: SparsePlan):
     lens = list(plan.seq_lens)
     for row in owned:
         lens[row.row] = 1
-    rows = torch.tensor([row.row for row in owned])
+    rows = [row.row for row in owned]
     seq_lens = common.seq_lens.clone()
-    seq_lens.index_fill_(0, cache_decode.to_device(rows, seq_lens.device), 1)
+    seq_lens.index_fill_(0, cache_decode.to_device(torch.tensor(rows), seq_lens.device), 1)
+    return compat.with_seq_lens(common, seq_lens, _cut_upper(common, rows), max(lens))
+
+
+def _cut_upper(common, rows: list[int]):
+    """vLLM's host upper bound of the sequence lengths with ``rows`` cut to one key (a copy; None stays None)."""
     upper = common.seq_lens_cpu_upper_bound
-    if upper is not None:
-        upper = upper.clone()
-        upper[rows] = 1
-    return compat.with_seq_lens(common, seq_lens, upper, max(lens))
+    if upper is None or not rows:
+        return upper
+    upper = upper.clone()
+    upper[rows] = 1
+    return upper
 
 
 def _slot_metadata(common, plan: SparsePlan):
@@ -219,11 +227,8 @@ def _slot_metadata(common, plan: SparsePlan):
     sequence kept (a full graph was captured for ``max_model_len``; the kernel's schedule is built from the real
     lengths)."""
     step = plan.slots
-    upper = common.seq_lens_cpu_upper_bound
-    if upper is not None and step.index:
-        upper = upper.clone()
-        upper[step.index] = 1
-    return compat.with_seq_lens(common, ws.QUEST_GRAPH.seq_cut[: step.n], upper, int(common.max_seq_len))
+    return compat.with_seq_lens(common, ws.QUEST_GRAPH.seq_cut[: step.n], _cut_upper(common, step.index),
+                                int(common.max_seq_len))
 
 
 def _bucket(rows: int) -> int | None:
