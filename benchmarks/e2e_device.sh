@@ -56,9 +56,13 @@ for step in "$@"; do
     sparse-vllm-decode)  # the sparse decode methods alone at 32K (start-up alone is 175-230 s), with a torch profile
       # of 20 steps at batch 1 inside its window (server/vllm_engine/step_profile.py; 2026-12-03, Quest in vLLM's full
       # decode graph: 0.65 / 1.11 / 1.77x vLLM at batch 1 / 8 / 32)
+      # E2E_PROFILE=FILE:SKIPS:STEPS[:decode] and E2E_DECODE_PARTS=decode:32,... override the profile and the order
+      # (2026-12-03, third session: decode:32 first, windows after 100 and 500 uniform decode steps: dense, then Quest)
       plugin
-      SPARSE_SERVE_VLLM_PROFILE="$out/sparse-vllm-profile-b1.txt:200:20" E2E_PATTERNS=${E2E_PATTERNS:-quest:10,snapkv:10,ada_snapkv:10} \
-        e2e sparse-vllm-decode --engine sparse-vllm --part decode:1,decode:8,decode:32 --deadline 420 ;;
+      SPARSE_SERVE_VLLM_PROFILE="${E2E_PROFILE:-$out/sparse-vllm-profile-b1.txt:200:20}" \
+        E2E_PATTERNS=${E2E_PATTERNS:-quest:10,snapkv:10,ada_snapkv:10} \
+        e2e sparse-vllm-decode --engine sparse-vllm --part ${E2E_DECODE_PARTS:-decode:1,decode:8,decode:32} \
+        --deadline 420 ;;
     sdpa) python3 benchmarks/sdpa_chunk.py 2>&1 | tee "$out/sdpa-chunk.log" ;;
     calibrate) python3 benchmarks/calibrate_fallback.py --out "$out/prefill-profile.json" > "$out/calibrate.log" 2>&1
       tail -2 "$out/calibrate.log"

@@ -40,7 +40,12 @@ from attention_backends.kernels.paged_decode import (  # noqa: E402
     pages_from_contiguous,
     shared_pages_from_contiguous,
 )
-from attention_backends.kernels.quest_select import cache_page_bounds, quest_decode, quest_select  # noqa: E402
+from attention_backends.kernels.quest_select import (  # noqa: E402
+    cache_page_bounds,
+    quest_decode,
+    quest_page_scores,
+    quest_select,
+)
 from attention_backends.kernels.snapkv_select import triton_token_importance  # noqa: E402
 from attention_backends.kernels.sparse_prefill import (  # noqa: E402
     count_cells,
@@ -453,6 +458,77 @@ def test_quest_select_matches_reference_select_pages(heads):
         for j in range(h_kv):
             used = -(-int(ref_len[b, j]) // page)
             assert sel[b, j, :used].tolist() == ref_sel[b, j, :used].tolist(), (b, j)
+
+
+def test_quest_selection_reads_rows_chunk_by_chunk_with_ties_across_chunks():
+    # vLLM's block table is as wide as the model's context, a row holds far fewer pages: the selection reads the row's
+    # own pages a chunk at a time (16 here) and must give what one pass over the row gives: the kk highest, ties to the
+    # lower page, the last page forced, page ids ascending, tokens and prompt tokens counted, whatever the chunks.
+    g = torch.Generator().manual_seed(5)
+    B, h_kv, page, width = 6, 2, 4, 100  # rows of 0, 1, 16, 17, 40 and 70 pages in a 100-page table
+    pages = torch.tensor([0, 1, 16, 17, 40, 70])
+    lengths = (pages * page - torch.tensor([0, 1, 0, 3, 2, 1])).clamp(min=0)[:, None].repeat(1, h_kv)
+    lengths[4, 1] = 33 * page  # a head of its own length
+    lengths = lengths.to(DEV, torch.int32)
+    budgets = torch.tensor([5, 1, 16, 9, 20, 25], dtype=torch.int32, device=DEV)
+    budgets_all = budgets.clone()
+    # scores in few distinct values, so ties straddle chunk boundaries
+    scores = torch.randint(0, 4, (B * h_kv, width), generator=g).float().to(DEV)
+    tables = torch.randperm(B * h_kv * width, generator=g)[: B * h_kv * width].view(B, h_kv, width)
+    tables = tables.to(DEV, torch.int32)
+    prompt_kept = (lengths - 5).clamp(min=0).to(torch.int32)
+    q = torch.zeros(B, 2 * h_kv, 8, device=DEV)
+    counts = torch.zeros(2, B, dtype=torch.int64, device=DEV)
+    prompt_read = torch.full((B, h_kv), -1, dtype=torch.int32, device=DEV)
+    sel, sel_len = quest_select(q, q, q, tables, lengths, budgets_all, page, width=32, prompt_kept=prompt_kept,
+                                prompt_read=prompt_read, read_counts=counts, scores=scores, chunk=16)
+    for b in range(B):
+        for j in range(h_kv):
+            n, L = -(-int(lengths[b, j]) // page), int(lengths[b, j])
+            kk = min(int(budgets[b]), 32, n)
+            row = scores[b * h_kv + j, :n].tolist()
+            if n:
+                row[-1] = float("inf")
+            best = sorted(sorted(range(n), key=lambda i: (-row[i], i))[:kk])
+            got = sel[b, j, :kk].tolist()
+            assert got == tables[b, j, best].tolist(), (b, j)
+            tokens = sum(min(page, L - i * page) for i in best)
+            kept = int(prompt_kept[b, j])
+            assert int(sel_len[b, j]) == tokens and int(prompt_read[b, j]) == sum(
+                min(page, max(kept - i * page, 0)) for i in best), (b, j)
+    assert torch.equal(counts.cpu(), torch.stack([prompt_read.sum(1), sel_len.sum(1)]).long().cpu())
+    # and the same through one chunk as wide as the table
+    sel2, len2 = quest_select(q, q, q, tables, lengths, budgets_all, page, width=32, scores=scores, chunk=128)
+    assert torch.equal(len2, sel_len)
+    for b in range(B):
+        for j in range(h_kv):
+            kk = -(-int(sel_len[b, j]) // page)
+            assert torch.equal(sel2[b, j, :kk], sel[b, j, :kk])
+
+
+@pytest.mark.parametrize("heads", GROUPS)
+def test_quest_page_scores_loop_over_a_rows_pages_and_skip_rows_without_budget(heads):
+    # a fixed number of programs per row, each looping over its page blocks: the scores of every page of a row with
+    # budget, against the definition (the group's upper bounds summed), whatever the programs and block size
+    h, h_kv = heads
+    g = torch.Generator().manual_seed(80 + h)
+    B, d, page, P = 3, 16, 4, 23
+    q = torch.randn(B, h, d, generator=g).to(DEV)
+    lo = torch.randn(B * h_kv * P, d, generator=g)
+    page_min, page_max = lo.to(DEV), (lo + torch.rand(lo.shape, generator=g)).to(DEV)
+    tables = torch.randperm(B * h_kv * P, generator=g).view(B, h_kv, P).to(DEV, torch.int32)
+    lengths = torch.tensor([[P * page], [11 * page - 2], [7 * page]]).repeat(1, h_kv).to(DEV, torch.int32)
+    budgets = torch.tensor([3, 2, 0], dtype=torch.int32, device=DEV)
+    grp = h // h_kv
+    for programs, block_pages in ((1, 4), (2, 4), (3, 8), (8, 16)):
+        scores = quest_page_scores(q, page_min, page_max, tables, lengths, page, budget_pages=budgets, width=8,
+                                   block_pages=block_pages, programs=programs)
+        for b in range(2):  # (row 2 has no budget: its scores are not computed, nor read)
+            n = -(-int(lengths[b, 0]) // page)
+            ub = page_upper_bounds(q[b], page_min[tables[b].long()], page_max[tables[b].long()])  # [h, P]
+            expect = ub.view(h_kv, grp, P).sum(1)[:, :n]
+            got = scores.view(B, h_kv, P)[b, :, :n]
+            assert torch.allclose(got.cpu(), expect.float().cpu(), rtol=1e-4, atol=1e-4), (programs, block_pages, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

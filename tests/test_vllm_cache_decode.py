@@ -167,6 +167,7 @@ def test_a_step_plan_batches_quest_rows_over_the_cache_and_leaves_the_rest_to_th
     @dataclass
     class Common:  # the fields of vLLM's CommonAttentionMetadata that a plan reads
         num_reqs: int
+        max_query_len: int
         query_start_loc_cpu: torch.Tensor
         seq_lens: torch.Tensor
         seq_lens_cpu_upper_bound: torch.Tensor
@@ -175,7 +176,7 @@ def test_a_step_plan_batches_quest_rows_over_the_cache_and_leaves_the_rest_to_th
 
     def step(seq_lens):  # (on CUDA: the step's tensors on the device, and no wait for it while planning)
         lens = torch.tensor(seq_lens, dtype=torch.int32)
-        common = Common(4, torch.arange(5, dtype=torch.int32), lens.to(DEV), lens,
+        common = Common(4, 1, torch.arange(5, dtype=torch.int32), lens.to(DEV), lens,
                         torch.arange(4 * 10, dtype=torch.int32, device=DEV).view(4, 10), max(seq_lens))
         with no_host_sync():
             return common, make_plan(common)

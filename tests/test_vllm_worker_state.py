@@ -50,25 +50,38 @@ def test_each_step_replaces_the_cost_file_and_leaves_nothing_else():
 
 def test_step_profile_covers_the_steps_asked_for(tmp_path, monkeypatch):
     """SPARSE_SERVE_VLLM_PROFILE=FILE:SKIP:STEPS: the worker's end of step profiles steps SKIP+1 .. SKIP+STEPS and
-    writes their time per step and the operators that took it; nothing before, nothing after."""
+    writes their time per step and the operators that took it; nothing before, nothing after. With ``:decode`` only
+    uniform decode steps count towards SKIP (a large batch's prefills stay out of the window)."""
     from server.vllm_engine import step_profile
 
-    out = tmp_path / "profile.txt"
-    monkeypatch.setenv(step_profile.PROFILE_ENV, f"{out}:2:3")
-    # a fresh read of the variable for this test alone (the module keeps the first one)
+    for setting, kinds, written_after in ((":2:3", [True] * 7, 5), (":2:3:decode", [False, True, False, True, True,
+                                                                                  False, True, True, True], 7)):
+        out = tmp_path / f"profile{len(kinds)}.txt"
+        monkeypatch.setenv(step_profile.PROFILE_ENV, f"{out}{setting}")
+        # a fresh read of the variable for this case alone (the module keeps the first one)
+        monkeypatch.setattr(step_profile, "requested", functools.cache(step_profile.requested.__wrapped__))
+        x = torch.randn(64, 64)
+        for step, uniform_decode in enumerate(kinds):
+            step_profile.step_built(uniform_decode)
+            x = torch.mm(x, x).tanh()  # this step's work
+            step_profile.step_ended()  # (the logits processor's call, every step)
+            assert out.exists() == (step >= written_after), (setting, step)
+        text = out.read_text()
+        assert text.startswith("3 steps after 2:") and "ms a step" in text
+        assert "aten::mm" in text and "aten::tanh" in text
+    # two windows of one run: after 1 and after 4 steps, the second to FILE-2 before the extension
+    out = tmp_path / "two.txt"
+    monkeypatch.setenv(step_profile.PROFILE_ENV, f"{out}:1,4:2")
     monkeypatch.setattr(step_profile, "requested", functools.cache(step_profile.requested.__wrapped__))
-    state = ws.RequestState(key="", spec=parse_pattern("quest:4"), prompt_len=8, cost=RequestCost())
-    monkeypatch.setitem(ws.SLOTS, 0, state)
-    x = torch.randn(64, 64)
-    for step in range(7):
-        x = torch.mm(x, x).tanh()  # this step's work
-        ws.end_step()
-        assert out.exists() == (step >= 5)  # written at the end of the fifth step's successor
-    text = out.read_text()
-    assert text.startswith("3 steps after 2:") and "ms a step" in text
-    assert "aten::mm" in text and "aten::tanh" in text
-    with pytest.raises(ValueError):
-        step_profile.StepProfile("x.txt:-1")
+    for step in range(8):
+        step_profile.step_built(True)
+        torch.mm(x, x)
+        step_profile.step_ended()
+        assert out.exists() == (step >= 3) and (tmp_path / "two-2.txt").exists() == (step >= 6), step
+    assert (tmp_path / "two-2.txt").read_text().startswith("2 steps after 4:")
+    for bad in ("x.txt:-1", "x.txt:1:2:prefill", "x.txt:1:2:decode:3", "x.txt:4,1:2", "x.txt:a:2"):
+        with pytest.raises(ValueError):
+            step_profile.StepProfile(bad)
 
 
 def quest_step(states, seqs, layers=2, block=16, h_kv=2, head_dim=8):

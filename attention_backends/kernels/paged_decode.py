@@ -127,7 +127,7 @@ def page_strides(pages: Tensor, h_kv: int) -> tuple[int, int, int]:
     return pages.stride(0), pages.stride(1), pages.stride(2)
 
 
-def _num_sms(device: torch.device) -> int:
+def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
@@ -137,7 +137,7 @@ def choose_splits(batch_heads: int, max_len: int, block_n: int, device: torch.de
     """Splits per (sequence, KV head): enough programs to fill the GPU ``waves`` times, at least one key tile
     of work per split."""
     tiles = max(1, triton.cdiv(max_len, block_n))
-    want = max(1, triton.cdiv(waves * _num_sms(device), max(1, batch_heads)))
+    want = max(1, triton.cdiv(waves * num_sms(device), max(1, batch_heads)))
     return max(1, min(tiles, want, 256))
 
 

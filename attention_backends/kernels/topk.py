@@ -6,8 +6,10 @@ stalls; one compare-and-count over the row held in registers per step, stopping 
 winners -- every entry above the threshold plus the first entries equal to it, in index order -- are written
 as *ascending* indices through a prefix sum. No sort, no host sync, one launch.
 
-Used by block_sparse (per query block: its causal key blocks, forced ones at +inf) and Quest (per
-(sequence, KV head): its pages, the current page at +inf).
+Used by block_sparse (per query block: its causal key blocks, forced ones at +inf). Quest's selection
+(:mod:`.quest_select`: per (sequence, KV head), its pages, the current page at +inf) runs the same search over a
+row it reads chunk by chunk (:func:`_bracket`, :func:`_probe`, :func:`_narrow`), so its cost follows the row's pages,
+not the width of vLLM's block table.
 """
 
 from __future__ import annotations
@@ -27,41 +29,69 @@ def _order_key(x):
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
+_INF_KEY = tl.constexpr(0x7F800000)  # the order key of +inf: the forced entries
+
+
+@triton.jit
+def _bracket(key_min, key_max_finite, n_valid, n_inf, kk):
+    """The root search's start for the kk-th largest key of a row (1 <= kk <= n_valid): from the row's least key,
+    its largest finite key (+inf keys, the forced entries, start above the bracket), its size and its +inf count ->
+    ``(lo, hi, f_lo, f_hi)``; ``lo == hi`` when there is nothing to search (the forced entries alone fill kk, or kk
+    takes the whole row)."""
+    # the bracket's arithmetic is int64 (a span can exceed int32)
+    lo = key_min.to(tl.int64)
+    hi = tl.maximum(key_max_finite.to(tl.int64), lo)
+    hi = tl.where(n_valid <= kk, lo, hi)  # every entry: the least key is the threshold
+    lo = tl.where(n_inf >= kk, _INF_KEY, lo)  # the forced entries alone fill kk
+    hi = tl.where(n_inf >= kk, _INF_KEY, hi)
+    f_lo = (n_valid - kk).to(tl.float32) + 0.5  # #(key >= lo) - kk, > 0
+    f_hi = (n_inf - kk).to(tl.float32) - 0.5  # #(key >= hi + 1) - kk, < 0
+    return lo, hi, f_lo, f_hi
+
+
+@triton.jit
+def _probe(lo, hi, f_lo, f_hi, slow):
+    """The next threshold to count: linear interpolation in the key (log-like in the value, so it copes with wide
+    and heavy-tailed scores), halving the bracket after two steps that did not."""
+    span = hi - lo
+    guess = lo + (span.to(tl.float32) * (f_lo / (f_lo - f_hi))).to(tl.int64)
+    return tl.where(slow >= 2, lo + (span + 1) // 2, tl.minimum(tl.maximum(guess, lo + 1), hi))
+
+
+@triton.jit
+def _narrow(lo, hi, f_lo, f_hi, side, slow, mid, cnt, kk):
+    """The bracket after counting ``cnt = #(key >= mid)``, with the Illinois rule (the end kept twice in a row has
+    its weight halved); ``side``: which end the last step moved (1 lo, -1 hi); ``slow``: consecutive steps that
+    kept more than half the bracket. It stops (``lo == hi``) as soon as exactly kk keys are ``>= mid``."""
+    span = hi - lo
+    ge = cnt >= kk
+    f_mid = (cnt - kk).to(tl.float32) + tl.where(ge, 0.5, -0.5)
+    f_hi = tl.where(ge, tl.where(side == 1, f_hi * 0.5, f_hi), f_mid)
+    f_lo = tl.where(ge, f_mid, tl.where(side == -1, f_lo * 0.5, f_lo))
+    side = tl.where(ge, 1, -1)
+    lo = tl.where(ge, mid, lo)
+    hi = tl.where(cnt == kk, mid, tl.where(ge, hi, mid - 1))
+    slow = tl.where(slow >= 2, 0, tl.where(2 * (hi - lo) > span, slow + 1, 0))
+    return lo, hi, f_lo, f_hi, side, slow
+
+
 @triton.jit
 def _kth_largest_key(key, kk, valid):
     """Largest int32 t with #(key >= t) >= kk (1 <= kk <= #valid), as int64, or a t with exactly kk keys
-    ``>= t`` (the same selection). A bracketed root search for #(key >= t) = kk on the key space, between the
-    row's min and its largest finite key (+inf keys, the forced entries, start above the bracket): each step
-    interpolates linearly in the key (log-like in the value, so it copes with wide and heavy-tailed scores)
-    with the Illinois rule (the end kept twice in a row has its weight halved), and halves the bracket after
-    two steps that did not. One compare-and-count (a block-wide reduction) per step, stopping as soon as
-    exactly kk keys are ``>= t``. It beats plain bisection (benchmarks/results/kernel-tuning-notes.md)."""
-    # the row stays int32 (one register per entry: a 16K-entry row in 8 warps spills if held as int64); the
-    # bracket's arithmetic is int64 (a span can exceed int32)
-    INF_KEY: tl.constexpr = 0x7F800000
-    n_inf = tl.sum((valid & (key >= INF_KEY)).to(tl.int32), 0)
-    n_valid = tl.sum(valid.to(tl.int32), 0)
-    lo = tl.min(tl.where(valid, key, 2147483647), 0).to(tl.int64)
-    hi = tl.max(tl.where(valid & (key < INF_KEY), key, lo.to(tl.int32)), 0).to(tl.int64)
-    lo = tl.where(n_inf >= kk, INF_KEY, lo)  # the forced entries alone fill kk
-    hi = tl.where(n_inf >= kk, INF_KEY, hi)
-    f_lo = (n_valid - kk).to(tl.float32) + 0.5  # #(key >= lo) - kk, > 0
-    f_hi = (n_inf - kk).to(tl.float32) - 0.5  # #(key >= hi + 1) - kk, < 0
-    side = tl.full([], 0, tl.int32)  # which end the last step moved: 1 lo, -1 hi
-    slow = tl.full([], 0, tl.int32)  # consecutive steps that kept more than half the bracket
+    ``>= t`` (the same selection), for a row held in registers: a bracketed root search for #(key >= t) = kk on the
+    key space (:func:`_bracket`, :func:`_probe`, :func:`_narrow`), one compare-and-count (a block-wide reduction)
+    per step. It beats plain bisection (benchmarks/results/kernel-tuning-notes.md)."""
+    # the row stays int32 (one register per entry: a 16K-entry row in 8 warps spills if held as int64)
+    key_min = tl.min(tl.where(valid, key, 2147483647), 0)
+    lo, hi, f_lo, f_hi = _bracket(key_min, tl.max(tl.where(valid & (key < _INF_KEY), key, key_min), 0),
+                                  tl.sum(valid.to(tl.int32), 0), tl.sum((valid & (key >= _INF_KEY)).to(tl.int32), 0),
+                                  kk)
+    side = tl.full([], 0, tl.int32)
+    slow = tl.full([], 0, tl.int32)
     while lo < hi:
-        span = hi - lo
-        guess = lo + (span.to(tl.float32) * (f_lo / (f_lo - f_hi))).to(tl.int64)
-        mid = tl.where(slow >= 2, lo + (span + 1) // 2, tl.minimum(tl.maximum(guess, lo + 1), hi))
+        mid = _probe(lo, hi, f_lo, f_hi, slow)
         cnt = tl.sum((valid & (key >= mid.to(tl.int32))).to(tl.int32), 0)
-        ge = cnt >= kk
-        f_mid = (cnt - kk).to(tl.float32) + tl.where(ge, 0.5, -0.5)
-        f_hi = tl.where(ge, tl.where(side == 1, f_hi * 0.5, f_hi), f_mid)
-        f_lo = tl.where(ge, f_mid, tl.where(side == -1, f_lo * 0.5, f_lo))
-        side = tl.where(ge, 1, -1)
-        lo = tl.where(ge, mid, lo)
-        hi = tl.where(cnt == kk, mid, tl.where(ge, hi, mid - 1))
-        slow = tl.where(slow >= 2, 0, tl.where(2 * (hi - lo) > span, slow + 1, 0))
+        lo, hi, f_lo, f_hi, side, slow = _narrow(lo, hi, f_lo, f_hi, side, slow, mid, cnt, kk)
     return lo
 
 

@@ -108,8 +108,10 @@ class SparseSideChannelV1(_load_v1_base()):  # type: ignore[misc]
             ws.move(src, dst, swap=direction == MoveDirectionality.SWAP)
 
     def apply(self, logits):
+        from . import step_profile
         from . import worker_state as ws
 
+        step_profile.step_ended()
         if ws.SLOTS:
             ws.end_step()
         return logits
@@ -141,8 +143,10 @@ class _SparseSideChannelV2:
         return False  # never modifies logits
 
     def apply(self, logits, ctx):
+        from . import step_profile
         from . import worker_state as ws
 
+        step_profile.step_ended()
         if ws.SLOTS:
             ws.end_step([int(s) for s in ctx.idx_mapping_np])
         return logits

@@ -18,7 +18,7 @@ from attention_backends import engine_impl
 from attention_backends.prefill_cost import prefill_fallback
 from attention_backends.reports import PrefillCallReport
 
-from . import cache_decode, compat
+from . import cache_decode, compat, step_profile
 from . import worker_state as ws
 from .quest_slots import SlotStep
 
@@ -60,7 +60,9 @@ def make_plan(common) -> SparsePlan | None:
     its metadata untouched. A uniform decode step (one token a row) where the CUDA backend keeps Quest's graph
     buffers (:data:`.worker_state.QUEST_GRAPH`) always gets a plan: vLLM's full decode graph reads those buffers,
     so they are written every such step, sparse rows or not."""
-    graph = ws.QUEST_GRAPH if ws.QUEST_GRAPH is not None and int(common.max_query_len) == 1 else None
+    uniform_decode = int(common.max_query_len) == 1
+    step_profile.step_built(uniform_decode)
+    graph = ws.QUEST_GRAPH if ws.QUEST_GRAPH is not None and uniform_decode else None
     if not ws.SLOTS or ws.UNSUPPORTED is not None:
         if ws.UNSUPPORTED is not None:  # an attention layer the methods do not implement: nothing runs sparse
             for state in ws.SLOTS.values():

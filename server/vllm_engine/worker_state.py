@@ -25,7 +25,7 @@ from attention_backends import DecodeCallReport, DecodeState, InvalidSparsePatte
 from attention_backends.cost import ModelShape
 from server.contract.cost import RequestCost
 
-from . import cache_decode, step_profile
+from . import cache_decode
 from .accounting import COST_DIR_ENV, write_cost
 from .count_reader import CountReader
 from .quest_slots import QuestSlots
@@ -239,7 +239,6 @@ def move(src: int, dst: int, swap: bool) -> None:
 
 def end_step(slots: list[int] | None = None) -> None:
     """After a step's forward: fold decode steps into the costs and write the dirty side files."""
-    step_profile.step_ended()
     with torch.profiler.record_function("sparse_serve::end_step"):
         _end_step(slots)
 
