@@ -460,6 +460,24 @@ def test_quest_select_matches_reference_select_pages(heads):
             assert sel[b, j, :used].tolist() == ref_sel[b, j, :used].tolist(), (b, j)
 
 
+@pytest.mark.parametrize("heads", GROUPS)
+def test_paged_decode_leaves_empty_rows_alone_when_asked(heads):
+    # inside vLLM's full decode graph the Quest attention runs over every batch row after vLLM's own kernel: a row of
+    # length 0 (a dense row) must keep what that kernel wrote, and every other row gets its attention
+    h, h_kv = heads
+    B, n, d = 4, 40, 16
+    g = torch.Generator().manual_seed(90 + h)
+    make = lambda *s: torch.randn(*s, generator=g).to(DEV)  # noqa: E731
+    q, k, v = make(B, h, d), make(B, h_kv, n, d), make(B, h_kv, n, d)
+    k_pages, v_pages, table = pages_from_contiguous(k, v, 16, generator=g)
+    lengths = torch.tensor([n, 0, 17, 0], dtype=torch.int32, device=DEV)[:, None].repeat(1, h_kv)
+    before = make(B, h, d)
+    out = paged_decode(q, k_pages, v_pages, table, lengths, num_splits=3, out=before.clone(), skip_empty=True)
+    assert torch.equal(out[1], before[1]) and torch.equal(out[3], before[3])
+    live = torch.tensor([0, 2], device=DEV)
+    assert_close(out[live], reference_decode(q, k, v, lengths)[live.cpu()], torch.float32)
+
+
 def test_quest_selection_reads_rows_chunk_by_chunk_with_ties_across_chunks():
     # vLLM's block table is as wide as the model's context, a row holds far fewer pages: the selection reads the row's
     # own pages a chunk at a time (16 here) and must give what one pass over the row gives: the kk highest, ties to the

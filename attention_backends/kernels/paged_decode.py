@@ -45,6 +45,7 @@ def _paged_decode_split_kernel(
     sqb, sqh, skp, skt, skh, svp, svt, svh, spt_b, spt_h, slen_b, skt_b, skt_h, skc_b,
     h_kv, group, qk_scale, num_splits,
     HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, G_PAD: tl.constexpr, KEEP: tl.constexpr,
+    SKIP_EMPTY: tl.constexpr,
 ):
     bh = tl.program_id(0)
     s = tl.program_id(1)
@@ -58,6 +59,8 @@ def _paged_decode_split_kernel(
     end = tl.minimum(start + tokens_per_split, length)
     g = tl.arange(0, G_PAD)
     g_ok = g < group
+    if SKIP_EMPTY:  # a row of length 0 reads and writes nothing (the combine leaves its output alone)
+        g_ok = g < tl.where(length > 0, group, 0)
     offs_d = tl.arange(0, HEAD_DIM)
     qh = kvh * group + g
     q = tl.load(Q + b * sqb + qh[:, None] * sqh + offs_d[None, :], mask=g_ok[:, None], other=0.0)
@@ -102,10 +105,11 @@ def _combine_kernel(MP, LP, AP, Out, LEN, num_splits, slen_b, h, group, HEAD_DIM
                     SKIP_EMPTY: tl.constexpr):
     row = tl.program_id(0)  # b * h + head
     width = HEAD_DIM
-    if SKIP_EMPTY:  # a row of length 0 leaves its output as it was
-        width = tl.where(tl.load(LEN + (row // h) * slen_b + (row % h) // group) > 0, HEAD_DIM, 0)
     s = tl.arange(0, S_PAD)
     s_ok = s < num_splits
+    if SKIP_EMPTY:  # a row of length 0 leaves its output as it was (and its partials were not written)
+        width = tl.where(tl.load(LEN + (row // h) * slen_b + (row % h) // group) > 0, HEAD_DIM, 0)
+        s_ok = s < tl.where(width > 0, num_splits, 0)
     m = tl.load(MP + row * num_splits + s, mask=s_ok, other=_NEG)
     l_ = tl.load(LP + row * num_splits + s, mask=s_ok, other=0.0)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -204,7 +208,7 @@ def paged_decode(
         q.stride(0), q.stride(1), *kst, *vst,
         page_table.stride(0), page_table.stride(1), lengths.stride(0), *kargs[3:],
         h_kv, group, scale * LOG2E, num_splits,
-        HEAD_DIM=d, PAGE=page, BLOCK_N=block_n, G_PAD=g_pad, KEEP=keep is not None,
+        HEAD_DIM=d, PAGE=page, BLOCK_N=block_n, G_PAD=g_pad, KEEP=keep is not None, SKIP_EMPTY=skip_empty,
         num_warps=num_warps, num_stages=num_stages,
     )
     if out is None:

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from . import steps_by_one
 from .paged_decode import num_sms, page_strides, paged_decode
-from .topk import _INF_KEY, _bracket, _narrow, _order_key, _probe
+from .topk import _INF_KEY, _bracket, _kth_largest_key, _narrow, _order_key, _probe
 
 
 @triton.jit
@@ -89,37 +89,49 @@ def _row_keys(S_ROW, j, npages):
 
 
 @triton.jit
+def _kth_largest_chunked(s_row, npages, kk, CHUNK: tl.constexpr):
+    """:func:`.topk._kth_largest_key` over a row of ``npages`` scores read CHUNK at a time (L1/L2 after the first
+    pass): the same root search, one pass over the row per step."""
+    offs = tl.arange(0, CHUNK)
+    lo_v = tl.full([CHUNK], 2147483647, tl.int32)
+    hi_v = tl.full([CHUNK], -2147483648, tl.int32)
+    inf_v = tl.zeros([CHUNK], tl.int32)
+    for c in range(0, npages, CHUNK):
+        key, valid = _row_keys(s_row, c + offs, npages)
+        lo_v = tl.where(valid, tl.minimum(lo_v, key), lo_v)
+        hi_v = tl.where(valid & (key < _INF_KEY), tl.maximum(hi_v, key), hi_v)
+        inf_v += (valid & (key >= _INF_KEY)).to(tl.int32)
+    lo, hi, f_lo, f_hi = _bracket(tl.min(lo_v, 0), tl.max(hi_v, 0), npages, tl.sum(inf_v, 0), kk)
+    side = tl.full([], 0, tl.int32)
+    slow = tl.full([], 0, tl.int32)
+    while lo < hi:
+        mid = _probe(lo, hi, f_lo, f_hi, slow)
+        cnt_v = tl.zeros([CHUNK], tl.int32)
+        for c in range(0, npages, CHUNK):
+            key, valid = _row_keys(s_row, c + offs, npages)
+            cnt_v += (valid & (key >= mid.to(tl.int32))).to(tl.int32)
+        lo, hi, f_lo, f_hi, side, slow = _narrow(lo, hi, f_lo, f_hi, side, slow, mid, tl.sum(cnt_v, 0), kk)
+    return lo
+
+
+@triton.jit
 def _quest_select_kernel(
     S, PT, LEN, BUD, KEPT, OPT, OLEN, OPROMPT, ACC, s_r, spt_b, spt_h, slen_b, sbud, skept_b, so_r, s_acc, h_kv, width,
     PAGE: tl.constexpr, CHUNK: tl.constexpr, COUNT_PROMPT: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
-    # One program per (row, KV head): the exact top-kk of the row's own pages, read CHUNK scores at a time (L1/L2
-    # after the first pass), so the cost follows the row's pages, not the table's width; topk.py's root search.
+    # One program per (row, KV head): the exact top-kk of the row's own pages, so the cost follows the row's pages,
+    # not the table's width: a row of up to CHUNK pages is held in registers, a longer one read CHUNK at a time.
     bh = tl.program_id(0)
     b, kvh, length, npages = _row_pages(bh, h_kv, LEN, slen_b, PAGE)
     kk = _row_budget(BUD, b, sbud, width, npages)
     s_row = S + bh * s_r
     offs = tl.arange(0, CHUNK)
     if kk > 0:  # (an empty row returns at once: a full decode graph runs every batch row, most of them not Quest's)
-        lo_v = tl.full([CHUNK], 2147483647, tl.int32)
-        hi_v = tl.full([CHUNK], -2147483648, tl.int32)
-        inf_v = tl.zeros([CHUNK], tl.int32)
-        for c in range(0, npages, CHUNK):
-            key, valid = _row_keys(s_row, c + offs, npages)
-            lo_v = tl.where(valid, tl.minimum(lo_v, key), lo_v)
-            hi_v = tl.where(valid & (key < _INF_KEY), tl.maximum(hi_v, key), hi_v)
-            inf_v += (valid & (key >= _INF_KEY)).to(tl.int32)
-        lo, hi, f_lo, f_hi = _bracket(tl.min(lo_v, 0), tl.max(hi_v, 0), npages, tl.sum(inf_v, 0), kk)
-        side = tl.full([], 0, tl.int32)
-        slow = tl.full([], 0, tl.int32)
-        while lo < hi:
-            mid = _probe(lo, hi, f_lo, f_hi, slow)
-            cnt_v = tl.zeros([CHUNK], tl.int32)
-            for c in range(0, npages, CHUNK):
-                key, valid = _row_keys(s_row, c + offs, npages)
-                cnt_v += (valid & (key >= mid.to(tl.int32))).to(tl.int32)
-            lo, hi, f_lo, f_hi, side, slow = _narrow(lo, hi, f_lo, f_hi, side, slow, mid, tl.sum(cnt_v, 0), kk)
-        thr = lo.to(tl.int32)
+        if npages <= CHUNK:  # the row fits one chunk: held in registers through the search
+            key, valid = _row_keys(s_row, offs, npages)
+            thr = _kth_largest_key(key, kk, valid).to(tl.int32)
+        else:
+            thr = _kth_largest_chunked(s_row, npages, kk, CHUNK).to(tl.int32)
         above_v = tl.zeros([CHUNK], tl.int32)
         for c in range(0, npages, CHUNK):
             key, valid = _row_keys(s_row, c + offs, npages)
