@@ -99,6 +99,9 @@ def test_quest_rows_over_vllms_cache_match_the_reference_state_step_after_step(h
     assert [r.budget for r in reqs] == [1, 2, 1][:batch]
     layout = cache_decode.CacheLayout(block, caches[0].shape[0], h_kv, d, torch.float32, torch.device(DEV))
     bounds = layout.bounds(layers)
+    for layer in range(layers):  # the prompts' bounds, written when their prefill ended
+        for b, n in enumerate(prompts):
+            cache_decode.prompt_bounds(caches[layer], tables[b], n, bounds.of(f"layer{layer}"))
     row_graphs = cache_decode.RowGraphs() if graphs else None
     for step in range(steps):
         seqs = [n + step + 1 for n in prompts]
@@ -106,8 +109,7 @@ def test_quest_rows_over_vllms_cache_match_the_reference_state_step_after_step(h
         tokens, rows = ([5, 0, 9], [2, 0, 1]) if B == 3 else ([5], [0])
         batch_table = tables[rows]  # the step's block table holds the rows in its own order
         q = rand(10, h, d)
-        spec_rows = [(tokens[i], i, seqs[rows[i]], prompts[rows[i]], reqs[rows[i]].budget, step == 0)
-                     for i in range(B)]
+        spec_rows = [(tokens[i], i, seqs[rows[i]], prompts[rows[i]], reqs[rows[i]].budget) for i in range(B)]
         batch_table, q_dev = batch_table.to(DEV), q.to(DEV)
         outs = [torch.full((10, h, d), float("nan"), device=DEV) for _ in range(layers)]
         with launched_without_sync(graphs and step >= 2):  # (once the shapes' graphs are captured)
@@ -133,10 +135,10 @@ def test_quest_rows_over_vllms_cache_match_the_reference_state_step_after_step(h
 
 
 def test_a_step_plan_batches_quest_rows_over_the_cache_and_leaves_the_rest_to_their_paths(monkeypatch):
-    """The builder's plan: a Quest row becomes ``plan.quest`` (its prompt's blocks get bounds on its first step, then
-    only its current block); quest:1 (every page) is left to vLLM's kernel with its report written on the host; a
-    SnapKV row becomes ``plan.keep``, its report written on the host; Quest with pages other than vLLM's blocks keeps
-    its per-row state. vLLM's kernel skips only the rows written here."""
+    """The builder's plan: a Quest row becomes ``plan.quest`` (each step writes its current block's bounds; its
+    prompt's were written when its prefill ended); quest:1 (every page) is left to vLLM's kernel with its report
+    written on the host; a SnapKV row becomes ``plan.keep``, its report written on the host; Quest with pages other
+    than vLLM's blocks keeps its per-row state. vLLM's kernel skips only the rows written here."""
     from dataclasses import dataclass
     from types import SimpleNamespace
 
@@ -158,6 +160,7 @@ def test_a_step_plan_batches_quest_rows_over_the_cache_and_leaves_the_rest_to_th
         params = SimpleNamespace(extra_args={ws.PATTERN_KEY: pattern, ws.REQUEST_KEY: f"r{slot}"})
         ws.add(slot, params, prompt, resumed=False)
         ws.SLOTS[slot].seen = prompt
+        ws.SLOTS[slot].bounds_ready = True  # (Quest's prompt bounds: written when its prefill ended, backend.py)
     assert [st.cache_decode for st in ws.SLOTS.values()] == [True, True, True, False]
     snap = ws.SLOTS[2]  # its keep-sets, as its prefill's last chunk left them: 8 and 6 positions in l0, 7 and 7 in l1
     ar = lambda n: torch.arange(n, device=DEV)  # noqa: E731
@@ -190,7 +193,6 @@ def test_a_step_plan_batches_quest_rows_over_the_cache_and_leaves_the_rest_to_th
     assert (snap_cost.actual_units, snap_cost.dense_units) == (28, 60 * h_kv * layers)
     assert snap_cost.kv_bytes_read == (28 + 1 * h_kv * layers) * 2 * d * 4
     assert plan.quest.touched.tolist() == [4] and plan.quest.touched_fill.tolist() == [12]  # its current block
-    assert plan.quest.bulk.tolist() == [0, 1, 2, 3] and plan.quest.bulk_fill.tolist() == [16] * 4  # its prompt's
     with no_host_sync():
         parent = parent_metadata(common, plan)
     assert parent.seq_lens.tolist() == [1, 41, 1, 1] and parent.seq_lens_cpu_upper_bound.tolist() == [1, 41, 1, 1]
@@ -199,7 +201,6 @@ def test_a_step_plan_batches_quest_rows_over_the_cache_and_leaves_the_rest_to_th
     assert ws.PENDING == [plan.quest]
     common, plan = step([77, 42, 62, 32])
     assert plan.quest.touched.tolist() == [4] and plan.quest.touched_fill.tolist() == [13]
-    assert plan.quest.bulk.numel() == 0
 
     # no room for the bounds: the Quest request runs dense (vLLM's kernel), the others are unchanged
     def no_room(self, layers):
@@ -419,6 +420,8 @@ def test_a_uniform_decode_step_plans_its_quest_rows_into_the_full_graph_buffers(
     ws.SLOTS[2].seen = 60
     assert ws.full_graph_blocked()  # the Quest request still prefills (its chunk is not a uniform decode row)
     ws.SLOTS[0].seen = 75
+    assert ws.full_graph_blocked()  # its prompt's bounds are not written yet (the end of its prefill writes them)
+    ws.SLOTS[0].bounds_ready = True
     assert not ws.full_graph_blocked()
     plan, parent = step([76, 41, 61])
     assert plan.slots.index == [0] and plan.slots.host == [(76, 75, ws.SLOTS[0].budget)]

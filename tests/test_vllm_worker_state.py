@@ -90,7 +90,7 @@ def quest_step(states, seqs, layers=2, block=16, h_kv=2, head_dim=8):
     from server.vllm_engine import cache_decode
 
     table = torch.arange(len(states) * 64, dtype=torch.int32).view(len(states), 64)
-    spec_rows = [(i, i, seq, st.prompt_len, st.budget, False)
+    spec_rows = [(i, i, seq, st.prompt_len, st.budget)
                  for i, (st, seq) in enumerate(zip(states, seqs, strict=True))]
     rows = cache_decode.build_quest_rows(states, spec_rows, table, h_kv, block)
     rows.layers, rows.head_dim = layers, head_dim

@@ -7,9 +7,9 @@ cache on this path:
 
 * per layer, the key min/max of every (block, KV head), ``[num_blocks, h_kv, d]`` each (:class:`CacheBounds`:
   allocated once, with the first Quest request, for all layers: 1/``block_size`` of the KV cache);
+* when a Quest request's prefill ends, every block of its prompt gets its bounds (:func:`prompt_bounds`);
 * per step, the metadata builder gathers the Quest rows into :class:`QuestRows` (their block tables, lengths and
-  page budgets; the blocks whose bounds the step must write: each row's current block, and on a row's first
-  decode step every block of its prompt);
+  page budgets; each row's current block, whose bounds the step writes);
 * per layer, :func:`quest_rows_forward` writes those bounds from the cache (vLLM wrote the step's keys before the
   attention op runs), selects each (row, KV head)'s pages with Quest's kernel (one budget per row) and runs the
   paged attention over them, three Triton launches and no host sync for the whole batch;
@@ -180,8 +180,6 @@ class QuestRows:
     prompt_lens: Tensor  # [N, h_kv] int32: the prompt's tokens (they come first)
     touched: Tensor  # [N] int32: each row's current block, whose bounds this step writes
     touched_fill: Tensor  # [N] int32: its tokens (padding: 0, nothing written)
-    bulk: Tensor  # [m] int32: the other blocks of the prompts of rows at their first decode step
-    bulk_fill: Tensor  # [m] int32
     width: int  # the widest budget, a power of two
     block_size: int
     counts: Tensor  # [2, N] int64: prompt and total tokens read, summed over heads and layers (device)
@@ -217,28 +215,22 @@ def to_device(host: Tensor, dev: torch.device) -> Tensor:
     return host.to(dev, non_blocking=True)
 
 
-def build_quest_rows(states: list[Any], rows: list[tuple[int, int, int, int, int, bool]], block_table: Tensor,
+def build_quest_rows(states: list[Any], rows: list[tuple[int, int, int, int, int]], block_table: Tensor,
                      kv_heads: int, block_size: int, pad_to: int | None = None) -> QuestRows:
-    """``rows``: per Quest row ``(token, batch row, seq_len, prompt_len, budget, first)`` (``first``: its first
-    decode step, so its prompt's blocks get their bounds); ``block_table [num_reqs, max_blocks]``: the step's
-    (device); ``pad_to``: rows in all (a graph bucket; the table's width then a power of two too). One
-    host-to-device copy."""
+    """``rows``: per Quest row ``(token, batch row, seq_len, prompt_len, budget)``, its prompt's bounds written
+    (:func:`prompt_bounds`); ``block_table [num_reqs, max_blocks]``: the step's (device); ``pad_to``: rows in all (a
+    graph bucket; the table's width then a power of two too). One host-to-device copy."""
     dev = block_table.device
     n = len(rows)
     total = max(n, pad_to or n)
-    pages = max(-(-seq // block_size) for _, _, seq, _, _, _ in rows)
+    pages = max(-(-seq // block_size) for _, _, seq, _, _ in rows)
     if pad_to is not None:
         pages = pow2_bucket(pages)
     host = torch.zeros(total, 7, dtype=torch.int64)  # token, batch row, seq, prompt, budget, current block, fill
-    bulk = []  # (row index, logical block, tokens)
-    for i, (tok, r, seq, plen, bud, first) in enumerate(rows):
+    for i, (tok, r, seq, plen, bud) in enumerate(rows):
         last = (seq - 1) // block_size
         host[i] = torch.tensor([tok, r, seq, plen, bud, last, seq - last * block_size])
-        if first:
-            bulk += [(i, blk, block_size) for blk in range(last)]
-    packed = to_device(torch.cat([host.flatten(), torch.tensor(bulk, dtype=torch.int64).flatten()]), dev)
-    dev_rows = packed[: 7 * total].view(total, 7)
-    blk = packed[7 * total :].view(-1, 3)
+    dev_rows = to_device(host, dev)
     tables = block_table[dev_rows[:, 1]][:, :pages].to(torch.int32)
     row_heads = lambda col: dev_rows[:, col : col + 1].expand(total, kv_heads).to(torch.int32).contiguous()  # noqa: E731
     return QuestRows(
@@ -250,12 +242,10 @@ def build_quest_rows(states: list[Any], rows: list[tuple[int, int, int, int, int
         prompt_lens=row_heads(3),
         touched=tables.gather(1, dev_rows[:, 5:6].clamp(max=tables.shape[1] - 1)).view(-1).contiguous(),
         touched_fill=dev_rows[:, 6].to(torch.int32),
-        bulk=tables[blk[:, 0], blk[:, 1]].contiguous(),
-        bulk_fill=blk[:, 2].to(torch.int32),
-        width=min(pow2_bucket(max(bud for *_, bud, _ in rows)), pow2_bucket(pages)),
+        width=min(pow2_bucket(max(bud for *_, bud in rows)), pow2_bucket(pages)),
         block_size=block_size,
         counts=torch.zeros(2, total, dtype=torch.int64, device=dev),
-        host=[(seq, plen, bud) for _, _, seq, plen, bud, _ in rows],
+        host=[(seq, plen, bud) for _, _, seq, plen, bud in rows],
     )
 
 
@@ -291,15 +281,12 @@ def quest_rows_forward(rows: QuestRows, layer: str, query: Tensor, kv_cache: Ten
     """One layer: write the step's page bounds, select, attend; ``out [tokens, h, d]`` gets the rows' outputs.
     ``kv_cache``: the layer's ``[num_blocks, 2, block_size, h_kv, d]``. With ``graphs``, the layer's kernels replay
     a CUDA graph over static copies of the rows."""
-    from attention_backends.kernels.quest_select import cache_page_bounds
-
     k_cache, v_cache = kv_cache.unbind(1)
     key_min, key_max = bounds
     if kv_cache.dim() != 5 or kv_cache.shape[1] != 2 or kv_cache.shape[0] > key_min.shape[0] \
             or kv_cache.shape[2] != rows.block_size:
         raise RuntimeError(f"vLLM's KV cache {tuple(kv_cache.shape)} is not the layout Quest's bounds were made for "
                            f"({key_min.shape[0]} blocks of {rows.block_size} tokens, [blocks, 2, block, heads, dim])")
-    cache_page_bounds(k_cache, rows.bulk, rows.bulk_fill, key_min, key_max)  # first steps' prompts (eager)
     n = rows.n
     rows.layers += 1
     rows.element_bytes, rows.head_dim = kv_cache.element_size(), query.shape[-1]

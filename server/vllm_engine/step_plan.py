@@ -182,14 +182,15 @@ def _gather_cache_rows(common, plan: SparsePlan) -> None:
         if row.state.reads_every_page:  # dense attention, vLLM's kernel (row.owned is False)
             _host_report(row.state, None, row.context + 1)
             continue
+        if not row.state.bounds_ready:  # (written when its prefill ended: backend.py; never expected here)
+            row.state.disable("its prompt's page bounds were not written when its prefill ended")
+            continue
         quest.append(row)
     if quest:
         plan.quest = cache_decode.build_quest_rows(
             [row.state for row in quest],
-            [(row.start, row.row, row.context + 1, row.state.prompt_len, row.state.budget, not row.state.bounds_ready)
-             for row in quest], common.block_table_tensor, layout.kv_heads, layout.block_size, _bucket(len(quest)))
-        for row in quest:
-            row.state.bounds_ready = True
+            [(row.start, row.row, row.context + 1, row.state.prompt_len, row.state.budget) for row in quest],
+            common.block_table_tensor, layout.kv_heads, layout.block_size, _bucket(len(quest)))
         plan.decode += quest  # (for parent_metadata: they are owned; _decode_row leaves them to plan.quest)
         ws.PENDING.append(plan.quest)
 

@@ -215,8 +215,8 @@ def in_quest_graph(state: RequestState) -> bool:
     Quest rows over vLLM's cache whose budget the graph's buffers take (:mod:`.quest_slots`)."""
     if state.spec.decode.is_dense or state.reads_every_page:
         return True
-    return (state.counted_on_device and QUEST_GRAPH is not None and QUEST_GRAPH.takes(state.budget)
-            and cache_bounds() is not None)
+    return (state.counted_on_device and state.bounds_ready and QUEST_GRAPH is not None
+            and QUEST_GRAPH.takes(state.budget) and cache_bounds() is not None)
 
 
 def full_graph_blocked() -> bool:
