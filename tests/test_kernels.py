@@ -61,6 +61,7 @@ from attention_backends.prefill.vertical_slash_index import Candidates, estimate
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-3 if DEV == "cpu" else 4e-3, torch.float16: 1e-2}  # (CUDA: tl.dot's float32 is TF32)
+TOL_DOT32 = 1e-5 if DEV == "cpu" else 2e-3  # a float32 score through tl.dot against torch's (TF32 on CUDA)
 GROUPS = [(2, 2), (4, 1), (7, 1)]  # (h, h_kv): GQA groups of 1, 4 and 7
 
 
@@ -184,14 +185,14 @@ def test_window_scores_match_reference_estimate():
     cols, slash, w = window_scores(q, k, 20, block=16)
     ref = estimate_scores(q, k, 20)
     assert w == ref.window
-    assert rel_err(cols, ref.vertical) < 1e-5 and rel_err(slash, ref.slash) < 1e-5
+    assert rel_err(cols, ref.vertical) < TOL_DOT32 and rel_err(slash, ref.slash) < TOL_DOT32
 
 
 @pytest.mark.parametrize("reduction", ["sum_of_group_mean", "max"])
 def test_snapkv_token_importance_matches_reference(reduction):
     q, k, _ = qkv(4, 1, 70, 16, torch.float32, seed=4)
     ours = triton_token_importance(q, k, 24, reduction)
-    assert rel_err(ours, ref_token_importance(q, k, 24, reduction)) < 1e-5
+    assert rel_err(ours, ref_token_importance(q, k, 24, reduction)) < TOL_DOT32
 
 
 @pytest.mark.parametrize("method", ["snapkv", "ada_snapkv"])
@@ -219,7 +220,7 @@ def test_keep_triton_matches_reference(method, heads, capacity):
                                                      (64, 64, 64, torch.float16), (77, 48, 24, torch.float32)])
 def test_mean_pool_matches_reference(n, d, block, dtype):
     # ragged last blocks, and shapes outside the kernel's power-of-two tiles (d 48, block 24: torch path)
-    x = torch.randn(3, n, d, generator=torch.Generator().manual_seed(n)).to(dtype)
+    x = torch.randn(3, n, d, generator=torch.Generator().manual_seed(n)).to(DEV, dtype)
     ours = triton_mean_pool(x, block)
     assert ours.shape == (3, math.ceil(n / block), d) and torch.isfinite(ours).all()
     assert rel_err(ours, ref_mean_pool(x, block)) < 1e-5
@@ -237,16 +238,17 @@ def test_computed_cells_closed_form_equals_kernel_count():
     g = torch.Generator().manual_seed(6)
     h, n = 3, 150
     for bm in (16, 64):
-        sel_s = torch.rand(h, n, generator=g) < 0.06
+        sel_s = (torch.rand(h, n, generator=g) < 0.06).to(DEV)
         sel_s[:, 0] = True
-        sel_v = torch.rand(h, n, generator=g) < 0.06
-        pos = torch.arange(n).expand(h, n)
-        big = torch.full((h, n), 1 << 30)
+        sel_v = (torch.rand(h, n, generator=g) < 0.06).to(DEV)
+        pos = torch.arange(n, device=DEV).expand(h, n)
+        big = torch.full((h, n), 1 << 30, device=DEV)
         rel, width, count, cover = slash_chunks(torch.where(sel_s, pos, big), None, n, bm, bm)
         cols, ccnt = vertical_columns(torch.where(sel_v, pos, big), None, n, bm)
         c = count_cells(n, h, rel=(rel, width, count), cols=(cols, ccnt, cover), block_m=bm)
         assert torch.equal(c.sum(-1), computed_cells(sel_s, sel_v, bm))
-        cand = VSCandidates(torch.rand(h, n, generator=g), torch.rand(h, n, generator=g), 16, 4, 8, bm)
+        cand = VSCandidates(torch.rand(h, n, generator=g).to(DEV), torch.rand(h, n, generator=g).to(DEV), 16, 4, 8,
+                            bm)
         a = cand.computed(20, 20)  # positions path
         sel_s2, sel_v2, _, _ = cand.select(20, 20)
         assert int(a) == int(computed_cells(sel_s2, sel_v2, bm).sum())
@@ -258,9 +260,10 @@ def test_a_batch_of_indexes_counts_each_indexs_cells():
     g = torch.Generator().manual_seed(7)
     h, n, bm = 3, 200, 16
     for q_offset in (0, 96):
-        cand = VSCandidates(torch.rand(h, n, generator=g), torch.rand(h, n, generator=g), 16, 4, 8, bm, q_offset)
-        kv = torch.tensor([4, 9, 30, 200])
-        ks = torch.tensor([[8, 12, 8], [20, 3, 40], [8, 8, 8], [100, 150, 200]])  # per head, raised to forced 8
+        cand = VSCandidates(torch.rand(h, n, generator=g).to(DEV), torch.rand(h, n, generator=g).to(DEV), 16, 4, 8, bm,
+                            q_offset)
+        kv = torch.tensor([4, 9, 30, 200], device=DEV)
+        ks = torch.tensor([[8, 12, 8], [20, 3, 40], [8, 8, 8], [100, 150, 200]], device=DEV)  # raised to forced 8
         batch = cand.computed_batch(kv, ks, kv_max=30 if q_offset else None)[:3]  # (kv_max bounds rows 0-2)
         for i in range(3):
             sel_s, sel_v, _, _ = cand.select(int(kv[i]), ks[i])
@@ -280,15 +283,15 @@ def test_the_curves_give_every_budgets_cells():
     g = torch.Generator().manual_seed(11)
     for n, bm, q_offset in ((150, 16, 0), (200, 64, 0), (200, 16, 96), (333, 64, 128)):
         h = 3
-        rank_s = torch.stack([torch.randperm(n, generator=g) for _ in range(h)])
-        order_v = torch.stack([torch.randperm(n, generator=g) for _ in range(h)])
-        rank_v = torch.empty_like(order_v).scatter_(-1, order_v, torch.arange(n).expand(h, n))
+        rank_s = torch.stack([torch.randperm(n, generator=g) for _ in range(h)]).to(DEV)
+        order_v = torch.stack([torch.randperm(n, generator=g) for _ in range(h)]).to(DEV)
+        rank_v = torch.empty_like(order_v).scatter_(-1, order_v, torch.arange(n, device=DEV).expand(h, n))
         band = band_curve(rank_s, bm, q_offset)
         bound = vertical_bound_curve(order_v, n, q_offset)
-        none = torch.zeros(h, n, dtype=torch.bool)
+        none = torch.zeros(h, n, dtype=torch.bool, device=DEV)
         ks_ = (0, 1, 5, 17, 64, n // 2, n - 1, n)
         # the verticals' exact share, every budget at once by direct count (the CUDA path of computed_batch)
-        kk = torch.tensor(ks_)[:, None].expand(-1, h)
+        kk = torch.tensor(ks_, device=DEV)[:, None].expand(-1, h)
         vert = vertical_cells(first_cover(rank_s, bm, n), order_v, kk, kk, n, bm, q_offset)
         for i, k in enumerate(ks_):
             sel_s, sel_v = rank_s < k, rank_v < k
