@@ -36,6 +36,7 @@ from attention_backends.kernels.index_vertical_slash import (  # noqa: E402
 )
 from attention_backends.kernels.methods import vs_closest_budget  # noqa: E402
 from attention_backends.kernels.paged_decode import (  # noqa: E402
+    StackedPositions,
     paged_decode,
     pages_from_contiguous,
     shared_pages_from_contiguous,
@@ -644,6 +645,25 @@ def test_paged_decode_reads_per_head_keep_sets_over_a_cache_of_the_whole_sequenc
         expect[b, j * grp:(j + 1) * grp] = attend(q[b, j * grp:(j + 1) * grp], k[b, j, idx.to(DEV)],
                                                   v[b, j, idx.to(DEV)])
     assert_close(out, expect, torch.float32)
+
+    # the same read-sets through pointers to each row's own stack [layers, h_kv, width] (widths differ, layer 1 of
+    # 2 holds them, layer 0 garbage), as a CUDA graph replays them; a row of length 0 keeps its output
+    stacks = []
+    for b in range(B):
+        width = K + 3 * b
+        stack = torch.full((2, h_kv, width), 10**6, dtype=torch.int32, device=DEV)  # (a read of layer 0 fails)
+        stack[1, :, :K] = positions[b].to(DEV)
+        stacks.append(stack)
+    pointers = torch.tensor([st.data_ptr() for st in stacks] + [0], dtype=torch.int64, device=DEV)
+    widths = torch.tensor([st.shape[-1] for st in stacks] + [0], dtype=torch.int32, device=DEV)
+    rows4 = lambda x: torch.cat([x, torch.zeros_like(x[:1])])  # noqa: E731  (a fourth row, empty)
+    q4 = torch.cat([q, torch.randn(1, h, d, generator=g).to(DEV)])
+    before = nan_like(q4)
+    before[3] = 7.0
+    out4 = paged_decode(q4, cache[:, 0], cache[:, 1], rows4(table), rows4(lengths), num_splits=2, out=before,
+                        keep=(StackedPositions(pointers, widths, 1), rows4(kept.to(DEV)), rows4(keep[2])),
+                        skip_empty=True)
+    assert torch.equal(out4[:3], out) and bool((out4[3] == 7.0).all())
 
 
 # ---------------------------------------------------------------------------------- public API, impl="triton"

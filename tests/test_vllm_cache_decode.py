@@ -443,6 +443,73 @@ def test_a_uniform_decode_step_plans_its_quest_rows_into_the_full_graph_buffers(
     assert plan.slots is None and plan.quest is not None and plan.keep is not None
     assert parent.seq_lens.tolist() == [1, 42, 62, 1]
 
+    # where the graph holds keep rows too (SPARSE_SERVE_VLLM_KEEP_GRAPH=1), the SnapKV row joins the full graph: its
+    # per-row values go into the keep buffers, vLLM's kernel skips it, and its report is written at planning
+    from server.vllm_engine.keep_slots import KeepSlots
+
+    keep_slots = KeepSlots(8, layers, h_kv, torch.device(DEV))
+    monkeypatch.setattr(ws, "KEEP_GRAPH", keep_slots)
+    assert not ws.full_graph_blocked()
+    reads_before = snap.cost.decode.actual_units
+    plan, parent = step([78, 43, 63, 62])
+    assert plan.slots is not None and plan.keep is None and plan.quest is None
+    assert plan.slots.index == [0] and sorted(plan.slots.cut) == [0, 3]
+    assert parent.seq_lens.tolist() == [1, 43, 63, 1] and parent.seq_lens_cpu_upper_bound.tolist() == [1, 43, 63, 1]
+    assert keep_slots.pointers[3] == snap.keep_stack[0].data_ptr() and keep_slots.widths[3] == 8
+    assert keep_slots.kept[3].tolist() == [[8, 8], [8, 8]] and keep_slots.lengths[3].tolist() == [[10, 10], [10, 10]]
+    assert keep_slots.lengths[:3].sum() == 0 and keep_slots.prompt_lens[3] == 60
+    assert snap.cost.decode.actual_units == reads_before + 8 * h_kv * layers  # (its kept tokens, every layer)
+
+
+def test_keep_rows_in_the_full_decode_graph_buffers_match_the_per_step_rows_and_leave_other_rows_alone():
+    """SnapKV / Ada-SnapKV inside vLLM's full decode graph (``keep_slots``): each layer's launch over every batch row
+    reads a keep row's own stack through its pointer and gives the per-step path's output; a dense row and a padding
+    row keep what vLLM's kernel wrote; a step without keep rows clears the buffers."""
+    from types import SimpleNamespace
+
+    from server.vllm_engine.keep_slots import KeepSlots
+
+    h, h_kv, d, block, names = 4, 2, 16, 16, ["l0", "l1"]
+    prompts, gen = [70, 40, 52], 3  # batch rows 0 and 2 keep; row 1 is dense; row 3 is padding
+    g = torch.Generator().manual_seed(12)
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float32)  # noqa: E731
+    cap = max(prompts) + gen
+    k_all, v_all = rand(len(names), 3, h_kv, cap, d), rand(len(names), 3, h_kv, cap, d)
+    caches, tables = [], None
+    for layer in range(len(names)):
+        cache, tables = shared_pages_from_contiguous(k_all[layer], v_all[layer], block,
+                                                     generator=torch.Generator().manual_seed(100))
+        caches.append(cache.to(DEV))
+    table4 = torch.cat([tables, torch.zeros_like(tables[:1])]).to(DEV)
+    states = {}
+    for b in (0, 2):  # per layer and head, its own sorted subset of the prompt (counts differ)
+        keep = {}
+        for name in names:
+            sets = [torch.randperm(prompts[b], generator=g)[: 5 + 3 * j + b].sort().values.to(DEV) for j in range(h_kv)]
+            keep[name] = cache_decode.keep_set(sets)
+        states[b] = SimpleNamespace(keep=keep, keep_stack=None)
+    seqs = [n + gen for n in prompts]
+    q = rand(4, h, d).to(DEV)
+    per_step = cache_decode.build_keep_rows([states[0], states[2]], [(0, 0, seqs[0], prompts[0]),
+                                                                    (2, 2, seqs[2], prompts[2])], table4, names, block)
+    slots = KeepSlots(8, len(names), h_kv, torch.device(DEV))
+    slots.fill(4, [(b, cache_decode.stacked_keep(states[b], names), seqs[b], prompts[b]) for b in (0, 2)])
+    for i, name in enumerate(names):
+        ref = torch.full((4, h, d), float("nan"), device=DEV)
+        cache_decode.keep_rows_forward(per_step, name, q, caches[i], ref)
+        out = torch.full((4, h, d), 5.0, device=DEV)
+        with no_host_sync():
+            slots.forward(i, 4, q, caches[i], table4, out)
+        assert torch.equal(out[[0, 2]], ref[[0, 2]]), name
+        assert bool((out[[1, 3]] == 5.0).all()), name
+    slots.fill(2, [(0, cache_decode.stacked_keep(states[0], names), seqs[0], prompts[0])])  # a smaller batch
+    assert slots.lengths[0].min() > 0 and slots.lengths[1:].sum() == 0  # (row 2's stale request is not read)
+    slots.fill(4, [])
+    assert slots.lengths.sum() == 0 and slots.pointers.sum() == 0 and slots.kept.sum() == 0
+    out = torch.full((4, h, d), 5.0, device=DEV)
+    slots.forward(1, 4, q, caches[1], table4, out)
+    assert bool((out == 5.0).all())
+
 
 def test_the_graph_buffers_forget_quest_rows_once_a_step_has_none():
     """A step without Quest rows writes only the lengths vLLM's kernel reads; the step after Quest rows clears every

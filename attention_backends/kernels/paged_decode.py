@@ -27,6 +27,7 @@ divides its own length among the splits, so one grid serves any lengths (CUDA-gr
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -41,11 +42,11 @@ _NEG = tl.constexpr(-1.0e30)
 
 @triton.jit
 def _paged_decode_split_kernel(
-    Q, KP, VP, PT, LEN, MP, LP, AP, KT, KCNT, PLEN,
+    Q, KP, VP, PT, LEN, MP, LP, AP, KT, KW, KCNT, PLEN,
     sqb, sqh, skp, skt, skh, svp, svt, svh, spt_b, spt_h, slen_b, skt_b, skt_h, skc_b,
-    h_kv, group, qk_scale, num_splits,
+    h_kv, group, qk_scale, num_splits, layer,
     HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, G_PAD: tl.constexpr, KEEP: tl.constexpr,
-    SKIP_EMPTY: tl.constexpr,
+    KEEP_PTR: tl.constexpr, SKIP_EMPTY: tl.constexpr,
 ):
     bh = tl.program_id(0)
     s = tl.program_id(1)
@@ -72,7 +73,10 @@ def _paged_decode_split_kernel(
     vp = VP + kvh * svh
     lane = tl.arange(0, BLOCK_N)
     if KEEP:  # the row's i-th token read: its i-th kept prompt position, then the generated tokens
-        kt = KT + b * skt_b + kvh * skt_h
+        if KEEP_PTR:  # (the row's own stack [layers, h_kv, width] at the address KT[b]: a request's, not a copy)
+            kt = tl.load(KT + b).to(tl.pointer_type(tl.int32)) + (layer * h_kv + kvh) * tl.load(KW + b)
+        else:
+            kt = KT + b * skt_b + kvh * skt_h
         kept = tl.load(KCNT + b * skc_b + kvh)
         gen0 = tl.load(PLEN + b) - kept  # position of read token i >= kept: prompt_len + (i - kept)
     for t0 in range(start, end, BLOCK_N):
@@ -122,6 +126,17 @@ def _combine_kernel(MP, LP, AP, Out, LEN, num_splits, slen_b, h, group, HEAD_DIM
     tl.store(Out + row * HEAD_DIM + offs_d, (num / denom).to(Out.dtype.element_ty), mask=offs_d < width)
 
 
+@dataclass(frozen=True)
+class StackedPositions:
+    """Kept positions read through pointers: row ``b``'s are an int32 ``[layers, h_kv, widths[b]]`` tensor at address
+    ``pointers[b]`` (a request's own keep stack, kept alive by its owner), and ``layer`` picks the layer. A row of
+    length 0 is never read (its pointer may be 0)."""
+
+    pointers: Tensor  # [B] int64
+    widths: Tensor  # [B] int32
+    layer: int
+
+
 def page_strides(pages: Tensor, h_kv: int) -> tuple[int, int, int]:
     """``(page, token, KV head)`` strides of a page pool in either layout of the module docstring (a page of one
     KV head: head stride 0)."""
@@ -159,7 +174,7 @@ def paged_decode(
     out: Tensor | None = None,
     num_warps: int = 4,
     num_stages: int | None = None,
-    keep: tuple[Tensor, Tensor, Tensor] | None = None,
+    keep: tuple[Tensor | StackedPositions, Tensor, Tensor] | None = None,
     skip_empty: bool = False,
 ) -> Tensor:
     """Decode attention of ``q [B, h, d]`` over paged K/V (layout in the module docstring) -> ``[B, h, d]``.
@@ -170,7 +185,9 @@ def paged_decode(
     ``keep = (positions [B, h_kv, K], kept [B, h_kv], prompt_lens [B])`` (int32): each (row, KV head) reads the
     ``kept`` prompt positions listed first in ``positions`` (a SnapKV / Ada-SnapKV read-set over a cache that holds
     the whole prompt, such as vLLM's), then its generated tokens, positions ``prompt_len ..``; ``lengths`` is then
-    ``kept`` plus the generated tokens, and ``page_table`` maps positions to pages as without ``keep``.
+    ``kept`` plus the generated tokens, and ``page_table`` maps positions to pages as without ``keep``. The
+    positions may instead be :class:`StackedPositions` (each row's own stack, through a pointer: what a CUDA graph
+    replays over requests that change from step to step).
     """
     B, h, d = q.shape
     page, d2 = k_pages.shape[1], k_pages.shape[-1]
@@ -196,20 +213,27 @@ def paged_decode(
     scale = (1.0 / math.sqrt(d)) if sm_scale is None else sm_scale
     if num_stages is None:
         num_stages = 3 if dev.type == "cuda" else 1
+    stacked = keep is not None and isinstance(keep[0], StackedPositions)
     if keep is not None:
         positions, kept, prompt_lens = keep
-        assert positions.shape[:2] == (B, h_kv) and kept.shape == (B, h_kv) and prompt_lens.shape == (B,)
-        assert steps_by_one(positions, kept, prompt_lens)
-        kargs = (positions, kept, prompt_lens, positions.stride(0), positions.stride(1), kept.stride(0))
+        assert kept.shape == (B, h_kv) and prompt_lens.shape == (B,) and steps_by_one(kept, prompt_lens)
+        if stacked:
+            assert positions.pointers.shape == positions.widths.shape == (B,)
+            assert positions.pointers.dtype == torch.int64 and positions.widths.dtype == torch.int32
+            kargs = (positions.pointers, positions.widths, kept, prompt_lens, 0, 0, kept.stride(0), positions.layer)
+        else:
+            assert positions.shape[:2] == (B, h_kv) and steps_by_one(positions)
+            kargs = (positions, positions, kept, prompt_lens, positions.stride(0), positions.stride(1),
+                     kept.stride(0), 0)
     else:
-        kargs = (lengths, lengths, lengths, 0, 0, 0)  # (unused)
+        kargs = (lengths, lengths, lengths, lengths, 0, 0, 0, 0)  # (unused)
     _paged_decode_split_kernel[(B * h_kv, num_splits)](
-        q, k_pages, v_pages, page_table, lengths, mp, lp, ap, *kargs[:3],
+        q, k_pages, v_pages, page_table, lengths, mp, lp, ap, *kargs[:4],
         q.stride(0), q.stride(1), *kst, *vst,
-        page_table.stride(0), page_table.stride(1), lengths.stride(0), *kargs[3:],
-        h_kv, group, scale * LOG2E, num_splits,
-        HEAD_DIM=d, PAGE=page, BLOCK_N=block_n, G_PAD=g_pad, KEEP=keep is not None, SKIP_EMPTY=skip_empty,
-        num_warps=num_warps, num_stages=num_stages,
+        page_table.stride(0), page_table.stride(1), lengths.stride(0), *kargs[4:7],
+        h_kv, group, scale * LOG2E, num_splits, kargs[7],
+        HEAD_DIM=d, PAGE=page, BLOCK_N=block_n, G_PAD=g_pad, KEEP=keep is not None, KEEP_PTR=stacked,
+        SKIP_EMPTY=skip_empty, num_warps=num_warps, num_stages=num_stages,
     )
     if out is None:
         out = torch.empty(B, h, d, dtype=q.dtype, device=dev)

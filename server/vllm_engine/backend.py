@@ -114,9 +114,12 @@ class SparseImplMixin:
         with torch.inference_mode(), record_function("sparse_serve::rows"):
             if plan.slots is not None:  # (captured into vLLM's full decode graph: launched rows or not)
                 bounds = ws.cache_bounds()
+                n = plan.slots.n
                 if bounds is not None:
-                    n = plan.slots.n
                     ws.QUEST_GRAPH.forward(plan.slots, query[:n], kv_cache, bounds.of(name), out[:n])
+                if ws.KEEP_GRAPH is not None:
+                    ws.KEEP_GRAPH.forward(ws.layer_index(name), n, query[:n], kv_cache, plan.slots.block_table,
+                                          out[:n])
             for row in plan.prefill:
                 self._prefill_row(name, row, query, key, value, kv_cache, out)
             if plan.quest is not None:

@@ -23,11 +23,15 @@ from vllm.v1.attention.backends.flash_attn import (
 from . import worker_state as ws
 from .backend import SparseBuilderMixin, SparseImplMixin
 from .cache_decode import CacheLayout, RowGraphs
+from .keep_slots import KeepSlots
 from .quest_slots import QuestSlots
 
 # SPARSE_SERVE_VLLM_QUEST_GRAPH=0: Quest rows never run inside vLLM's full decode graphs (the steps that hold them
 # replay piecewise graphs, the rows in their own per-layer graphs), to compare or to rule the full-graph path out
 QUEST_GRAPH_ENV = "SPARSE_SERVE_VLLM_QUEST_GRAPH"
+# SPARSE_SERVE_VLLM_KEEP_GRAPH=1: SnapKV / Ada-SnapKV rows run inside those graphs too (:mod:`.keep_slots`). Off by
+# default until measured on a GPU: its kernels then sit in every decode graph, dense steps included
+KEEP_GRAPH_ENV = "SPARSE_SERVE_VLLM_KEEP_GRAPH"
 
 
 class SparseFlashAttentionMetadataBuilder(SparseBuilderMixin, FlashAttentionMetadataBuilder):
@@ -44,6 +48,9 @@ class SparseFlashAttentionMetadataBuilder(SparseBuilderMixin, FlashAttentionMeta
                 if os.environ.get(QUEST_GRAPH_ENV, "1") != "0":
                     ws.QUEST_GRAPH = QuestSlots(vllm_config.scheduler_config.max_num_seqs, kv_cache_spec.num_kv_heads,
                                                 kv_cache_spec.block_size, torch.device(device))
+                    if os.environ.get(KEEP_GRAPH_ENV, "0") == "1":
+                        ws.KEEP_GRAPH = KeepSlots(vllm_config.scheduler_config.max_num_seqs, len(layer_names),
+                                                  kv_cache_spec.num_kv_heads, torch.device(device))
 
 
 class SparseFlashAttentionImpl(SparseImplMixin, FlashAttentionImpl):

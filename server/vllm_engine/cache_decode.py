@@ -373,15 +373,16 @@ def keep_set(keep: list[Tensor]) -> tuple[Tensor, Tensor]:
     return positions, counts
 
 
-def stacked_keep(state: Any, layers: list[str]) -> tuple[Tensor, Tensor, int]:
+def stacked_keep(state: Any, layers: list[str]) -> tuple[Tensor, Tensor, int, Tensor]:
     """A request's keep-sets for every layer, in ``layers`` order -> ``(positions [L, h_kv, K], counts [L, h_kv],
-    prompt tokens kept in all)``; built once (the keep-sets are fixed), kept on the request."""
+    prompt tokens kept in all, the counts on the host)``; built once (the keep-sets are fixed), kept on the request."""
     if state.keep_stack is None:
         sets = [state.keep[name] for name in layers]
         width = max(p.shape[1] for p, _ in sets)
         positions = torch.stack([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p, _ in sets])
         counts = torch.stack([c for _, c in sets])
-        state.keep_stack = (positions, counts, int(counts.sum()))  # (one read of the counts per request)
+        host = counts.cpu()  # (one read of the device per request)
+        state.keep_stack = (positions, counts, int(host.sum()), host)
     return state.keep_stack
 
 
@@ -411,14 +412,14 @@ def build_keep_rows(states: list[Any], rows: list[tuple[int, int, int, int]], bl
     n = len(rows)
     total = max(n, pad_to or n)
     stacks = [stacked_keep(st, layers) for st in states]
-    width = max(p.shape[-1] for p, _, _ in stacks)
+    width = max(p.shape[-1] for p, *_ in stacks)
     pages = max(-(-seq // block_size) for _, _, seq, _ in rows)
     max_len = width + max(seq - plen for _, _, seq, plen in rows)
     if pad_to is not None:
         width, pages, max_len = pow2_bucket(width), pow2_bucket(pages), pow2_bucket(max_len)
     positions = torch.zeros(total, len(layers), *stacks[0][0].shape[1:-1], width, dtype=torch.int32, device=dev)
     kept = torch.zeros(total, *stacks[0][1].shape, dtype=torch.int32, device=dev)
-    for i, (p, c, _) in enumerate(stacks):
+    for i, (p, c, *_) in enumerate(stacks):
         positions[i, ..., : p.shape[-1]] = p
         kept[i] = c
     host = torch.zeros(total, 4, dtype=torch.int64)

@@ -46,6 +46,7 @@ class SlotStep:
     states: list[Any] = field(default_factory=list)  # each Quest row's request, in ``index`` order
     index: list[int] = field(default_factory=list)  # their batch rows
     host: list[tuple[int, int, int]] = field(default_factory=list)  # (seq_len, prompt_len, budget) per Quest row
+    cut: list[int] = field(default_factory=list)  # every batch row vLLM's kernel skips: Quest's and the keep rows'
     layers: int = 0
     head_dim: int = 0
     element_bytes: int = 2
@@ -78,14 +79,20 @@ class QuestSlots:
         """Whether a Quest row of this budget (pages) runs here."""
         return budget <= self.width
 
-    def fill(self, seq_lens: Tensor, block_table: Tensor, rows: list[tuple[int, int, int]]) -> None:
+    def fill(self, seq_lens: Tensor, block_table: Tensor, rows: list[tuple[int, int, int]],
+             cut: list[int] = ()) -> None:
         """A step of ``n`` batch rows (``seq_lens [n]``, ``block_table [n, max_blocks]``: vLLM's, on the device);
-        ``rows``: per Quest row ``(batch row, prompt_len, budget)``. One host-to-device copy, no wait. A step without
+        ``rows``: per Quest row ``(batch row, prompt_len, budget)``; ``cut``: other batch rows vLLM's kernel skips
+        (another graph kernel writes them: :mod:`.keep_slots`). One host-to-device copy, no wait. A step without
         Quest rows after one without writes only the lengths vLLM's kernel reads (the rest is already zero)."""
         n = seq_lens.shape[0]
         if n > self.max_rows:
             raise RuntimeError(f"a decode step of {n} rows; Quest's graph buffers hold {self.max_rows}")
         seq = seq_lens.to(torch.int32)
+        if cut:  # (a host mask of the rows, in the same pinned copy's way: no wait)
+            skip = torch.zeros(n, dtype=torch.bool)
+            skip[list(cut)] = True
+            seq = torch.where(to_device(skip, seq.device), 1, seq)
         if not rows:
             self.seq_cut[:n].copy_(seq)
             if self._quest_rows:  # every row of every buffer, not only this step's: no stale budget stays

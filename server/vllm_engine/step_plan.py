@@ -100,7 +100,7 @@ def make_plan(common) -> SparsePlan | None:
                 state.disable("more than one new token per decode step (speculative decoding)")
                 continue
             plan.decode.append(row)
-    if graph is not None and not plan.prefill and all(ws.in_quest_graph(row.state) for row in plan.decode):
+    if graph is not None and not plan.prefill and all(ws.in_full_graph(row.state) for row in plan.decode):
         return _slot_plan(common, plan)
     _gather_cache_rows(common, plan)
     if not plan.prefill and not plan.decode:
@@ -126,13 +126,14 @@ def _host_report(st, prompt_read: int | None, seq: int) -> None:
 
 
 def _slot_plan(common, plan: SparsePlan) -> SparsePlan:
-    """A uniform decode step whose sparse rows are all Quest rows over vLLM's cache that its full decode graph takes
-    (:mod:`.quest_slots`): their per-row values go into the graph's buffers, one host-to-device copy."""
+    """A uniform decode step whose sparse rows all run inside its full decode graph: Quest rows over vLLM's cache
+    (:mod:`.quest_slots`) and, where the graph holds them, SnapKV / Ada-SnapKV rows (:mod:`.keep_slots`, their
+    reports written here). Their per-row values go into the graph's buffers."""
     graph, layout = ws.QUEST_GRAPH, ws.CACHE
     n = int(common.num_reqs)
     step = SlotStep(graph, n, common.block_table_tensor[:n], layers=ws.layers(), head_dim=layout.head_dim,
                     element_bytes=layout.dtype.itemsize, block_size=layout.block_size)
-    rows = []
+    rows, keep = [], []
     for row in plan.decode:
         st, seq = row.state, row.context + 1
         if st.spec.decode.is_dense:  # (a sparse prefill's decode: vLLM's kernel)
@@ -140,11 +141,19 @@ def _slot_plan(common, plan: SparsePlan) -> SparsePlan:
         if st.reads_every_page:  # dense attention, vLLM's kernel (row.owned is False)
             _host_report(st, None, seq)
             continue
+        step.cut.append(row.row)
+        if st.keeps_over_cache:
+            stack = cache_decode.stacked_keep(st, ws.layer_names())
+            keep.append((row.row, stack, seq, st.prompt_len))
+            _host_report(st, stack[2], seq)
+            continue
         rows.append((row.row, st.prompt_len, st.budget))
         step.states.append(st)
         step.index.append(row.row)
         step.host.append((seq, st.prompt_len, st.budget))
-    graph.fill(common.seq_lens[:n], step.block_table, rows)
+    graph.fill(common.seq_lens[:n], step.block_table, rows, cut=[r for r, *_ in keep])
+    if ws.KEEP_GRAPH is not None:
+        ws.KEEP_GRAPH.fill(n, keep)
     if step.index:
         ws.PENDING.append(step)
     plan.slots = step
@@ -230,7 +239,7 @@ def _slot_metadata(common, plan: SparsePlan):
     sequence kept (a full graph was captured for ``max_model_len``; the kernel's schedule is built from the real
     lengths)."""
     step = plan.slots
-    return compat.with_seq_lens(common, ws.QUEST_GRAPH.seq_cut[: step.n], _cut_upper(common, step.index),
+    return compat.with_seq_lens(common, ws.QUEST_GRAPH.seq_cut[: step.n], _cut_upper(common, step.cut),
                                 int(common.max_seq_len))
 
 

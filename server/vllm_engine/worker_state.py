@@ -28,6 +28,7 @@ from server.contract.cost import RequestCost
 from . import cache_decode
 from .accounting import COST_DIR_ENV, write_cost
 from .count_reader import CountReader
+from .keep_slots import KeepSlots
 from .quest_slots import QuestSlots
 
 log = logging.getLogger("sparse_serve.vllm_engine")
@@ -102,7 +103,7 @@ class RequestState:
     cache_tokens: int = 0  # tokens in its cache, summed over layers and KV heads (cache_decode)
     # SnapKV / Ada-SnapKV over vLLM's cache: per layer (positions [h_kv, K], counts [h_kv]), then all layers stacked
     keep: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
-    keep_stack: tuple[Tensor, Tensor, int] | None = None
+    keep_stack: tuple[Tensor, Tensor, int, Tensor] | None = None
 
     @property
     def reads_every_page(self) -> bool:
@@ -155,6 +156,7 @@ CACHE: cache_decode.CacheLayout | None = None  # set by the CUDA backend's build
 _BOUNDS: cache_decode.CacheBounds | None = None
 GRAPHS: cache_decode.RowGraphs | None = None  # set with CACHE where CUDA graphs run the rows (not enforce_eager)
 QUEST_GRAPH: QuestSlots | None = None  # set with GRAPHS: Quest rows inside vLLM's full decode graphs
+KEEP_GRAPH: KeepSlots | None = None  # set with QUEST_GRAPH where asked: SnapKV / Ada-SnapKV rows inside them too
 PENDING: list[cache_decode.QuestRows] = []  # this step's Quest rows, for end_step's accounting
 LOCK = threading.Lock()  # the accounts and cost files: the step's end and the count reader's thread both write them
 
@@ -186,6 +188,11 @@ def layer_names(name: str | None = None) -> list[str]:
     return list(LAYER_NAMES)
 
 
+def layer_index(name: str) -> int:
+    """A layer's place in :func:`layer_names` (the order of the requests' keep stacks)."""
+    return layer_names(name).index(name)
+
+
 def set_model_shape(shape: ModelShape) -> None:
     global _SHAPE
     _SHAPE = shape
@@ -210,11 +217,14 @@ def add(slot: int, params: Any, prompt_len: int, resumed: bool) -> None:
     SLOTS[slot] = state
 
 
-def in_quest_graph(state: RequestState) -> bool:
-    """Whether a decoding request's rows run inside vLLM's full decode graph: dense decode rows (vLLM's kernel), and
-    Quest rows over vLLM's cache whose budget the graph's buffers take (:mod:`.quest_slots`)."""
+def in_full_graph(state: RequestState) -> bool:
+    """Whether a decoding request's rows run inside vLLM's full decode graph: dense decode rows (vLLM's kernel), Quest
+    rows over vLLM's cache whose budget the graph's buffers take (:mod:`.quest_slots`), and, where the graph holds
+    them (:mod:`.keep_slots`), SnapKV / Ada-SnapKV rows over vLLM's cache."""
     if state.spec.decode.is_dense or state.reads_every_page:
         return True
+    if state.keeps_over_cache:
+        return KEEP_GRAPH is not None and QUEST_GRAPH is not None
     return (state.counted_on_device and state.bounds_ready and QUEST_GRAPH is not None
             and QUEST_GRAPH.takes(state.budget) and cache_bounds() is not None)
 
@@ -222,7 +232,7 @@ def in_quest_graph(state: RequestState) -> bool:
 def full_graph_blocked() -> bool:
     """Whether the next step may run a sparse row outside vLLM's full decode graph: some sparse request (not run
     dense) still prefilling, or decoding with a sparse method the graph does not take."""
-    return any(st.fallback is None and (st.seen < st.prompt_len or not in_quest_graph(st)) for st in SLOTS.values())
+    return any(st.fallback is None and (st.seen < st.prompt_len or not in_full_graph(st)) for st in SLOTS.values())
 
 
 def remove(slot: int) -> None:
