@@ -11,7 +11,8 @@ and hold 32K tokens (2048 blocks). Timed under CUDA-graph replay, at batch 1, 8 
 * ``quest``: every row selects quest:10's budget (205 of 2048 blocks);
 * ``dense rows``: no row has a budget (a dense step through the plugin pays this in every layer);
 * ``dense attention``: :func:`paged_decode` over each row's 32K tokens, the attention Quest replaces (a yardstick);
-* the selection alone at several chunk sizes and warp counts.
+* the selection alone at several chunk sizes and warp counts;
+* SnapKV's layer inside the graph (``keep_slots.py``): keep rows, and rows without keep-sets.
 
 ``--baseline PACKAGE[,PACKAGE...]``: copies of ``attention_backends/kernels`` from other commits, importable as
 PACKAGE (e.g. ``mkdir oldk && git archive f1b7261 attention_backends/kernels | tar -x --strip-components=2 -C oldk``),
@@ -26,6 +27,7 @@ import json
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -93,6 +95,30 @@ def layer_fn(mod, x: dict, quest: bool):
     return run
 
 
+def keep_layer(x: dict, B: int, dev: str, row) -> None:
+    """SnapKV's layer inside the graph (``server/vllm_engine/keep_slots.py``): every row keeps a tenth of its prompt per
+    KV head (sorted random positions) and reads them plus 16 generated tokens through the pointer to its own stack;
+    then the same launch over rows without keep-sets (what a dense step pays with the switch on)."""
+    from server.vllm_engine import cache_decode
+    from server.vllm_engine.keep_slots import KeepSlots
+
+    kept = CONTEXT // 10
+    states, rows = [], []
+    for b in range(B):
+        sets = [torch.randperm(CONTEXT - 16, device=dev)[:kept].sort().values for _ in range(HKV)]
+        st = SimpleNamespace(keep={"l0": cache_decode.keep_set(sets)}, keep_stack=None)
+        states.append(st)  # (the stacks live as long as the rows that point to them)
+        rows.append((b, cache_decode.stacked_keep(st, ["l0"]), CONTEXT, CONTEXT - 16))
+    slots = KeepSlots(B, 1, HKV, torch.device(dev))
+    out = torch.zeros_like(x["q"])
+    slots.fill(B, rows)
+    row(case="keep layer (snapkv:10 rows, pointers to their stacks)", B=B,
+        ms=kernels_bench.bench(lambda: slots.forward(0, B, x["q"], x["cache"], x["table"], out), graph=True))
+    slots.fill(B, [])
+    row(case="keep layer, rows without keep-sets", B=B,
+        ms=kernels_bench.bench(lambda: slots.forward(0, B, x["q"], x["cache"], x["table"], out), graph=True))
+
+
 def measure(B: int, dev: str, mods: list[str], smoke: bool, row) -> None:
     """Every case at batch ``B``: the layer per kernel package (each checked against the first), the dense
     yardstick, the scores and the selection's settings."""
@@ -120,6 +146,7 @@ def measure(B: int, dev: str, mods: list[str], smoke: bool, row) -> None:
     row(case="dense attention (paged_decode, 32K)", B=B,
         ms=kernels_bench.bench(lambda: paged_decode(q, k_cache, v_cache, table, lens, max_len=TABLE * PAGE),
                                graph=True))
+    keep_layer(x, B, dev, row)
     budgets = torch.full((B,), BUDGET, dtype=torch.int32, device=dev)
 
     def scores_fn():
