@@ -2,7 +2,7 @@
 # The recorded e2e run on the team's device (one H200), in steps that fit its 10-minute calls:
 #   bash benchmarks/e2e_device.sh STEP...      (parts go to $OUT, logs beside them)
 # Steps: model (write the Qwen2.5-7B-shaped model to /tmp; once per lease), native-ttft (TTFT 8K/32K/128K alone),
-# vs-breakdown (benchmarks/kernels.py on vertical_slash and flexprefill at 128K), native-a (TTFT, agreement,
+# vs-breakdown (benchmarks/kernel_bench.py on vertical_slash and flexprefill at 128K), native-a (TTFT, agreement,
 # decode at batch 1 and 8), native-b (decode at batch 32 and at 128K, inter-token latency while a 128K prompt
 # prefills; native-decode: the same without it), native-cap (capacity on 8 GiB of KV), vllm (bare vLLM, dense:
 # TTFT, agreement, decode at batch 1/4/8/32/128K; batch 4 at 32K is the most 8 GiB holds for vLLM: its best
@@ -43,7 +43,7 @@ for step in "$@"; do
     model) [ -f $dir/config.json ] || python3 benchmarks/e2e.py write-model --dir $dir 2>&1 | tail -1 ;;
     native-ttft) e2e native-ttft --engine native --part ttft --deadline 420 ;;
     vs-breakdown)  # vertical_slash / flexprefill at 128K on one layer: estimate, budget search, attention apart
-      python3 benchmarks/kernels.py --out "$out" --vs-only --lengths 131072 --skip decode,snapkv,api \
+      python3 benchmarks/kernel_bench.py --out "$out" --vs-only --lengths 131072 --skip decode,snapkv,api \
         > "$out/vs-breakdown.log" 2>&1; grep -E "vertical_slash|flexprefill|  vs " "$out/vs-breakdown.log" ;;
     native-a) e2e native-a --engine native --part ttft,agree,decode:1,decode:8 --deadline 420 ;;
     native-b) e2e native-b --engine native --part decode:32,decode:long,interference --deadline 330 ;;

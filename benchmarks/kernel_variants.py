@@ -32,7 +32,7 @@ import triton.language as tl
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import kernels as kernels_bench  # noqa: E402  (benchmarks/kernels.py: the same timing rules)
+import kernel_bench as kernels_bench  # noqa: E402  (benchmarks/kernel_bench.py: the same timing rules)
 
 from attention_backends.kernels import methods as M  # noqa: E402
 from attention_backends.kernels.paged_decode import (  # noqa: E402

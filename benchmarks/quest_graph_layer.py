@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import kernels as kernels_bench  # noqa: E402  (benchmarks/kernels.py: the same timing rules)
+import kernel_bench as kernels_bench  # noqa: E402  (benchmarks/kernel_bench.py: the same timing rules)
 
 H, HKV, D, PAGE = 28, 4, 128, 16
 TABLE = 8320  # blocks per row of vLLM's block table (max_model_len 133120)

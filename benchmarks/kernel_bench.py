@@ -2,8 +2,8 @@
 """Kernel benchmark (GPU, one call): check every Triton kernel against its reference, then time the kernel
 table of ``docs/performance.md`` next to its baselines measured in the same run.
 
-    PYTHONUNBUFFERED=1 python benchmarks/kernels.py --out DIR            # full run
-    PYTHONUNBUFFERED=1 python benchmarks/kernels.py --out DIR --smoke    # small shapes: compile + check
+    PYTHONUNBUFFERED=1 python benchmarks/kernel_bench.py --out DIR            # full run
+    PYTHONUNBUFFERED=1 python benchmarks/kernel_bench.py --out DIR --smoke    # small shapes: compile + check
 
 Reference shape: Qwen2.5-7B attention layer, 28 query heads, 4 KV heads, head dim 128, bfloat16. Inputs are
 random normal (never zero). Times are medians of ``triton.testing.do_bench`` after warm-up; a method's time
