@@ -213,25 +213,28 @@ def paged_decode(
     scale = (1.0 / math.sqrt(d)) if sm_scale is None else sm_scale
     if num_stages is None:
         num_stages = 3 if dev.type == "cuda" else 1
+    # the keep-set's arguments: positions (or their pointers), widths, kept counts, prompt lengths, their strides
+    # and the layer of a stack (unused without ``keep``)
+    kt = kw = kcnt = plen = lengths
+    skt_b = skt_h = skc_b = layer = 0
     stacked = keep is not None and isinstance(keep[0], StackedPositions)
     if keep is not None:
-        positions, kept, prompt_lens = keep
-        assert kept.shape == (B, h_kv) and prompt_lens.shape == (B,) and steps_by_one(kept, prompt_lens)
+        positions, kcnt, plen = keep
+        assert kcnt.shape == (B, h_kv) and plen.shape == (B,) and steps_by_one(kcnt, plen)
+        skc_b = kcnt.stride(0)
         if stacked:
             assert positions.pointers.shape == positions.widths.shape == (B,)
             assert positions.pointers.dtype == torch.int64 and positions.widths.dtype == torch.int32
-            kargs = (positions.pointers, positions.widths, kept, prompt_lens, 0, 0, kept.stride(0), positions.layer)
+            kt, kw, layer = positions.pointers, positions.widths, positions.layer
         else:
             assert positions.shape[:2] == (B, h_kv) and steps_by_one(positions)
-            kargs = (positions, positions, kept, prompt_lens, positions.stride(0), positions.stride(1),
-                     kept.stride(0), 0)
-    else:
-        kargs = (lengths, lengths, lengths, lengths, 0, 0, 0, 0)  # (unused)
+            kt = kw = positions
+            skt_b, skt_h = positions.stride(0), positions.stride(1)
     _paged_decode_split_kernel[(B * h_kv, num_splits)](
-        q, k_pages, v_pages, page_table, lengths, mp, lp, ap, *kargs[:4],
+        q, k_pages, v_pages, page_table, lengths, mp, lp, ap, kt, kw, kcnt, plen,
         q.stride(0), q.stride(1), *kst, *vst,
-        page_table.stride(0), page_table.stride(1), lengths.stride(0), *kargs[4:7],
-        h_kv, group, scale * LOG2E, num_splits, kargs[7],
+        page_table.stride(0), page_table.stride(1), lengths.stride(0), skt_b, skt_h, skc_b,
+        h_kv, group, scale * LOG2E, num_splits, layer,
         HEAD_DIM=d, PAGE=page, BLOCK_N=block_n, G_PAD=g_pad, KEEP=keep is not None, KEEP_PTR=stacked,
         SKIP_EMPTY=skip_empty, num_warps=num_warps, num_stages=num_stages,
     )

@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -373,16 +373,25 @@ def keep_set(keep: list[Tensor]) -> tuple[Tensor, Tensor]:
     return positions, counts
 
 
-def stacked_keep(state: Any, layers: list[str]) -> tuple[Tensor, Tensor, int, Tensor]:
-    """A request's keep-sets for every layer, in ``layers`` order -> ``(positions [L, h_kv, K], counts [L, h_kv],
-    prompt tokens kept in all, the counts on the host)``; built once (the keep-sets are fixed), kept on the request."""
+class KeepStack(NamedTuple):
+    """A request's keep-sets for every layer (:func:`stacked_keep`)."""
+
+    positions: Tensor  # [L, h_kv, K] int32 (device), each row padded past its count
+    counts: Tensor  # [L, h_kv] int32 (device)
+    total: int  # prompt tokens kept in all
+    host_counts: Tensor  # ``counts`` on the host
+
+
+def stacked_keep(state: Any, layers: list[str]) -> KeepStack:
+    """A request's keep-sets for every layer, in ``layers`` order; built once (the keep-sets are fixed), kept on the
+    request."""
     if state.keep_stack is None:
         sets = [state.keep[name] for name in layers]
         width = max(p.shape[1] for p, _ in sets)
         positions = torch.stack([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p, _ in sets])
         counts = torch.stack([c for _, c in sets])
         host = counts.cpu()  # (one read of the device per request)
-        state.keep_stack = (positions, counts, int(host.sum()), host)
+        state.keep_stack = KeepStack(positions, counts, int(host.sum()), host)
     return state.keep_stack
 
 
@@ -412,16 +421,17 @@ def build_keep_rows(states: list[Any], rows: list[tuple[int, int, int, int]], bl
     n = len(rows)
     total = max(n, pad_to or n)
     stacks = [stacked_keep(st, layers) for st in states]
-    width = max(p.shape[-1] for p, *_ in stacks)
+    width = max(st.positions.shape[-1] for st in stacks)
     pages = max(-(-seq // block_size) for _, _, seq, _ in rows)
     max_len = width + max(seq - plen for _, _, seq, plen in rows)
     if pad_to is not None:
         width, pages, max_len = pow2_bucket(width), pow2_bucket(pages), pow2_bucket(max_len)
-    positions = torch.zeros(total, len(layers), *stacks[0][0].shape[1:-1], width, dtype=torch.int32, device=dev)
-    kept = torch.zeros(total, *stacks[0][1].shape, dtype=torch.int32, device=dev)
-    for i, (p, c, *_) in enumerate(stacks):
-        positions[i, ..., : p.shape[-1]] = p
-        kept[i] = c
+    positions = torch.zeros(total, len(layers), *stacks[0].positions.shape[1:-1], width, dtype=torch.int32,
+                            device=dev)
+    kept = torch.zeros(total, *stacks[0].counts.shape, dtype=torch.int32, device=dev)
+    for i, st in enumerate(stacks):
+        positions[i, ..., : st.positions.shape[-1]] = st.positions
+        kept[i] = st.counts
     host = torch.zeros(total, 4, dtype=torch.int64)
     host[:n] = torch.tensor([[tok, r, seq - plen, plen] for tok, r, seq, plen in rows], dtype=torch.int64)
     dev_rows = to_device(host, dev)

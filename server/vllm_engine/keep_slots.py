@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .cache_decode import to_device
+from .cache_decode import KeepStack, to_device
 
 # The longest row the graph's attention launch is sized for (tokens): it only sets the split count, each row divides
 # its own length among the splits (any length runs).
@@ -42,9 +42,9 @@ class KeepSlots:
         self.lengths = torch.zeros(max_rows, layers, kv_heads, **i32)
         self._rows = False  # whether the last fill wrote keep rows (the buffers then need clearing)
 
-    def fill(self, n: int, rows: list[tuple[int, tuple, int, int]]) -> None:
+    def fill(self, n: int, rows: list[tuple[int, KeepStack, int, int]]) -> None:
         """A step of ``n`` batch rows; ``rows``: per keep row ``(batch row, keep stack, seq_len, prompt_len)``, the
-        stack as :func:`.cache_decode.stacked_keep` returns it (positions on the device, counts on the host)."""
+        stack as :func:`.cache_decode.stacked_keep` returns it."""
         if n > self.max_rows:
             raise RuntimeError(f"a decode step of {n} rows; the keep rows' graph buffers hold {self.max_rows}")
         if not rows:
@@ -56,12 +56,12 @@ class KeepSlots:
         self._rows = True
         cells = self.layers * self.kv_heads
         host = torch.zeros(n, 3 + 2 * cells, dtype=torch.int64)  # pointer, width, prompt_len, kept..., lengths...
-        for r, (positions, _, _, counts), seq, prompt_len in rows:
-            if tuple(counts.shape) != (self.layers, self.kv_heads):
-                raise RuntimeError(f"a keep stack of {tuple(counts.shape)} (layers, KV heads); the graph's buffers "
-                                   f"hold {(self.layers, self.kv_heads)}")
-            kept = counts.flatten().to(torch.int64)
-            host[r, :3] = torch.tensor([positions.data_ptr(), positions.shape[-1], prompt_len])
+        for r, stack, seq, prompt_len in rows:
+            if tuple(stack.host_counts.shape) != (self.layers, self.kv_heads):
+                raise RuntimeError(f"a keep stack of {tuple(stack.host_counts.shape)} (layers, KV heads); the graph's "
+                                   f"buffers hold {(self.layers, self.kv_heads)}")
+            kept = stack.host_counts.flatten().to(torch.int64)
+            host[r, :3] = torch.tensor([stack.positions.data_ptr(), stack.positions.shape[-1], prompt_len])
             host[r, 3 : 3 + cells] = kept
             host[r, 3 + cells :] = kept + (seq - prompt_len)
         dev = to_device(host, self.pointers.device)

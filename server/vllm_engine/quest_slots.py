@@ -46,11 +46,16 @@ class SlotStep:
     states: list[Any] = field(default_factory=list)  # each Quest row's request, in ``index`` order
     index: list[int] = field(default_factory=list)  # their batch rows
     host: list[tuple[int, int, int]] = field(default_factory=list)  # (seq_len, prompt_len, budget) per Quest row
-    cut: list[int] = field(default_factory=list)  # every batch row vLLM's kernel skips: Quest's and the keep rows'
+    keep: list[int] = field(default_factory=list)  # the batch rows of SnapKV / Ada-SnapKV (:mod:`.keep_slots`)
     layers: int = 0
     head_dim: int = 0
     element_bytes: int = 2
     block_size: int = 16
+
+    @property
+    def cut(self) -> list[int]:
+        """Every batch row vLLM's kernel skips: the Quest rows and the keep rows."""
+        return self.index + self.keep
 
     @property
     def counts(self) -> Tensor:
@@ -80,7 +85,7 @@ class QuestSlots:
         return budget <= self.width
 
     def fill(self, seq_lens: Tensor, block_table: Tensor, rows: list[tuple[int, int, int]],
-             cut: list[int] = ()) -> None:
+             cut: list[int] | tuple[int, ...] = ()) -> None:
         """A step of ``n`` batch rows (``seq_lens [n]``, ``block_table [n, max_blocks]``: vLLM's, on the device);
         ``rows``: per Quest row ``(batch row, prompt_len, budget)``; ``cut``: other batch rows vLLM's kernel skips
         (another graph kernel writes them: :mod:`.keep_slots`). One host-to-device copy, no wait. A step without
@@ -89,24 +94,24 @@ class QuestSlots:
         if n > self.max_rows:
             raise RuntimeError(f"a decode step of {n} rows; Quest's graph buffers hold {self.max_rows}")
         seq = seq_lens.to(torch.int32)
-        if cut:  # (a host mask of the rows, in the same pinned copy's way: no wait)
-            skip = torch.zeros(n, dtype=torch.bool)
-            skip[list(cut)] = True
-            seq = torch.where(to_device(skip, seq.device), 1, seq)
-        if not rows:
+        if not rows and not cut:
             self.seq_cut[:n].copy_(seq)
+        else:
+            host = torch.zeros(n, 3, dtype=torch.int32)  # 1: a Quest row, 2: another cut row; prompt_len, budget
+            host[list(cut), 0] = 2
+            if rows:
+                host[[r for r, _, _ in rows]] = torch.tensor([[1, plen, budget] for _, plen, budget in rows],
+                                                             dtype=torch.int32)
+            per_row = to_device(host, seq_lens.device)
+            self.seq_cut[:n].copy_(torch.where(per_row[:, 0] > 0, 1, seq))
+        if not rows:
             if self._quest_rows:  # every row of every buffer, not only this step's: no stale budget stays
                 for buf in (self.lengths, self.prompt_lens, self.budgets, self.touched_fill, self.counts):
                     buf.zero_()
                 self._quest_rows = False
             return
         self._quest_rows = True
-        host = torch.zeros(n, 3, dtype=torch.int32)  # Quest row?, prompt_len, budget
-        index = torch.tensor([r for r, _, _ in rows])
-        host[index] = torch.tensor([[1, prompt_len, budget] for _, prompt_len, budget in rows], dtype=torch.int32)
-        per_row = to_device(host, seq_lens.device)
-        quest = per_row[:, 0] > 0
-        self.seq_cut[:n].copy_(torch.where(quest, 1, seq))
+        quest = per_row[:, 0] == 1
         self.lengths[:n].copy_(torch.where(quest, seq, 0)[:, None].expand(n, self.kv_heads))
         self.prompt_lens[:n].copy_(per_row[:, 1:2].expand(n, self.kv_heads))
         self.budgets[:n].copy_(per_row[:, 2])

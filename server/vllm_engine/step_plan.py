@@ -141,17 +141,17 @@ def _slot_plan(common, plan: SparsePlan) -> SparsePlan:
         if st.reads_every_page:  # dense attention, vLLM's kernel (row.owned is False)
             _host_report(st, None, seq)
             continue
-        step.cut.append(row.row)
         if st.keeps_over_cache:
             stack = cache_decode.stacked_keep(st, ws.layer_names())
             keep.append((row.row, stack, seq, st.prompt_len))
-            _host_report(st, stack[2], seq)
+            step.keep.append(row.row)
+            _host_report(st, stack.total, seq)
             continue
         rows.append((row.row, st.prompt_len, st.budget))
         step.states.append(st)
         step.index.append(row.row)
         step.host.append((seq, st.prompt_len, st.budget))
-    graph.fill(common.seq_lens[:n], step.block_table, rows, cut=[r for r, *_ in keep])
+    graph.fill(common.seq_lens[:n], step.block_table, rows, cut=step.keep)
     if ws.KEEP_GRAPH is not None:
         ws.KEEP_GRAPH.fill(n, keep)
     if step.index:
@@ -177,7 +177,7 @@ def _gather_cache_rows(common, plan: SparsePlan) -> None:
             [row.state for row in keep], [(row.start, row.row, row.context + 1, row.state.prompt_len) for row in keep],
             common.block_table_tensor, ws.layer_names(), layout.block_size, _bucket(len(keep)))
         for row in keep:
-            _host_report(row.state, row.state.keep_stack[2], row.context + 1)
+            _host_report(row.state, row.state.keep_stack.total, row.context + 1)
         plan.decode += keep  # (owned: parent_metadata cuts them; _decode_row leaves them to plan.keep)
     cache_rows = [row for row in cache_rows if not row.state.keeps_over_cache]
     if not cache_rows:

@@ -103,7 +103,7 @@ class RequestState:
     cache_tokens: int = 0  # tokens in its cache, summed over layers and KV heads (cache_decode)
     # SnapKV / Ada-SnapKV over vLLM's cache: per layer (positions [h_kv, K], counts [h_kv]), then all layers stacked
     keep: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
-    keep_stack: tuple[Tensor, Tensor, int, Tensor] | None = None
+    keep_stack: cache_decode.KeepStack | None = None
 
     @property
     def reads_every_page(self) -> bool:
@@ -224,7 +224,7 @@ def in_full_graph(state: RequestState) -> bool:
     if state.spec.decode.is_dense or state.reads_every_page:
         return True
     if state.keeps_over_cache:
-        return KEEP_GRAPH is not None and QUEST_GRAPH is not None
+        return KEEP_GRAPH is not None  # (set only beside QUEST_GRAPH, whose step plan fills it)
     return (state.counted_on_device and state.bounds_ready and QUEST_GRAPH is not None
             and QUEST_GRAPH.takes(state.budget) and cache_bounds() is not None)
 
