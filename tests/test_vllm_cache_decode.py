@@ -290,7 +290,8 @@ def test_quest_rows_in_the_full_decode_graph_buffers_match_the_reference_and_lea
     batch from persistent per-row buffers the builder writes each step. Captured once with no Quest row (as vLLM
     captures at start-up; on the CPU the same code runs eagerly each step), then replayed: the Quest rows equal the
     reference state step after step, a dense row and a padding row keep what vLLM's kernel wrote, vLLM's kernel gets
-    the Quest rows cut to one key, and the device counts give the reference's reports."""
+    the Quest rows cut to one key, and the device counts give the reference's reports. On CUDA, dense steps between
+    them replay the same graph (its Quest kernels skipped: ``graph_if``) and leave every row alone."""
     from server.vllm_engine.quest_slots import QuestSlots, SlotStep
 
     h, h_kv, d, block, layers = 4, 2, 16, 16, 2
@@ -349,6 +350,10 @@ def test_quest_rows_in_the_full_decode_graph_buffers_match_the_reference_and_lea
         for out in outs:
             out.fill_(sentinel)  # what vLLM's kernel wrote for every row
         seq_lens = torch.tensor(seqs, dtype=torch.int32).to(DEV)  # (vLLM's persistent buffer, written before)
+        if graph is not None and step % 3 == 1:  # a dense step between Quest steps replays the same graph
+            slots.fill(seq_lens, tables, [])
+            graph.replay()
+            assert all(bool((out == sentinel).all()) for out in outs) and not slots.counts.any()
         with launched_without_sync(step >= 1):
             slots.fill(seq_lens, tables, [(b, prompts[b], reqs[b].budget) for b in quest_rows])
             if graph is not None:
@@ -502,13 +507,51 @@ def test_keep_rows_in_the_full_decode_graph_buffers_match_the_per_step_rows_and_
             slots.forward(i, 4, q, caches[i], table4, out)
         assert torch.equal(out[[0, 2]], ref[[0, 2]]), name
         assert bool((out[[1, 3]] == 5.0).all()), name
+    if DEV == "cuda":  # the same launches captured as vLLM captures them (no keep row), then replayed
+        slots.fill(4, [])
+        graph, outs = torch.cuda.CUDAGraph(), [torch.zeros(4, h, d, device=DEV) for _ in names]
+        with torch.cuda.graph(graph):
+            for i in range(len(names)):
+                slots.forward(i, 4, q, caches[i], table4, outs[i])
+        for keep_rows in ([0, 2], [], [0, 2]):  # a dense step between keep steps leaves every row alone
+            for out in outs:
+                out.fill_(5.0)
+            slots.fill(4, [(b, cache_decode.stacked_keep(states[b], names), seqs[b], prompts[b]) for b in keep_rows])
+            graph.replay()
+            for i, name in enumerate(names):
+                ref = torch.full((4, h, d), 5.0, device=DEV)
+                if keep_rows:
+                    cache_decode.keep_rows_forward(per_step, name, q, caches[i], ref)
+                assert torch.equal(outs[i][[0, 2]], ref[[0, 2]]) and bool((outs[i][[1, 3]] == 5.0).all()), name
     slots.fill(2, [(0, cache_decode.stacked_keep(states[0], names), seqs[0], prompts[0])])  # a smaller batch
     assert slots.lengths[0].min() > 0 and slots.lengths[1:].sum() == 0  # (row 2's stale request is not read)
     slots.fill(4, [])
-    assert slots.lengths.sum() == 0 and slots.pointers.sum() == 0 and slots.kept.sum() == 0
+    assert slots.lengths.sum() == 0 and slots.pointers.sum() == 0 and slots.kept.sum() == 0 and not bool(slots.active)
     out = torch.full((4, h, d), 5.0, device=DEV)
     slots.forward(1, 4, q, caches[1], table4, out)
     assert bool((out == 5.0).all())
+
+
+def test_only_if_replays_its_kernels_only_while_the_flag_is_set():
+    """``graph_if.only_if``: eagerly its body always runs (reading the flag would wait for the device); captured in a
+    CUDA graph it becomes an IF node, replayed only while the device flag is true."""
+    from server.vllm_engine.graph_if import flag, only_if
+
+    x, on = torch.zeros(4, device=DEV), flag(torch.device(DEV))
+    with only_if(on):
+        x.add_(1)
+    assert x.tolist() == [1.0] * 4
+    if DEV != "cuda":
+        return
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        with only_if(on):
+            x.add_(1)
+        x.mul_(2)  # (after the node: always)
+    for value, expect in ((False, 2.0), (True, 6.0), (False, 12.0)):
+        on.fill_(value)
+        graph.replay()
+        assert x.tolist() == [expect] * 4, value
 
 
 def test_the_graph_buffers_forget_quest_rows_once_a_step_has_none():
@@ -521,7 +564,9 @@ def test_the_graph_buffers_forget_quest_rows_once_a_step_has_none():
     seq = lambda *s: torch.tensor(s, dtype=torch.int32).to(DEV)  # noqa: E731
     slots.fill(seq(70, 40, 90, 33), table[:4], [(2, 80, 3)])
     assert slots.budgets[:4].tolist() == [0, 0, 3, 0] and slots.seq_cut[:4].tolist() == [70, 40, 1, 33]
+    assert bool(slots.active)  # (a replayed graph runs the Quest kernels)
     for lens in [(71, 41), (72, 42, 91, 34)]:  # two dense steps, the second wider than the first
         slots.fill(seq(*lens), table[: len(lens)], [])
         assert slots.seq_cut[: len(lens)].tolist() == list(lens)
         assert not slots.budgets.any() and not slots.lengths.any() and not slots.touched_fill.any()
+        assert not bool(slots.active)
