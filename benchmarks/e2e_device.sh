@@ -58,7 +58,7 @@ for step in "$@"; do
       # decode graph: 0.65 / 1.11 / 1.77x vLLM at batch 1 / 8 / 32)
       # E2E_PROFILE=FILE:SKIPS:STEPS[:decode] and E2E_DECODE_PARTS=decode:32,... override the profile and the order
       # (2026-12-03, third session: decode:32 first, windows after 100 and 500 uniform decode steps: dense, then Quest);
-      # SPARSE_SERVE_VLLM_KEEP_GRAPH=1 puts SnapKV / Ada-SnapKV inside the full decode graphs (docs/vllm.md)
+      # SnapKV / Ada-SnapKV run inside the full decode graphs (SPARSE_SERVE_VLLM_KEEP_GRAPH=0: the per-step path)
       plugin
       SPARSE_SERVE_VLLM_PROFILE="${E2E_PROFILE:-$out/sparse-vllm-profile-b1.txt:200:20}" \
         E2E_PATTERNS=${E2E_PATTERNS:-quest:10,snapkv:10,ada_snapkv:10} \

@@ -448,8 +448,9 @@ def test_a_uniform_decode_step_plans_its_quest_rows_into_the_full_graph_buffers(
     assert plan.slots is None and plan.quest is not None and plan.keep is not None
     assert parent.seq_lens.tolist() == [1, 42, 62, 1]
 
-    # where the graph holds keep rows too (SPARSE_SERVE_VLLM_KEEP_GRAPH=1), the SnapKV row joins the full graph: its
-    # per-row values go into the keep buffers, vLLM's kernel skips it, and its report is written at planning
+    # where the graph holds keep rows too (the default; SPARSE_SERVE_VLLM_KEEP_GRAPH=0 leaves them out), the SnapKV
+    # row joins the full graph: its per-row values go into the keep buffers, vLLM's kernel skips it, and its report
+    # is written at planning
     from server.vllm_engine.keep_slots import KeepSlots
 
     keep_slots = KeepSlots(8, layers, h_kv, torch.device(DEV))
@@ -532,17 +533,24 @@ def test_keep_rows_in_the_full_decode_graph_buffers_match_the_per_step_rows_and_
     assert bool((out == 5.0).all())
 
 
-def test_only_if_replays_its_kernels_only_while_the_flag_is_set():
-    """``graph_if.only_if``: eagerly its body always runs (reading the flag would wait for the device); captured in a
-    CUDA graph it becomes an IF node, replayed only while the device flag is true."""
+def test_only_if_runs_its_body_eagerly_whatever_the_flag():
+    """``graph_if.only_if`` outside a capture: the body runs (reading the device flag would wait for the device)."""
     from server.vllm_engine.graph_if import flag, only_if
 
-    x, on = torch.zeros(4, device=DEV), flag(torch.device(DEV))
-    with only_if(on):
+    x = torch.zeros(4, device=DEV)
+    with only_if(flag(torch.device(DEV))):
         x.add_(1)
     assert x.tolist() == [1.0] * 4
-    if DEV != "cuda":
-        return
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="CUDA graphs")
+def test_only_if_replays_its_kernels_only_while_the_flag_is_set():
+    """Captured in a CUDA graph, ``only_if``'s body is an IF node, replayed only while the device flag is true."""
+    from server.vllm_engine.graph_if import conditional_nodes, flag, only_if
+
+    if not conditional_nodes():
+        pytest.skip("a PyTorch without CUDA-graph conditional nodes (torch 2.11 on the H200)")
+    x, on = torch.ones(4, device=DEV), flag(torch.device(DEV))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         with only_if(on):

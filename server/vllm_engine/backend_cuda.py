@@ -29,8 +29,9 @@ from .quest_slots import QuestSlots
 # SPARSE_SERVE_VLLM_QUEST_GRAPH=0: Quest rows never run inside vLLM's full decode graphs (the steps that hold them
 # replay piecewise graphs, the rows in their own per-layer graphs), to compare or to rule the full-graph path out
 QUEST_GRAPH_ENV = "SPARSE_SERVE_VLLM_QUEST_GRAPH"
-# SPARSE_SERVE_VLLM_KEEP_GRAPH=1: SnapKV / Ada-SnapKV rows run inside those graphs too (:mod:`.keep_slots`). Off by
-# default until measured on a GPU: its kernels then sit in every decode graph, dense steps included
+# SPARSE_SERVE_VLLM_KEEP_GRAPH=0: SnapKV / Ada-SnapKV rows stay out of those graphs (the per-step path, replayed
+# piecewise). On by default (:mod:`.keep_slots`; H200, 2026-12-03, fourth session: snapkv:10 at batch 32 0.56x -> 2.31x
+# bare vLLM); its launch sits in every decode graph, so a dense step pays about 6 us a layer more at batch 1
 KEEP_GRAPH_ENV = "SPARSE_SERVE_VLLM_KEEP_GRAPH"
 
 
@@ -48,7 +49,7 @@ class SparseFlashAttentionMetadataBuilder(SparseBuilderMixin, FlashAttentionMeta
                 if os.environ.get(QUEST_GRAPH_ENV, "1") != "0":
                     ws.QUEST_GRAPH = QuestSlots(vllm_config.scheduler_config.max_num_seqs, kv_cache_spec.num_kv_heads,
                                                 kv_cache_spec.block_size, torch.device(device))
-                    if os.environ.get(KEEP_GRAPH_ENV, "0") == "1":
+                    if os.environ.get(KEEP_GRAPH_ENV, "1") != "0":
                         ws.KEEP_GRAPH = KeepSlots(vllm_config.scheduler_config.max_num_seqs, len(layer_names),
                                                   kv_cache_spec.num_kv_heads, torch.device(device))
 

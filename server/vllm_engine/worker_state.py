@@ -156,7 +156,7 @@ CACHE: cache_decode.CacheLayout | None = None  # set by the CUDA backend's build
 _BOUNDS: cache_decode.CacheBounds | None = None
 GRAPHS: cache_decode.RowGraphs | None = None  # set with CACHE where CUDA graphs run the rows (not enforce_eager)
 QUEST_GRAPH: QuestSlots | None = None  # set with GRAPHS: Quest rows inside vLLM's full decode graphs
-KEEP_GRAPH: KeepSlots | None = None  # set with QUEST_GRAPH where asked: SnapKV / Ada-SnapKV rows inside them too
+KEEP_GRAPH: KeepSlots | None = None  # set with QUEST_GRAPH (unless switched off): SnapKV / Ada-SnapKV rows in them
 PENDING: list[cache_decode.QuestRows] = []  # this step's Quest rows, for end_step's accounting
 LOCK = threading.Lock()  # the accounts and cost files: the step's end and the count reader's thread both write them
 
