@@ -7,7 +7,9 @@
 # prefills; native-decode: the same without it), native-cap (capacity on 8 GiB of KV), vllm (bare vLLM, dense:
 # TTFT, agreement, decode at batch 1/4/8/32/128K; batch 4 at 32K is the most 8 GiB holds for vLLM: its best
 # batch on the capacity memory),
-# sparse-vllm (`sparse-serve --engine vllm`: dense and each method; needs vllm's three parts), sparse-vllm-decode
+# vllm-decode / vllm-ttft (bare vLLM: decode at batch 32/8/4/1, or TTFT alone),
+# sparse-vllm (`sparse-serve --engine vllm`: dense and each method; needs vllm's three parts), sparse-vllm-ttft (its
+# TTFT for dense and the bars' prefill patterns; E2E_PATTERNS overrides), sparse-vllm-decode
 # (its sparse decode methods at batch 1, 8 and 32, and a profile of 20 steps of the first), sdpa
 # (benchmarks/sdpa_chunk.py), calibrate (benchmarks/calibrate_fallback.py: the dense-fallback profile of this card,
 # under $OUT and /tmp/e2e-prefill-profile.json; the steps after it in the same call use it, later calls of the lease
@@ -50,6 +52,13 @@ for step in "$@"; do
     native-decode) e2e native-decode --engine native --part decode:32,decode:long --deadline 300 ;;
     native-cap) e2e native-cap --engine native --part capacity --kv-memory-mib 8192 --deadline 170 ;;
     vllm) e2e vllm --engine vllm --part ttft,agree,decode:1,decode:4,decode:8,decode:32,decode:long --deadline 420 ;;
+    vllm-decode) e2e vllm-decode --engine vllm --part decode:32,decode:8,decode:4,decode:1 --deadline 200 ;;
+    vllm-ttft) e2e vllm-ttft --engine vllm --part ttft --deadline 170 ;;
+    sparse-vllm-ttft)  # TTFT of the bars' prefill patterns at 8K / 32K / 128K (block_sparse:10/b64 is the bar's block
+      # 64; plain block_sparse:10 is block 16, about dense's time at 128K: session4/README.md of 2026-12-03's parts)
+      plugin
+      E2E_PATTERNS=${E2E_PATTERNS:-dense,vertical_slash:10,block_sparse:10/b64} \
+        e2e sparse-vllm-ttft --engine sparse-vllm --part ttft --deadline "${E2E_DEADLINE:-300}" ;;
     sparse-vllm)
       plugin
       e2e sparse-vllm --engine sparse-vllm --part ttft,agree,decode:1,decode:8,decode:32 --deadline 420 ;;
@@ -58,12 +67,13 @@ for step in "$@"; do
       # decode graph: 0.65 / 1.11 / 1.77x vLLM at batch 1 / 8 / 32)
       # E2E_PROFILE=FILE:SKIPS:STEPS[:decode] and E2E_DECODE_PARTS=decode:32,... override the profile and the order
       # (2026-12-03, third session: decode:32 first, windows after 100 and 500 uniform decode steps: dense, then Quest);
-      # SnapKV / Ada-SnapKV run inside the full decode graphs (SPARSE_SERVE_VLLM_KEEP_GRAPH=0: the per-step path)
+      # SnapKV / Ada-SnapKV run inside the full decode graphs (SPARSE_SERVE_VLLM_KEEP_GRAPH=0: the per-step path);
+      # E2E_DEADLINE (s, from the server's start) stops it: four patterns at four batches need about 500 s fresh
       plugin
       SPARSE_SERVE_VLLM_PROFILE="${E2E_PROFILE:-$out/sparse-vllm-profile-b1.txt:200:20}" \
         E2E_PATTERNS=${E2E_PATTERNS:-quest:10,snapkv:10,ada_snapkv:10} \
         e2e sparse-vllm-decode --engine sparse-vllm --part ${E2E_DECODE_PARTS:-decode:1,decode:8,decode:32} \
-        --deadline 420 ;;
+        --deadline "${E2E_DEADLINE:-420}" ;;
     sdpa) python3 benchmarks/sdpa_chunk.py 2>&1 | tee "$out/sdpa-chunk.log" ;;
     calibrate) python3 benchmarks/calibrate_fallback.py --out "$out/prefill-profile.json" > "$out/calibrate.log" 2>&1
       tail -2 "$out/calibrate.log"
