@@ -414,7 +414,7 @@ def test_a_uniform_decode_step_plans_its_quest_rows_into_the_full_graph_buffers(
                         torch.arange(n * 10, dtype=torch.int32, device=DEV).view(n, 10), max_seq_len)
         with no_host_sync():
             plan = make_plan(common)
-            return plan, parent_metadata(common, plan)
+            return plan, parent_metadata(common, plan) if plan is not None else common  # (as the builder does)
 
     plan, parent = step([76, 41, 61])  # no sparse request yet: the buffers still follow the step
     assert plan.slots is not None and plan.slots.index == [] and ws.PENDING == []
@@ -465,6 +465,21 @@ def test_a_uniform_decode_step_plans_its_quest_rows_into_the_full_graph_buffers(
     assert keep_slots.kept[3].tolist() == [[8, 8], [8, 8]] and keep_slots.lengths[3].tolist() == [[10, 10], [10, 10]]
     assert keep_slots.lengths[:3].sum() == 0 and keep_slots.prompt_lens[3] == 60
     assert snap.cost.decode.actual_units == reads_before + 8 * h_kv * layers  # (its kept tokens, every layer)
+
+    # dense steps in graphs of their own sizes (SPARSE_SERVE_VLLM_DENSE_GRAPHS=1, graph_sizes): a step padded to a base
+    # size (4) replays a graph without the sparse kernels, so it writes no buffer and vLLM's kernel keeps every
+    # length; a twin size (5) is planned into the buffers as above
+    from server.vllm_engine.graph_sizes import GraphSizes
+
+    monkeypatch.setattr(ws, "GRAPH_SIZES", GraphSizes((1, 2, 4, 8), (3, 5)))
+    for slot in (0, 3):
+        ws.SLOTS[slot].disable("a dense step")
+    seq_cut = slots.seq_cut.clone()
+    plan, parent = step([79, 44, 64, 63])
+    assert (plan is None or plan.slots is None) and torch.equal(slots.seq_cut, seq_cut)
+    assert parent.seq_lens.tolist() == [79, 44, 64, 63]
+    plan, parent = step([80, 45, 65, 64, 0])
+    assert plan.slots is not None and parent.seq_lens.data_ptr() == slots.seq_cut.data_ptr()
 
 
 def test_keep_rows_in_the_full_decode_graph_buffers_match_the_per_step_rows_and_leave_other_rows_alone():

@@ -11,6 +11,7 @@ the GPU machine with vLLM 0.25 (``benchmarks/e2e.py``, ``tests/gpu/``); CI has n
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -20,11 +21,15 @@ from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionMetadataBuilder,
 )
 
+from . import graph_sizes
 from . import worker_state as ws
 from .backend import SparseBuilderMixin, SparseImplMixin
 from .cache_decode import CacheLayout, RowGraphs
+from .graph_sizes import GraphSizes
 from .keep_slots import KeepSlots
 from .quest_slots import QuestSlots
+
+log = logging.getLogger(__name__)
 
 # SPARSE_SERVE_VLLM_QUEST_GRAPH=0: Quest rows never run inside vLLM's full decode graphs (the steps that hold them
 # replay piecewise graphs, the rows in their own per-layer graphs), to compare or to rule the full-graph path out
@@ -52,6 +57,22 @@ class SparseFlashAttentionMetadataBuilder(SparseBuilderMixin, FlashAttentionMeta
                     if os.environ.get(KEEP_GRAPH_ENV, "1") != "0":
                         ws.KEEP_GRAPH = KeepSlots(vllm_config.scheduler_config.max_num_seqs, len(layer_names),
                                                   kv_cache_spec.num_kv_heads, torch.device(device))
+                    ws.GRAPH_SIZES = dense_graph_sizes(vllm_config)
+
+
+def dense_graph_sizes(vllm_config) -> GraphSizes | None:
+    """Dense steps' own graph sizes where asked and where vLLM captures them (:mod:`.graph_sizes`; the engine asks
+    for them in its engine arguments)."""
+    if not graph_sizes.enabled():
+        return None
+    sched = vllm_config.scheduler_config
+    sizes = GraphSizes.for_batch(sched.max_num_seqs, sched.max_num_batched_tokens)
+    captured = sorted(vllm_config.compilation_config.cudagraph_capture_sizes or [])
+    if captured != sizes.all:
+        log.warning("%s=1, but vLLM captures the sizes %s, not %s: dense steps keep the sparse graphs",
+                    graph_sizes.DENSE_GRAPHS_ENV, captured, sizes.all)
+        return None
+    return sizes
 
 
 class SparseFlashAttentionImpl(SparseImplMixin, FlashAttentionImpl):

@@ -36,6 +36,7 @@ from server.contract.engine import (
 )
 from server.settings import EngineSettings
 
+from . import graph_sizes
 from .accounting import COST_DIR_ENV, cost_dir, dense_cost, load_cost
 from .worker_state import PATTERN_KEY, REQUEST_KEY, encode_spec
 
@@ -143,6 +144,9 @@ class VllmEngine:
             kwargs["block_size"] = o.page_size
         if self._device() != "cpu":
             kwargs["attention_config"] = {"backend": CUDA_BACKEND_NAME}
+            if graph_sizes.enabled() and not kwargs["enforce_eager"]:  # dense steps' own graphs (graph_sizes.py)
+                sizes = graph_sizes.GraphSizes.for_batch(o.max_num_seqs, kwargs["max_num_batched_tokens"])
+                kwargs["compilation_config"] = {"cudagraph_capture_sizes": sizes.all}
         return AsyncEngineArgs(**kwargs)
 
     async def start(self) -> None:

@@ -5,7 +5,9 @@ eagerly inside the attention op (:mod:`.backend`), would not run in one. The CUD
 parent's graph support (dense traffic keeps vLLM's full decode graphs, and with them vLLM's decode speed), and
 :func:`keep_sparse_steps_out_of_full_graphs` takes ``FULL`` out of the modes of any step dispatched while a sparse
 row may run: vLLM then replays its piecewise graphs, whose attention runs eagerly. The same ``invalid_modes``
-argument is how vLLM itself keeps cascade-attention steps out of full graphs (0.25.0 and 0.32.0 alike).
+argument is how vLLM itself keeps cascade-attention steps out of full graphs (0.25.0 and 0.32.0 alike). With
+``SPARSE_SERVE_VLLM_DENSE_GRAPHS=1`` the same wrapper also picks the size of a uniform decode step's graph: dense
+steps replay graphs without the sparse kernels (:mod:`.graph_sizes`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,22 @@ def keep_sparse_steps_out_of_full_graphs() -> None:
     def dispatch(self, num_tokens, *args, invalid_modes=None, **kwargs):
         if ws.full_graph_blocked():
             invalid_modes = {*(invalid_modes or ()), CUDAGraphMode.FULL}
+        elif ws.GRAPH_SIZES is not None and kwargs.get("uniform_decode", args[0] if args else False) \
+                and not _capturing():
+            size = ws.GRAPH_SIZES.size_for(num_tokens, sparse=ws.sparse_decode_graph())
+            if size is not None:
+                num_tokens = size
+            elif ws.sparse_decode_graph():  # wider than every twin: no full graph holds its kernels
+                invalid_modes = {*(invalid_modes or ()), CUDAGraphMode.FULL}
         return original(self, num_tokens, *args, invalid_modes=invalid_modes, **kwargs)
 
     dispatch.sparse_serve = True  # type: ignore[attr-defined]
     CudagraphDispatcher.dispatch = dispatch  # type: ignore[method-assign]
+
+
+def _capturing() -> bool:
+    """Whether vLLM is still capturing its graphs (its dummy runs dispatch each capture size as it is; it turns the
+    flag off once capture ends)."""
+    from vllm.compilation import monitor
+
+    return bool(monitor.cudagraph_capturing_enabled)

@@ -59,10 +59,13 @@ def make_plan(common) -> SparsePlan | None:
     """Which rows of this step are sparse, and in which phase. ``None``: every row is dense and vLLM's kernel gets
     its metadata untouched. A uniform decode step (one token a row) where the CUDA backend keeps Quest's graph
     buffers (:data:`.worker_state.QUEST_GRAPH`) always gets a plan: vLLM's full decode graph reads those buffers,
-    so they are written every such step, sparse rows or not."""
+    so they are written every such step, sparse rows or not (except at a dense step's own graph size:
+    :mod:`.graph_sizes`)."""
     uniform_decode = int(common.max_query_len) == 1
     step_profile.step_built(uniform_decode)
     graph = ws.QUEST_GRAPH if ws.QUEST_GRAPH is not None and uniform_decode else None
+    if graph is not None and ws.GRAPH_SIZES is not None and not ws.GRAPH_SIZES.takes_sparse(int(common.num_reqs)):
+        graph = None  # a dense step's own graph size (.graph_sizes): its graph holds no sparse kernel
     if not ws.SLOTS or ws.UNSUPPORTED is not None:
         if ws.UNSUPPORTED is not None:  # an attention layer the methods do not implement: nothing runs sparse
             for state in ws.SLOTS.values():

@@ -28,6 +28,7 @@ from server.contract.cost import RequestCost
 from . import cache_decode
 from .accounting import COST_DIR_ENV, write_cost
 from .count_reader import CountReader
+from .graph_sizes import GraphSizes
 from .keep_slots import KeepSlots
 from .quest_slots import QuestSlots
 
@@ -157,6 +158,7 @@ _BOUNDS: cache_decode.CacheBounds | None = None
 GRAPHS: cache_decode.RowGraphs | None = None  # set with CACHE where CUDA graphs run the rows (not enforce_eager)
 QUEST_GRAPH: QuestSlots | None = None  # set with GRAPHS: Quest rows inside vLLM's full decode graphs
 KEEP_GRAPH: KeepSlots | None = None  # set with QUEST_GRAPH (unless switched off): SnapKV / Ada-SnapKV rows in them
+GRAPH_SIZES: GraphSizes | None = None  # set with QUEST_GRAPH where asked: dense steps' own graphs (:mod:`.graph_sizes`)
 PENDING: list[cache_decode.QuestRows] = []  # this step's Quest rows, for end_step's accounting
 LOCK = threading.Lock()  # the accounts and cost files: the step's end and the count reader's thread both write them
 
@@ -233,6 +235,13 @@ def full_graph_blocked() -> bool:
     """Whether the next step may run a sparse row outside vLLM's full decode graph: some sparse request (not run
     dense) still prefilling, or decoding with a sparse method the graph does not take."""
     return any(st.fallback is None and (st.seen < st.prompt_len or not in_full_graph(st)) for st in SLOTS.values())
+
+
+def sparse_decode_graph() -> bool:
+    """Whether the next uniform decode step may hold a row of a sparse decode method (then it replays a graph with
+    the sparse kernels: :mod:`.graph_sizes`). Every request of a step is in :data:`SLOTS` before vLLM dispatches it."""
+    return any(st.fallback is None and not st.spec.decode.is_dense and not st.reads_every_page
+               for st in SLOTS.values())
 
 
 def remove(slot: int) -> None:
