@@ -12,9 +12,7 @@ and hold 32K tokens (2048 blocks). Timed under CUDA-graph replay, at batch 1, 8 
 * ``dense rows``: no row has a budget (a dense step through the plugin pays this in every layer);
 * ``dense attention``: :func:`paged_decode` over each row's 32K tokens, the attention Quest replaces (a yardstick);
 * the selection alone at several chunk sizes and warp counts;
-* the Quest layer through ``QuestSlots.forward``, inside a CUDA-graph IF node (``graph_if.py``): Quest rows, and rows
-  without budget (the node skips the kernels);
-* SnapKV's layer inside the graph (``keep_slots.py``, also inside an IF node): keep rows, and rows without keep-sets.
+* SnapKV's layer inside the graph (``keep_slots.py``): keep rows, and rows without keep-sets.
 
 ``--baseline PACKAGE[,PACKAGE...]``: copies of ``attention_backends/kernels`` from other commits, importable as
 PACKAGE (e.g. ``mkdir oldk && git archive f1b7261 attention_backends/kernels | tar -x --strip-components=2 -C oldk``),
@@ -97,22 +95,6 @@ def layer_fn(mod, x: dict, quest: bool):
     return run
 
 
-def slots_layer(x: dict, B: int, dev: str, row) -> None:
-    """The same layer through ``QuestSlots.forward`` (what the backend captures): its kernels sit in a CUDA-graph IF
-    node (``server/vllm_engine/graph_if.py``), so a step without Quest rows skips them and a Quest step pays the
-    node's flag read."""
-    from server.vllm_engine.quest_slots import QuestSlots, SlotStep
-
-    slots = QuestSlots(B, HKV, PAGE, torch.device(dev), width=WIDTH)
-    step, out = SlotStep(slots, B, x["table"]), torch.zeros_like(x["q"])
-    seq = torch.full((B,), CONTEXT, dtype=torch.int32, device=dev)
-    for case, rows in (("quest slots, Quest rows (inside the IF node)", [(b, CONTEXT - 16, BUDGET) for b in range(B)]),
-                       ("quest slots, rows without budget (the IF node skips)", [])):
-        slots.fill(seq, x["table"], rows)
-        row(case=case, B=B, ms=kernels_bench.bench(lambda: slots.forward(step, x["q"], x["cache"], x["bounds"], out),
-                                                   graph=True))
-
-
 def keep_layer(x: dict, B: int, dev: str, row) -> None:
     """SnapKV's layer inside the graph (``server/vllm_engine/keep_slots.py``): every row keeps a tenth of its prompt per
     KV head (sorted random positions) and reads them plus 16 generated tokens through the pointer to its own stack;
@@ -164,7 +146,6 @@ def measure(B: int, dev: str, mods: list[str], smoke: bool, row) -> None:
     row(case="dense attention (paged_decode, 32K)", B=B,
         ms=kernels_bench.bench(lambda: paged_decode(q, k_cache, v_cache, table, lens, max_len=TABLE * PAGE),
                                graph=True))
-    slots_layer(x, B, dev, row)
     keep_layer(x, B, dev, row)
     budgets = torch.full((B,), BUDGET, dtype=torch.int32, device=dev)
 

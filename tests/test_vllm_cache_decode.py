@@ -291,7 +291,7 @@ def test_quest_rows_in_the_full_decode_graph_buffers_match_the_reference_and_lea
     captures at start-up; on the CPU the same code runs eagerly each step), then replayed: the Quest rows equal the
     reference state step after step, a dense row and a padding row keep what vLLM's kernel wrote, vLLM's kernel gets
     the Quest rows cut to one key, and the device counts give the reference's reports. On CUDA, dense steps between
-    them replay the same graph (its Quest kernels skipped: ``graph_if``) and leave every row alone."""
+    them replay the same graph and leave every row alone."""
     from server.vllm_engine.quest_slots import QuestSlots, SlotStep
 
     h, h_kv, d, block, layers = 4, 2, 16, 16, 2
@@ -542,39 +542,10 @@ def test_keep_rows_in_the_full_decode_graph_buffers_match_the_per_step_rows_and_
     slots.fill(2, [(0, cache_decode.stacked_keep(states[0], names), seqs[0], prompts[0])])  # a smaller batch
     assert slots.lengths[0].min() > 0 and slots.lengths[1:].sum() == 0  # (row 2's stale request is not read)
     slots.fill(4, [])
-    assert slots.lengths.sum() == 0 and slots.pointers.sum() == 0 and slots.kept.sum() == 0 and not bool(slots.active)
+    assert slots.lengths.sum() == 0 and slots.pointers.sum() == 0 and slots.kept.sum() == 0
     out = torch.full((4, h, d), 5.0, device=DEV)
     slots.forward(1, 4, q, caches[1], table4, out)
     assert bool((out == 5.0).all())
-
-
-def test_only_if_runs_its_body_eagerly_whatever_the_flag():
-    """``graph_if.only_if`` outside a capture: the body runs (reading the device flag would wait for the device)."""
-    from server.vllm_engine.graph_if import flag, only_if
-
-    x = torch.zeros(4, device=DEV)
-    with only_if(flag(torch.device(DEV))):
-        x.add_(1)
-    assert x.tolist() == [1.0] * 4
-
-
-@pytest.mark.skipif(DEV != "cuda", reason="CUDA graphs")
-def test_only_if_replays_its_kernels_only_while_the_flag_is_set():
-    """Captured in a CUDA graph, ``only_if``'s body is an IF node, replayed only while the device flag is true."""
-    from server.vllm_engine.graph_if import conditional_nodes, flag, only_if
-
-    if not conditional_nodes():
-        pytest.skip("a PyTorch without CUDA-graph conditional nodes (torch 2.11 on the H200)")
-    x, on = torch.ones(4, device=DEV), flag(torch.device(DEV))
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        with only_if(on):
-            x.add_(1)
-        x.mul_(2)  # (after the node: always)
-    for value, expect in ((False, 2.0), (True, 6.0), (False, 12.0)):
-        on.fill_(value)
-        graph.replay()
-        assert x.tolist() == [expect] * 4, value
 
 
 def test_the_graph_buffers_forget_quest_rows_once_a_step_has_none():
@@ -587,9 +558,7 @@ def test_the_graph_buffers_forget_quest_rows_once_a_step_has_none():
     seq = lambda *s: torch.tensor(s, dtype=torch.int32).to(DEV)  # noqa: E731
     slots.fill(seq(70, 40, 90, 33), table[:4], [(2, 80, 3)])
     assert slots.budgets[:4].tolist() == [0, 0, 3, 0] and slots.seq_cut[:4].tolist() == [70, 40, 1, 33]
-    assert bool(slots.active)  # (a replayed graph runs the Quest kernels)
     for lens in [(71, 41), (72, 42, 91, 34)]:  # two dense steps, the second wider than the first
         slots.fill(seq(*lens), table[: len(lens)], [])
         assert slots.seq_cut[: len(lens)].tolist() == list(lens)
         assert not slots.budgets.any() and not slots.lengths.any() and not slots.touched_fill.any()
-        assert not bool(slots.active)

@@ -2,8 +2,9 @@
 
 vLLM captures one full decode graph per batch size, and the sparse rows' kernels (:mod:`.quest_slots`,
 :mod:`.keep_slots`) sit in every one of them, so a dense step launches them too: about 17.5 us a layer at batch 1,
-most of the 0.89x dense through the plugin (H200, 2026-12-03). The IF node of :mod:`.graph_if` would skip them, but
-vLLM 0.25's torch 2.11 cannot capture one. This module gives dense steps graphs without them instead:
+most of the 0.89x dense through the plugin (H200, 2026-12-03). A CUDA-graph IF node could skip them, but vLLM 0.25's
+torch 2.11 cannot capture one (``CUDAGraph.begin_capture_to_if_node`` is absent there). This module gives dense steps
+graphs without them instead:
 
 * vLLM captures the usual sizes (``base``, vLLM 0.25's default list) and a twin ``s + 1`` of each base size a decode
   batch can reach (``twins``), through ``compilation_config.cudagraph_capture_sizes`` (:meth:`GraphSizes.all`);

@@ -32,10 +32,11 @@ def keep_sparse_steps_out_of_full_graphs() -> None:
             invalid_modes = {*(invalid_modes or ()), CUDAGraphMode.FULL}
         elif ws.GRAPH_SIZES is not None and kwargs.get("uniform_decode", args[0] if args else False) \
                 and not _capturing():
-            size = ws.GRAPH_SIZES.size_for(num_tokens, sparse=ws.sparse_decode_graph())
+            sparse = ws.sparse_decode_graph()
+            size = ws.GRAPH_SIZES.size_for(num_tokens, sparse=sparse)
             if size is not None:
                 num_tokens = size
-            elif ws.sparse_decode_graph():  # wider than every twin: no full graph holds its kernels
+            elif sparse:  # wider than every twin: no full graph holds its kernels
                 invalid_modes = {*(invalid_modes or ()), CUDAGraphMode.FULL}
         return original(self, num_tokens, *args, invalid_modes=invalid_modes, **kwargs)
 

@@ -25,7 +25,6 @@ import torch
 from torch import Tensor
 
 from .cache_decode import KeepStack, to_device
-from .graph_if import flag, only_if
 
 # The longest row the graph's attention launch is sized for (tokens): it only sets the split count, each row divides
 # its own length among the splits (any length runs).
@@ -42,7 +41,6 @@ class KeepSlots:
         self.kept = torch.zeros(max_rows, layers, kv_heads, **i32)
         self.lengths = torch.zeros(max_rows, layers, kv_heads, **i32)
         self._rows = False  # whether the last fill wrote keep rows (the buffers then need clearing)
-        self.active = flag(device)  # the same, on the device: a replayed graph skips the launch while false
 
     def fill(self, n: int, rows: list[tuple[int, KeepStack, int, int]]) -> None:
         """A step of ``n`` batch rows; ``rows``: per keep row ``(batch row, keep stack, seq_len, prompt_len)``, the
@@ -53,11 +51,8 @@ class KeepSlots:
             if self._rows:  # every row, not only this step's: no stale length replays under a larger batch
                 for buf in (self.pointers, self.widths, self.prompt_lens, self.kept, self.lengths):
                     buf.zero_()
-                self.active.fill_(False)
                 self._rows = False
             return
-        if not self._rows:
-            self.active.fill_(True)
         self._rows = True
         cells = self.layers * self.kv_heads
         host = torch.zeros(n, 3 + 2 * cells, dtype=torch.int64)  # pointer, width, prompt_len, kept..., lengths...
@@ -80,13 +75,11 @@ class KeepSlots:
     def forward(self, layer: int, n: int, query: Tensor, kv_cache: Tensor, block_table: Tensor, out: Tensor) -> None:
         """One layer (its index in the requests' stacks) over the step's ``n`` batch rows (``query`` / ``out [n, h,
         d]``, ``block_table [n, max_blocks]``: vLLM's): the keep rows' outputs written, every other row's left as
-        vLLM's kernel wrote it. Fixed shapes, no host sync: what the full graph captures (an IF node on
-        :attr:`active`: :mod:`.graph_if`)."""
+        vLLM's kernel wrote it. Fixed shapes, no host sync: what the full graph captures."""
         from attention_backends.kernels.paged_decode import StackedPositions, paged_decode  # Triton: CUDA only
 
         k_cache, v_cache = kv_cache.unbind(1)
         table = block_table[:n, None, :].expand(n, self.kv_heads, block_table.shape[1])
-        with only_if(self.active):
-            paged_decode(query, k_cache, v_cache, table, self.lengths[:n, layer], max_len=GRAPH_TOKENS, out=out,
-                         keep=(StackedPositions(self.pointers[:n], self.widths[:n], layer), self.kept[:n, layer],
-                               self.prompt_lens[:n]), skip_empty=True)
+        paged_decode(query, k_cache, v_cache, table, self.lengths[:n, layer], max_len=GRAPH_TOKENS, out=out,
+                     keep=(StackedPositions(self.pointers[:n], self.widths[:n], layer), self.kept[:n, layer],
+                           self.prompt_lens[:n]), skip_empty=True)

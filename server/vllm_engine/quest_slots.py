@@ -30,7 +30,6 @@ import torch
 from torch import Tensor
 
 from .cache_decode import quest_layer, to_device
-from .graph_if import flag, only_if
 
 # The widest page budget a captured graph selects (pages of vLLM's block size): 1024 16-token pages is quest:10 up to
 # 160K tokens. A wider budget runs on the per-step path, outside the full graphs.
@@ -80,7 +79,6 @@ class QuestSlots:
         self.touched_fill = torch.zeros(max_rows, **i32)
         self.counts = torch.zeros(2, max_rows, dtype=torch.int64, device=device)
         self._quest_rows = False  # whether the last fill wrote Quest rows (the buffers then need clearing)
-        self.active = flag(device)  # the same, on the device: a replayed graph skips the kernels while false
 
     def takes(self, budget: int) -> bool:
         """Whether a Quest row of this budget (pages) runs here."""
@@ -110,11 +108,8 @@ class QuestSlots:
             if self._quest_rows:  # every row of every buffer, not only this step's: no stale budget stays
                 for buf in (self.lengths, self.prompt_lens, self.budgets, self.touched_fill, self.counts):
                     buf.zero_()
-                self.active.fill_(False)
                 self._quest_rows = False
             return
-        if not self._quest_rows:
-            self.active.fill_(True)
         self._quest_rows = True
         quest = per_row[:, 0] == 1
         self.lengths[:n].copy_(torch.where(quest, seq, 0)[:, None].expand(n, self.kv_heads))
@@ -129,10 +124,9 @@ class QuestSlots:
                 out: Tensor) -> None:
         """One layer over the step's ``n`` batch rows (one query token each: ``query``/``out [n, h, d]``): the Quest
         rows' outputs written into ``out``, every other row's left as vLLM's kernel wrote it. Fixed shapes, no host
-        sync: what the full graph captures (an IF node on :attr:`active`: :mod:`.graph_if`)."""
+        sync: what the full graph captures."""
         n = step.n
         k_cache, v_cache = kv_cache.unbind(1)
-        with only_if(self.active):
-            quest_layer(query, k_cache, v_cache, bounds, step.block_table[:n], self.lengths[:n], self.budgets[:n],
-                        self.prompt_lens[:n], self.touched[:n], self.touched_fill[:n], self.counts[:, :n],
-                        self.block_size, self.width, out, skip_empty=True)
+        quest_layer(query, k_cache, v_cache, bounds, step.block_table[:n], self.lengths[:n], self.budgets[:n],
+                    self.prompt_lens[:n], self.touched[:n], self.touched_fill[:n], self.counts[:, :n],
+                    self.block_size, self.width, out, skip_empty=True)
