@@ -466,20 +466,31 @@ def test_a_uniform_decode_step_plans_its_quest_rows_into_the_full_graph_buffers(
     assert keep_slots.lengths[:3].sum() == 0 and keep_slots.prompt_lens[3] == 60
     assert snap.cost.decode.actual_units == reads_before + 8 * h_kv * layers  # (its kept tokens, every layer)
 
-    # dense steps in graphs of their own sizes (SPARSE_SERVE_VLLM_DENSE_GRAPHS=1, graph_sizes): a step padded to a base
-    # size (4) replays a graph without the sparse kernels, so it writes no buffer and vLLM's kernel keeps every
-    # length; a twin size (5) is planned into the buffers as above
-    from server.vllm_engine.graph_sizes import GraphSizes
+    # graphs per set of sparse kernels (SPARSE_SERVE_VLLM_DENSE_GRAPHS=1, graph_sizes): at a size whose graph holds
+    # only the keep launch (3), the SnapKV row joins it and the Quest row, whose kernels it lacks, keeps its length
+    # (vLLM's kernel attends densely for it) and is reported as a dense step
+    from server.vllm_engine.graph_sizes import KEEP, QUEST, GraphSizes
 
-    monkeypatch.setattr(ws, "GRAPH_SIZES", GraphSizes((1, 2, 4, 8), (3, 5)))
+    monkeypatch.setattr(ws, "GRAPH_SIZES", GraphSizes((1, 2, 4, 8), ((frozenset({KEEP}), (3,)),
+                                                                    (frozenset({QUEST, KEEP}), (5,)))))
+    quest = ws.SLOTS[0].cost.decode
+    quest_before = (quest.actual_units, quest.dense_units)
+    plan, parent = step([79, 44, 64])
+    assert plan.slots.kernels == {KEEP} and plan.slots.index == [] and plan.slots.cut == []
+    assert all(pending is not plan.slots for pending in ws.PENDING)  # (no Quest counts to read)
+    assert parent.seq_lens.tolist() == [79, 44, 64]
+    # its whole prompt read in every layer and KV head (the generated tokens are counted apart)
+    assert quest.actual_units - quest_before[0] == quest.dense_units - quest_before[1] == 75 * h_kv * layers
+    # a base size (4) replays a graph without the sparse kernels: no buffer written, vLLM's kernel keeps every length
     for slot in (0, 3):
         ws.SLOTS[slot].disable("a dense step")
     seq_cut = slots.seq_cut.clone()
-    plan, parent = step([79, 44, 64, 63])
+    plan, parent = step([80, 45, 65, 64])
     assert (plan is None or plan.slots is None) and torch.equal(slots.seq_cut, seq_cut)
-    assert parent.seq_lens.tolist() == [79, 44, 64, 63]
-    plan, parent = step([80, 45, 65, 64, 0])
-    assert plan.slots is not None and parent.seq_lens.data_ptr() == slots.seq_cut.data_ptr()
+    assert parent.seq_lens.tolist() == [80, 45, 65, 64]
+    plan, parent = step([81, 46, 66, 65, 0])  # the family of both (5): planned into the buffers as above
+    assert plan.slots is not None and plan.slots.kernels == {QUEST, KEEP}
+    assert parent.seq_lens.data_ptr() == slots.seq_cut.data_ptr()
 
 
 def test_keep_rows_in_the_full_decode_graph_buffers_match_the_per_step_rows_and_leave_other_rows_alone():

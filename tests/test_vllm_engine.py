@@ -359,18 +359,21 @@ def test_steps_that_may_run_a_sparse_row_never_replay_a_full_cuda_graph(monkeypa
                      {CUDAGraphMode.FULL}]
 
 
-def test_dense_decode_steps_replay_graphs_of_their_own_sizes(monkeypatch):
+def test_each_decode_step_replays_a_graph_with_only_the_sparse_kernels_its_batch_needs(monkeypatch):
     """``SPARSE_SERVE_VLLM_DENSE_GRAPHS=1`` (``graph_sizes``): once vLLM has captured its graphs, a uniform decode
-    step goes to the smallest base size that holds it (a graph without the sparse kernels), or, while a request with
-    a sparse decode method is in the batch, to the smallest twin; capture's dummy runs and mixed steps keep the size
-    they ask for; a sparse batch wider than every twin stays out of FULL."""
+    step goes to the smallest base size that holds it (a graph without the sparse kernels), or to the smallest size of
+    the family its requests' decode methods need (the keep launch, Quest's kernels, both); capture's dummy runs and
+    mixed steps keep the size they ask for; a sparse batch wider than every size that holds its kernels stays out of
+    FULL."""
+    from types import SimpleNamespace
+
     from vllm.compilation import monitor
     from vllm.config import CUDAGraphMode
     from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
 
     from server.contract.cost import RequestCost
     from server.vllm_engine import worker_state as ws
-    from server.vllm_engine.graph_sizes import GraphSizes
+    from server.vllm_engine.graph_sizes import KEEP, QUEST, GraphSizes
     from server.vllm_engine.graphs import keep_sparse_steps_out_of_full_graphs
 
     asked = []
@@ -379,6 +382,8 @@ def test_dense_decode_steps_replay_graphs_of_their_own_sizes(monkeypatch):
     monkeypatch.setattr(ws, "SLOTS", {})
     monkeypatch.setattr(ws, "GRAPH_SIZES", GraphSizes.for_batch(max_num_seqs=64, max_num_batched_tokens=133120))
     monkeypatch.setattr(ws, "KEEP_GRAPH", object())  # (SnapKV rows run inside the full graphs)
+    monkeypatch.setattr(ws, "QUEST_GRAPH", SimpleNamespace(takes=lambda budget: True))
+    monkeypatch.setattr(ws, "cache_bounds", lambda: object())
     keep_sparse_steps_out_of_full_graphs()
     dispatcher = object.__new__(CudagraphDispatcher)
     monkeypatch.setattr(monitor, "cudagraph_capturing_enabled", True)
@@ -386,13 +391,25 @@ def test_dense_decode_steps_replay_graphs_of_their_own_sizes(monkeypatch):
     monkeypatch.setattr(monitor, "cudagraph_capturing_enabled", False)
     dispatcher.dispatch(3, uniform_decode=True)  # dense: base size 4
     dispatcher.dispatch(3, uniform_decode=False)  # a mixed step
-    spec = parse_pattern("snapkv:4")
-    ws.SLOTS[0] = ws.RequestState(key=None, spec=spec, prompt_len=100, cost=RequestCost.for_spec(spec), seen=100,
-                                  cache_decode=True)
-    assert not ws.full_graph_blocked() and ws.sparse_decode_graph()
-    for n in (3, 4, 60):  # twins 3 and 5; none holds 60
+
+    def decoding(slot, pattern):
+        spec = parse_pattern(pattern)
+        ws.SLOTS[slot] = ws.RequestState(key=None, spec=spec, prompt_len=100, cost=RequestCost.for_spec(spec),
+                                         seen=100, cache_decode=True, bounds_ready=True,
+                                         budget=None if pattern.startswith("snapkv") else 3)
+
+    decoding(0, "snapkv:4")
+    assert not ws.full_graph_blocked() and ws.decode_kernels() == {KEEP}
+    for n in (1, 4, 58, 60):  # the keep launch's sizes 3 and 5; 58 only in the family of both (59); none holds 60
         dispatcher.dispatch(n, uniform_decode=True)
-    assert asked == [(3, None), (4, None), (3, None), (3, None), (5, None), (60, {CUDAGraphMode.FULL})]
+    decoding(1, "quest:4")
+    assert not ws.full_graph_blocked() and ws.decode_kernels() == {QUEST, KEEP}
+    dispatcher.dispatch(1, uniform_decode=True)  # both: size 7
+    del ws.SLOTS[0]
+    assert ws.decode_kernels() == {QUEST}
+    dispatcher.dispatch(1, uniform_decode=True)  # Quest's: size 6
+    assert asked == [(3, None), (4, None), (3, None), (3, None), (5, None), (59, None), (60, {CUDAGraphMode.FULL}),
+                     (7, None), (6, None)]
 
 
 def test_the_parent_kernel_attends_only_within_the_rows_this_backend_writes(monkeypatch, tmp_path):

@@ -49,7 +49,7 @@ from attention_backends.prefill.common import ChunkNotAligned
 from attention_backends.prefill.dense import sdpa
 from attention_backends.reports import PrefillCallReport
 
-from . import cache_decode
+from . import cache_decode, graph_sizes
 from . import worker_state as ws
 from .step_plan import SparseRow, make_plan, parent_metadata
 
@@ -114,10 +114,10 @@ class SparseImplMixin:
         with torch.inference_mode(), record_function("sparse_serve::rows"):
             if plan.slots is not None:  # (captured into vLLM's full decode graph: launched rows or not)
                 bounds = ws.cache_bounds()
-                n = plan.slots.n
-                if bounds is not None:
+                n, kernels = plan.slots.n, plan.slots.kernels
+                if bounds is not None and graph_sizes.QUEST in kernels:
                     ws.QUEST_GRAPH.forward(plan.slots, query[:n], kv_cache, bounds.of(name), out[:n])
-                if ws.KEEP_GRAPH is not None:
+                if ws.KEEP_GRAPH is not None and graph_sizes.KEEP in kernels:
                     ws.KEEP_GRAPH.forward(ws.layer_index(name), n, query[:n], kv_cache, plan.slots.block_table,
                                           out[:n])
             for row in plan.prefill:

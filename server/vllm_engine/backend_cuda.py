@@ -12,7 +12,6 @@ the GPU machine with vLLM 0.25 (``benchmarks/e2e.py``, ``tests/gpu/``); CI has n
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from vllm.v1.attention.backends.flash_attn import (
@@ -31,15 +30,6 @@ from .quest_slots import QuestSlots
 
 log = logging.getLogger(__name__)
 
-# SPARSE_SERVE_VLLM_QUEST_GRAPH=0: Quest rows never run inside vLLM's full decode graphs (the steps that hold them
-# replay piecewise graphs, the rows in their own per-layer graphs), to compare or to rule the full-graph path out
-QUEST_GRAPH_ENV = "SPARSE_SERVE_VLLM_QUEST_GRAPH"
-# SPARSE_SERVE_VLLM_KEEP_GRAPH=0: SnapKV / Ada-SnapKV rows stay out of those graphs (the per-step path, replayed
-# piecewise). On by default (:mod:`.keep_slots`; H200, 2026-12-03, fourth session: snapkv:10 at batch 32 0.56x -> 2.31x
-# bare vLLM); its launch sits in every decode graph, so a dense step pays about 6 us a layer more at batch 1
-KEEP_GRAPH_ENV = "SPARSE_SERVE_VLLM_KEEP_GRAPH"
-
-
 class SparseFlashAttentionMetadataBuilder(SparseBuilderMixin, FlashAttentionMetadataBuilder):
     supports_update_block_table = False  # a reused metadata object would carry another group's plan
 
@@ -51,25 +41,26 @@ class SparseFlashAttentionMetadataBuilder(SparseBuilderMixin, FlashAttentionMeta
                                    kv_cache_spec.head_size, kv_cache_spec.dtype, torch.device(device))
             if not vllm_config.model_config.enforce_eager and ws.GRAPHS is None:
                 ws.GRAPHS = RowGraphs()
-                if os.environ.get(QUEST_GRAPH_ENV, "1") != "0":
+                kernels = graph_sizes.graph_kernels()  # (the switches: graph_sizes.py)
+                if graph_sizes.QUEST in kernels:
                     ws.QUEST_GRAPH = QuestSlots(vllm_config.scheduler_config.max_num_seqs, kv_cache_spec.num_kv_heads,
                                                 kv_cache_spec.block_size, torch.device(device))
-                    if os.environ.get(KEEP_GRAPH_ENV, "1") != "0":
+                    if graph_sizes.KEEP in kernels:
                         ws.KEEP_GRAPH = KeepSlots(vllm_config.scheduler_config.max_num_seqs, len(layer_names),
                                                   kv_cache_spec.num_kv_heads, torch.device(device))
                     ws.GRAPH_SIZES = dense_graph_sizes(vllm_config)
 
 
 def dense_graph_sizes(vllm_config) -> GraphSizes | None:
-    """Dense steps' own graph sizes where asked and where vLLM captures them (:mod:`.graph_sizes`; the engine asks
-    for them in its engine arguments)."""
+    """Graph sizes per set of sparse kernels where asked and where vLLM captures them (:mod:`.graph_sizes`; the engine
+    asks for them in its engine arguments)."""
     if not graph_sizes.enabled():
         return None
     sched = vllm_config.scheduler_config
-    sizes = GraphSizes.for_batch(sched.max_num_seqs, sched.max_num_batched_tokens)
+    sizes = GraphSizes.for_batch(sched.max_num_seqs, sched.max_num_batched_tokens, graph_sizes.graph_kernels())
     captured = sorted(vllm_config.compilation_config.cudagraph_capture_sizes or [])
     if captured != sizes.all:
-        log.warning("%s=1, but vLLM captures the sizes %s, not %s: dense steps keep the sparse graphs",
+        log.warning("%s=1, but vLLM captures the sizes %s, not %s: every decode graph keeps every sparse kernel",
                     graph_sizes.DENSE_GRAPHS_ENV, captured, sizes.all)
         return None
     return sizes

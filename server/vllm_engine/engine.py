@@ -144,8 +144,9 @@ class VllmEngine:
             kwargs["block_size"] = o.page_size
         if self._device() != "cpu":
             kwargs["attention_config"] = {"backend": CUDA_BACKEND_NAME}
-            if graph_sizes.enabled() and not kwargs["enforce_eager"]:  # dense steps' own graphs (graph_sizes.py)
-                sizes = graph_sizes.GraphSizes.for_batch(o.max_num_seqs, kwargs["max_num_batched_tokens"])
+            if graph_sizes.enabled() and not kwargs["enforce_eager"]:  # graphs per set of kernels (graph_sizes.py)
+                sizes = graph_sizes.GraphSizes.for_batch(o.max_num_seqs, kwargs["max_num_batched_tokens"],
+                                                         graph_sizes.graph_kernels())
                 kwargs["compilation_config"] = {"cudagraph_capture_sizes": sizes.all}
         return AsyncEngineArgs(**kwargs)
 

@@ -6,8 +6,8 @@ parent's graph support (dense traffic keeps vLLM's full decode graphs, and with 
 :func:`keep_sparse_steps_out_of_full_graphs` takes ``FULL`` out of the modes of any step dispatched while a sparse
 row may run: vLLM then replays its piecewise graphs, whose attention runs eagerly. The same ``invalid_modes``
 argument is how vLLM itself keeps cascade-attention steps out of full graphs (0.25.0 and 0.32.0 alike). With
-``SPARSE_SERVE_VLLM_DENSE_GRAPHS=1`` the same wrapper also picks the size of a uniform decode step's graph: dense
-steps replay graphs without the sparse kernels (:mod:`.graph_sizes`).
+``SPARSE_SERVE_VLLM_DENSE_GRAPHS=1`` the same wrapper also picks the size of a uniform decode step's graph: each step
+replays a graph with only the sparse kernels its batch needs, a dense step one without any (:mod:`.graph_sizes`).
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ def keep_sparse_steps_out_of_full_graphs() -> None:
             invalid_modes = {*(invalid_modes or ()), CUDAGraphMode.FULL}
         elif ws.GRAPH_SIZES is not None and kwargs.get("uniform_decode", args[0] if args else False) \
                 and not _capturing():
-            sparse = ws.sparse_decode_graph()
-            size = ws.GRAPH_SIZES.size_for(num_tokens, sparse=sparse)
+            need = ws.decode_kernels()
+            size = ws.GRAPH_SIZES.size_for(num_tokens, need)
             if size is not None:
                 num_tokens = size
-            elif sparse:  # wider than every twin: no full graph holds its kernels
+            elif need:  # wider than every size of its family: no full graph holds its kernels
                 invalid_modes = {*(invalid_modes or ()), CUDAGraphMode.FULL}
         return original(self, num_tokens, *args, invalid_modes=invalid_modes, **kwargs)
 

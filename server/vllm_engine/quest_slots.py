@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .cache_decode import quest_layer, to_device
+from .graph_sizes import KEEP, QUEST, Kernels
 
 # The widest page budget a captured graph selects (pages of vLLM's block size): 1024 16-token pages is quest:10 up to
 # 160K tokens. A wider budget runs on the per-step path, outside the full graphs.
@@ -47,6 +48,7 @@ class SlotStep:
     index: list[int] = field(default_factory=list)  # their batch rows
     host: list[tuple[int, int, int]] = field(default_factory=list)  # (seq_len, prompt_len, budget) per Quest row
     keep: list[int] = field(default_factory=list)  # the batch rows of SnapKV / Ada-SnapKV (:mod:`.keep_slots`)
+    kernels: Kernels = frozenset({QUEST, KEEP})  # the sparse kernels its graph holds (:mod:`.graph_sizes`)
     layers: int = 0
     head_dim: int = 0
     element_bytes: int = 2

@@ -18,7 +18,7 @@ from attention_backends import engine_impl
 from attention_backends.prefill_cost import prefill_fallback
 from attention_backends.reports import PrefillCallReport
 
-from . import cache_decode, compat, step_profile
+from . import cache_decode, compat, graph_sizes, step_profile
 from . import worker_state as ws
 from .quest_slots import SlotStep
 
@@ -60,11 +60,12 @@ def make_plan(common) -> SparsePlan | None:
     its metadata untouched. A uniform decode step (one token a row) where the CUDA backend keeps Quest's graph
     buffers (:data:`.worker_state.QUEST_GRAPH`) always gets a plan: vLLM's full decode graph reads those buffers,
     so they are written every such step, sparse rows or not (except at a dense step's own graph size:
-    :mod:`.graph_sizes`)."""
+    :mod:`.graph_sizes`). At a size whose graph holds only some kernels, a row whose kernel it lacks runs dense that
+    step (the dispatcher picked the size from the same requests, so this is a guard, not a path)."""
     uniform_decode = int(common.max_query_len) == 1
     step_profile.step_built(uniform_decode)
     graph = ws.QUEST_GRAPH if ws.QUEST_GRAPH is not None and uniform_decode else None
-    if graph is not None and ws.GRAPH_SIZES is not None and not ws.GRAPH_SIZES.takes_sparse(int(common.num_reqs)):
+    if graph is not None and not ws.step_kernels(int(common.num_reqs)):
         graph = None  # a dense step's own graph size (.graph_sizes): its graph holds no sparse kernel
     if not ws.SLOTS or ws.UNSUPPORTED is not None:
         if ws.UNSUPPORTED is not None:  # an attention layer the methods do not implement: nothing runs sparse
@@ -131,17 +132,19 @@ def _host_report(st, prompt_read: int | None, seq: int) -> None:
 def _slot_plan(common, plan: SparsePlan) -> SparsePlan:
     """A uniform decode step whose sparse rows all run inside its full decode graph: Quest rows over vLLM's cache
     (:mod:`.quest_slots`) and, where the graph holds them, SnapKV / Ada-SnapKV rows (:mod:`.keep_slots`, their
-    reports written here). Their per-row values go into the graph's buffers."""
+    reports written here). Their per-row values go into the graph's buffers; a row whose kernel this step's graph
+    lacks (:func:`.worker_state.step_kernels`) keeps its length, so vLLM's kernel attends densely for it."""
     graph, layout = ws.QUEST_GRAPH, ws.CACHE
     n = int(common.num_reqs)
     step = SlotStep(graph, n, common.block_table_tensor[:n], layers=ws.layers(), head_dim=layout.head_dim,
-                    element_bytes=layout.dtype.itemsize, block_size=layout.block_size)
+                    element_bytes=layout.dtype.itemsize, block_size=layout.block_size, kernels=ws.step_kernels(n))
     rows, keep = [], []
     for row in plan.decode:
         st, seq = row.state, row.context + 1
         if st.spec.decode.is_dense:  # (a sparse prefill's decode: vLLM's kernel)
             continue
-        if st.reads_every_page:  # dense attention, vLLM's kernel (row.owned is False)
+        kernel = graph_sizes.KEEP if st.keeps_over_cache else graph_sizes.QUEST
+        if st.reads_every_page or kernel not in step.kernels:  # dense attention, vLLM's kernel
             _host_report(st, None, seq)
             continue
         if st.keeps_over_cache:
@@ -155,7 +158,7 @@ def _slot_plan(common, plan: SparsePlan) -> SparsePlan:
         step.index.append(row.row)
         step.host.append((seq, st.prompt_len, st.budget))
     graph.fill(common.seq_lens[:n], step.block_table, rows, cut=step.keep)
-    if ws.KEEP_GRAPH is not None:
+    if ws.KEEP_GRAPH is not None and graph_sizes.KEEP in step.kernels:
         ws.KEEP_GRAPH.fill(n, keep)
     if step.index:
         ws.PENDING.append(step)

@@ -25,7 +25,7 @@ from attention_backends import DecodeCallReport, DecodeState, InvalidSparsePatte
 from attention_backends.cost import ModelShape
 from server.contract.cost import RequestCost
 
-from . import cache_decode
+from . import cache_decode, graph_sizes
 from .accounting import COST_DIR_ENV, write_cost
 from .count_reader import CountReader
 from .graph_sizes import GraphSizes
@@ -237,11 +237,20 @@ def full_graph_blocked() -> bool:
     return any(st.fallback is None and (st.seen < st.prompt_len or not in_full_graph(st)) for st in SLOTS.values())
 
 
-def sparse_decode_graph() -> bool:
-    """Whether the next uniform decode step may hold a row of a sparse decode method (then it replays a graph with
-    the sparse kernels: :mod:`.graph_sizes`). Every request of a step is in :data:`SLOTS` before vLLM dispatches it."""
-    return any(st.fallback is None and not st.spec.decode.is_dense and not st.reads_every_page
-               for st in SLOTS.values())
+def decode_kernels() -> graph_sizes.Kernels:
+    """The sparse kernels the next uniform decode step needs: Quest's for a Quest row with a page budget, the keep
+    launch for a SnapKV / Ada-SnapKV row (the graph it replays: :mod:`.graph_sizes`). Every request of a step is in
+    :data:`SLOTS` before vLLM dispatches it."""
+    need = {graph_sizes.KEEP if st.keeps_over_cache else graph_sizes.QUEST for st in SLOTS.values()
+            if st.fallback is None and not st.spec.decode.is_dense and not st.reads_every_page}
+    return frozenset(need)
+
+
+def step_kernels(n: int) -> graph_sizes.Kernels:
+    """The sparse kernels a uniform decode step padded to ``n`` rows runs (captures, or replays): those of its graph
+    size's family where graphs have sizes per family, else every kernel the graphs take."""
+    every = frozenset({graph_sizes.QUEST} | ({graph_sizes.KEEP} if KEEP_GRAPH is not None else set()))
+    return every if GRAPH_SIZES is None else GRAPH_SIZES.kernels(n) & every
 
 
 def remove(slot: int) -> None:
